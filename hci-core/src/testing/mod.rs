@@ -1,0 +1,1 @@
+//! Conformance suites (being written).

@@ -1,0 +1,1 @@
+//! Local replica store (being written).
