@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine (Rust toolchain, Python 3.11, gcc, qemu-utils)
+# lacks for hci's tests and benchmarks. Idempotent: skips what is present.
+set -euo pipefail
+
+# Debian packages: command that proves presence -> package.
+declare -A PKGS=(
+  [fio]=fio
+  [nbdkit]=nbdkit
+  [nbdinfo]=libnbd-bin
+  [qemu-io]=qemu-utils
+  [qemu-system-x86_64]=qemu-system-x86
+)
+
+missing=()
+for cmd in "${!PKGS[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKGS[$cmd]}")
+done
+
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}" >&2
+  SUDO=""
+  [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Rust components used by the test command.
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
