@@ -10,6 +10,11 @@ declare -A PKGS=(
   [nbdinfo]=libnbd-bin
   [qemu-io]=qemu-utils
   [qemu-system-x86_64]=qemu-system-x86
+  [nft]=nftables
+  [busybox]=busybox-static
+  [ping]=iputils-ping
+  [iperf3]=iperf3
+  [ip]=iproute2
 )
 
 missing=()

@@ -1,1 +1,63 @@
-//! placeholder
+//! # hci-compute
+//!
+//! Hypervisor backends of the hci SDK. Today: **hci's own KVM VMM**, built on
+//! rust-vmm crates (kvm-ioctls, vm-memory, virtio-queue, linux-loader,
+//! vm-superio), exposed as hci-core's [`Hypervisor`](hci_core::compute::Hypervisor)
+//! through [`KvmHypervisor`].
+//!
+//! ## Layout
+//!
+//! - [`kvm`]: the only module that issues KVM ioctls (VM, vCPUs, irqchip, PIT,
+//!   memory slots, CPUID, MSRs, registers, irqfd/ioeventfd);
+//! - [`memory`]: guest RAM layout around the 32-bit MMIO hole, the e820 map;
+//! - [`boot`]: PVH and Linux 64-bit boot (kernel, command line, initrd, zero
+//!   page, `hvm_start_info`, MP table);
+//! - [`devices`]: buses, COM1 16550, i8042 reset, virtio-mmio, virtio-blk;
+//! - [`vcpu`]: one thread per vCPU and its run/pause/stop state machine;
+//! - [`vm`]: the VM manager (build, start, pause, resume, kill, wait);
+//! - [`hypervisor`]: [`KvmHypervisor`] / [`KvmVm`], the hci-core trait impls;
+//! - [`console`]: the serial console stream (history, readers, log file);
+//! - [`test_guests`]: tiny PVH guests built with gcc for tests and benchmarks.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! # async fn demo() -> hci_core::Result<()> {
+//! use hci_compute::KvmHypervisor;
+//! use hci_compute::test_guests::{self, Guest};
+//! use hci_core::compute::{BootSource, ExitReason, Hypervisor, VmConfig};
+//!
+//! let kernel = test_guests::build_default(Guest::Hello).expect("gcc");
+//! let vm = KvmHypervisor::new()
+//!     .create(VmConfig {
+//!         name: "hello".into(),
+//!         cpus: 1,
+//!         memory: 64 << 20,
+//!         boot: BootSource::Kernel { kernel, initrd: None, cmdline: String::new() },
+//!         disks: vec![],
+//!         nics: vec![],
+//!         cloud_init_seed: None,
+//!         run_dir: std::env::temp_dir(),
+//!     })
+//!     .await?;
+//! vm.start().await?;
+//! assert_eq!(vm.wait().await?, ExitReason::Reset);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod console;
+pub mod devices;
+pub mod error;
+pub mod hypervisor;
+pub mod kvm;
+pub mod memory;
+mod sys;
+pub mod test_guests;
+pub mod vcpu;
+pub mod vm;
+
+pub use error::{Result, VmmError};
+pub use hypervisor::{KvmHypervisor, KvmVm};
+pub use vm::{DiskSpec, Vm, VmSpec};

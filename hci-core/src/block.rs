@@ -70,7 +70,12 @@ pub struct DeviceCaps {
 
 impl Default for DeviceCaps {
     fn default() -> Self {
-        DeviceCaps { discard: false, write_zeroes: false, block_status: false, shared_flush: true }
+        DeviceCaps {
+            discard: false,
+            write_zeroes: false,
+            block_status: false,
+            shared_flush: true,
+        }
     }
 }
 
@@ -226,15 +231,26 @@ mod tests {
 
     #[test]
     fn coalescing() {
-        let e = |o, l, k| Extent { offset: o, len: l, kind: k };
+        let e = |o, l, k| Extent {
+            offset: o,
+            len: l,
+            kind: k,
+        };
         let v = coalesce_extents([
             e(0, 10, ExtentKind::Data),
             e(10, 5, ExtentKind::Data),
             e(15, 5, ExtentKind::Hole),
             e(20, 0, ExtentKind::Data),
         ]);
-        assert_eq!(v, vec![e(0, 15, ExtentKind::Data), e(15, 5, ExtentKind::Hole)]);
-        let r = coalesce_ranges([ByteRange::new(8, 4), ByteRange::new(0, 8), ByteRange::new(20, 1)]);
+        assert_eq!(
+            v,
+            vec![e(0, 15, ExtentKind::Data), e(15, 5, ExtentKind::Hole)]
+        );
+        let r = coalesce_ranges([
+            ByteRange::new(8, 4),
+            ByteRange::new(0, 8),
+            ByteRange::new(20, 1),
+        ]);
         assert_eq!(r, vec![ByteRange::new(0, 12), ByteRange::new(20, 1)]);
     }
 }

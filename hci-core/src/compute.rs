@@ -326,5 +326,10 @@ pub trait Migratable: Send + Sync {
 pub trait ReceiveMigration: Send + Sync {
     /// Listens on `listen` (`host:port`) for one incoming migration of a VM shaped
     /// like `config`; returns the running VM once switched over.
-    async fn receive(&self, config: VmConfig, listen: &str, token: &str) -> Result<Box<dyn VmHandle>>;
+    async fn receive(
+        &self,
+        config: VmConfig,
+        listen: &str,
+        token: &str,
+    ) -> Result<Box<dyn VmHandle>>;
 }

@@ -36,7 +36,9 @@ pub enum Error {
     },
 
     /// A compare-and-swap precondition failed: someone else changed the resource.
-    #[error("{kind} {name:?} was modified concurrently: expected revision {expected}, found {actual}")]
+    #[error(
+        "{kind} {name:?} was modified concurrently: expected revision {expected}, found {actual}"
+    )]
     Conflict {
         /// Kind of resource.
         kind: &'static str,
@@ -169,27 +171,42 @@ pub enum Error {
 impl Error {
     /// Builds an [`Error::Io`] with context.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// Builds an [`Error::NotFound`].
     pub fn not_found(kind: &'static str, name: impl Into<String>) -> Self {
-        Error::NotFound { kind, name: name.into() }
+        Error::NotFound {
+            kind,
+            name: name.into(),
+        }
     }
 
     /// Builds an [`Error::AlreadyExists`].
     pub fn already_exists(kind: &'static str, name: impl Into<String>) -> Self {
-        Error::AlreadyExists { kind, name: name.into() }
+        Error::AlreadyExists {
+            kind,
+            name: name.into(),
+        }
     }
 
     /// Builds an [`Error::Invalid`].
     pub fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Invalid { what: what.into(), reason: reason.into() }
+        Error::Invalid {
+            what: what.into(),
+            reason: reason.into(),
+        }
     }
 
     /// Builds an [`Error::Unsupported`].
     pub fn unsupported(operation: impl Into<String>, backend: impl Into<String>) -> Self {
-        Error::Unsupported { operation: operation.into(), backend: backend.into() }
+        Error::Unsupported {
+            operation: operation.into(),
+            backend: backend.into(),
+        }
     }
 
     /// True if retrying the same call later may succeed (timeouts, unreachable peers, busy).
@@ -223,8 +240,15 @@ mod tests {
     fn messages_name_the_resource() {
         let e = Error::not_found("volume", "data");
         assert_eq!(e.to_string(), "volume \"data\" not found");
-        let e = Error::OutOfRange { offset: 4096, len: 512, size: 4096 };
-        assert_eq!(e.to_string(), "range 4096+512 is outside the device of 4096 bytes");
+        let e = Error::OutOfRange {
+            offset: 4096,
+            len: 512,
+            size: 4096,
+        };
+        assert_eq!(
+            e.to_string(),
+            "range 4096+512 is outside the device of 4096 bytes"
+        );
         let e = Error::io("open volume data", io::Error::from(io::ErrorKind::TimedOut));
         assert!(e.is_retryable());
         assert!(!Error::Cancelled.is_retryable());

@@ -21,6 +21,7 @@ pub mod compute;
 pub mod error;
 pub mod memory;
 pub mod model;
+pub mod net;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -62,7 +62,10 @@ pub struct CreateVolume {
 impl CreateVolume {
     /// A plain (unencrypted) volume of `size` bytes.
     pub fn new(size: u64) -> Self {
-        CreateVolume { size, encryption_key: None }
+        CreateVolume {
+            size,
+            encryption_key: None,
+        }
     }
 }
 
@@ -117,7 +120,12 @@ pub trait VolumeBackend: Send + Sync + fmt::Debug {
     async fn open(&self, name: &str, options: OpenVolume) -> Result<Arc<dyn BlockDevice>>;
 
     /// Opens snapshot `snapshot` of volume `name` read-only (what backup reads).
-    async fn open_snapshot(&self, name: &str, snapshot: &str, options: OpenVolume) -> Result<Arc<dyn BlockDevice>>;
+    async fn open_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+        options: OpenVolume,
+    ) -> Result<Arc<dyn BlockDevice>>;
 
     /// Describes a volume.
     async fn info(&self, name: &str) -> Result<VolumeInfo>;
@@ -142,7 +150,12 @@ pub trait VolumeBackend: Send + Sync + fmt::Debug {
     async fn revert(&self, name: &str, snapshot: &str) -> Result<()>;
 
     /// Creates volume `new_name` with the content of `name@snapshot`.
-    async fn clone_snapshot(&self, name: &str, snapshot: &str, new_name: &str) -> Result<VolumeInfo>;
+    async fn clone_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+        new_name: &str,
+    ) -> Result<VolumeInfo>;
 
     /// Grows the volume to `new_size` bytes (shrinking is refused). New space reads as zeroes.
     async fn expand(&self, name: &str, new_size: u64) -> Result<VolumeInfo>;
@@ -151,5 +164,10 @@ pub trait VolumeBackend: Send + Sync + fmt::Debug {
     /// snapshot `from` and snapshot `to` (`to` newer than `from`). With `from` = `None`,
     /// every range allocated in the chain up to `to`. Ranges may over-report (a block
     /// rewritten with the same data) but never under-report.
-    async fn changed_blocks(&self, name: &str, from: Option<&str>, to: &str) -> Result<Vec<ByteRange>>;
+    async fn changed_blocks(
+        &self,
+        name: &str,
+        from: Option<&str>,
+        to: &str,
+    ) -> Result<Vec<ByteRange>>;
 }

@@ -1,9 +1,64 @@
 //! # hci-net
 //!
-//! Virtual networks for hci VMs: Linux bridges and TAP ports, VXLAN overlays
-//! between nodes, a NAT'd management network and a built-in DHCP server,
-//! implementing hci-core's `NetworkBackend`.
+//! Virtual networks for hci VMs on Linux, implementing hci-core's
+//! [`NetworkBackend`](hci_core::net::NetworkBackend):
 //!
-//! **Status: not implemented yet** (tracked in issue #7). The crate exists so
-//! the workspace has its final shape; it exports nothing.
+//! - [`LinuxBridgeBackend`]: one Linux bridge per network, TAP ports for VM
+//!   NICs, an uplink NIC, 802.1Q VLAN sub-interfaces, VXLAN overlays with
+//!   static flood entries per peer node, and masquerade NAT for management
+//!   networks — all through netlink (`rtnetlink`), except NAT which goes
+//!   through one tightly scoped `nft -f -` call per change.
+//! - [`dhcp`]: a built-in DHCPv4 server per network (packets by `dhcproto`,
+//!   server logic and lease database here), started and stopped with the
+//!   network.
+//! - [`NetNs`]: run the backend against another network namespace (tests use
+//!   namespaces as fake nodes).
+//!
+//! Every device the backend creates has a name with a fixed prefix (`hci-br-`,
+//! `hci-tp-`, `hci-vx-`, `hci-vl-`) followed by a hash of the network or port
+//! name, and carries an interface alias recording what it belongs to, so a
+//! restarted backend adopts what exists and [`LinuxBridgeBackend::cleanup_all`]
+//! removes everything it ever made.
+//!
+//! ```no_run
+//! use hci_core::net::{NetworkBackend, NetworkConfig, NetworkKind, PortConfig};
+//! use hci_net::{BackendOptions, LinuxBridgeBackend};
+//!
+//! # async fn demo() -> hci_core::Result<()> {
+//! let backend = LinuxBridgeBackend::new(BackendOptions::default()).await?;
+//! let net = NetworkConfig {
+//!     name: "lab".into(),
+//!     kind: NetworkKind::Bridge { uplink: None },
+//!     cidr: None,
+//!     gateway: None,
+//!     dhcp: None,
+//!     mtu: None,
+//! };
+//! backend.ensure_network(&net).await?;
+//! let port = PortConfig { name: "vm1-nic0".into(), mac: [0x02, 0x68, 0x63, 0, 0, 1], queues: 1 };
+//! let tap = backend.attach_port("lab", &port).await?;
+//! tracing::info!(ifname = %tap.ifname, "VM NIC ready");
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
+
+mod backend;
+pub mod dhcp;
+mod link;
+pub mod mac;
+mod names;
+mod nat;
+mod netns;
+mod reconcile;
+mod tap;
+
+pub use backend::{BackendOptions, LinuxBridgeBackend, PortStats};
+pub use names::{DEVICE_PREFIX, MAX_IFNAME_LEN};
+pub use netns::NetNs;
+
+/// Bytes a VXLAN encapsulation adds over an IPv4 underlay (outer Ethernet 14 +
+/// IPv4 20 + UDP 8 + VXLAN 8).
+pub const VXLAN_OVERHEAD_V4: u16 = 50;
+
+/// Bytes a VXLAN encapsulation adds over an IPv6 underlay.
+pub const VXLAN_OVERHEAD_V6: u16 = 70;

@@ -1,1 +1,3 @@
-//! Conformance suites (being written).
+//! Conformance suites: one per backend trait, run by every implementation.
+
+pub mod network;

@@ -1,0 +1,77 @@
+/* Serial output, reset and tiny libc for hci test guests. */
+#include "guest.h"
+
+#define COM1 0x3f8
+
+void putc(char c) {
+    while (!(inb(COM1 + 5) & 0x20)) {
+    }
+    outb(COM1, (u8)c);
+}
+
+void puts(const char *s) {
+    while (*s) putc(*s++);
+}
+
+void put_hex(u64 v) {
+    puts("0x");
+    for (int i = 60; i >= 0; i -= 4) putc("0123456789abcdef"[(v >> i) & 0xf]);
+}
+
+void put_dec(u64 v) {
+    char buf[21];
+    int i = 20;
+    buf[i] = 0;
+    do {
+        buf[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    puts(&buf[i]);
+}
+
+/* i8042 "pulse reset line": the VMM (and QEMU -no-reboot) ends the VM. */
+void guest_reset(void) {
+    outb(0x64, 0xfe);
+    for (;;) {
+    }
+}
+
+u64 cmdline_u64(const struct hvm_start_info *si, const char *key, u64 dflt) {
+    if (!si || !si->cmdline_paddr) return dflt;
+    const char *p = (const char *)si->cmdline_paddr;
+    while (*p) {
+        const char *k = key;
+        const char *q = p;
+        while (*k && *q == *k) {
+            k++;
+            q++;
+        }
+        if (!*k && *q == '=' && (p == (const char *)si->cmdline_paddr || p[-1] == ' ')) {
+            u64 v = 0;
+            for (q++; *q >= '0' && *q <= '9'; q++) v = v * 10 + (u64)(*q - '0');
+            return v;
+        }
+        p++;
+    }
+    return dflt;
+}
+
+void *memset(void *d, int c, u64 n) {
+    u8 *p = d;
+    while (n--) *p++ = (u8)c;
+    return d;
+}
+
+void *memcpy(void *d, const void *s, u64 n) {
+    u8 *p = d;
+    const u8 *q = s;
+    while (n--) *p++ = *q++;
+    return d;
+}
+
+int memcmp(const void *a, const void *b, u64 n) {
+    const u8 *p = a, *q = b;
+    for (; n; n--, p++, q++)
+        if (*p != *q) return *p < *q ? -1 : 1;
+    return 0;
+}

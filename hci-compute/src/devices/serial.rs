@@ -1,0 +1,83 @@
+//! The COM1 16550 UART (vm-superio), wired to a [`ConsoleHub`].
+
+use std::sync::{Arc, Mutex};
+
+use vm_superio::Serial;
+use vm_superio::serial::NoEvents;
+
+use super::{BusDevice, IrqLine};
+use crate::console::{ConsoleHub, HubWriter};
+
+/// COM1 base port.
+pub const COM1_BASE: u64 = 0x3f8;
+/// Ports covered by the UART.
+pub const COM1_LEN: u64 = 8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+
+/// A 16550 UART.
+#[derive(Debug)]
+pub struct SerialDevice(Serial<IrqLine, NoEvents, HubWriter>);
+
+impl SerialDevice {
+    /// A UART writing to `hub` and raising `irq`; guest input from the hub
+    /// is queued into its receive FIFO.
+    pub fn new(irq: IrqLine, hub: &Arc<ConsoleHub>) -> Arc<Mutex<Self>> {
+        let dev = Arc::new(Mutex::new(SerialDevice(Serial::new(
+            irq,
+            HubWriter(Arc::clone(hub)),
+        ))));
+        let weak = Arc::downgrade(&dev);
+        hub.set_input(Box::new(move |bytes| {
+            let Some(dev) = weak.upgrade() else {
+                return bytes.len();
+            };
+            let mut dev = dev.lock().unwrap_or_else(|p| p.into_inner());
+            let room = dev.0.fifo_capacity().min(bytes.len());
+            dev.0.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
+        }));
+        dev
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let [b] = data {
+            *b = self.0.read(offset as u8);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let [b] = data {
+            // An interrupt that cannot be raised is not the guest's problem to see.
+            let _ = self.0.write(offset as u8, *b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EventFd;
+
+    #[test]
+    fn transmit_reaches_the_hub_and_input_the_fifo() {
+        let hub = ConsoleHub::new(None);
+        let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let dev = SerialDevice::new(irq, &hub);
+        for b in b"hi" {
+            dev.lock().unwrap().write(0, &[*b]);
+        }
+        assert_eq!(hub.history(), b"hi");
+        let (_r, _w) = hub.subscribe();
+        assert_eq!(hub.input(b"x"), 1);
+        let mut lsr = [0u8];
+        dev.lock().unwrap().read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut rx = [0u8];
+        dev.lock().unwrap().read(0, &mut rx);
+        assert_eq!(rx, *b"x");
+    }
+}

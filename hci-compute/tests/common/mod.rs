@@ -1,0 +1,84 @@
+//! Shared helpers for the KVM integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hci_compute::test_guests::{self, Guest};
+use hci_compute::{KvmHypervisor, KvmVm};
+use hci_core::block::BlockDevice;
+use hci_core::compute::{BootSource, DiskBackend, DiskBus, DiskConfig, VmConfig};
+
+/// Fails loudly when KVM is missing: these tests must never pass by not running.
+pub fn require_kvm() {
+    assert!(
+        KvmHypervisor::available(),
+        "/dev/kvm cannot be opened: the KVM integration tests need KVM (run as root on a KVM host)"
+    );
+}
+
+/// Builds a test guest into the target's temp dir.
+pub fn guest(g: Guest) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guests");
+    std::fs::create_dir_all(&dir).expect("create the guest build dir");
+    test_guests::build(g, &dir).expect("build the test guest with gcc")
+}
+
+/// A fresh run directory for VM `name` (the console log goes there).
+pub fn run_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("run")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the run dir");
+    dir
+}
+
+/// A VM configuration booting `kernel`.
+pub fn config(name: &str, kernel: PathBuf, cpus: u32, cmdline: &str) -> VmConfig {
+    VmConfig {
+        name: name.into(),
+        cpus,
+        memory: 64 << 20,
+        boot: BootSource::Kernel {
+            kernel,
+            initrd: None,
+            cmdline: cmdline.into(),
+        },
+        disks: vec![],
+        nics: vec![],
+        cloud_init_seed: None,
+        run_dir: run_dir(name),
+    }
+}
+
+/// A virtio disk backed by `dev`.
+pub fn disk(name: &str, dev: Arc<dyn BlockDevice>) -> DiskConfig {
+    DiskConfig {
+        name: name.into(),
+        backend: DiskBackend::Device(dev),
+        bus: DiskBus::Virtio,
+        read_only: false,
+        boot_order: None,
+    }
+}
+
+/// Creates a VM from `config` on the KVM backend.
+pub async fn create(config: VmConfig) -> KvmVm {
+    require_kvm();
+    KvmHypervisor::new()
+        .create_vm(config)
+        .await
+        .expect("create the VM")
+}
+
+/// Waits until the console shows `needle`, with a generous timeout for loaded machines.
+pub fn wait_console(vm: &KvmVm, needle: &str) {
+    assert!(
+        vm.console_hub()
+            .wait_for(needle.as_bytes(), Duration::from_secs(20)),
+        "console never showed {needle:?}; got {:?}",
+        String::from_utf8_lossy(&vm.console_hub().history())
+    );
+}

@@ -1,0 +1,226 @@
+//! Side-by-side figures for hci-net (needs root, iperf3, busybox):
+//!
+//! - TCP throughput (iperf3, 3 s) between two namespaces over a direct veth
+//!   pair (the ceiling), through an hci bridge network, and through an hci
+//!   VXLAN overlay between two "nodes"; ratios against the veth pair;
+//! - DHCP: leases per second of the server logic alone, and of a burst of
+//!   real `udhcpc` clients against the running server.
+//!
+//! Run: `cargo bench -p hci-net --bench throughput`.
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Netns, Node, Vm, unique};
+use hci_core::net::{DhcpConfig, NetworkBackend, NetworkConfig, NetworkKind};
+
+const SECONDS: &str = "3";
+
+/// iperf3 from `client` to `server_ip` served in `server`; Gbit/s received.
+fn iperf(server: &Netns, client: &Netns, server_ip: &str) -> f64 {
+    let mut srv = Command::new("ip")
+        .args(["netns", "exec", &server.name, "iperf3", "-s", "-1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("iperf3 -s");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = client.exec(&["iperf3", "-c", server_ip, "-t", SECONDS, "-J"]);
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 json");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e9
+}
+
+fn direct_veth() -> f64 {
+    let (x, y) = (Netns::new("bx"), Netns::new("by"));
+    let v = unique("bv");
+    common::run(&[
+        "ip", "link", "add", &v, "netns", &x.name, "type", "veth", "peer", "name", &v, "netns",
+        &y.name,
+    ]);
+    for (ns, ip) in [(&x, "10.201.0.1/24"), (&y, "10.201.0.2/24")] {
+        ns.ip(&["addr", "add", ip, "dev", &v]);
+        ns.ip(&["link", "set", &v, "up"]);
+    }
+    iperf(&y, &x, "10.201.0.2")
+}
+
+fn net(name: &str, kind: NetworkKind) -> NetworkConfig {
+    NetworkConfig {
+        name: name.into(),
+        kind,
+        cidr: None,
+        gateway: None,
+        dhcp: None,
+        mtu: None,
+    }
+}
+
+async fn bridge() -> f64 {
+    let node = Node::new("bbr").await;
+    let st = node
+        .ensure_network(&net("bench", NetworkKind::Bridge { uplink: None }))
+        .await
+        .unwrap();
+    let a = Vm::attach(&node.ns, &st.bridge, None, 1500).with_address("10.202.0.1/24");
+    let b = Vm::attach(&node.ns, &st.bridge, None, 1500).with_address("10.202.0.2/24");
+    iperf(&b.ns, &a.ns, "10.202.0.2")
+}
+
+async fn overlay() -> f64 {
+    let (na, nb) = (Node::new("boa").await, Node::new("bob").await);
+    let ul = unique("ul");
+    common::run(&[
+        "ip",
+        "link",
+        "add",
+        &ul,
+        "netns",
+        &na.ns.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &ul,
+        "netns",
+        &nb.ns.name,
+    ]);
+    for (n, ip) in [(&na, "10.99.0.1/24"), (&nb, "10.99.0.2/24")] {
+        n.ns.ip(&["addr", "add", ip, "dev", &ul]);
+        n.ns.ip(&["link", "set", &ul, "up"]);
+    }
+    let ov = |local: &str, peer: &str| {
+        net(
+            "bench",
+            NetworkKind::Overlay {
+                vni: 900,
+                local: local.parse().unwrap(),
+                peers: vec![peer.parse().unwrap()],
+                port: 4789,
+                underlay: None,
+            },
+        )
+    };
+    let sa = na
+        .ensure_network(&ov("10.99.0.1", "10.99.0.2"))
+        .await
+        .unwrap();
+    let sb = nb
+        .ensure_network(&ov("10.99.0.2", "10.99.0.1"))
+        .await
+        .unwrap();
+    let a = Vm::attach(&na.ns, &sa.bridge, None, 1450).with_address("10.203.0.1/24");
+    let b = Vm::attach(&nb.ns, &sb.bridge, None, 1450).with_address("10.203.0.2/24");
+    assert!(a.can_ping("10.203.0.2", Duration::from_secs(5)));
+    iperf(&b.ns, &a.ns, "10.203.0.2")
+}
+
+fn dhcp_config(start: &str, end: &str) -> DhcpConfig {
+    DhcpConfig {
+        range_start: start.parse().unwrap(),
+        range_end: end.parse().unwrap(),
+        lease_time: Duration::from_secs(3600),
+        dns: vec![],
+        reservations: vec![],
+    }
+}
+
+/// DISCOVER + REQUEST per client through the server logic only.
+fn dhcp_logic(clients: u32) -> f64 {
+    use dhcproto::v4::{DhcpOption, HType, Message, MessageType, Opcode};
+    use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+    let cfg = dhcp_config("10.204.0.10", "10.204.255.200");
+    let settings = hci_net::dhcp::DhcpSettings::from_config(
+        &cfg,
+        "10.204.0.0/16".parse().unwrap(),
+        Ipv4Addr::new(10, 204, 0, 1),
+        None,
+        None,
+    )
+    .unwrap();
+    let mut db = hci_net::dhcp::LeaseDb::open(settings, None).unwrap();
+    let packet = |kind, mac: [u8; 6], ip: Option<Ipv4Addr>| {
+        let mut m = Message::default();
+        m.set_opcode(Opcode::BootRequest)
+            .set_htype(HType::Eth)
+            .set_chaddr(&mac);
+        m.opts_mut().insert(DhcpOption::MessageType(kind));
+        if let Some(ip) = ip {
+            m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip));
+        }
+        let mut b = Vec::new();
+        m.encode(&mut Encoder::new(&mut b)).unwrap();
+        b
+    };
+    let t = Instant::now();
+    for i in 0..clients {
+        let b = i.to_be_bytes();
+        let mac = [2, 0x68, 0x63, b[1], b[2], b[3]];
+        let offer =
+            hci_net::dhcp::handle_packet(&mut db, &packet(MessageType::Discover, mac, None), 1)
+                .unwrap();
+        let ip = Message::decode(&mut Decoder::new(&offer.packet))
+            .unwrap()
+            .yiaddr();
+        let ack =
+            hci_net::dhcp::handle_packet(&mut db, &packet(MessageType::Request, mac, Some(ip)), 1)
+                .unwrap();
+        assert_eq!(ack.kind, MessageType::Ack);
+    }
+    f64::from(clients) / t.elapsed().as_secs_f64()
+}
+
+/// A burst of real udhcpc clients, each in its own VM namespace.
+async fn dhcp_burst(clients: usize) -> f64 {
+    let node = Node::new("bdh").await;
+    let mut cfg = net("bench", NetworkKind::Bridge { uplink: None });
+    cfg.cidr = Some("10.205.0.0/24".parse().unwrap());
+    cfg.dhcp = Some(dhcp_config("10.205.0.10", "10.205.0.200"));
+    let st = node.ensure_network(&cfg).await.unwrap();
+    let vms: Vec<Vm> = (0..clients)
+        .map(|_| Vm::attach(&node.ns, &st.bridge, None, 1500))
+        .collect();
+    let t = Instant::now();
+    let got = std::thread::scope(|s| {
+        let handles: Vec<_> = vms
+            .iter()
+            .map(|vm| s.spawn(|| common::udhcpc(&vm.ns).is_some()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join())
+            .filter(|r| matches!(r, Ok(true)))
+            .count()
+    });
+    assert_eq!(got, clients, "every client must get a lease");
+    clients as f64 / t.elapsed().as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let veth = direct_veth();
+    let br = bridge().await;
+    let ov = overlay().await;
+    println!("TCP throughput, iperf3 {SECONDS} s, one stream (ratio to the direct veth pair):");
+    println!("  direct veth pair       {veth:7.2} Gbit/s  1.00x");
+    println!(
+        "  hci bridge (veth ports){br:7.2} Gbit/s  {:.2}x",
+        br / veth
+    );
+    println!(
+        "  hci VXLAN overlay      {ov:7.2} Gbit/s  {:.2}x",
+        ov / veth
+    );
+    let logic = dhcp_logic(20_000);
+    let burst = dhcp_burst(16).await;
+    println!("DHCP:");
+    println!("  server logic, DISCOVER+REQUEST   {logic:10.0} leases/s");
+    println!("  16 udhcpc clients at once        {burst:10.1} leases/s (includes client start-up)");
+}

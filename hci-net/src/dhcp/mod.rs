@@ -1,0 +1,183 @@
+//! The built-in DHCPv4 server.
+//!
+//! - [`DhcpSettings`]: a network's pool and options, validated from
+//!   hci-core's [`DhcpConfig`];
+//! - [`LeaseDb`]: allocation (reservations, MAC-stable addresses, offers,
+//!   DECLINE/RELEASE) and lease persistence;
+//! - [`handle_packet`]: one request in, at most one reply out — pure, so it is
+//!   tested without sockets and fuzzed with random bytes;
+//! - [`DhcpServer`]: the UDP socket bound to the bridge (`SO_BINDTODEVICE`)
+//!   and the task serving it.
+//!
+//! Replies are broadcast, except ACKs to a client that already has an address
+//! (renewal, INFORM), which are unicast to it. Relayed requests (`giaddr` set)
+//! and BOOTP (no message type) are ignored.
+
+mod handler;
+mod leases;
+mod server;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use hci_core::net::DhcpConfig;
+use hci_core::{Error, Result};
+use ipnet::{IpNet, Ipv4Net};
+
+pub use handler::{Destination, Reply, handle_packet};
+pub use leases::{Lease, LeaseDb};
+pub use server::DhcpServer;
+
+/// A network's DHCP pool and the options announced with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpSettings {
+    /// Subnet of the network.
+    pub subnet: Ipv4Net,
+    /// The server's own address on the bridge (server identifier).
+    pub server: Ipv4Addr,
+    /// First address of the pool.
+    pub range_start: Ipv4Addr,
+    /// Last address of the pool.
+    pub range_end: Ipv4Addr,
+    /// Router option, if any.
+    pub router: Option<Ipv4Addr>,
+    /// DNS servers option.
+    pub dns: Vec<Ipv4Addr>,
+    /// Lease duration.
+    pub lease_time: Duration,
+    /// Interface MTU option (26), if any.
+    pub mtu: Option<u16>,
+    /// Fixed MAC → address assignments.
+    pub reservations: Vec<([u8; 6], Ipv4Addr)>,
+}
+
+fn v4(what: &str, ip: IpAddr) -> Result<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(a) => Ok(a),
+        IpAddr::V6(_) => Err(Error::invalid(
+            format!("DHCP {what}"),
+            format!("{ip} is not IPv4 (the server is DHCPv4)"),
+        )),
+    }
+}
+
+impl DhcpSettings {
+    /// Validates `config` for a network with `cidr`, router `gateway` and
+    /// `mtu`, with the server answering from `server`.
+    pub fn from_config(
+        config: &DhcpConfig,
+        cidr: IpNet,
+        server: Ipv4Addr,
+        gateway: Option<IpAddr>,
+        mtu: Option<u16>,
+    ) -> Result<Self> {
+        let subnet = match cidr {
+            IpNet::V4(n) => n.trunc(),
+            IpNet::V6(_) => {
+                return Err(Error::invalid("DHCP subnet", format!("{cidr} is not IPv4")));
+            }
+        };
+        let range_start = v4("range start", config.range_start)?;
+        let range_end = v4("range end", config.range_end)?;
+        if range_start > range_end {
+            return Err(Error::invalid(
+                "DHCP range",
+                format!("{range_start} is after {range_end}"),
+            ));
+        }
+        for ip in [range_start, range_end] {
+            if !subnet.contains(&ip) || ip == subnet.network() || ip == subnet.broadcast() {
+                return Err(Error::invalid(
+                    "DHCP range",
+                    format!("{ip} is not a host address of {subnet}"),
+                ));
+            }
+        }
+        let mut reservations = Vec::new();
+        for (mac, ip) in &config.reservations {
+            let ip = v4("reservation", *ip)?;
+            if !subnet.contains(&ip) {
+                return Err(Error::invalid(
+                    "DHCP reservation",
+                    format!("{ip} is outside {subnet}"),
+                ));
+            }
+            if reservations.iter().any(|(m, a)| m == mac || *a == ip) {
+                return Err(Error::invalid(
+                    "DHCP reservation",
+                    format!("{} or {ip} is reserved twice", crate::mac::format(*mac)),
+                ));
+            }
+            reservations.push((*mac, ip));
+        }
+        if config.lease_time < Duration::from_secs(60) {
+            return Err(Error::invalid("DHCP lease time", "must be at least 60 s"));
+        }
+        Ok(Self {
+            subnet,
+            server,
+            range_start,
+            range_end,
+            router: gateway.map(|g| v4("gateway", g)).transpose()?,
+            dns: config
+                .dns
+                .iter()
+                .filter_map(|d| v4("dns", *d).ok())
+                .collect(),
+            lease_time: config.lease_time,
+            mtu,
+            reservations,
+        })
+    }
+
+    pub(crate) fn lease_secs(&self) -> u64 {
+        self.lease_time.as_secs().min(u64::from(u32::MAX - 1))
+    }
+
+    pub(crate) fn in_range(&self, ip: Ipv4Addr) -> bool {
+        ip >= self.range_start && ip <= self.range_end
+    }
+
+    pub(crate) fn reservation_for(&self, mac: [u8; 6]) -> Option<Ipv4Addr> {
+        self.reservations
+            .iter()
+            .find(|(m, _)| *m == mac)
+            .map(|(_, ip)| *ip)
+    }
+
+    pub(crate) fn is_reserved(&self, ip: Ipv4Addr) -> bool {
+        self.reservations.iter().any(|(_, a)| *a == ip)
+    }
+
+    /// The server, router, network and broadcast addresses are never leased.
+    pub(crate) fn is_infrastructure(&self, ip: Ipv4Addr) -> bool {
+        ip == self.server
+            || Some(ip) == self.router
+            || ip == self.subnet.network()
+            || ip == self.subnet.broadcast()
+    }
+}
+
+/// The address the DHCP server uses on a network that has no gateway on the
+/// bridge: the highest host address of `subnet` that is neither the gateway,
+/// in the pool nor reserved.
+pub fn server_address(
+    subnet: Ipv4Net,
+    config: &DhcpConfig,
+    gateway: Option<IpAddr>,
+) -> Option<Ipv4Addr> {
+    let (lo, hi) = (u32::from(subnet.network()), u32::from(subnet.broadcast()));
+    let in_use = |ip: Ipv4Addr| {
+        let ip_ = IpAddr::V4(ip);
+        Some(ip_) == gateway
+            || (ip_ >= config.range_start && ip_ <= config.range_end)
+            || config.reservations.iter().any(|(_, a)| *a == ip_)
+    };
+    (lo.saturating_add(1)..hi)
+        .rev()
+        .map(Ipv4Addr::from)
+        .find(|ip| !in_use(*ip))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,423 @@
+//! Bridge and TAP lifecycle against the real kernel, one namespace per test.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Netns, Node};
+use hci_core::Error;
+use hci_core::net::{NetworkBackend, NetworkConfig, NetworkKind, PortConfig};
+
+fn bridge_net(name: &str) -> NetworkConfig {
+    NetworkConfig {
+        name: name.into(),
+        kind: NetworkKind::Bridge { uplink: None },
+        cidr: None,
+        gateway: None,
+        dhcp: None,
+        mtu: None,
+    }
+}
+
+fn port(name: &str, last: u8, queues: u16) -> PortConfig {
+    PortConfig {
+        name: name.into(),
+        mac: [0x02, 0x68, 0x63, 0, 0, last],
+        queues,
+    }
+}
+
+fn detail(ns: &Netns, dev: &str) -> String {
+    ns.ip(&["-d", "link", "show", dev])
+}
+
+#[tokio::test]
+async fn bridge_and_tap_lifecycle() {
+    let node = Node::new("life").await;
+    let st = node
+        .ensure_network(&bridge_net("lab"))
+        .await
+        .expect("ensure");
+    assert!(
+        st.bridge.starts_with("hci-br-") && st.bridge.len() <= 15,
+        "{}",
+        st.bridge
+    );
+    let d = detail(&node.ns, &st.bridge);
+    assert!(d.contains("mtu 1500") && d.contains(",UP"), "{d}");
+    assert!(d.contains("alias hci role=bridge network=lab"), "{d}");
+
+    let tap = node
+        .attach_port("lab", &port("vm1-nic0", 1, 1))
+        .await
+        .expect("attach");
+    assert!(tap.ifname.starts_with("hci-tp-"));
+    assert_eq!((tap.mtu, tap.fds.len()), (1500, 1));
+    let d = detail(&node.ns, &tap.ifname);
+    assert!(d.contains(&format!("master {}", st.bridge)), "{d}");
+    assert!(
+        d.contains("link/ether fe:68:63:00:00:01"),
+        "host side MAC: {d}"
+    );
+    assert!(
+        d.contains("tap") && d.contains("persist on") && d.contains("vnet_hdr on"),
+        "{d}"
+    );
+
+    let mq = node
+        .attach_port("lab", &port("vm1-nic1", 2, 4))
+        .await
+        .expect("attach multi-queue");
+    assert_eq!(mq.fds.len(), 4);
+    assert!(detail(&node.ns, &mq.ifname).contains("multi_queue"));
+
+    let listed = node.list_networks().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].ports,
+        vec!["vm1-nic0".to_string(), "vm1-nic1".to_string()]
+    );
+
+    node.detach_port("lab", "vm1-nic0").await.expect("detach");
+    assert!(!node.ns.links().contains(&tap.ifname));
+    // The persistent TAP is gone even though the handle still holds its queue fd.
+    drop(tap);
+    node.remove_network("lab").await.expect("remove");
+    assert_eq!(
+        node.ns.hci_links(),
+        Vec::<String>::new(),
+        "no device left behind"
+    );
+    assert_eq!(node.ns.links(), vec!["lo".to_string()]);
+}
+
+#[tokio::test]
+async fn ensure_is_idempotent_and_repairs_drift() {
+    let node = Node::new("idem").await;
+    let a = node
+        .ensure_network(&bridge_net("lab"))
+        .await
+        .expect("ensure");
+    let tap = node
+        .attach_port("lab", &port("p", 1, 1))
+        .await
+        .expect("attach");
+    let b = node
+        .ensure_network(&bridge_net("lab"))
+        .await
+        .expect("again");
+    assert_eq!(a.bridge, b.bridge);
+    assert_eq!(node.ns.hci_links().len(), 2);
+
+    // Someone fiddles with the devices; ensure puts them back.
+    node.ns.ip(&["link", "set", &a.bridge, "down"]);
+    node.ns.ip(&["link", "set", &a.bridge, "mtu", "1400"]);
+    node.ns
+        .ip(&["addr", "add", "192.0.2.7/24", "dev", &a.bridge]);
+    node.ns.ip(&["link", "set", &tap.ifname, "nomaster"]);
+    node.ensure_network(&bridge_net("lab"))
+        .await
+        .expect("repair");
+    let d = detail(&node.ns, &a.bridge);
+    assert!(d.contains("mtu 1500") && d.contains(",UP"), "{d}");
+    assert!(
+        !node
+            .ns
+            .ip(&["addr", "show", "dev", &a.bridge])
+            .contains("192.0.2.7")
+    );
+    assert!(detail(&node.ns, &tap.ifname).contains(&format!("master {}", a.bridge)));
+
+    // An MTU change reaches the bridge and its ports.
+    let mut jumbo = bridge_net("lab");
+    jumbo.mtu = Some(9000);
+    node.ensure_network(&jumbo).await.expect("jumbo");
+    assert!(detail(&node.ns, &a.bridge).contains("mtu 9000"));
+    assert!(detail(&node.ns, &tap.ifname).contains("mtu 9000"));
+    assert_eq!(
+        node.attach_port("lab", &port("p", 1, 1))
+            .await
+            .expect("same port")
+            .mtu,
+        9000
+    );
+}
+
+async fn backend_in(ns: &Netns) -> hci_net::LinuxBridgeBackend {
+    hci_net::LinuxBridgeBackend::new(hci_net::BackendOptions {
+        netns: ns.netns(),
+        ..Default::default()
+    })
+    .await
+    .expect("backend")
+}
+
+#[tokio::test]
+async fn a_restarted_backend_adopts_what_exists() {
+    let ns = Netns::new("adopt");
+    let first = backend_in(&ns).await;
+    first
+        .ensure_network(&bridge_net("lab"))
+        .await
+        .expect("ensure");
+    let mq = first
+        .attach_port("lab", &port("p", 1, 2))
+        .await
+        .expect("attach");
+    let single = first
+        .attach_port("lab", &port("s", 2, 1))
+        .await
+        .expect("attach");
+    let (mq_name, single_name) = (mq.ifname.clone(), single.ifname.clone());
+    // The "daemon" stops: every queue descriptor closes, the persistent TAPs stay.
+    drop((first, mq, single));
+    let second = backend_in(&ns).await;
+    let listed = second.list_networks().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].name.as_str(), listed[0].ports.clone()),
+        ("lab", vec!["p".to_string(), "s".to_string()])
+    );
+    let again = second
+        .attach_port("lab", &port("s", 2, 1))
+        .await
+        .expect("reattach single queue");
+    assert_eq!(
+        (again.ifname.as_str(), again.fds.len()),
+        (single_name.as_str(), 1)
+    );
+    let twice = second
+        .attach_port("lab", &port("s", 2, 1))
+        .await
+        .expect("attach again: kept queues");
+    assert!(Arc::ptr_eq(&again.fds[0], &twice.fds[0]));
+    let mq = second
+        .attach_port("lab", &port("p", 1, 2))
+        .await
+        .expect("reattach multi-queue");
+    assert_eq!((mq.ifname.as_str(), mq.fds.len()), (mq_name.as_str(), 2));
+    assert!(matches!(
+        second.attach_port("lab", &port("p", 9, 2)).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    second
+        .remove_network("lab")
+        .await
+        .expect("remove an adopted network");
+    assert!(ns.hci_links().is_empty());
+    assert!(matches!(
+        second.remove_network("lab").await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn cleanup_all_leaves_nothing() {
+    let node = Node::new("clean").await;
+    for n in ["a", "b"] {
+        node.ensure_network(&bridge_net(n)).await.expect("ensure");
+        node.attach_port(n, &port(&format!("{n}-p"), n.as_bytes()[0], 1))
+            .await
+            .expect("attach");
+    }
+    let mgmt = NetworkConfig {
+        name: "mgmt".into(),
+        kind: NetworkKind::Management { uplink: None },
+        cidr: Some("10.71.0.0/24".parse().expect("cidr")),
+        gateway: Some("10.71.0.1".parse().expect("ip")),
+        dhcp: None,
+        mtu: None,
+    };
+    node.ensure_network(&mgmt).await.expect("management");
+    assert!(
+        node.ns
+            .exec(&["nft", "list", "tables"])
+            .contains("inet hci")
+    );
+    let n = node.cleanup_all().await.expect("cleanup");
+    assert_eq!(n, 5);
+    assert_eq!(node.ns.links(), vec!["lo".to_string()]);
+    assert!(!node.ns.exec(&["nft", "list", "tables"]).contains("hci"));
+    assert!(node.list_networks().await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn uplink_is_enslaved_and_released() {
+    let node = Node::new("upl").await;
+    node.ns.ip(&[
+        "link", "add", "up0", "type", "veth", "peer", "name", "up0-peer",
+    ]);
+    let mut cfg = bridge_net("lab");
+    cfg.kind = NetworkKind::Bridge {
+        uplink: Some("up0".into()),
+    };
+    let st = node.ensure_network(&cfg).await.expect("ensure");
+    assert!(detail(&node.ns, "up0").contains(&format!("master {}", st.bridge)));
+    cfg.kind = NetworkKind::Bridge { uplink: None };
+    node.ensure_network(&cfg).await.expect("drop uplink");
+    assert!(!detail(&node.ns, "up0").contains("master"));
+    cfg.kind = NetworkKind::Bridge {
+        uplink: Some("nope0".into()),
+    };
+    assert!(matches!(
+        node.ensure_network(&cfg).await,
+        Err(Error::NotFound { .. })
+    ));
+    node.remove_network("lab").await.expect("remove");
+    assert!(
+        node.ns.links().contains(&"up0".to_string()),
+        "the uplink NIC is never deleted"
+    );
+}
+
+#[tokio::test]
+async fn vlan_needs_8021q_and_leaks_nothing_without_it() {
+    let node = Node::new("vlan").await;
+    node.ns.ip(&[
+        "link",
+        "add",
+        "trunk0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "trunk0-peer",
+    ]);
+    let cfg = NetworkConfig {
+        kind: NetworkKind::Vlan {
+            id: 42,
+            uplink: "trunk0".into(),
+        },
+        ..bridge_net("v42")
+    };
+    match node.ensure_network(&cfg).await {
+        Ok(st) => {
+            // A kernel with 802.1Q: the VLAN device is a port of the bridge.
+            let vlan_dev = node
+                .ns
+                .hci_links()
+                .into_iter()
+                .find(|l| l.starts_with("hci-vl-"))
+                .expect("vlan device");
+            let d = detail(&node.ns, &vlan_dev);
+            assert!(
+                d.contains("vlan protocol 802.1Q id 42")
+                    && d.contains(&format!("master {}", st.bridge)),
+                "{d}"
+            );
+            node.remove_network("v42").await.expect("remove");
+        }
+        Err(Error::Unsupported { operation, backend }) => {
+            assert!(backend.contains("802.1Q"), "{backend}");
+            assert!(
+                operation.contains("v42") && operation.contains("42"),
+                "{operation}"
+            );
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+    assert!(
+        node.ns.hci_links().is_empty(),
+        "nothing left: {:?}",
+        node.ns.hci_links()
+    );
+    assert!(matches!(
+        node.remove_network("v42").await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn invalid_configs_are_refused_before_touching_the_kernel() {
+    let node = Node::new("inval").await;
+    let mut bad = vec![bridge_net("Bad_Name"), bridge_net("")];
+    let mut c = bridge_net("ov");
+    c.kind = NetworkKind::Overlay {
+        vni: 0,
+        local: "10.0.0.1".parse().expect("ip"),
+        peers: vec![],
+        port: 4789,
+        underlay: None,
+    };
+    bad.push(c);
+    let mut c = bridge_net("mg");
+    c.kind = NetworkKind::Management { uplink: None };
+    bad.push(c);
+    let mut c = bridge_net("up");
+    c.kind = NetworkKind::Bridge {
+        uplink: Some("eth0\" accept".into()),
+    };
+    bad.push(c);
+    let mut c = bridge_net("mtu");
+    c.mtu = Some(10);
+    bad.push(c);
+    for cfg in bad {
+        let r = node.ensure_network(&cfg).await;
+        assert!(matches!(r, Err(Error::Invalid { .. })), "{cfg:?}: {r:?}");
+    }
+    node.ensure_network(&bridge_net("ok"))
+        .await
+        .expect("ensure");
+    for p in [
+        PortConfig {
+            queues: 0,
+            ..port("q", 1, 1)
+        },
+        PortConfig {
+            mac: [1, 0, 0, 0, 0, 1],
+            ..port("m", 1, 1)
+        },
+    ] {
+        assert!(matches!(
+            node.attach_port("ok", &p).await,
+            Err(Error::Invalid { .. })
+        ));
+    }
+    assert_eq!(node.ns.hci_links().len(), 1);
+}
+
+/// Frames written into one TAP queue come out of another TAP on the bridge.
+#[tokio::test]
+async fn frames_cross_the_bridge_between_taps() {
+    let node = Node::new("frames").await;
+    node.ensure_network(&bridge_net("lab"))
+        .await
+        .expect("ensure");
+    let a = node.attach_port("lab", &port("a", 1, 1)).await.expect("a");
+    let b = node.attach_port("lab", &port("b", 2, 1)).await.expect("b");
+    let fd_b = b.fds[0].as_raw_fd();
+    // SAFETY: fcntl on a descriptor we hold open through `b`.
+    unsafe {
+        libc::fcntl(
+            fd_b,
+            libc::F_SETFL,
+            libc::fcntl(fd_b, libc::F_GETFL) | libc::O_NONBLOCK,
+        )
+    };
+    let mut frame = vec![0u8; 12]; // virtio-net header: no offloads
+    frame.extend_from_slice(&[0xff; 6]); // broadcast
+    frame.extend_from_slice(&[0x02, 0x68, 0x63, 0, 0, 1]);
+    frame.extend_from_slice(&[0x88, 0xb5]); // local experimental ethertype
+    frame.extend_from_slice(b"hello from hci tap a, padded to the minimum frame size");
+    let mut file_a = std::fs::File::from(a.fds[0].try_clone().expect("dup"));
+    let mut file_b = std::fs::File::from(b.fds[0].try_clone().expect("dup"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 2048];
+    let mut seen = false;
+    while Instant::now() < deadline && !seen {
+        file_a.write_all(&frame).expect("write frame");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Ok(n) = file_b.read(&mut buf) {
+            if buf[..n].windows(14).any(|w| w == b"hello from hci") {
+                seen = true;
+            }
+        }
+    }
+    assert!(seen, "the frame written on TAP a never came out of TAP b");
+    let stats = node.port_stats("lab", "a").await.expect("stats");
+    assert!(stats.rx_packets >= 1 && stats.rx_bytes >= 60, "{stats:?}");
+    assert!(node.port_stats("lab", "b").await.expect("stats").tx_packets >= 1);
+}
