@@ -1,0 +1,416 @@
+//! `VirtualMachine`: what to run, on what disks and networks, and how to keep it running.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::resource::{Envelope, EnvelopeRef, Resource, ResourceRef, check_envelope, resource};
+use super::{
+    ByteSize, Condition, MacAddress, ObjectMeta, ValidationErrors, VmPhase, validate_name,
+};
+
+resource! {
+    /// A virtual machine.
+    ///
+    /// ```
+    /// use hci_core::model::{Resource, VirtualMachine};
+    /// let vm = VirtualMachine::from_yaml(r#"
+    /// apiVersion: hci.dev/v1
+    /// kind: VirtualMachine
+    /// metadata: { name: web }
+    /// spec:
+    ///   cpus: 2
+    ///   memory: 1Gi
+    ///   boot: { type: firmware, kind: uefi }
+    ///   disks: [{ name: root, volume: web-root, bootOrder: 1 }]
+    ///   nics: [{ name: eth0, network: lan }]
+    /// "#).unwrap();
+    /// assert_eq!(vm.spec.memory.bytes(), 1 << 30);
+    /// vm.validate().unwrap();
+    /// ```
+    VirtualMachine, "VirtualMachine", VmSpec, VmStatus
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Desired state of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmSpec {
+    /// Virtual CPUs (1 to 255).
+    #[serde(default = "one")]
+    pub cpus: u32,
+    /// Guest memory (at least 16Mi, a multiple of 1Mi).
+    pub memory: ByteSize,
+    /// How the guest boots.
+    pub boot: BootSpec,
+    /// Disks, each backed by a `Volume`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
+    /// Network interfaces, each on a `Network`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicSpec>,
+    /// cloud-init NoCloud data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+    /// Whether the system keeps the VM running.
+    #[serde(default)]
+    pub run_strategy: RunStrategy,
+    /// What happens when its node is drained.
+    #[serde(default)]
+    pub eviction_strategy: EvictionStrategy,
+    /// Only nodes with all these labels may run it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Which hypervisor backend runs it.
+    #[serde(default)]
+    pub backend: HypervisorBackend,
+}
+
+/// How a VM boots, written `{type: kernel, path: …}` or `{type: firmware, kind: uefi}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum BootSpec {
+    /// Direct kernel boot (Linux bzImage or PVH ELF).
+    Kernel(KernelBoot),
+    /// Firmware boot from a disk or ISO.
+    Firmware(FirmwareBoot),
+}
+
+/// Direct kernel boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KernelBoot {
+    /// Path of the kernel on the node, or `image:NAME`.
+    pub path: String,
+    /// Initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+}
+
+/// Firmware boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FirmwareBoot {
+    /// BIOS or UEFI.
+    pub kind: FirmwareKind,
+    /// Enable Secure Boot (UEFI only).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub secure_boot: bool,
+}
+
+/// Firmware flavour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FirmwareKind {
+    /// SeaBIOS.
+    Bios,
+    /// OVMF.
+    Uefi,
+}
+
+/// A VM disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Disk name, unique in the VM (a DNS-1123 label).
+    pub name: String,
+    /// The `Volume` backing it.
+    pub volume: String,
+    /// Bus.
+    #[serde(default)]
+    pub bus: DiskBus,
+    /// Boot order (1 = first); unique among disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_order: Option<u32>,
+    /// The guest sees it read-only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+}
+
+/// Disk bus.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DiskBus {
+    /// virtio-blk.
+    #[default]
+    Virtio,
+    /// SATA (QEMU backend).
+    Sata,
+    /// virtio-scsi (QEMU backend).
+    Scsi,
+    /// CD-ROM (QEMU backend).
+    Cdrom,
+}
+
+/// A VM network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NicSpec {
+    /// Interface name, unique in the VM.
+    pub name: String,
+    /// The `Network` it attaches to.
+    pub network: String,
+    /// MAC address (unicast); derived from the VM and NIC names when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddress>,
+    /// Device model.
+    #[serde(default)]
+    pub model: NicModel,
+}
+
+/// NIC model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NicModel {
+    /// virtio-net.
+    #[default]
+    Virtio,
+    /// Intel e1000 (QEMU backend).
+    E1000,
+}
+
+/// cloud-init NoCloud data.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloudInit {
+    /// user-data (`#cloud-config …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// network-config (v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<String>,
+    /// SSH public keys for the default user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+/// Whether the system keeps a VM running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunStrategy {
+    /// Always running: restarted whenever it stops.
+    Always,
+    /// Restarted after a failure, not after a clean guest shutdown.
+    #[default]
+    RerunOnFailure,
+    /// Started and stopped only by explicit actions.
+    Manual,
+    /// Kept stopped.
+    Halted,
+}
+
+/// What happens to a VM when its node is drained.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EvictionStrategy {
+    /// Live-migrate to another node.
+    #[default]
+    LiveMigrate,
+    /// Shut down cleanly (restarted elsewhere per run strategy).
+    Shutdown,
+    /// Block the drain.
+    None,
+}
+
+/// Which hypervisor runs a VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HypervisorBackend {
+    /// hci's own KVM VMM.
+    Kvm,
+    /// QEMU.
+    Qemu,
+    /// kvm for direct-kernel boot with virtio devices, qemu otherwise.
+    #[default]
+    Auto,
+}
+
+/// Observed state of a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmStatus {
+    /// Lifecycle phase.
+    #[serde(default)]
+    pub phase: VmPhase,
+    /// Node running it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Conditions (`Scheduled`, `Ready`…).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Guest IP addresses, when known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_addresses: Vec<String>,
+    /// When the guest last started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// Restarts by the run strategy.
+    #[serde(default)]
+    pub restarts: u32,
+    /// A human-readable note on the current state.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+impl VmSpec {
+    /// A spec with `cpus`, `memory` and a boot source; no disks or NICs.
+    pub fn new(cpus: u32, memory: ByteSize, boot: BootSpec) -> Self {
+        VmSpec {
+            cpus,
+            memory,
+            boot,
+            disks: Vec::new(),
+            nics: Vec::new(),
+            cloud_init: None,
+            run_strategy: RunStrategy::default(),
+            eviction_strategy: EvictionStrategy::default(),
+            node_selector: BTreeMap::new(),
+            backend: HypervisorBackend::default(),
+        }
+    }
+
+    fn validate_into(&self, errs: &mut ValidationErrors) {
+        if !(1..=255).contains(&self.cpus) {
+            errs.push(
+                "spec.cpus",
+                format!("{} is out of range: must be 1 to 255", self.cpus),
+            );
+        }
+        let mem = self.memory.bytes();
+        if mem < 16 << 20 {
+            errs.push(
+                "spec.memory",
+                format!("{} is too small: at least 16Mi", self.memory),
+            );
+        } else if !mem.is_multiple_of(1 << 20) {
+            errs.push(
+                "spec.memory",
+                format!("{} must be a multiple of 1Mi", self.memory),
+            );
+        }
+        if let BootSpec::Kernel(k) = &self.boot
+            && k.path.trim().is_empty()
+        {
+            errs.push("spec.boot.kernel.path", "must not be empty");
+        }
+        let mut names = BTreeSet::new();
+        let mut orders = BTreeSet::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            validate_name(&format!("spec.disks[{i}].name"), &d.name, errs);
+            if !names.insert(&d.name) {
+                errs.push(
+                    format!("spec.disks[{i}].name"),
+                    format!("duplicate disk name {:?}", d.name),
+                );
+            }
+            validate_name(&format!("spec.disks[{i}].volume"), &d.volume, errs);
+            if let Some(o) = d.boot_order {
+                if o == 0 {
+                    errs.push(format!("spec.disks[{i}].bootOrder"), "must be 1 or more");
+                } else if !orders.insert(o) {
+                    errs.push(
+                        format!("spec.disks[{i}].bootOrder"),
+                        format!("boot order {o} is used twice"),
+                    );
+                }
+            }
+        }
+        let mut nic_names = BTreeSet::new();
+        let mut macs = BTreeSet::new();
+        for (i, n) in self.nics.iter().enumerate() {
+            validate_name(&format!("spec.nics[{i}].name"), &n.name, errs);
+            if !nic_names.insert(&n.name) {
+                errs.push(
+                    format!("spec.nics[{i}].name"),
+                    format!("duplicate NIC name {:?}", n.name),
+                );
+            }
+            validate_name(&format!("spec.nics[{i}].network"), &n.network, errs);
+            if let Some(mac) = n.mac {
+                if mac.is_multicast() {
+                    errs.push(
+                        format!("spec.nics[{i}].mac"),
+                        format!("{mac} is a multicast address"),
+                    );
+                } else if mac.0 == [0; 6] {
+                    errs.push(
+                        format!("spec.nics[{i}].mac"),
+                        "00:00:00:00:00:00 is not a usable address",
+                    );
+                } else if !macs.insert(mac) {
+                    errs.push(
+                        format!("spec.nics[{i}].mac"),
+                        format!("{mac} is used twice"),
+                    );
+                }
+            }
+        }
+        if let Some(ci) = &self.cloud_init {
+            for (i, k) in ci.ssh_authorized_keys.iter().enumerate() {
+                if !k.starts_with("ssh-") && !k.starts_with("ecdsa-") && !k.starts_with("sk-") {
+                    errs.push(
+                        format!("spec.cloudInit.sshAuthorizedKeys[{i}]"),
+                        "does not look like an SSH public key (ssh-ed25519 …, ssh-rsa …)",
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Resource for VirtualMachine {
+    const KIND: &'static str = "VirtualMachine";
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errs = ValidationErrors::new();
+        self.metadata.validate_into(&mut errs);
+        self.spec.validate_into(&mut errs);
+        errs.into_result()
+    }
+
+    fn references(&self) -> Vec<ResourceRef> {
+        let disks = self
+            .spec
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| ResourceRef {
+                kind: "Volume",
+                name: d.volume.clone(),
+                path: format!("spec.disks[{i}].volume"),
+            });
+        let nics = self.spec.nics.iter().enumerate().map(|(i, n)| ResourceRef {
+            kind: "Network",
+            name: n.network.clone(),
+            path: format!("spec.nics[{i}].network"),
+        });
+        disks.chain(nics).collect()
+    }
+}
+
+impl VirtualMachine {
+    /// The MAC of NIC `i`: the one in the spec, or one derived from the names.
+    pub fn nic_mac(&self, i: usize) -> Option<MacAddress> {
+        let nic = self.spec.nics.get(i)?;
+        Some(nic.mac.unwrap_or_else(|| {
+            MacAddress::from_seed(&format!("{}/{}", self.metadata.name, nic.name))
+        }))
+    }
+}
