@@ -296,6 +296,9 @@ fn encryption_hides_data_and_refuses_wrong_keys() {
         locked.read(&mut [0u8; 16], 0).is_err(),
         "read without the key"
     );
+    let e = Replica::open(&path, Some(&key)).expect_err("one opener at a time");
+    assert!(e.to_string().contains("busy"), "{e}");
+    drop(locked);
     let r = Replica::open(&path, Some(&key)).expect("right key");
     let mut buf = vec![0u8; secret.len()];
     r.read(&mut buf, 8192).expect("read");

@@ -107,3 +107,20 @@ pub(crate) fn allocated(file: &File) -> io::Result<u64> {
 pub(crate) fn sync_dir(dir: &std::path::Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
+
+/// Takes an exclusive advisory lock on `file` without waiting; false if another
+/// process (or another open file description) holds it.
+pub(crate) fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    // SAFETY: flock only reads its integer arguments; the fd is valid for the
+    // lifetime of `file`. The lock is released when the file is closed.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}

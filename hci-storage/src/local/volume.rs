@@ -90,6 +90,29 @@ pub struct Replica {
     /// Per-block locks for copy-on-write and merges (hashed by block index).
     stripes: Vec<Mutex<()>>,
     cipher: OnceLock<Cipher>,
+    /// Held open for its exclusive lock: one process owns a replica at a time.
+    _lock: File,
+}
+
+/// Locks a replica directory for this process.
+fn lock_dir(dir: &Path) -> Result<File> {
+    let p = dir.join("lock");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(|e| io_err("open", &p, e))?;
+    if !file::try_lock_exclusive(&f).map_err(|e| io_err("lock", &p, e))? {
+        return Err(Error::Busy {
+            kind: "replica",
+            name: dir.display().to_string(),
+            reason: "it is open in another process or handle (stop `hci-storage serve` first)"
+                .into(),
+        });
+    }
+    Ok(f)
 }
 
 fn open_layer(dir: &Path, id: u64) -> Result<File> {
@@ -154,6 +177,7 @@ impl Replica {
     /// (metadata operations work without it); a wrong key is refused.
     pub fn open(dir: &Path, key: Option<&EncryptionKey>) -> Result<Arc<Replica>> {
         let m = meta::load(dir)?;
+        let lock = lock_dir(dir)?;
         Self::cleanup_orphans(dir, &m);
         let mut files = HashMap::new();
         for l in &m.layers {
@@ -171,6 +195,7 @@ impl Replica {
             ops: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             cipher: OnceLock::new(),
+            _lock: lock,
         };
         if let Some(k) = key {
             r.unlock(k)?;
@@ -190,7 +215,7 @@ impl Replica {
                 .and_then(|r| r.strip_suffix(".img"))
                 .and_then(|id| id.parse::<u64>().ok())
                 .is_some_and(|id| m.layer(id).is_none());
-            if orphan_layer || name.ends_with(".tmp") {
+            if orphan_layer || name.ends_with(".tmp") && name != "lock" {
                 tracing::info!(file = %e.path().display(), "removing a leftover of an interrupted operation");
                 let _ = fs::remove_file(e.path());
             }
