@@ -40,9 +40,9 @@ enum Cmd {
     Serve {
         /// Replica directory.
         dir: PathBuf,
-        /// HOST:PORT or unix:PATH.
+        /// HOST:PORT or unix:PATH; repeat to listen on several.
         #[arg(long, default_value = "127.0.0.1:10809")]
-        listen: String,
+        listen: Vec<String>,
         /// Export name.
         #[arg(long, default_value = "")]
         export: String,
@@ -192,7 +192,10 @@ fn run(cli: Cli) -> Res<()> {
             encrypt_key_file,
         } => {
             let k = key(encrypt_key_file.as_deref())?;
-            let listen: Listen = listen.parse()?;
+            let listen = listen
+                .iter()
+                .map(|l| l.parse::<Listen>())
+                .collect::<Result<Vec<_>, _>>()?;
             let r = Replica::open(&dir, k.as_ref())?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -208,10 +211,21 @@ fn run(cli: Cli) -> Res<()> {
                         description: dir.display().to_string(),
                     },
                 )?;
-                let h = server.serve(listen).await?;
-                println!("serving {} as {}", dir.display(), h.uri(&export));
-                tokio::signal::ctrl_c().await?;
-                h.shutdown();
+                let mut handles = Vec::new();
+                for l in listen {
+                    let h = server.serve(l).await?;
+                    println!("serving {} as {}", dir.display(), h.uri(&export));
+                    handles.push(h);
+                }
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => r?,
+                    _ = term.recv() => {}
+                }
+                for h in &handles {
+                    h.shutdown();
+                }
                 r.flush()?;
                 println!("stopped; data flushed");
                 Ok::<(), Box<dyn std::error::Error>>(())

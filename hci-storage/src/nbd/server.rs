@@ -23,6 +23,8 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 const MAX_OPTION: u32 = 64 << 10;
 /// The whole handshake must finish within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request served inline when nothing else is in flight.
+const INLINE_MAX: u32 = 64 << 10;
 /// Requests served concurrently per connection.
 const IN_FLIGHT: usize = 128;
 
@@ -99,6 +101,21 @@ impl FromStr for Listen {
                 )
             })
     }
+}
+
+/// A TCP listener whose accepted sockets get 4 MiB buffers, so a 1 MiB write
+/// arrives in few wakeups.
+fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_recv_buffer_size(4 << 20)?;
+    sock.set_send_buffer_size(4 << 20)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
 }
 
 /// A running listener; dropping it does not stop it, [`ServerHandle::shutdown`] does.
@@ -212,9 +229,8 @@ impl NbdServer {
     pub async fn serve(self: &Arc<Self>, listen: Listen) -> Result<ServerHandle> {
         match listen {
             Listen::Tcp(addr) => {
-                let l = TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| Error::io(format!("listen on {addr}"), e))?;
+                let l =
+                    tcp_listener(addr).map_err(|e| Error::io(format!("listen on {addr}"), e))?;
                 let local = l
                     .local_addr()
                     .map_err(|e| Error::io("read the bound address", e))?;
@@ -227,7 +243,7 @@ impl NbdServer {
                                 let me = me.clone();
                                 tokio::spawn(async move {
                                     tracing::debug!(%peer, "NBD connection");
-                                    if let Err(e) = me.serve_connection(s).await {
+                                    if let Err(e) = me.serve_split(s, |s| s.into_split()).await {
                                         tracing::debug!(%peer, error = %e, "NBD connection ended");
                                     }
                                 });
@@ -256,7 +272,7 @@ impl NbdServer {
                             Ok((s, _)) => {
                                 let me = me.clone();
                                 tokio::spawn(async move {
-                                    if let Err(e) = me.serve_connection(s).await {
+                                    if let Err(e) = me.serve_split(s, |s| s.into_split()).await {
                                         tracing::debug!(error = %e, "NBD connection ended");
                                     }
                                 });
@@ -278,9 +294,24 @@ impl NbdServer {
     }
 
     /// Serves one connection to its end (the client disconnects or misbehaves).
-    pub async fn serve_connection<S>(self: &Arc<Self>, mut stream: S) -> Result<()>
+    pub async fn serve_connection<S>(self: &Arc<Self>, stream: S) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.serve_split(stream, tokio::io::split).await
+    }
+
+    /// Like [`NbdServer::serve_connection`], splitting the stream with `split`
+    /// once the handshake is done (sockets split without a shared lock).
+    async fn serve_split<S, R, W>(
+        self: &Arc<Self>,
+        mut stream: S,
+        split: impl FnOnce(S) -> (R, W),
+    ) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
     {
         let session =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream)).await {
@@ -295,7 +326,8 @@ impl NbdServer {
         let Some(session) = session else {
             return Ok(());
         };
-        transmission(stream, session)
+        let (rd, wr) = split(stream);
+        transmission(rd, wr, session)
             .await
             .map_err(|e| Error::io("NBD transmission", e))
     }
@@ -365,6 +397,7 @@ impl NbdServer {
                         export,
                         structured,
                         meta,
+                        pool: Pool::default(),
                     }));
                 }
                 OPT_ABORT => {
@@ -418,6 +451,7 @@ impl NbdServer {
                                     export,
                                     structured,
                                     meta,
+                                    pool: Pool::default(),
                                 }));
                             }
                         }
@@ -470,11 +504,61 @@ impl NbdServer {
     }
 }
 
+/// Recycles request and reply buffers: a fresh 1 MiB allocation is an `mmap`
+/// plus 256 page faults, which costs more than the copy it holds.
+#[derive(Default)]
+struct Pool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    const KEEP: usize = 64;
+    /// Smaller buffers are cheap to allocate and not worth keeping.
+    const MIN: usize = 64 << 10;
+
+    /// A pooled buffer with room for `cap` bytes, if one exists.
+    fn take(&self, cap: usize) -> Option<Vec<u8>> {
+        if cap < Self::MIN {
+            return None;
+        }
+        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let i = p.iter().position(|v| v.capacity() >= cap)?;
+        Some(p.swap_remove(i))
+    }
+
+    /// An empty buffer with room for `cap` bytes.
+    fn empty(&self, cap: usize) -> Vec<u8> {
+        let mut v = self.take(cap).unwrap_or_default();
+        v.clear();
+        v.reserve(cap);
+        v
+    }
+
+    /// A buffer of exactly `len` bytes whose content the caller overwrites entirely.
+    fn filled(&self, len: usize) -> Vec<u8> {
+        let mut v = self.take(len).unwrap_or_default();
+        if v.len() >= len {
+            v.truncate(len);
+        } else {
+            v.resize(len, 0);
+        }
+        v
+    }
+
+    fn give(&self, v: Vec<u8>) {
+        if v.capacity() >= Self::MIN && v.capacity() <= (MAX_PAYLOAD as usize) + 4096 {
+            let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if p.len() < Self::KEEP {
+                p.push(v);
+            }
+        }
+    }
+}
+
 /// What the handshake settled.
 struct Session {
     export: Arc<Export>,
     structured: bool,
     meta: bool,
+    pool: Pool,
 }
 
 fn be_u32(b: &[u8], at: usize) -> Option<u32> {
@@ -530,15 +614,13 @@ fn errno(e: &Error, write: bool) -> u32 {
     }
 }
 
-type Writer<S> = Arc<Mutex<tokio::io::WriteHalf<S>>>;
-
-async fn transmission<S>(stream: S, session: Session) -> io::Result<()>
+async fn transmission<R, W>(rd: R, wr: W, session: Session) -> io::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 << 10, rd);
-    let wr: Writer<S> = Arc::new(Mutex::new(wr));
+    let wr = Arc::new(Mutex::new(wr));
     let session = Arc::new(session);
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut tasks = JoinSet::new();
@@ -571,10 +653,22 @@ where
                     "write payload too large",
                 ));
             }
-            payload = vec![0u8; req.length as usize];
+            payload = session.pool.filled(req.length as usize);
             if let Err(e) = rd.read_exact(&mut payload).await {
                 break Err(e);
             }
+        }
+        // Nothing else in flight and nothing more queued: serve inline, which saves
+        // a task spawn and two thread hand-offs on every request at queue depth 1.
+        // Large requests go to a task so the socket keeps being read meanwhile.
+        if tasks.is_empty() && rd.buffer().is_empty() && req.length <= INLINE_MAX {
+            let reply = handle(&session, req, payload).await;
+            let r = wr.lock().await.write_all(&reply).await;
+            session.pool.give(reply);
+            if let Err(e) = r {
+                break Err(e);
+            }
+            continue;
         }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break Ok(());
@@ -586,6 +680,8 @@ where
             let mut w = wr.lock().await;
             // A failed write means the client is gone; the read side notices.
             let _ = w.write_all(&reply).await;
+            drop(w);
+            session.pool.give(reply);
         });
     };
     while tasks.join_next().await.is_some() {}
@@ -618,7 +714,9 @@ async fn handle(s: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
             let flags = WriteFlags {
                 fua: req.flags & CMD_FLAG_FUA != 0,
             };
-            simple(dev.write_at(&payload, req.offset, flags).await, true)
+            let r = dev.write_at(&payload, req.offset, flags).await;
+            s.pool.give(payload);
+            simple(r, true)
         }
         CMD_FLUSH => simple(dev.flush().await, false),
         CMD_TRIM if ro => simple(
@@ -684,9 +782,10 @@ async fn read(s: &Session, req: Request) -> Vec<u8> {
         return fail(EINVAL, "read past the end of the export");
     }
     if !s.structured {
-        let mut out = Vec::with_capacity(16 + req.length as usize);
-        simple_reply(&mut out, 0, req.cookie);
-        out.resize(16 + req.length as usize, 0);
+        let mut out = s.pool.filled(16 + req.length as usize);
+        let mut header = Vec::with_capacity(16);
+        simple_reply(&mut header, 0, req.cookie);
+        out[..16].copy_from_slice(&header);
         return match dev.read_at(&mut out[16..], req.offset).await {
             Ok(()) => out,
             Err(e) => fail(errno(&e, false), &e.to_string()),
@@ -728,7 +827,7 @@ async fn read(s: &Session, req: Request) -> Vec<u8> {
         segs.push((req.offset, len, false));
     }
     let data_bytes: u64 = segs.iter().filter(|s| !s.2).map(|s| s.1).sum();
-    let mut out = Vec::with_capacity(segs.len() * 32 + data_bytes as usize);
+    let mut out = s.pool.empty(segs.len() * 32 + data_bytes as usize);
     let last = segs.len() - 1;
     for (i, (off, n, hole)) in segs.into_iter().enumerate() {
         let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
