@@ -10,6 +10,7 @@
 //! | `BlockDevice` | [`block`] | [`block_device_conformance!`](crate::block_device_conformance) |
 //! | `VolumeBackend` | [`volume`] | [`volume_backend_conformance!`](crate::volume_backend_conformance) |
 //! | `StateStore` | [`store`] | [`state_store_conformance!`](crate::state_store_conformance) |
+//! | `Hypervisor` | [`hypervisor`] | [`hypervisor_conformance!`](crate::hypervisor_conformance) |
 //! | `BackupTarget` | [`backup`] | [`backup_target_conformance!`](crate::backup_target_conformance) |
 //! | `NetworkBackend` | [`network`] | [`network_backend_conformance!`](crate::network_backend_conformance) |
 //!
@@ -19,6 +20,7 @@
 pub mod backup;
 pub mod block;
 pub mod faulty;
+pub mod hypervisor;
 pub mod network;
 pub mod store;
 pub mod volume;
