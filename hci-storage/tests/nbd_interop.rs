@@ -277,6 +277,7 @@ async fn fio_verifies_a_local_volume_over_nbd() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
         ],
     )
     .await;
