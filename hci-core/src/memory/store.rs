@@ -376,3 +376,71 @@ impl StateStore for MemStateStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    async fn put(s: &MemStateStore, key: &str) -> u64 {
+        s.put(key, b"v".to_vec(), PutOptions::default())
+            .await
+            .expect("put")
+    }
+
+    #[tokio::test]
+    async fn watching_compacted_history_fails_and_the_rest_replays() {
+        let s = MemStateStore::with_history(3);
+        for i in 0..5 {
+            put(&s, &format!("/k{i}")).await;
+        }
+        match s.watch("/", 2).await {
+            Err(Error::Compacted { requested, oldest }) => assert_eq!((requested, oldest), (2, 3)),
+            Err(e) => panic!("expected Compacted, got {e}"),
+            Ok(_) => panic!("expected Compacted, got a stream"),
+        }
+        let mut w = s.watch("/", 3).await.expect("watch from the oldest kept");
+        for rev in 3..=5 {
+            let ev = w.next().await.expect("event").expect("ok");
+            assert_eq!(ev.revision(), rev);
+        }
+        // A revision in the future is not compacted: the watch waits for it.
+        let mut w = s.watch("/", 7).await.expect("watch from the future");
+        put(&s, "/k5").await;
+        put(&s, "/k6").await;
+        let ev = w.next().await.expect("event").expect("ok");
+        assert_eq!((ev.key(), ev.revision()), ("/k6", 7));
+    }
+
+    #[tokio::test]
+    async fn rewriting_a_key_without_its_lease_detaches_it() {
+        let s = MemStateStore::new();
+        let lease = s.grant_lease(Duration::from_secs(60)).await.expect("grant");
+        let with_lease = PutOptions {
+            precondition: Precondition::None,
+            lease: Some(lease),
+        };
+        s.put("/a", b"1".to_vec(), with_lease).await.expect("put");
+        s.put("/b", b"1".to_vec(), with_lease).await.expect("put");
+        put(&s, "/a").await;
+        s.revoke_lease(lease).await.expect("revoke");
+        assert!(
+            s.get("/a").await.expect("get").is_some(),
+            "detached key deleted"
+        );
+        assert!(s.get("/b").await.expect("get").is_none(), "leased key kept");
+        assert_eq!(s.current_revision().await.expect("rev"), 4);
+    }
+
+    #[tokio::test]
+    async fn delete_refuses_must_not_exist() {
+        let s = MemStateStore::new();
+        put(&s, "/a").await;
+        assert!(matches!(
+            s.delete("/a", Precondition::MustNotExist).await,
+            Err(Error::Invalid { .. })
+        ));
+        assert!(s.get("/a").await.expect("get").is_some());
+    }
+}

@@ -358,3 +358,160 @@ impl VolumeBackend for MemVolumeBackend {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The backend against a flat model: a head and snapshots as plain byte vectors.
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::block::{WriteFlags, ZeroFlags};
+
+    const SIZE: u64 = 16 * BLOCK_SIZE;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { off: u64, len: u64, seed: u8 },
+        Zero { off: u64, len: u64, no_hole: bool },
+        Discard { off: u64, len: u64 },
+        Snapshot,
+        DeleteSnapshot(usize),
+        Revert(usize),
+    }
+
+    fn range() -> impl Strategy<Value = (u64, u64)> {
+        (0..SIZE).prop_flat_map(|off| (Just(off), 1..=(SIZE - off).min(3 * BLOCK_SIZE)))
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (range(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
+            1 => (range(), any::<bool>()).prop_map(|((off, len), no_hole)| Op::Zero { off, len, no_hole }),
+            1 => range().prop_map(|(off, len)| Op::Discard { off, len }),
+            2 => Just(Op::Snapshot),
+            1 => any::<usize>().prop_map(Op::DeleteSnapshot),
+            1 => any::<usize>().prop_map(Op::Revert),
+        ]
+    }
+
+    async fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
+        let mut buf = vec![0u8; dev.size() as usize];
+        dev.read_at(&mut buf, 0).await.expect("read");
+        buf
+    }
+
+    fn covered(ranges: &[ByteRange], block: u64) -> bool {
+        let (lo, hi) = (block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE);
+        ranges.iter().any(|r| r.offset <= lo && hi <= r.end())
+    }
+
+    async fn run(ops: Vec<Op>) {
+        let b = MemVolumeBackend::new();
+        b.create("v", CreateVolume::new(SIZE))
+            .await
+            .expect("create");
+        let dev = b.open("v", OpenVolume::default()).await.expect("open");
+        let mut head = vec![0u8; SIZE as usize];
+        let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut next_snap = 0;
+        for op in ops {
+            match op {
+                Op::Write { off, len, seed } => {
+                    let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8) | 1).collect();
+                    dev.write_at(&data, off, WriteFlags::default())
+                        .await
+                        .expect("write");
+                    head[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+                Op::Zero { off, len, no_hole } => {
+                    let flags = ZeroFlags {
+                        fua: false,
+                        no_hole,
+                    };
+                    dev.write_zeroes(off, len, flags)
+                        .await
+                        .expect("write_zeroes");
+                    head[off as usize..(off + len) as usize].fill(0);
+                }
+                Op::Discard { off, len } => {
+                    dev.discard(off, len).await.expect("discard");
+                    head[off as usize..(off + len) as usize].fill(0);
+                }
+                Op::Snapshot => {
+                    let name = format!("s{next_snap}");
+                    next_snap += 1;
+                    b.snapshot("v", &name).await.expect("snapshot");
+                    snaps.push((name, head.clone()));
+                }
+                Op::DeleteSnapshot(i) if !snaps.is_empty() => {
+                    let (name, _) = snaps.remove(i % snaps.len());
+                    b.delete_snapshot("v", &name)
+                        .await
+                        .expect("delete_snapshot");
+                }
+                Op::Revert(i) if !snaps.is_empty() => {
+                    let (name, data) = &snaps[i % snaps.len()];
+                    b.revert("v", name).await.expect("revert");
+                    head = data.clone();
+                }
+                Op::DeleteSnapshot(_) | Op::Revert(_) => {}
+            }
+            assert!(read_all(&*dev).await == head, "head differs from the model");
+        }
+        let info = b.info("v").await.expect("info");
+        assert_eq!(info.snapshots, snaps.len());
+        for (name, data) in &snaps {
+            let s = b
+                .open_snapshot("v", name, OpenVolume::default())
+                .await
+                .expect("open snapshot");
+            assert!(
+                read_all(&*s).await == *data,
+                "snapshot {name} differs from the model"
+            );
+        }
+        let blocks = |d: &[u8], i: u64| {
+            d[(i * BLOCK_SIZE) as usize..((i + 1) * BLOCK_SIZE) as usize].to_vec()
+        };
+        for (j, (to, to_data)) in snaps.iter().enumerate() {
+            let all = b
+                .changed_blocks("v", None, to)
+                .await
+                .expect("changed_blocks(None)");
+            for i in 0..SIZE / BLOCK_SIZE {
+                if blocks(to_data, i).iter().any(|&x| x != 0) {
+                    assert!(
+                        covered(&all, i),
+                        "changed_blocks(None, {to}) misses block {i}"
+                    );
+                }
+            }
+            for (from, from_data) in &snaps[..j] {
+                let d = b
+                    .changed_blocks("v", Some(from), to)
+                    .await
+                    .expect("changed_blocks");
+                for i in 0..SIZE / BLOCK_SIZE {
+                    if blocks(from_data, i) != blocks(to_data, i) {
+                        assert!(
+                            covered(&d, i),
+                            "changed_blocks({from}, {to}) misses block {i}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn the_backend_matches_a_flat_model(ops in proptest::collection::vec(op(), 1..40)) {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime")
+                .block_on(run(ops));
+        }
+    }
+}

@@ -1,6 +1,10 @@
 //! proptest strategies producing well-formed resources of every kind, for
 //! round-trip and fuzz tests (here and in crates that store or send resources).
+//!
+//! Every generated resource passes [`Resource::validate`]; the resources it
+//! refers to (a VM's volumes and networks…) are random names that need not exist.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -99,37 +103,43 @@ fn vm_spec() -> impl Strategy<Value = VmSpec> {
             } else {
                 FirmwareKind::Bios
             },
-            secure_boot: sb,
+            secure_boot: sb && uefi,
         })),
     ];
-    let disk = (
+    // Keyed by name so that names are unique; boot orders are then numbered.
+    let disks = btree_map(
         name(),
-        name(),
-        0usize..4,
-        option::of(1u32..10),
-        any::<bool>(),
+        (name(), 0usize..4, any::<bool>(), any::<bool>()),
+        0..3,
     )
-        .prop_map(|(name, volume, bus, boot_order, read_only)| DiskSpec {
-            name,
-            volume,
-            bus: [
-                DiskBus::Virtio,
-                DiskBus::Sata,
-                DiskBus::Scsi,
-                DiskBus::Cdrom,
-            ][bus],
-            boot_order,
-            read_only,
-        });
-    let nic =
-        (name(), name(), option::of(mac()), any::<bool>()).prop_map(|(name, network, mac, e)| {
-            NicSpec {
+    .prop_map(|m| {
+        m.into_iter()
+            .enumerate()
+            .map(|(i, (name, (volume, bus, boots, read_only)))| DiskSpec {
+                name,
+                volume,
+                bus: [
+                    DiskBus::Virtio,
+                    DiskBus::Sata,
+                    DiskBus::Scsi,
+                    DiskBus::Cdrom,
+                ][bus],
+                boot_order: boots.then_some(i as u32 + 1),
+                read_only,
+            })
+            .collect::<Vec<_>>()
+    });
+    let nics = btree_map(name(), (name(), option::of(mac()), any::<bool>()), 0..3).prop_map(|m| {
+        let mut macs = BTreeSet::new();
+        m.into_iter()
+            .map(|(name, (network, mac, e))| NicSpec {
                 name,
                 network,
-                mac,
+                mac: mac.filter(|m| macs.insert(*m)),
                 model: if e { NicModel::E1000 } else { NicModel::Virtio },
-            }
-        });
+            })
+            .collect::<Vec<_>>()
+    });
     let ci = option::of(
         (
             option::of(text()),
@@ -146,8 +156,8 @@ fn vm_spec() -> impl Strategy<Value = VmSpec> {
         1u32..64,
         (16u64..65536).prop_map(ByteSize::mib),
         boot,
-        vec(disk, 0..3),
-        vec(nic, 0..3),
+        disks,
+        nics,
         ci,
         (0usize..4, 0usize..3, 0usize..3),
         btree_map("[a-z]{1,6}", "[a-z0-9]{0,6}", 0..2),
@@ -179,6 +189,16 @@ fn vm_spec() -> impl Strategy<Value = VmSpec> {
                 ][b],
             },
         )
+        .prop_map(|mut spec| {
+            // The kvm backend boots kernels directly and has virtio devices only.
+            let kvm_ok = matches!(spec.boot, BootSpec::Kernel(_))
+                && spec.disks.iter().all(|d| d.bus == DiskBus::Virtio)
+                && spec.nics.iter().all(|n| n.model == NicModel::Virtio);
+            if spec.backend == HypervisorBackend::Kvm && !kvm_ok {
+                spec.backend = HypervisorBackend::Auto;
+            }
+            spec
+        })
 }
 
 fn vm_status() -> impl Strategy<Value = VmStatus> {
@@ -337,7 +357,8 @@ fn ipv4() -> impl Strategy<Value = Ipv4Addr> {
     any::<u32>().prop_map(Ipv4Addr::from)
 }
 
-/// Networks (shape only; addresses need not be consistent).
+/// Networks with consistent addressing: the gateway and the DHCP range lie in
+/// the subnet, VLANs have an uplink and management networks a subnet.
 pub fn network() -> impl Strategy<Value = Network> {
     let kind = prop_oneof![
         Just(NetworkKind::Management),
@@ -345,23 +366,52 @@ pub fn network() -> impl Strategy<Value = Network> {
         (1u16..4095).prop_map(|id| NetworkKind::Vlan { id }),
         (1u32..16_777_216).prop_map(|vni| NetworkKind::Overlay { vni }),
     ];
-    let cidr = (ipv4(), 8u8..31)
-        .prop_map(|(ip, p)| Ipv4Net::new(ip, p).map(|n| n.trunc()).unwrap_or_default());
+    // A /8 to /29 subnet, maybe its first host as gateway, maybe a DHCP range
+    // among the hosts after it.
+    let l3 = (
+        ipv4(),
+        8u8..=29,
+        any::<bool>(),
+        any::<bool>(),
+        any::<u32>(),
+        any::<u32>(),
+    )
+        .prop_map(|(ip, prefix, gw, dhcp, a, b)| {
+            let net = Ipv4Net::new(ip, prefix)
+                .map(|n| n.trunc())
+                .unwrap_or_default();
+            let first = u32::from(net.network()) + 1;
+            let last = u32::from(net.broadcast()) - 1;
+            let span = last - first;
+            let (x, y) = (first + 1 + a % span, first + 1 + b % span);
+            let gateway = gw.then_some(Ipv4Addr::from(first));
+            let dhcp = dhcp.then_some(DhcpRange {
+                start: Ipv4Addr::from(x.min(y)),
+                end: Ipv4Addr::from(x.max(y)),
+            });
+            (net, gateway, dhcp)
+        });
     let spec = (
         kind,
-        option::of(cidr),
-        option::of(ipv4()),
-        option::of((ipv4(), ipv4()).prop_map(|(start, end)| DhcpRange { start, end })),
-        option::of("[a-z0-9]{1,12}"),
+        l3,
+        any::<bool>(),
+        option::of("[a-z][a-z0-9]{0,11}"),
         option::of(576u32..9001),
     )
-        .prop_map(|(kind, cidr, gateway, dhcp, uplink, mtu)| NetworkSpec {
-            kind,
-            cidr,
-            gateway,
-            dhcp,
-            uplink,
-            mtu,
+        .prop_map(|(kind, (net, gateway, dhcp), routed, uplink, mtu)| {
+            let routed = routed || kind == NetworkKind::Management;
+            let uplink = match kind {
+                NetworkKind::Vlan { .. } => uplink.or_else(|| Some("eth0".to_string())),
+                _ => uplink,
+            };
+            NetworkSpec {
+                kind,
+                cidr: routed.then_some(net),
+                gateway: gateway.filter(|_| routed),
+                dhcp: dhcp.filter(|_| routed),
+                uplink,
+                mtu,
+            }
         });
     let status =
         (vec(name(), 0..3), vec(condition(), 0..2)).prop_map(|(ready_nodes, conditions)| {
@@ -447,6 +497,12 @@ pub fn backup_target() -> impl Strategy<Value = BackupTarget> {
                 allow_http,
                 encryption_key_file,
             )| {
+                // Endpoints are for S3 only, and plain HTTP must be allowed.
+                let endpoint = endpoint.filter(|_| url.starts_with("s3://"));
+                let allow_http = allow_http
+                    || endpoint
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("http://"));
                 BackupTargetSpec {
                     url,
                     endpoint,
@@ -478,20 +534,37 @@ pub fn schedule() -> impl Strategy<Value = Schedule> {
         Just(ScheduleTask::Snapshot),
         name().prop_map(|target| ScheduleTask::Backup { target })
     ];
-    let spec = (
-        "[0-9*]{1,2} [0-9*]{1,2} \\* \\* \\*",
-        task,
-        backup_source(),
-        1u32..1000,
-        any::<bool>(),
+    let field = |lo: u8, hi: u8| {
+        prop_oneof![
+            Just("*".to_string()),
+            (lo..hi).prop_map(|n| n.to_string()),
+            (lo..hi, lo..hi).prop_map(|(a, b)| format!("{}-{}", a.min(b), a.max(b))),
+            (1u8..10).prop_map(|n| format!("*/{n}")),
+        ]
+    };
+    let cron = (
+        field(0, 60),
+        field(0, 24),
+        field(1, 29),
+        field(1, 13),
+        field(0, 7),
     )
-        .prop_map(|(cron, task, source, retain, suspend)| ScheduleSpec {
+        .prop_map(|(m, h, d, mo, w)| format!("{m} {h} {d} {mo} {w}"));
+    let spec = (cron, task, backup_source(), 1u32..=1000, any::<bool>()).prop_map(
+        |(cron, task, source, retain, suspend)| ScheduleSpec {
             cron,
+            // Snapshot schedules apply to volumes only.
+            source: match (&task, source) {
+                (ScheduleTask::Snapshot, BackupSource::VirtualMachine { name }) => {
+                    BackupSource::Volume { name }
+                }
+                (_, source) => source,
+            },
             task,
-            source,
             retain,
             suspend,
-        });
+        },
+    );
     let status = (option::of(time()), option::of(time()), text()).prop_map(
         |(last_run, next_run, last_result)| ScheduleStatus {
             last_run,
@@ -519,7 +592,7 @@ pub fn node() -> impl Strategy<Value = Node> {
         vec(ipv4().prop_map(|ip| ip.to_string()), 0..2),
     )
         .prop_map(|(cordoned, maintenance, addresses)| NodeSpec {
-            cordoned,
+            cordoned: cordoned || maintenance,
             maintenance,
             addresses,
         });

@@ -1,4 +1,4 @@
-//! `Backup`, `BackupTarget` and `Schedule`: data protection resources.
+//! `Backup` and `BackupTarget`: copies of volumes kept off the cluster.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -14,11 +14,6 @@ resource! {
 resource! {
     /// Where backups go: an S3-compatible bucket or a filesystem/NFS path.
     BackupTarget, "BackupTarget", BackupTargetSpec, BackupTargetStatus
-}
-
-resource! {
-    /// A recurring snapshot or backup job with retention.
-    Schedule, "Schedule", ScheduleSpec, ScheduleStatus
 }
 
 fn yes() -> bool {
@@ -167,6 +162,34 @@ pub struct BackupTargetSpec {
     pub encryption_key_file: Option<String>,
 }
 
+impl BackupTargetSpec {
+    /// A target at `url` (`s3://bucket/prefix` or `file:///path`) with no other settings.
+    pub fn new(url: impl Into<String>) -> Self {
+        BackupTargetSpec {
+            url: url.into(),
+            endpoint: None,
+            region: None,
+            credentials_file: None,
+            path_style: false,
+            allow_http: false,
+            encryption_key_file: None,
+        }
+    }
+}
+
+impl BackupSpec {
+    /// An incremental backup of volume `volume` to backup target `target`.
+    pub fn volume(volume: impl Into<String>, target: impl Into<String>) -> Self {
+        BackupSpec {
+            source: BackupSource::Volume {
+                name: volume.into(),
+            },
+            target: target.into(),
+            incremental: true,
+        }
+    }
+}
+
 /// Observed state of a backup target.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -228,120 +251,5 @@ impl Resource for BackupTarget {
             }
         }
         errs.into_result()
-    }
-}
-
-/// What a schedule does, written `{type: snapshot}` or `{type: backup, target: s3}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
-pub enum ScheduleTask {
-    /// Take a snapshot.
-    Snapshot,
-    /// Take a backup to a target.
-    Backup {
-        /// `BackupTarget` name.
-        target: String,
-    },
-}
-
-/// Desired state of a schedule.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ScheduleSpec {
-    /// Five-field cron expression (`minute hour day month weekday`), in UTC.
-    pub cron: String,
-    /// What to do.
-    pub task: ScheduleTask,
-    /// The volume (or VM, for backups of a whole VM) it applies to.
-    pub source: BackupSource,
-    /// How many snapshots/backups made by this schedule to keep (1 to 1000).
-    pub retain: u32,
-    /// Paused.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub suspend: bool,
-}
-
-/// Observed state of a schedule.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ScheduleStatus {
-    /// Last run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_run: Option<DateTime<Utc>>,
-    /// Next run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_run: Option<DateTime<Utc>>,
-    /// Outcome of the last run.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub last_result: String,
-}
-
-/// Parses a five-field cron expression, explaining what is wrong.
-pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
-    if expr.split_whitespace().count() != 5 {
-        return Err(format!(
-            "invalid cron expression {expr:?}: expected 5 fields (minute hour day month weekday), \
-             e.g. \"0 3 * * *\""
-        ));
-    }
-    expr.parse::<croner::Cron>()
-        .map_err(|e| format!("invalid cron expression {expr:?}: {e}"))
-}
-
-impl Resource for Schedule {
-    const KIND: &'static str = "Schedule";
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-
-    fn validate(&self) -> Result<(), ValidationErrors> {
-        let mut errs = ValidationErrors::new();
-        self.metadata.validate_into(&mut errs);
-        if let Err(e) = parse_cron(&self.spec.cron) {
-            errs.push("spec.cron", e);
-        }
-        if !(1..=1000).contains(&self.spec.retain) {
-            errs.push(
-                "spec.retain",
-                format!("{} is out of range: must be 1 to 1000", self.spec.retain),
-            );
-        }
-        if matches!(self.spec.task, ScheduleTask::Snapshot)
-            && matches!(self.spec.source, BackupSource::VirtualMachine { .. })
-        {
-            errs.push("spec.source", "snapshot schedules apply to a volume");
-        }
-        for r in self.references() {
-            validate_name(&r.path, &r.name, &mut errs);
-        }
-        errs.into_result()
-    }
-
-    fn references(&self) -> Vec<ResourceRef> {
-        let mut refs = vec![match &self.spec.source {
-            BackupSource::Volume { name } => ResourceRef {
-                kind: "Volume",
-                name: name.clone(),
-                path: "spec.source.name".into(),
-            },
-            BackupSource::VirtualMachine { name } => ResourceRef {
-                kind: "VirtualMachine",
-                name: name.clone(),
-                path: "spec.source.name".into(),
-            },
-        }];
-        if let ScheduleTask::Backup { target } = &self.spec.task {
-            refs.push(ResourceRef {
-                kind: "BackupTarget",
-                name: target.clone(),
-                path: "spec.task.target".into(),
-            });
-        }
-        refs
     }
 }

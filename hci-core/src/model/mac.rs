@@ -20,12 +20,27 @@ impl MacAddress {
         self.0[0] & 2 == 2
     }
 
-    /// A stable, locally administered unicast address derived from `seed`
-    /// (e.g. `"vm-name/nic-name"`), so a NIC keeps its MAC across restarts.
-    pub fn from_seed(seed: &str) -> Self {
+    /// True for individual (unicast) addresses other than all-zeroes: the
+    /// addresses a NIC may use.
+    pub fn is_unicast(&self) -> bool {
+        !self.is_multicast() && self.0 != [0; 6]
+    }
+
+    /// A stable, locally administered unicast address derived from `name`
+    /// (e.g. `"vm-name/nic-name"`), so a NIC keeps its MAC across restarts
+    /// and nodes.
+    ///
+    /// ```
+    /// use hci_core::model::MacAddress;
+    /// let mac = MacAddress::from_name("web/eth0");
+    /// assert_eq!(mac, MacAddress::from_name("web/eth0"));
+    /// assert!(mac.is_local() && mac.is_unicast());
+    /// assert_eq!(mac.to_string()[..6], *"02:68:");
+    /// ```
+    pub fn from_name(name: &str) -> Self {
         // FNV-1a, 64 bit: stable across versions and platforms.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in seed.bytes() {
+        for b in name.bytes() {
             h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
         }
         let b = h.to_be_bytes();
@@ -88,7 +103,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parse_print_and_seed() {
+    fn parse_print_and_derive() {
         let m: MacAddress = "02:68:63:AA:bb:0c".parse().expect("parse");
         assert_eq!(m.to_string(), "02:68:63:aa:bb:0c");
         assert_eq!(
@@ -104,10 +119,16 @@ mod tests {
         ] {
             assert!(bad.parse::<MacAddress>().is_err(), "{bad}");
         }
-        let a = MacAddress::from_seed("vm/nic0");
-        assert_eq!(a, MacAddress::from_seed("vm/nic0"));
-        assert_ne!(a, MacAddress::from_seed("vm/nic1"));
-        assert!(a.is_local() && !a.is_multicast());
+        let a = MacAddress::from_name("vm/nic0");
+        assert_eq!(a, MacAddress::from_name("vm/nic0"));
+        assert_ne!(a, MacAddress::from_name("vm/nic1"));
+        assert!(a.is_local() && !a.is_multicast() && a.is_unicast());
+        // Pinned: changing the hash would change every derived MAC in a cluster.
+        assert_eq!(
+            MacAddress::from_name("web/eth0").to_string(),
+            "02:68:c4:af:09:e4"
+        );
+        assert!(!MacAddress([0; 6]).is_unicast());
         assert!(
             "ff:ff:ff:ff:ff:ff"
                 .parse::<MacAddress>()

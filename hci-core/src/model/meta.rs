@@ -58,22 +58,26 @@ impl ObjectMeta {
     pub fn validate_into(&self, errs: &mut ValidationErrors) {
         validate_name("metadata.name", &self.name, errs);
         for (k, v) in &self.labels {
-            let path = format!("metadata.labels[{k:?}]");
-            if k.is_empty() || k.len() > 253 {
-                errs.push(&path, "label keys must be 1 to 253 characters");
-            } else if !k
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-            {
-                errs.push(
-                    &path,
-                    "label keys may contain letters, digits, '-', '_', '.' and '/'",
-                );
-            }
-            if v.len() > 63 {
-                errs.push(&path, "label values must be at most 63 characters");
-            }
+            validate_label(&format!("metadata.labels[{k:?}]"), k, v, errs);
         }
+    }
+}
+
+/// Checks one label (or label selector) `key: value`, recording problems at `path`.
+pub(crate) fn validate_label(path: &str, k: &str, v: &str, errs: &mut ValidationErrors) {
+    if k.is_empty() || k.len() > 253 {
+        errs.push(path, "label keys must be 1 to 253 characters");
+    } else if !k
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    {
+        errs.push(
+            path,
+            "label keys may contain letters, digits, '-', '_', '.' and '/'",
+        );
+    }
+    if v.len() > 63 {
+        errs.push(path, "label values must be at most 63 characters");
     }
 }
 

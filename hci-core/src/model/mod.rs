@@ -3,9 +3,70 @@
 //! Every resource is a document with `apiVersion: hci.dev/v1`, a `kind`,
 //! `metadata` ([`ObjectMeta`]: name, uid, labels, resource version,
 //! timestamps), a `spec` (desired state) and a `status` (observed state, set
-//! by the system). Documents round-trip through YAML and JSON; field names
-//! are camelCase and unknown fields are refused, so a typo is an error rather
-//! than a silently ignored setting.
+//! by the system, optional on input). Documents round-trip through YAML and
+//! JSON; field names are camelCase and unknown fields are refused, so a typo
+//! is an error rather than a silently ignored setting.
+//!
+//! | kind | spec |
+//! |---|---|
+//! | [`VirtualMachine`] | cpus, memory, boot (kernel or firmware), disks on volumes, NICs on networks, cloud-init, run/eviction strategy, node selector, backend |
+//! | [`Volume`] | size, replicas, storage class, source (blank, image, snapshot, volume, backup), encryption |
+//! | [`Image`] | URL, format, checksum |
+//! | [`Snapshot`] | the volume |
+//! | [`Network`] | management / bridge / VLAN / overlay; CIDR, gateway, DHCP range, uplink, MTU |
+//! | [`Backup`], [`BackupTarget`] | what to back up, and where (`s3://`, `file://`) |
+//! | [`Schedule`] | cron, snapshot or backup, retention |
+//! | [`Node`] | cordoned, maintenance; status: capacity, allocatable, conditions |
+//!
+//! A file holds one or more documents:
+//!
+//! ```
+//! use hci_core::model::{AnyResource, VmPhase};
+//!
+//! let docs = AnyResource::from_yaml_multi(r#"
+//! apiVersion: hci.dev/v1
+//! kind: Network
+//! metadata: { name: lan }
+//! spec:
+//!   kind: { type: management }
+//!   cidr: 10.42.0.0/24
+//!   gateway: 10.42.0.1
+//!   dhcp: { start: 10.42.0.100, end: 10.42.0.200 }
+//! ---
+//! apiVersion: hci.dev/v1
+//! kind: Volume
+//! metadata: { name: web-root }
+//! spec:
+//!   size: 20Gi
+//!   replicas: 3
+//!   source: { type: image, name: debian-12 }
+//! ---
+//! apiVersion: hci.dev/v1
+//! kind: VirtualMachine
+//! metadata: { name: web, labels: { tier: frontend } }
+//! spec:
+//!   cpus: 2
+//!   memory: 2Gi
+//!   boot: { type: firmware, kind: uefi }
+//!   disks: [{ name: root, volume: web-root, bootOrder: 1 }]
+//!   nics: [{ name: eth0, network: lan, mac: "02:00:00:aa:bb:cc" }]
+//!   cloudInit:
+//!     sshAuthorizedKeys: ["ssh-ed25519 AAAAC3Nza admin@example"]
+//!   runStrategy: Always
+//! "#).unwrap();
+//! assert_eq!(docs.len(), 3);
+//! for d in &docs {
+//!     d.validate().unwrap();
+//! }
+//! // The VM's references resolve within the file; the volume's image does not.
+//! docs[2].validate_refs(&docs).unwrap();
+//! let err = docs[1].validate_refs(&docs).unwrap_err();
+//! assert_eq!(err.to_string(), r#"spec.source.name: image "debian-12" does not exist"#);
+//!
+//! // Phases move only along the lifecycle.
+//! assert!(VmPhase::Running.transition(VmPhase::Migrating).is_ok());
+//! assert!(VmPhase::Deleting.transition(VmPhase::Running).is_err());
+//! ```
 //!
 //! Validation names the offending field and says why, and reports every
 //! problem at once:
@@ -25,9 +86,11 @@
 //!
 //! References between resources (a VM's disks to volumes, its NICs to
 //! networks) are checked separately with [`validate_refs`], given a
-//! [`RefLookup`] over what exists.
+//! [`RefLookup`] over what exists. The `arbitrary` module (feature `testing`) has
+//! proptest strategies for every kind.
 
 mod backup;
+mod image;
 mod mac;
 mod meta;
 mod network;
@@ -35,6 +98,8 @@ mod node;
 mod phase;
 mod quantity;
 mod resource;
+mod schedule;
+mod snapshot;
 mod validation;
 mod vm;
 mod volume;
@@ -44,8 +109,9 @@ pub mod arbitrary;
 
 pub use backup::{
     Backup, BackupPhase, BackupSource, BackupSpec, BackupStatus, BackupTarget, BackupTargetSpec,
-    BackupTargetStatus, Schedule, ScheduleSpec, ScheduleStatus, ScheduleTask, parse_cron,
+    BackupTargetStatus,
 };
+pub use image::{Image, ImageFormat, ImagePhase, ImageSpec, ImageStatus};
 pub use mac::{MacAddress, ParseMacError};
 pub use meta::{
     API_VERSION, Condition, ConditionStatus, ObjectMeta, check_dns_label, set_condition,
@@ -56,16 +122,15 @@ pub use node::{Node, NodeResources, NodeSpec, NodeStatus};
 pub use phase::{InvalidTransition, VmPhase, VolumePhase};
 pub use quantity::{ByteSize, ParseByteSizeError};
 pub use resource::{RefLookup, Resource, ResourceRef, validate_all, validate_refs};
+pub use schedule::{Schedule, ScheduleSpec, ScheduleStatus, ScheduleTask, parse_cron};
+pub use snapshot::{Snapshot, SnapshotPhase, SnapshotSpec, SnapshotStatus};
 pub use validation::{ValidationError, ValidationErrors};
 pub use vm::{
     BootSpec, CloudInit, DiskBus, DiskSpec, EvictionStrategy, FirmwareBoot, FirmwareKind,
-    HypervisorBackend, KernelBoot, NicModel, NicSpec, RunStrategy, VirtualMachine, VmSpec,
-    VmStatus,
+    HypervisorBackend, KernelBoot, MAX_CMDLINE, NicModel, NicSpec, RunStrategy, VirtualMachine,
+    VmBuilder, VmSpec, VmStatus,
 };
-pub use volume::{
-    Image, ImageFormat, ImagePhase, ImageSpec, ImageStatus, ReplicaStatus, Snapshot, SnapshotPhase,
-    SnapshotSpec, SnapshotStatus, Volume, VolumeEncryption, VolumeSource, VolumeSpec, VolumeStatus,
-};
+pub use volume::{ReplicaStatus, Volume, VolumeEncryption, VolumeSource, VolumeSpec, VolumeStatus};
 
 use crate::error::{Error, Result};
 
@@ -111,6 +176,11 @@ macro_rules! any_resource {
                 match self { $(AnyResource::$kind(r) => r.references(),)* }
             }
 
+            /// Checks that every resource it refers to exists (see [`validate_refs`]).
+            pub fn validate_refs(&self, lookup: &dyn RefLookup) -> Result<(), ValidationErrors> {
+                match self { $(AnyResource::$kind(r) => validate_refs(r, lookup),)* }
+            }
+
             /// Serializes as YAML.
             pub fn to_yaml(&self) -> Result<String> {
                 match self { $(AnyResource::$kind(r) => r.to_yaml(),)* }
@@ -121,15 +191,17 @@ macro_rules! any_resource {
                 match self { $(AnyResource::$kind(r) => r.to_json(),)* }
             }
 
-            fn from_value(kind: &str, v: serde_json::Value) -> std::result::Result<Self, String> {
+            /// Parses `text` (one document) as a resource of `kind`, keeping
+            /// the parser's field path and line in errors; `None` for an
+            /// unknown kind.
+            fn parse_kind(kind: &str, text: &str, json: bool) -> Option<std::result::Result<Self, String>> {
                 match kind {
-                    $(stringify!($kind) => serde_json::from_value(v)
-                        .map(AnyResource::$kind)
-                        .map_err(|e| e.to_string()),)*
-                    other => Err(format!(
-                        "unknown kind {other:?}; known kinds: {}",
-                        Self::KINDS.join(", ")
-                    )),
+                    $(stringify!($kind) => Some(if json {
+                        serde_json::from_str(text).map(AnyResource::$kind).map_err(|e| e.to_string())
+                    } else {
+                        serde_norway::from_str(text).map(AnyResource::$kind).map_err(|e| e.to_string())
+                    }),)*
+                    _ => None,
                 }
             }
         }
@@ -162,36 +234,193 @@ impl AnyResource {
 
     /// Parses one JSON document of any kind.
     pub fn from_json(s: &str) -> Result<Self> {
+        let what = "JSON document";
         let v: serde_json::Value =
-            serde_json::from_str(s).map_err(|e| Error::invalid("JSON document", e.to_string()))?;
-        Self::from_json_value(v).map_err(|reason| Error::invalid("JSON document", reason))
-    }
-
-    fn from_json_value(v: serde_json::Value) -> std::result::Result<Self, String> {
+            serde_json::from_str(s).map_err(|e| Error::invalid(what, e.to_string()))?;
         let kind = match v.get("kind") {
-            Some(serde_json::Value::String(k)) => k.clone(),
-            Some(_) => return Err("kind must be a string".into()),
-            None => return Err("missing field `kind`".into()),
+            Some(serde_json::Value::String(k)) => k.as_str(),
+            Some(_) => return Err(Error::invalid(what, "`kind` must be a string")),
+            None => return Err(Error::invalid(what, "missing field `kind`")),
         };
-        Self::from_value(&kind, v).map_err(|e| format!("{kind}: {e}"))
+        let name = v.pointer("/metadata/name").and_then(|n| n.as_str());
+        Self::parse_or_explain(kind, name, s, true).map_err(|reason| Error::invalid(what, reason))
     }
 
     /// Parses a YAML stream of one or more documents separated by `---`
-    /// (empty documents are skipped). Errors name the document (1-based).
+    /// (empty documents are skipped).
+    ///
+    /// Errors name the document (1-based), its kind and name, the field path
+    /// and the line in `s`:
+    ///
+    /// ```
+    /// use hci_core::model::AnyResource;
+    /// let err = AnyResource::from_yaml_multi("\
+    /// apiVersion: hci.dev/v1
+    /// kind: Volume
+    /// metadata: { name: data }
+    /// spec: { size: 1Gi }
+    /// ---
+    /// apiVersion: hci.dev/v1
+    /// kind: Volume
+    /// metadata: { name: logs }
+    /// spec: { size: 1.5Gi }
+    /// ").unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invalid YAML document 2: Volume \"logs\": spec.size: invalid size \"1.5Gi\": \
+    ///      expected a whole number with an optional unit such as Ki, Mi, Gi, Ti at line 9 column 15",
+    /// );
+    /// ```
     pub fn from_yaml_multi(s: &str) -> Result<Vec<Self>> {
-        use serde::Deserialize;
         let mut out = Vec::new();
-        for (i, doc) in serde_norway::Deserializer::from_str(s).enumerate() {
+        for (i, (first_line, doc)) in split_yaml_documents(s).into_iter().enumerate() {
             let what = format!("YAML document {}", i + 1);
-            let v = serde_json::Value::deserialize(doc)
-                .map_err(|e| Error::invalid(&what, e.to_string()))?;
+            if !has_yaml_content(doc) {
+                continue;
+            }
+            // Pad with the lines before the document, so that the parser's
+            // line numbers are those of `s`.
+            let text = format!("{}{doc}", "\n".repeat(first_line));
+            let v: serde_norway::Value =
+                serde_norway::from_str(&text).map_err(|e| Error::invalid(&what, e.to_string()))?;
             if v.is_null() {
                 continue;
             }
-            out.push(Self::from_json_value(v).map_err(|reason| Error::invalid(&what, reason))?);
+            let here = || format!("(the document starts at line {})", first_line + 1);
+            if !v.is_mapping() {
+                return Err(Error::invalid(
+                    &what,
+                    format!(
+                        "expected a mapping with apiVersion, kind, metadata and spec {}",
+                        here()
+                    ),
+                ));
+            }
+            let kind = match v.get("kind") {
+                Some(serde_norway::Value::String(k)) => k.as_str(),
+                Some(_) => {
+                    return Err(Error::invalid(
+                        &what,
+                        format!("`kind` must be a string {}", here()),
+                    ));
+                }
+                None => {
+                    return Err(Error::invalid(
+                        &what,
+                        format!("missing field `kind` {}", here()),
+                    ));
+                }
+            };
+            let name = v
+                .get("metadata")
+                .and_then(|m| m.get("name"))
+                .and_then(|n| n.as_str());
+            let r = Self::parse_or_explain(kind, name, &text, false)
+                .map_err(|reason| Error::invalid(&what, reason))?;
+            out.push(r);
         }
         Ok(out)
     }
+
+    fn parse_or_explain(
+        kind: &str,
+        name: Option<&str>,
+        text: &str,
+        json: bool,
+    ) -> std::result::Result<Self, String> {
+        let who = match name {
+            Some(n) => format!("{kind} {n:?}"),
+            None => kind.to_string(),
+        };
+        match Self::parse_kind(kind, text, json) {
+            Some(r) => r.map_err(|e| format!("{who}: {e}")),
+            None => {
+                let hint = Self::KINDS
+                    .iter()
+                    .find(|k| k.eq_ignore_ascii_case(kind) || edit_distance(k, kind) <= 2)
+                    .map(|k| format!(" (did you mean {k:?}?)"))
+                    .unwrap_or_default();
+                Err(format!(
+                    "unknown kind {kind:?}{hint}; known kinds: {}",
+                    Self::KINDS.join(", ")
+                ))
+            }
+        }
+    }
+}
+
+/// The documents of a file answer for themselves, so a file can be checked on
+/// its own or chained with what already exists:
+/// `|k: &str, n: &str| docs.exists(k, n) || store_has(k, n)`.
+impl RefLookup for [AnyResource] {
+    fn exists(&self, kind: &str, name: &str) -> bool {
+        self.iter().any(|r| r.kind() == kind && r.name() == name)
+    }
+}
+
+impl RefLookup for Vec<AnyResource> {
+    fn exists(&self, kind: &str, name: &str) -> bool {
+        self.as_slice().exists(kind, name)
+    }
+}
+
+/// True for a `---` document marker line (`---`, `--- `, `---\r`…).
+fn is_document_marker(line: &str) -> bool {
+    line.strip_prefix("---")
+        .is_some_and(|rest| rest.chars().next().is_none_or(char::is_whitespace))
+}
+
+/// True if a line holds nothing but blanks, a comment, a directive or `...`.
+fn is_filler(line: &str) -> bool {
+    let t = line.trim();
+    t.is_empty() || t.starts_with('#') || t.starts_with('%') || t == "..."
+}
+
+/// True if a document chunk holds more than markers, comments and blanks.
+fn has_yaml_content(doc: &str) -> bool {
+    doc.lines().any(|l| {
+        let l = if is_document_marker(l) { &l[3..] } else { l };
+        !is_filler(l)
+    })
+}
+
+/// Splits a YAML stream into documents at `---` lines (which YAML forbids
+/// inside content), returning each with the 0-based line it starts on.
+/// Comments and directives before a marker stay with the document after it.
+fn split_yaml_documents(s: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let (mut start, mut start_line, mut offset) = (0, 0, 0);
+    let mut started = false;
+    for (n, line) in s.split_inclusive('\n').enumerate() {
+        if is_document_marker(line) {
+            if started {
+                docs.push((start_line, &s[start..offset]));
+                start = offset;
+                start_line = n;
+            }
+            started = true;
+        } else if !is_filler(line) {
+            started = true;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &s[start..]));
+    docs
+}
+
+/// Levenshtein distance, for "did you mean" hints on short words.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 #[cfg(test)]

@@ -106,6 +106,54 @@ impl NetworkSpec {
             mtu: None,
         }
     }
+
+    /// A management network on `cidr`: NAT to the node's uplink, the first
+    /// host address as gateway and every other host address for DHCP.
+    ///
+    /// ```
+    /// use hci_core::model::{Network, NetworkSpec, Resource};
+    /// let spec = NetworkSpec::management("10.42.0.0/24".parse().unwrap());
+    /// assert_eq!(spec.gateway.unwrap().to_string(), "10.42.0.1");
+    /// let dhcp = spec.dhcp.unwrap();
+    /// assert_eq!((dhcp.start.to_string(), dhcp.end.to_string()),
+    ///            ("10.42.0.2".into(), "10.42.0.254".into()));
+    /// Network::new("mgmt", spec).validate().unwrap();
+    /// ```
+    pub fn management(cidr: Ipv4Net) -> Self {
+        let net = cidr.trunc();
+        let (first, last) = (u32::from(net.network()), u32::from(net.broadcast()));
+        // A /31 or /32 has no room for a gateway and a pool.
+        let (gateway, dhcp) = if last - first >= 3 {
+            (
+                Some(Ipv4Addr::from(first + 1)),
+                Some(DhcpRange {
+                    start: Ipv4Addr::from(first + 2),
+                    end: Ipv4Addr::from(last - 1),
+                }),
+            )
+        } else {
+            (None, None)
+        };
+        NetworkSpec {
+            cidr: Some(net),
+            gateway,
+            dhcp,
+            ..NetworkSpec::new(NetworkKind::Management)
+        }
+    }
+
+    /// An 802.1Q VLAN `id` on trunk NIC `uplink`, without addressing.
+    pub fn vlan(id: u16, uplink: impl Into<String>) -> Self {
+        NetworkSpec {
+            uplink: Some(uplink.into()),
+            ..NetworkSpec::new(NetworkKind::Vlan { id })
+        }
+    }
+
+    /// A VXLAN overlay with identifier `vni`, without addressing.
+    pub fn overlay(vni: u32) -> Self {
+        NetworkSpec::new(NetworkKind::Overlay { vni })
+    }
 }
 
 fn usable(net: &Ipv4Net, ip: Ipv4Addr) -> bool {

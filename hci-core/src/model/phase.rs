@@ -191,6 +191,48 @@ mod tests {
         );
     }
 
+    /// Phases reachable from `from` in any number of steps (including `from`).
+    fn reachable<P: Copy + Eq + std::hash::Hash>(from: P, next: impl Fn(P) -> Vec<P>) -> Vec<P> {
+        let mut seen = vec![from];
+        let mut i = 0;
+        while i < seen.len() {
+            for p in next(seen[i]) {
+                if !seen.contains(&p) {
+                    seen.push(p);
+                }
+            }
+            i += 1;
+        }
+        seen
+    }
+
+    /// The lifecycles have no dead ends: every phase can be reached from the
+    /// initial one, every phase can reach `Deleting`, and `Deleting` is final.
+    #[test]
+    fn lifecycles_are_connected_and_end_in_deleting() {
+        let vm = |p: VmPhase| p.successors().to_vec();
+        assert_eq!(reachable(VmPhase::default(), vm).len(), VmPhase::ALL.len());
+        for &p in VmPhase::ALL {
+            assert!(reachable(p, vm).contains(&VmPhase::Deleting), "{p}");
+            assert!(!p.successors().contains(&p), "{p} lists itself");
+        }
+        assert_eq!(reachable(VmPhase::Deleting, vm), [VmPhase::Deleting]);
+
+        let vol = |p: VolumePhase| p.successors().to_vec();
+        assert_eq!(
+            reachable(VolumePhase::default(), vol).len(),
+            VolumePhase::ALL.len()
+        );
+        for &p in VolumePhase::ALL {
+            assert!(reachable(p, vol).contains(&VolumePhase::Deleting), "{p}");
+            assert!(!p.successors().contains(&p), "{p} lists itself");
+        }
+        assert_eq!(
+            reachable(VolumePhase::Deleting, vol),
+            [VolumePhase::Deleting]
+        );
+    }
+
     #[test]
     fn phases_serialize_as_words() {
         assert_eq!(
@@ -198,5 +240,11 @@ mod tests {
             "\"Running\""
         );
         assert_eq!(VmPhase::default(), VmPhase::Pending);
+        for &p in VolumePhase::ALL {
+            let json = serde_json::to_string(&p).expect("ser");
+            assert_eq!(json, format!("\"{p}\""));
+            assert_eq!(serde_json::from_str::<VolumePhase>(&json).expect("de"), p);
+        }
+        assert!(serde_json::from_str::<VmPhase>("\"running\"").is_err());
     }
 }

@@ -87,11 +87,23 @@ pub fn validate_refs<R: Resource>(r: &R, lookup: &dyn RefLookup) -> Result<(), V
         if !lookup.exists(rf.kind, &rf.name) {
             errs.push(
                 &rf.path,
-                format!("{} {:?} does not exist", rf.kind.to_lowercase(), rf.name),
+                format!("{} {:?} does not exist", kind_in_words(rf.kind), rf.name),
             );
         }
     }
     errs.into_result()
+}
+
+/// `BackupTarget` -> `backup target`, for messages.
+pub(crate) fn kind_in_words(kind: &str) -> String {
+    let mut out = String::with_capacity(kind.len() + 2);
+    for (i, c) in kind.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push(' ');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 /// Validates a full resource (self-contained checks, then references).

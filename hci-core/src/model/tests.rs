@@ -1,11 +1,16 @@
 use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 
 use proptest::prelude::*;
 
 use super::arbitrary;
 use super::*;
 
+/// Generated resources are valid, and come back equal through YAML and JSON.
 fn yaml_round_trip<R: Resource + PartialEq>(r: &R) {
+    if let Err(e) = r.validate() {
+        panic!("generated {} is invalid: {e}\n{r:?}", R::KIND);
+    }
     let y = r.to_yaml().expect("to_yaml");
     let back = R::from_yaml(&y).unwrap_or_else(|e| panic!("from_yaml: {e}\n{y}"));
     assert_eq!(&back, r, "YAML round trip\n{y}");
@@ -15,7 +20,9 @@ fn yaml_round_trip<R: Resource + PartialEq>(r: &R) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(64)
+    ))]
 
     #[test]
     fn virtual_machines_round_trip(r in arbitrary::virtual_machine()) { yaml_round_trip(&r) }
@@ -276,4 +283,257 @@ fn multi_document_files_parse_in_order() {
     assert_eq!(vm.spec.run_strategy, RunStrategy::RerunOnFailure);
     assert_eq!(vm.spec.cpus, 1);
     assert!(vm.nic_mac(0).is_none());
+}
+
+#[test]
+fn multi_document_errors_name_document_path_and_file_line() {
+    let good = "apiVersion: hci.dev/v1\nkind: Network\nmetadata: { name: lan }\nspec: { kind: { type: bridge } }\n";
+    let bad_mac = "apiVersion: hci.dev/v1\nkind: VirtualMachine\nmetadata: { name: web }\nspec:\n  memory: 1Gi\n  boot: { type: firmware, kind: uefi }\n  nics:\n    - { name: eth0, network: lan, mac: 'zz:00:00:00:00:00' }\n";
+    // The bad document's marker is line 6 of the stream, so its NIC (its 8th
+    // line) is line 14.
+    let stream = format!("# cluster\n{good}---\n{bad_mac}");
+    let e = AnyResource::from_yaml_multi(&stream)
+        .expect_err("bad MAC")
+        .to_string();
+    assert_eq!(
+        e,
+        "invalid YAML document 2: VirtualMachine \"web\": spec.nics[0]: invalid MAC address \
+         \"zz:00:00:00:00:00\": expected six hex bytes like 02:68:63:00:00:01 at line 14 column 7"
+    );
+    // The single-document parser says the same, with lines of its own.
+    let e = VirtualMachine::from_yaml(bad_mac)
+        .expect_err("bad MAC")
+        .to_string();
+    assert!(e.contains("spec.nics[0]: invalid MAC address"), "{e}");
+
+    let e = AnyResource::from_yaml_multi(&format!(
+        "{good}---\n---\napiVersion: hci.dev/v1\nkind: volume\n"
+    ))
+    .expect_err("kind")
+    .to_string();
+    assert!(
+        e.starts_with(
+            "invalid YAML document 3: unknown kind \"volume\" (did you mean \"Volume\"?)"
+        ),
+        "{e}"
+    );
+    let e = AnyResource::from_yaml_multi("---\n- a\n- b\n")
+        .expect_err("list")
+        .to_string();
+    assert_eq!(
+        e,
+        "invalid YAML document 1: expected a mapping with apiVersion, kind, metadata and spec \
+         (the document starts at line 1)"
+    );
+    let e = AnyResource::from_yaml_multi(&format!("{good}---\nmetadata: {{ name: x }}\n"))
+        .expect_err("no kind")
+        .to_string();
+    assert_eq!(
+        e,
+        "invalid YAML document 2: missing field `kind` (the document starts at line 5)"
+    );
+    let e = AnyResource::from_json("{\"kind\": \"Volume\", \"apiVersion\": \"hci.dev/v1\", \"metadata\": {\"name\": \"d\"}, \"spec\": {\"size\": \"1Gi\", \"replica\": 2}}")
+        .expect_err("typo")
+        .to_string();
+    assert!(
+        e.starts_with("invalid JSON document: Volume \"d\": unknown field `replica`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn yaml_streams_split_like_yaml_does() {
+    let vol = |n: &str| {
+        format!(
+            "apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {{ name: {n} }}\nspec: {{ size: 1Gi }}\n"
+        )
+    };
+    let names = |s: &str| -> Vec<String> {
+        AnyResource::from_yaml_multi(s)
+            .unwrap_or_else(|e| panic!("{e}\n{s}"))
+            .iter()
+            .map(|r| r.name().to_string())
+            .collect()
+    };
+    assert!(names("").is_empty());
+    assert!(names("# nothing\n---\n...\n---   # empty\n").is_empty());
+    assert_eq!(names(&vol("a")), ["a"]);
+    // Comments and directives before the first marker belong to the first document.
+    assert_eq!(
+        names(&format!(
+            "# c\n%YAML 1.2\n---\n{}---\r\n{}...\n",
+            vol("a"),
+            vol("b")
+        )),
+        ["a", "b"]
+    );
+    // `----` and indented `---` are content, not markers.
+    assert_eq!(
+        names(&format!(
+            "apiVersion: hci.dev/v1\nkind: Image\nmetadata: {{ name: i }}\nspec:\n  url: https://x.example/i.img\n  description: |\n    ---\n    ----\n---\n{}",
+            vol("v")
+        )),
+        ["i", "v"]
+    );
+    // A document may start on the marker line.
+    assert_eq!(
+        names(
+            "--- {apiVersion: hci.dev/v1, kind: Volume, metadata: {name: a}, spec: {size: 4096}}\n"
+        ),
+        ["a"]
+    );
+}
+
+#[test]
+fn constructors_build_valid_resources() {
+    let valid = |r: AnyResource| {
+        if let Err(e) = r.validate() {
+            panic!("{} {:?}: {e}", r.kind(), r.name());
+        }
+        r
+    };
+    let docs = vec![
+        valid(Volume::blank("data", ByteSize::gib(10)).into()),
+        valid(
+            Volume::new(
+                "root",
+                VolumeSpec::from_image(ByteSize::gib(20), "debian").with_replicas(3),
+            )
+            .into(),
+        ),
+        valid(
+            Network::new(
+                "lan",
+                NetworkSpec::management("192.168.7.0/30".parse().expect("cidr")),
+            )
+            .into(),
+        ),
+        valid(Network::new("tagged", NetworkSpec::vlan(100, "eth1")).into()),
+        valid(Network::new("ovl", NetworkSpec::overlay(4242)).into()),
+        valid(BackupTarget::new("s3", BackupTargetSpec::new("s3://backups/hci")).into()),
+        valid(Backup::new("data-1", BackupSpec::volume("data", "s3")).into()),
+        valid(Schedule::new("nightly", ScheduleSpec::snapshots("data", "0 3 * * *", 7)).into()),
+        valid(
+            Schedule::new(
+                "weekly",
+                ScheduleSpec::backups(
+                    BackupSource::VirtualMachine { name: "web".into() },
+                    "s3",
+                    "0 4 * * 0",
+                    4,
+                ),
+            )
+            .into(),
+        ),
+        valid(
+            VirtualMachine::builder("web")
+                .boot(BootSpec::kernel("/boot/vmlinuz", "console=ttyS0"))
+                .boot_disk("root", "root")
+                .boot_disk("data", "data")
+                .nic("eth0", "lan")
+                .nic_spec(NicSpec {
+                    model: NicModel::E1000,
+                    ..NicSpec::new("eth1", "tagged")
+                })
+                .user_data("#cloud-config\n")
+                .node_selector("zone", "a")
+                .label("app", "web")
+                .build()
+                .into(),
+        ),
+    ];
+    let AnyResource::VirtualMachine(vm) = &docs[9] else {
+        panic!("not a VM")
+    };
+    let orders: Vec<_> = vm.spec.disks.iter().map(|d| d.boot_order).collect();
+    assert_eq!(orders, [Some(1), Some(2)]);
+    assert_eq!(vm.nic_mac(0), Some(MacAddress::from_name("web/eth0")));
+    // Everything the file refers to is in the file, except the image.
+    let unresolved: Vec<String> = docs
+        .iter()
+        .filter_map(|d| d.validate_refs(&docs).err())
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        unresolved,
+        ["spec.source.name: image \"debian\" does not exist"]
+    );
+    let elsewhere = |k: &str, n: &str| docs.exists(k, n) || (k, n) == ("Image", "debian");
+    assert!(docs[1].validate_refs(&elsewhere).is_ok());
+    let lonely = Backup::new("b", BackupSpec::volume("gone", "nowhere"));
+    assert_eq!(
+        messages(validate_refs(&lonely, &docs).expect_err("dangling")),
+        [
+            "spec.source.name: volume \"gone\" does not exist",
+            "spec.target: backup target \"nowhere\" does not exist"
+        ]
+    );
+
+    // A /30 has two hosts: the gateway and a one-address pool; a /31 has no room.
+    let small = NetworkSpec::management("192.168.7.0/30".parse().expect("cidr"));
+    assert_eq!(small.gateway, Some(Ipv4Addr::new(192, 168, 7, 1)));
+    assert_eq!(
+        small.dhcp.map(|r| (r.start, r.end)),
+        Some((Ipv4Addr::new(192, 168, 7, 2), Ipv4Addr::new(192, 168, 7, 2)))
+    );
+    let tiny = NetworkSpec::management("192.168.7.0/31".parse().expect("cidr"));
+    assert_eq!((tiny.gateway, tiny.dhcp), (None, None));
+}
+
+#[test]
+fn schedules_compute_their_next_run() {
+    use chrono::{TimeZone, Utc};
+    let t = Utc
+        .with_ymd_and_hms(2026, 3, 6, 23, 59, 0)
+        .single()
+        .expect("time");
+    let mut s = ScheduleSpec::snapshots("data", "*/15 * * * 1-5", 3);
+    // Friday 23:59 -> Monday 00:00.
+    assert_eq!(
+        s.next_run_after(t),
+        Utc.with_ymd_and_hms(2026, 3, 9, 0, 0, 0).single()
+    );
+    s.suspend = true;
+    assert_eq!(s.next_run_after(t), None);
+    s.suspend = false;
+    s.cron = "* * *".into();
+    assert_eq!(s.next_run_after(t), None);
+}
+
+#[test]
+fn vm_boot_and_backend_rules_are_explained() {
+    let m = vm(
+        "  memory: 1Gi\n  backend: kvm\n  boot: { type: firmware, kind: bios, secureBoot: true }\n  disks: [{ name: cd, volume: iso, bus: cdrom }]\n  nics: [{ name: eth0, network: lan, model: e1000, mac: '01:00:5e:00:00:01' }]\n  nodeSelector: { 'bad key': x }\n",
+    );
+    assert_eq!(
+        messages(m.validate().expect_err("many")),
+        [
+            "spec.boot.secureBoot: Secure Boot needs UEFI firmware",
+            "spec.boot: the kvm backend boots kernels directly: use {type: kernel, …}, or backend \
+             qemu (or auto) for firmware boot",
+            "spec.nodeSelector[\"bad key\"]: label keys may contain letters, digits, '-', '_', '.' \
+             and '/'",
+            "spec.disks[0].bus: cdrom needs the qemu backend: the kvm backend has virtio disks only",
+            "spec.nics[0].model: e1000 needs the qemu backend: the kvm backend has virtio NICs only",
+            "spec.nics[0].mac: 01:00:5e:00:00:01 is a multicast address",
+        ]
+    );
+    let m = vm(&format!(
+        "  memory: 1Gi\n  cpus: 0\n  boot: {{ type: kernel, path: ' ', initrd: '', cmdline: '{}' }}\n",
+        "x".repeat(MAX_CMDLINE + 1)
+    ));
+    assert_eq!(
+        messages(m.validate().expect_err("kernel")),
+        [
+            "spec.cpus: 0 is out of range: must be 1 to 255",
+            "spec.boot.path: must name the kernel to boot",
+            "spec.boot.initrd: must not be empty when given",
+            "spec.boot.cmdline: is 65536 bytes long: at most 65535 bytes",
+        ]
+    );
+    let m = vm("  memory: 100000000\n  boot: { type: kernel, path: /k }\n  backend: kvm\n");
+    assert_eq!(
+        messages(m.validate().expect_err("unaligned memory")),
+        ["spec.memory: 100000000 must be a multiple of 1Mi"]
+    );
 }

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::resource::{Envelope, EnvelopeRef, Resource, ResourceRef, check_envelope, resource};
 use super::{
-    ByteSize, Condition, MacAddress, ObjectMeta, ValidationErrors, VmPhase, validate_name,
+    ByteSize, Condition, MacAddress, ObjectMeta, ValidationErrors, VmPhase, meta::validate_label,
+    validate_name,
 };
 
 resource! {
@@ -69,7 +70,9 @@ pub struct VmSpec {
     /// Only nodes with all these labels may run it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
-    /// Which hypervisor backend runs it.
+    /// Which hypervisor backend runs it. `kvm` (hci's own VMM) boots kernels
+    /// directly and has virtio devices only; `qemu` has everything; `auto`
+    /// picks `kvm` when it can.
     #[serde(default)]
     pub backend: HypervisorBackend,
 }
@@ -138,6 +141,9 @@ pub struct DiskSpec {
     pub read_only: bool,
 }
 
+/// Longest kernel command line accepted (the hci KVM VMM's limit).
+pub const MAX_CMDLINE: usize = 0xffff;
+
 /// Disk bus.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -151,6 +157,18 @@ pub enum DiskBus {
     Scsi,
     /// CD-ROM (QEMU backend).
     Cdrom,
+}
+
+impl DiskBus {
+    /// The name used in documents (`virtio`, `sata`, `scsi`, `cdrom`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskBus::Virtio => "virtio",
+            DiskBus::Sata => "sata",
+            DiskBus::Scsi => "scsi",
+            DiskBus::Cdrom => "cdrom",
+        }
+    }
 }
 
 /// A VM network interface.
@@ -297,10 +315,42 @@ impl VmSpec {
                 format!("{} must be a multiple of 1Mi", self.memory),
             );
         }
-        if let BootSpec::Kernel(k) = &self.boot
-            && k.path.trim().is_empty()
-        {
-            errs.push("spec.boot.kernel.path", "must not be empty");
+        match &self.boot {
+            BootSpec::Kernel(k) => {
+                if k.path.trim().is_empty() {
+                    errs.push("spec.boot.path", "must name the kernel to boot");
+                }
+                if k.initrd.as_deref().is_some_and(|i| i.trim().is_empty()) {
+                    errs.push("spec.boot.initrd", "must not be empty when given");
+                }
+                if k.cmdline.len() > MAX_CMDLINE {
+                    errs.push(
+                        "spec.boot.cmdline",
+                        format!(
+                            "is {} bytes long: at most {MAX_CMDLINE} bytes",
+                            k.cmdline.len()
+                        ),
+                    );
+                }
+                if k.cmdline.contains('\0') {
+                    errs.push("spec.boot.cmdline", "must not contain NUL characters");
+                }
+            }
+            BootSpec::Firmware(f) => {
+                if f.secure_boot && f.kind != FirmwareKind::Uefi {
+                    errs.push("spec.boot.secureBoot", "Secure Boot needs UEFI firmware");
+                }
+                if self.backend == HypervisorBackend::Kvm {
+                    errs.push(
+                        "spec.boot",
+                        "the kvm backend boots kernels directly: use {type: kernel, …}, \
+                         or backend qemu (or auto) for firmware boot",
+                    );
+                }
+            }
+        }
+        for (k, v) in &self.node_selector {
+            validate_label(&format!("spec.nodeSelector[{k:?}]"), k, v, errs);
         }
         let mut names = BTreeSet::new();
         let mut orders = BTreeSet::new();
@@ -313,6 +363,15 @@ impl VmSpec {
                 );
             }
             validate_name(&format!("spec.disks[{i}].volume"), &d.volume, errs);
+            if self.backend == HypervisorBackend::Kvm && d.bus != DiskBus::Virtio {
+                errs.push(
+                    format!("spec.disks[{i}].bus"),
+                    format!(
+                        "{} needs the qemu backend: the kvm backend has virtio disks only",
+                        d.bus.as_str()
+                    ),
+                );
+            }
             if let Some(o) = d.boot_order {
                 if o == 0 {
                     errs.push(format!("spec.disks[{i}].bootOrder"), "must be 1 or more");
@@ -335,6 +394,12 @@ impl VmSpec {
                 );
             }
             validate_name(&format!("spec.nics[{i}].network"), &n.network, errs);
+            if self.backend == HypervisorBackend::Kvm && n.model != NicModel::Virtio {
+                errs.push(
+                    format!("spec.nics[{i}].model"),
+                    "e1000 needs the qemu backend: the kvm backend has virtio NICs only",
+                );
+            }
             if let Some(mac) = n.mac {
                 if mac.is_multicast() {
                     errs.push(
@@ -410,7 +475,213 @@ impl VirtualMachine {
     pub fn nic_mac(&self, i: usize) -> Option<MacAddress> {
         let nic = self.spec.nics.get(i)?;
         Some(nic.mac.unwrap_or_else(|| {
-            MacAddress::from_seed(&format!("{}/{}", self.metadata.name, nic.name))
+            MacAddress::from_name(&format!("{}/{}", self.metadata.name, nic.name))
         }))
+    }
+}
+
+impl BootSpec {
+    /// Direct kernel boot of `path` with `cmdline` and no initrd.
+    pub fn kernel(path: impl Into<String>, cmdline: impl Into<String>) -> Self {
+        BootSpec::Kernel(KernelBoot {
+            path: path.into(),
+            initrd: None,
+            cmdline: cmdline.into(),
+        })
+    }
+
+    /// UEFI firmware boot, without Secure Boot.
+    pub fn uefi() -> Self {
+        BootSpec::Firmware(FirmwareBoot {
+            kind: FirmwareKind::Uefi,
+            secure_boot: false,
+        })
+    }
+
+    /// BIOS firmware boot.
+    pub fn bios() -> Self {
+        BootSpec::Firmware(FirmwareBoot {
+            kind: FirmwareKind::Bios,
+            secure_boot: false,
+        })
+    }
+}
+
+impl DiskSpec {
+    /// A read-write virtio disk `name` backed by volume `volume`, not in the boot order.
+    pub fn new(name: impl Into<String>, volume: impl Into<String>) -> Self {
+        DiskSpec {
+            name: name.into(),
+            volume: volume.into(),
+            bus: DiskBus::Virtio,
+            boot_order: None,
+            read_only: false,
+        }
+    }
+}
+
+impl NicSpec {
+    /// A virtio NIC `name` on network `network`, with a MAC derived from the names.
+    pub fn new(name: impl Into<String>, network: impl Into<String>) -> Self {
+        NicSpec {
+            name: name.into(),
+            network: network.into(),
+            mac: None,
+            model: NicModel::Virtio,
+        }
+    }
+}
+
+impl VirtualMachine {
+    /// Starts building a VM named `name`: 1 CPU, 512Mi, UEFI boot, no disks or
+    /// NICs until added.
+    ///
+    /// ```
+    /// use hci_core::model::{ByteSize, Resource, RunStrategy, VirtualMachine};
+    /// let vm = VirtualMachine::builder("web")
+    ///     .cpus(2)
+    ///     .memory(ByteSize::gib(2))
+    ///     .boot_disk("root", "web-root")
+    ///     .disk("data", "web-data")
+    ///     .nic("eth0", "lan")
+    ///     .ssh_key("ssh-ed25519 AAAAC3Nza… admin@example")
+    ///     .run_strategy(RunStrategy::Always)
+    ///     .build();
+    /// vm.validate().unwrap();
+    /// assert_eq!(vm.spec.disks[0].boot_order, Some(1));
+    /// assert!(vm.to_yaml().unwrap().contains("kind: VirtualMachine"));
+    /// ```
+    pub fn builder(name: impl Into<String>) -> VmBuilder {
+        VmBuilder {
+            vm: VirtualMachine::new(name, VmSpec::new(1, ByteSize::mib(512), BootSpec::uefi())),
+        }
+    }
+}
+
+/// Builds a [`VirtualMachine`] step by step; see [`VirtualMachine::builder`].
+///
+/// The builder does not validate: call [`Resource::validate`] on the result.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct VmBuilder {
+    vm: VirtualMachine,
+}
+
+impl VmBuilder {
+    /// Sets the number of vCPUs.
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.vm.spec.cpus = cpus;
+        self
+    }
+
+    /// Sets the guest memory.
+    pub fn memory(mut self, memory: ByteSize) -> Self {
+        self.vm.spec.memory = memory;
+        self
+    }
+
+    /// Sets how the guest boots.
+    pub fn boot(mut self, boot: BootSpec) -> Self {
+        self.vm.spec.boot = boot;
+        self
+    }
+
+    /// Adds a disk.
+    pub fn disk_spec(mut self, disk: DiskSpec) -> Self {
+        self.vm.spec.disks.push(disk);
+        self
+    }
+
+    /// Adds a virtio disk `name` on volume `volume`.
+    pub fn disk(self, name: impl Into<String>, volume: impl Into<String>) -> Self {
+        self.disk_spec(DiskSpec::new(name, volume))
+    }
+
+    /// Adds a virtio disk that boots after the boot disks added before it.
+    pub fn boot_disk(self, name: impl Into<String>, volume: impl Into<String>) -> Self {
+        let next = self
+            .vm
+            .spec
+            .disks
+            .iter()
+            .filter_map(|d| d.boot_order)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        self.disk_spec(DiskSpec {
+            boot_order: Some(next),
+            ..DiskSpec::new(name, volume)
+        })
+    }
+
+    /// Adds a NIC.
+    pub fn nic_spec(mut self, nic: NicSpec) -> Self {
+        self.vm.spec.nics.push(nic);
+        self
+    }
+
+    /// Adds a virtio NIC `name` on network `network`.
+    pub fn nic(self, name: impl Into<String>, network: impl Into<String>) -> Self {
+        self.nic_spec(NicSpec::new(name, network))
+    }
+
+    fn cloud_init_mut(&mut self) -> &mut CloudInit {
+        self.vm
+            .spec
+            .cloud_init
+            .get_or_insert_with(CloudInit::default)
+    }
+
+    /// Sets the cloud-init user-data.
+    pub fn user_data(mut self, user_data: impl Into<String>) -> Self {
+        self.cloud_init_mut().user_data = Some(user_data.into());
+        self
+    }
+
+    /// Sets the cloud-init network-config.
+    pub fn network_config(mut self, network_config: impl Into<String>) -> Self {
+        self.cloud_init_mut().network_config = Some(network_config.into());
+        self
+    }
+
+    /// Adds an SSH public key for the default user.
+    pub fn ssh_key(mut self, key: impl Into<String>) -> Self {
+        self.cloud_init_mut().ssh_authorized_keys.push(key.into());
+        self
+    }
+
+    /// Sets the run strategy.
+    pub fn run_strategy(mut self, s: RunStrategy) -> Self {
+        self.vm.spec.run_strategy = s;
+        self
+    }
+
+    /// Sets the eviction strategy.
+    pub fn eviction_strategy(mut self, s: EvictionStrategy) -> Self {
+        self.vm.spec.eviction_strategy = s;
+        self
+    }
+
+    /// Requires nodes labelled `key=value`.
+    pub fn node_selector(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.vm.spec.node_selector.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the hypervisor backend.
+    pub fn backend(mut self, backend: HypervisorBackend) -> Self {
+        self.vm.spec.backend = backend;
+        self
+    }
+
+    /// Adds a label to the VM's metadata.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.vm.metadata.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// The VM (unvalidated, without status).
+    pub fn build(self) -> VirtualMachine {
+        self.vm
     }
 }

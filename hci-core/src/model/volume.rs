@@ -1,6 +1,5 @@
-//! `Volume`, `Image` and `Snapshot`: block storage resources.
+//! `Volume`: a replicated block volume.
 
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::resource::{Envelope, EnvelopeRef, Resource, ResourceRef, check_envelope, resource};
@@ -9,16 +8,6 @@ use super::{ByteSize, Condition, ObjectMeta, ValidationErrors, VolumePhase, vali
 resource! {
     /// A replicated block volume.
     Volume, "Volume", VolumeSpec, VolumeStatus
-}
-
-resource! {
-    /// A disk image (raw, qcow2 or ISO) that volumes can be created from.
-    Image, "Image", ImageSpec, ImageStatus
-}
-
-resource! {
-    /// A point-in-time snapshot of a volume.
-    Snapshot, "Snapshot", SnapshotSpec, SnapshotStatus
 }
 
 fn one() -> u8 {
@@ -55,6 +44,36 @@ impl VolumeSpec {
             source: VolumeSource::Blank,
             encryption: None,
         }
+    }
+
+    /// A single-replica volume of `size` filled from image `image`.
+    pub fn from_image(size: ByteSize, image: impl Into<String>) -> Self {
+        VolumeSpec {
+            source: VolumeSource::Image { name: image.into() },
+            ..VolumeSpec::blank(size)
+        }
+    }
+
+    /// The same spec with `replicas` replicas.
+    #[must_use]
+    pub fn with_replicas(mut self, replicas: u8) -> Self {
+        self.replicas = replicas;
+        self
+    }
+}
+
+impl Volume {
+    /// A blank, single-replica volume named `name`.
+    ///
+    /// ```
+    /// use hci_core::model::{ByteSize, Resource, Volume};
+    /// let v = Volume::blank("data", ByteSize::gib(10));
+    /// v.validate().unwrap();
+    /// assert_eq!(v.to_json().unwrap(),
+    ///     r#"{"apiVersion":"hci.dev/v1","kind":"Volume","metadata":{"name":"data"},"spec":{"size":"10Gi","replicas":1,"source":{"type":"blank"}}}"#);
+    /// ```
+    pub fn blank(name: impl Into<String>, size: ByteSize) -> Self {
+        Volume::new(name, VolumeSpec::blank(size))
     }
 }
 
@@ -178,181 +197,16 @@ impl Resource for Volume {
 }
 
 fn source_ref(s: &VolumeSource) -> Option<ResourceRef> {
-    let (kind, name, field) = match s {
+    let (kind, name) = match s {
         VolumeSource::Blank => return None,
-        VolumeSource::Image { name } => ("Image", name, "image"),
-        VolumeSource::Snapshot { name } => ("Snapshot", name, "snapshot"),
-        VolumeSource::Volume { name } => ("Volume", name, "volume"),
-        VolumeSource::Backup { name } => ("Backup", name, "backup"),
+        VolumeSource::Image { name } => ("Image", name),
+        VolumeSource::Snapshot { name } => ("Snapshot", name),
+        VolumeSource::Volume { name } => ("Volume", name),
+        VolumeSource::Backup { name } => ("Backup", name),
     };
     Some(ResourceRef {
         kind,
         name: name.clone(),
-        path: format!("spec.source.name ({field})"),
+        path: "spec.source.name".into(),
     })
-}
-
-/// Desired state of an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ImageSpec {
-    /// Where to fetch it: `https://…`, `http://…` or `file:///…`.
-    pub url: String,
-    /// Format; detected when `auto`.
-    #[serde(default)]
-    pub format: ImageFormat,
-    /// Expected checksum, `sha256:<hex>`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checksum: Option<String>,
-    /// Free text.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub description: String,
-}
-
-/// Image file format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum ImageFormat {
-    /// Detect from the content.
-    #[default]
-    Auto,
-    /// Raw disk image.
-    Raw,
-    /// qcow2.
-    Qcow2,
-    /// ISO 9660 (attached as a CD-ROM).
-    Iso,
-}
-
-/// Phase of an image import.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ImagePhase {
-    /// Not started.
-    #[default]
-    Pending,
-    /// Being fetched and converted.
-    Importing,
-    /// Usable.
-    Ready,
-    /// Import failed (see the message).
-    Failed,
-}
-
-/// Observed state of an image.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ImageStatus {
-    /// Phase.
-    #[serde(default)]
-    pub phase: ImagePhase,
-    /// Virtual size once known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<ByteSize>,
-    /// Import progress in percent.
-    #[serde(default)]
-    pub progress: u8,
-    /// Detail on failure.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub message: String,
-}
-
-impl Resource for Image {
-    const KIND: &'static str = "Image";
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-
-    fn validate(&self) -> Result<(), ValidationErrors> {
-        let mut errs = ValidationErrors::new();
-        self.metadata.validate_into(&mut errs);
-        let url = &self.spec.url;
-        if !["https://", "http://", "file:///"]
-            .iter()
-            .any(|p| url.starts_with(p))
-        {
-            errs.push(
-                "spec.url",
-                format!("{url:?} must start with https://, http:// or file:///"),
-            );
-        }
-        if let Some(c) = &self.spec.checksum {
-            let ok = c
-                .strip_prefix("sha256:")
-                .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-            if !ok {
-                errs.push("spec.checksum", "must be sha256: followed by 64 hex digits");
-            }
-        }
-        errs.into_result()
-    }
-}
-
-/// Desired state of a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SnapshotSpec {
-    /// The volume to snapshot.
-    pub volume: String,
-}
-
-/// Phase of a snapshot.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SnapshotPhase {
-    /// Not taken yet.
-    #[default]
-    Pending,
-    /// Taken and usable.
-    Ready,
-    /// Could not be taken.
-    Failed,
-}
-
-/// Observed state of a snapshot.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SnapshotStatus {
-    /// Phase.
-    #[serde(default)]
-    pub phase: SnapshotPhase,
-    /// When it was taken.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub taken_at: Option<DateTime<Utc>>,
-    /// Volume size at that time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<ByteSize>,
-    /// Detail on failure.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub message: String,
-}
-
-impl Resource for Snapshot {
-    const KIND: &'static str = "Snapshot";
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-
-    fn validate(&self) -> Result<(), ValidationErrors> {
-        let mut errs = ValidationErrors::new();
-        self.metadata.validate_into(&mut errs);
-        validate_name("spec.volume", &self.spec.volume, &mut errs);
-        errs.into_result()
-    }
-
-    fn references(&self) -> Vec<ResourceRef> {
-        vec![ResourceRef {
-            kind: "Volume",
-            name: self.spec.volume.clone(),
-            path: "spec.volume".into(),
-        }]
-    }
 }

@@ -1,9 +1,19 @@
 //! Conformance suite for [`BackupTarget`].
 //!
 //! Run it with one `#[test]` per case through
-//! [`backup_target_conformance!`](crate::backup_target_conformance); `make`
-//! returns anything that dereferences to a target (fresh or shared: cases use
-//! their own key prefixes).
+//! [`backup_target_conformance!`](crate::backup_target_conformance):
+//!
+//! ```ignore
+//! async fn make() -> MyFixture { /* a target; may be shared between cases */ }
+//! hci_core::backup_target_conformance!(make);
+//! ```
+//!
+//! `make` is called once per case and returns anything that dereferences to a
+//! target, fresh or shared: each case writes under a prefix unique to the run
+//! (`conformance/<case>-<uuid>/`), so a bucket may serve every case, run after run.
+
+use std::future::Future;
+use std::ops::Deref;
 
 use bytes::Bytes;
 use futures::future::join_all;
@@ -13,23 +23,21 @@ use crate::error::Error;
 use crate::testing::block::pattern;
 
 /// Names of every case, in the order [`backup_target_suite`] runs them.
-pub const BACKUP_TARGET_CASES: &[&str] = &[
-    "put_get_head_round_trip",
-    "put_new_is_create_only",
-    "get_range_reads_exact_bytes",
-    "list_by_prefix_is_sorted",
-    "delete_and_missing_objects",
-    "large_objects_round_trip",
-    "concurrent_creates_have_one_winner",
-];
+pub const BACKUP_TARGET_CASES: &[&str] = crate::backup_target_conformance! {@with [@names]};
 
-fn k(case: &str, key: &str) -> String {
-    format!("conformance/{case}/{key}")
+/// A key prefix unique to one run of one case.
+fn ns(case: &str) -> String {
+    format!("conformance/{case}-{}/", uuid::Uuid::new_v4().simple())
+}
+
+fn k(ns: &str, key: &str) -> String {
+    format!("{ns}{key}")
 }
 
 /// Objects round-trip; `head` reports their size.
-pub async fn put_get_head_round_trip(t: &dyn BackupTarget) {
-    let key = k("put_get_head_round_trip", "obj");
+pub async fn put_get_head_round_trip<T: BackupTarget + ?Sized>(t: &T) {
+    let case = &ns("put_get_head_round_trip");
+    let key = k(case, "obj");
     t.put_new(&key, Bytes::from_static(b"hello backup"))
         .await
         .expect("put_new");
@@ -39,14 +47,14 @@ pub async fn put_get_head_round_trip(t: &dyn BackupTarget) {
     );
     let meta = t.head(&key).await.expect("head");
     assert_eq!((meta.key.as_str(), meta.size), (key.as_str(), 12));
-    let empty = k("put_get_head_round_trip", "empty");
+    let empty = k(case, "empty");
     t.put_new(&empty, Bytes::new()).await.expect("empty object");
     assert_eq!(t.get(&empty).await.expect("get empty").len(), 0);
 }
 
 /// A second `put_new` on a key fails and leaves the first object.
-pub async fn put_new_is_create_only(t: &dyn BackupTarget) {
-    let key = k("put_new_is_create_only", "obj");
+pub async fn put_new_is_create_only<T: BackupTarget + ?Sized>(t: &T) {
+    let key = k(&ns("put_new_is_create_only"), "obj");
     t.put_new(&key, Bytes::from_static(b"first"))
         .await
         .expect("put_new");
@@ -61,8 +69,8 @@ pub async fn put_new_is_create_only(t: &dyn BackupTarget) {
 }
 
 /// Ranged reads return exactly the range.
-pub async fn get_range_reads_exact_bytes(t: &dyn BackupTarget) {
-    let key = k("get_range_reads_exact_bytes", "obj");
+pub async fn get_range_reads_exact_bytes<T: BackupTarget + ?Sized>(t: &T) {
+    let key = k(&ns("get_range_reads_exact_bytes"), "obj");
     let data = pattern(0, 100_000, 1);
     t.put_new(&key, Bytes::from(data.clone()))
         .await
@@ -73,21 +81,35 @@ pub async fn get_range_reads_exact_bytes(t: &dyn BackupTarget) {
     }
     assert!(
         t.get_range(&key, 99_000..200_000).await.is_err(),
-        "range past the end"
+        "get_range past the end of an object must fail"
+    );
+    assert!(
+        t.get_range(&key, 200_000..200_010).await.is_err(),
+        "get_range starting past the end of an object must fail"
+    );
+    let missing = k(&ns("get_range_reads_exact_bytes"), "missing");
+    assert!(
+        t.get_range(&missing, 0..1)
+            .await
+            .is_err_and(|e| e.is_not_found()),
+        "get_range of a missing object must be NotFound"
     );
 }
 
 /// `list` returns the prefix's objects, sorted, with sizes.
-pub async fn list_by_prefix_is_sorted(t: &dyn BackupTarget) {
-    let case = "list_by_prefix_is_sorted";
+pub async fn list_by_prefix_is_sorted<T: BackupTarget + ?Sized>(t: &T) {
+    let case = &ns("list_by_prefix_is_sorted");
     for (name, len) in [("b", 2usize), ("a", 1), ("dir/c", 3), ("dir/d", 4)] {
         t.put_new(&k(case, name), Bytes::from(vec![1u8; len]))
             .await
             .expect("put_new");
     }
-    t.put_new(&format!("conformance/{case}-other/x"), Bytes::new())
-        .await
-        .expect("put_new");
+    t.put_new(
+        &format!("{}-other/x", case.trim_end_matches('/')),
+        Bytes::new(),
+    )
+    .await
+    .expect("put_new");
     let all = t.list(&k(case, "")).await.expect("list");
     let got: Vec<(String, u64)> = all.into_iter().map(|m| (m.key, m.size)).collect();
     let want = vec![
@@ -107,8 +129,8 @@ pub async fn list_by_prefix_is_sorted(t: &dyn BackupTarget) {
 }
 
 /// Deleted and absent objects are `NotFound`.
-pub async fn delete_and_missing_objects(t: &dyn BackupTarget) {
-    let key = k("delete_and_missing_objects", "obj");
+pub async fn delete_and_missing_objects<T: BackupTarget + ?Sized>(t: &T) {
+    let key = k(&ns("delete_and_missing_objects"), "obj");
     let nf = |r: Result<(), Error>| matches!(r, Err(ref e) if e.is_not_found());
     assert!(
         t.get(&key).await.is_err_and(|e| e.is_not_found()),
@@ -133,8 +155,8 @@ pub async fn delete_and_missing_objects(t: &dyn BackupTarget) {
 }
 
 /// Multi-megabyte objects round-trip.
-pub async fn large_objects_round_trip(t: &dyn BackupTarget) {
-    let key = k("large_objects_round_trip", "big");
+pub async fn large_objects_round_trip<T: BackupTarget + ?Sized>(t: &T) {
+    let key = k(&ns("large_objects_round_trip"), "big");
     let data = pattern(0, 9 << 20, 2);
     t.put_new(&key, Bytes::from(data.clone()))
         .await
@@ -147,8 +169,8 @@ pub async fn large_objects_round_trip(t: &dyn BackupTarget) {
 }
 
 /// Of many concurrent creates of one key exactly one wins, intact.
-pub async fn concurrent_creates_have_one_winner(t: &dyn BackupTarget) {
-    let key = k("concurrent_creates_have_one_winner", "obj");
+pub async fn concurrent_creates_have_one_winner<T: BackupTarget + ?Sized>(t: &T) {
+    let key = k(&ns("concurrent_creates_have_one_winner"), "obj");
     let bodies: Vec<Bytes> = (0..8u8)
         .map(|i| Bytes::from(pattern(0, 256 << 10, i)))
         .collect();
@@ -176,22 +198,56 @@ pub async fn concurrent_creates_have_one_winner(t: &dyn BackupTarget) {
     );
 }
 
-/// Runs every case against one target.
-pub async fn backup_target_suite(t: &dyn BackupTarget) {
-    put_get_head_round_trip(t).await;
-    put_new_is_create_only(t).await;
-    get_range_reads_exact_bytes(t).await;
-    list_by_prefix_is_sorted(t).await;
-    delete_and_missing_objects(t).await;
-    large_objects_round_trip(t).await;
-    concurrent_creates_have_one_winner(t).await;
+/// Keys that could escape the target root, or are empty, are refused with `Invalid`.
+pub async fn invalid_keys_are_refused<T: BackupTarget + ?Sized>(t: &T) {
+    let case = &ns("invalid_keys_are_refused");
+    let bad = [
+        String::new(),
+        "/abs/key".to_string(),
+        "../escape".to_string(),
+        format!("{case}../../escape"),
+        format!("{case}a/../../b"),
+        format!("{case}nul\0"),
+    ];
+    for key in &bad {
+        match t.put_new(key, Bytes::from_static(b"x")).await {
+            Err(Error::Invalid { .. }) => {}
+            other => panic!("put_new({key:?}): expected Invalid, got {other:?}"),
+        }
+    }
+    assert!(
+        t.list(case).await.expect("list").is_empty(),
+        "a refused put_new stored something"
+    );
+}
+
+/// Runs every case, each on a target from `make`.
+pub async fn backup_target_suite<F, Fut, T>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = T>,
+    T: Deref,
+    T::Target: BackupTarget,
+{
+    crate::backup_target_conformance! {@with [@suite make]}
 }
 
 /// Generates one `#[tokio::test]` per [`BackupTarget`] conformance case.
+///
+/// `$make` is an async function (or a closure returning a future), called once
+/// per case, producing anything that dereferences to a target, fresh or shared
+/// (cases use their own key prefixes): `Fn() -> impl Future<Output = T>` with
+/// `T: Deref<Target: BackupTarget>`.
+///
+/// This macro holds the one list of cases; [`BACKUP_TARGET_CASES`] and
+/// [`backup_target_suite`] are generated from it through the internal `@` arms.
 #[macro_export]
 macro_rules! backup_target_conformance {
     ($make:expr) => {
-        $crate::backup_target_conformance!(@cases $make;
+        $crate::backup_target_conformance! {@with [@tests $make]}
+    };
+    (@with [$($how:tt)*]) => {
+        $crate::backup_target_conformance! {$($how)*;
             put_get_head_round_trip,
             put_new_is_create_only,
             get_range_reads_exact_bytes,
@@ -199,9 +255,16 @@ macro_rules! backup_target_conformance {
             delete_and_missing_objects,
             large_objects_round_trip,
             concurrent_creates_have_one_winner,
-        );
+            invalid_keys_are_refused,
+        }
     };
-    (@cases $make:expr; $($case:ident),* $(,)?) => {
+    (@names; $($case:ident),* $(,)?) => {
+        &[$(stringify!($case)),*]
+    };
+    (@suite $make:expr; $($case:ident),* $(,)?) => {
+        $( $crate::testing::backup::$case(&*($make)().await).await; )*
+    };
+    (@tests $make:expr; $($case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {

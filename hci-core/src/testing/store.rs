@@ -8,40 +8,37 @@
 //! hci_core::state_store_conformance!(make);
 //! ```
 //!
-//! Each case works under its own key prefix (`/conformance/<case>/`), so one
-//! store (an etcd cluster, say) may serve every case; revisions are compared
-//! relative to what the case observed.
+//! `make` is called once per case and returns anything that dereferences to a
+//! store. Each case works under a key prefix of its own, unique to the run
+//! (`/conformance/<case>-<uuid>/`), so one store (an etcd cluster, say) may serve
+//! every case, concurrently and run after run; revisions are compared relative
+//! to what the case observed. The lease cases take a few seconds (TTLs of 1–2 s).
 
+use std::future::Future;
+use std::ops::Deref;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::join_all;
 
 use crate::error::Error;
 use crate::store::{Precondition, PutOptions, StateStore, WatchEvent, WatchStream};
 
 /// Names of every case, in the order [`state_store_suite`] runs them.
-pub const STATE_STORE_CASES: &[&str] = &[
-    "put_get_round_trip",
-    "list_by_prefix_is_sorted_and_consistent",
-    "revisions_are_monotonic",
-    "must_not_exist_precondition",
-    "revision_precondition_is_compare_and_swap",
-    "delete_semantics",
-    "watch_replays_history_then_follows",
-    "watch_filters_by_prefix",
-    "watch_from_now_sees_only_new_changes",
-    "lease_expiry_deletes_keys",
-    "keep_alive_keeps_keys",
-    "revoke_deletes_keys",
-];
+pub const STATE_STORE_CASES: &[&str] = crate::state_store_conformance! {@with [@names]};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn k(case: &str, key: &str) -> String {
-    format!("/conformance/{case}/{key}")
+/// A key prefix unique to one run of one case.
+fn ns(case: &str) -> String {
+    format!("/conformance/{case}-{}/", uuid::Uuid::new_v4().simple())
 }
 
-async fn put(s: &dyn StateStore, key: &str, value: &str) -> u64 {
+fn k(ns: &str, key: &str) -> String {
+    format!("{ns}{key}")
+}
+
+async fn put<S: StateStore + ?Sized>(s: &S, key: &str, value: &str) -> u64 {
     s.put(key, value.as_bytes().to_vec(), PutOptions::default())
         .await
         .unwrap_or_else(|e| panic!("put {key}: {e}"))
@@ -70,8 +67,8 @@ fn put_event(ev: &WatchEvent) -> (&str, &[u8]) {
 }
 
 /// Values round-trip; absent keys read as `None`.
-pub async fn put_get_round_trip(s: &dyn StateStore) {
-    let key = k("put_get_round_trip", "a");
+pub async fn put_get_round_trip<S: StateStore + ?Sized>(s: &S) {
+    let key = k(&ns("put_get_round_trip"), "a");
     assert_eq!(s.get(&key).await.expect("get absent"), None);
     let rev = put(s, &key, "one").await;
     let kv = s.get(&key).await.expect("get").expect("key present");
@@ -97,12 +94,13 @@ pub async fn put_get_round_trip(s: &dyn StateStore) {
 }
 
 /// `list` returns exactly the prefix's keys, sorted, with the store revision.
-pub async fn list_by_prefix_is_sorted_and_consistent(s: &dyn StateStore) {
-    let case = "list_by_prefix_is_sorted_and_consistent";
+pub async fn list_by_prefix_is_sorted_and_consistent<S: StateStore + ?Sized>(s: &S) {
+    let case = &ns("list_by_prefix_is_sorted_and_consistent");
     for name in ["b", "a", "c/x", "c/y"] {
         put(s, &k(case, name), name).await;
     }
-    put(s, &format!("/conformance/{case}-other/a"), "outside").await;
+    let sibling = format!("{}-other/a", case.trim_end_matches('/'));
+    put(s, &sibling, "outside").await;
     let l = s.list(&k(case, "")).await.expect("list");
     let keys: Vec<&str> = l.items.iter().map(|kv| kv.key.as_str()).collect();
     let want = [k(case, "a"), k(case, "b"), k(case, "c/x"), k(case, "c/y")];
@@ -127,8 +125,8 @@ pub async fn list_by_prefix_is_sorted_and_consistent(s: &dyn StateStore) {
 }
 
 /// Every change gets a higher revision; create revision survives updates.
-pub async fn revisions_are_monotonic(s: &dyn StateStore) {
-    let key = k("revisions_are_monotonic", "a");
+pub async fn revisions_are_monotonic<S: StateStore + ?Sized>(s: &S) {
+    let key = k(&ns("revisions_are_monotonic"), "a");
     let start = s.current_revision().await.expect("current_revision");
     let r1 = put(s, &key, "1").await;
     let r2 = put(s, &key, "2").await;
@@ -155,8 +153,8 @@ pub async fn revisions_are_monotonic(s: &dyn StateStore) {
 }
 
 /// `MustNotExist` creates once and then fails with `AlreadyExists`.
-pub async fn must_not_exist_precondition(s: &dyn StateStore) {
-    let key = k("must_not_exist_precondition", "a");
+pub async fn must_not_exist_precondition<S: StateStore + ?Sized>(s: &S) {
+    let key = k(&ns("must_not_exist_precondition"), "a");
     let create = PutOptions {
         precondition: Precondition::MustNotExist,
         lease: None,
@@ -175,8 +173,8 @@ pub async fn must_not_exist_precondition(s: &dyn StateStore) {
 }
 
 /// `Revision(r)` succeeds only at revision `r`; a stale writer gets `Conflict`.
-pub async fn revision_precondition_is_compare_and_swap(s: &dyn StateStore) {
-    let key = k("revision_precondition_is_compare_and_swap", "a");
+pub async fn revision_precondition_is_compare_and_swap<S: StateStore + ?Sized>(s: &S) {
+    let key = k(&ns("revision_precondition_is_compare_and_swap"), "a");
     let cas = |r| PutOptions {
         precondition: Precondition::Revision(r),
         lease: None,
@@ -203,8 +201,8 @@ pub async fn revision_precondition_is_compare_and_swap(s: &dyn StateStore) {
 }
 
 /// Deletes honour preconditions; absent keys are `NotFound`.
-pub async fn delete_semantics(s: &dyn StateStore) {
-    let key = k("delete_semantics", "a");
+pub async fn delete_semantics<S: StateStore + ?Sized>(s: &S) {
+    let key = k(&ns("delete_semantics"), "a");
     assert!(
         s.delete(&key, Precondition::None)
             .await
@@ -228,8 +226,8 @@ pub async fn delete_semantics(s: &dyn StateStore) {
 }
 
 /// A watch from a past revision replays every change, then follows live ones.
-pub async fn watch_replays_history_then_follows(s: &dyn StateStore) {
-    let case = "watch_replays_history_then_follows";
+pub async fn watch_replays_history_then_follows<S: StateStore + ?Sized>(s: &S) {
+    let case = &ns("watch_replays_history_then_follows");
     let r1 = put(s, &k(case, "a"), "1").await;
     put(s, &k(case, "b"), "2").await;
     let rd = s
@@ -254,8 +252,8 @@ pub async fn watch_replays_history_then_follows(s: &dyn StateStore) {
 }
 
 /// A watch sees only its prefix.
-pub async fn watch_filters_by_prefix(s: &dyn StateStore) {
-    let case = "watch_filters_by_prefix";
+pub async fn watch_filters_by_prefix<S: StateStore + ?Sized>(s: &S) {
+    let case = &ns("watch_filters_by_prefix");
     let mut w = s.watch(&k(case, "in/"), 0).await.expect("watch");
     put(s, &k(case, "out/x"), "no").await;
     put(s, &k(case, "in/x"), "yes").await;
@@ -264,8 +262,8 @@ pub async fn watch_filters_by_prefix(s: &dyn StateStore) {
 }
 
 /// A watch from revision 0 starts now.
-pub async fn watch_from_now_sees_only_new_changes(s: &dyn StateStore) {
-    let case = "watch_from_now_sees_only_new_changes";
+pub async fn watch_from_now_sees_only_new_changes<S: StateStore + ?Sized>(s: &S) {
+    let case = &ns("watch_from_now_sees_only_new_changes");
     put(s, &k(case, "old"), "before").await;
     let mut w = s.watch(&k(case, ""), 0).await.expect("watch");
     no_event(&mut w).await;
@@ -285,8 +283,8 @@ pub async fn watch_from_now_sees_only_new_changes(s: &dyn StateStore) {
 }
 
 /// Keys attached to a lease vanish (with a delete event) when it expires.
-pub async fn lease_expiry_deletes_keys(s: &dyn StateStore) {
-    let case = "lease_expiry_deletes_keys";
+pub async fn lease_expiry_deletes_keys<S: StateStore + ?Sized>(s: &S) {
+    let case = &ns("lease_expiry_deletes_keys");
     let lease = s.grant_lease(Duration::from_secs(1)).await.expect("grant");
     let key = k(case, "node");
     let mut w = s.watch(&k(case, ""), 0).await.expect("watch");
@@ -325,8 +323,8 @@ pub async fn lease_expiry_deletes_keys(s: &dyn StateStore) {
 }
 
 /// Renewing a lease keeps its keys past the TTL.
-pub async fn keep_alive_keeps_keys(s: &dyn StateStore) {
-    let key = k("keep_alive_keeps_keys", "node");
+pub async fn keep_alive_keeps_keys<S: StateStore + ?Sized>(s: &S) {
+    let key = k(&ns("keep_alive_keeps_keys"), "node");
     let lease = s.grant_lease(Duration::from_secs(2)).await.expect("grant");
     let opts = PutOptions {
         precondition: Precondition::None,
@@ -345,8 +343,8 @@ pub async fn keep_alive_keeps_keys(s: &dyn StateStore) {
 }
 
 /// Revoking deletes the lease's keys at once; unknown leases are `NotFound`.
-pub async fn revoke_deletes_keys(s: &dyn StateStore) {
-    let case = "revoke_deletes_keys";
+pub async fn revoke_deletes_keys<S: StateStore + ?Sized>(s: &S) {
+    let case = &ns("revoke_deletes_keys");
     let lease = s.grant_lease(Duration::from_secs(60)).await.expect("grant");
     let opts = PutOptions {
         precondition: Precondition::None,
@@ -385,30 +383,120 @@ pub async fn revoke_deletes_keys(s: &dyn StateStore) {
     );
 }
 
-/// Runs every case against one store.
-pub async fn state_store_suite(s: &dyn StateStore) {
-    put_get_round_trip(s).await;
-    list_by_prefix_is_sorted_and_consistent(s).await;
-    revisions_are_monotonic(s).await;
-    must_not_exist_precondition(s).await;
-    revision_precondition_is_compare_and_swap(s).await;
-    delete_semantics(s).await;
-    watch_replays_history_then_follows(s).await;
-    watch_filters_by_prefix(s).await;
-    watch_from_now_sees_only_new_changes(s).await;
-    lease_expiry_deletes_keys(s).await;
-    keep_alive_keeps_keys(s).await;
-    revoke_deletes_keys(s).await;
+/// Concurrent writers get distinct revisions, and a watch sees every change
+/// once, in revision order.
+pub async fn concurrent_writes_are_totally_ordered<S: StateStore + ?Sized>(s: &S) {
+    let case = &ns("concurrent_writes_are_totally_ordered");
+    let from = s.current_revision().await.expect("current_revision") + 1;
+    let mut w = s.watch(case, from).await.expect("watch");
+    let keys: Vec<String> = (0..40).map(|i| k(case, &format!("k{}", i % 8))).collect();
+    let revs: Vec<u64> = join_all(
+        keys.iter()
+            .map(|key| s.put(key, key.as_bytes().to_vec(), PutOptions::default())),
+    )
+    .await
+    .into_iter()
+    .map(|r| r.expect("concurrent put"))
+    .collect();
+    let mut sorted = revs.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        revs.len(),
+        "concurrent puts were given the same revision: {revs:?}"
+    );
+    let mut seen = Vec::new();
+    for _ in 0..revs.len() {
+        seen.push(next(&mut w).await.revision());
+    }
+    assert_eq!(
+        seen, sorted,
+        "the watch must deliver every change once, in revision order"
+    );
+    for key in keys.iter().take(8) {
+        let kv = s.get(key).await.expect("get").expect("present");
+        assert!(
+            revs.contains(&kv.mod_revision),
+            "{key} has a revision no put returned"
+        );
+    }
+}
+
+/// Of many writers racing a compare-and-swap from the same revision, exactly one wins.
+pub async fn concurrent_compare_and_swap_has_one_winner<S: StateStore + ?Sized>(s: &S) {
+    let key = k(&ns("concurrent_compare_and_swap_has_one_winner"), "leader");
+    let r0 = put(s, &key, "nobody").await;
+    let cas = PutOptions {
+        precondition: Precondition::Revision(r0),
+        lease: None,
+    };
+    let results = join_all((0..16u8).map(|i| s.put(&key, vec![i], cas))).await;
+    let winners: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "expected exactly one CAS winner, got {winners:?}"
+    );
+    for r in &results {
+        if let Err(e) = r {
+            assert!(
+                matches!(e, Error::Conflict { .. }),
+                "a losing CAS must be Conflict, got {e}"
+            );
+        }
+    }
+    let kv = s.get(&key).await.expect("get").expect("present");
+    assert_eq!(
+        kv.value,
+        vec![winners[0] as u8],
+        "the stored value is not the winner's"
+    );
+    let creates = PutOptions {
+        precondition: Precondition::MustNotExist,
+        lease: None,
+    };
+    let key = k(&ns("concurrent_compare_and_swap_has_one_winner"), "create");
+    let results = join_all((0..16u8).map(|i| s.put(&key, vec![i], creates))).await;
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "expected exactly one MustNotExist winner: {results:?}"
+    );
+}
+
+/// Runs every case, each on a store from `make`.
+pub async fn state_store_suite<F, Fut, T>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = T>,
+    T: Deref,
+    T::Target: StateStore,
+{
+    crate::state_store_conformance! {@with [@suite make]}
 }
 
 /// Generates one `#[tokio::test]` per [`StateStore`] conformance case.
 ///
-/// `$make` is an async function producing anything that dereferences to a
-/// `StateStore` (fresh or shared: cases use their own key prefixes).
+/// `$make` is an async function (or a closure returning a future), called once
+/// per case, producing anything that dereferences to a store, fresh or shared
+/// (cases use their own key prefixes): `Fn() -> impl Future<Output = T>` with
+/// `T: Deref<Target: StateStore>`.
+///
+/// This macro holds the one list of cases; [`STATE_STORE_CASES`] and
+/// [`state_store_suite`] are generated from it through the internal `@` arms.
 #[macro_export]
 macro_rules! state_store_conformance {
     ($make:expr) => {
-        $crate::state_store_conformance!(@cases $make;
+        $crate::state_store_conformance! {@with [@tests $make]}
+    };
+    (@with [$($how:tt)*]) => {
+        $crate::state_store_conformance! {$($how)*;
             put_get_round_trip,
             list_by_prefix_is_sorted_and_consistent,
             revisions_are_monotonic,
@@ -418,12 +506,20 @@ macro_rules! state_store_conformance {
             watch_replays_history_then_follows,
             watch_filters_by_prefix,
             watch_from_now_sees_only_new_changes,
+            concurrent_writes_are_totally_ordered,
+            concurrent_compare_and_swap_has_one_winner,
             lease_expiry_deletes_keys,
             keep_alive_keeps_keys,
             revoke_deletes_keys,
-        );
+        }
     };
-    (@cases $make:expr; $($case:ident),* $(,)?) => {
+    (@names; $($case:ident),* $(,)?) => {
+        &[$(stringify!($case)),*]
+    };
+    (@suite $make:expr; $($case:ident),* $(,)?) => {
+        $( $crate::testing::store::$case(&*($make)().await).await; )*
+    };
+    (@tests $make:expr; $($case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
