@@ -39,6 +39,8 @@ fn main() -> anyhow::Result<()> {
                 Some("spin") => Guest::Spin,
                 Some("blk") => Guest::Blk,
                 Some("chaos") => Guest::Chaos,
+                Some("net") => Guest::Net,
+                Some("rng") => Guest::Rng,
                 other => bail!("unknown guest {other:?}; expected hello, spin or blk"),
             };
             let path = test_guests::build_default(guest).context("build the test guest")?;
@@ -92,6 +94,8 @@ fn run(t0: Instant, mut args: &[String]) -> anyhow::Result<()> {
         initrd: None,
         cmdline,
         disks,
+        nics: vec![],
+        entropy: false,
         // Unbuffered writes to our stdout, byte by byte as the guest sends them.
         console_log: Some("/dev/stdout".into()),
     };

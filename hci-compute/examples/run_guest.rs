@@ -24,6 +24,8 @@ fn main() -> anyhow::Result<()> {
         initrd: None,
         cmdline,
         disks: vec![],
+        nics: vec![],
+        entropy: false,
         console_log: None,
     };
     let vm = Vm::new(spec, Executor::Private)?;

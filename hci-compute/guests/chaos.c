@@ -1,7 +1,8 @@
 /*
  * chaos: a hostile driver. Scribbles pseudo-random values (seeded by `seed=`)
- * over the first virtio device's registers and config space, points its queue
- * at rings full of garbage (descriptors aim at a scratch buffer or wild
+ * over the registers and config space of the first virtio device of type
+ * `device=` (default 2, virtio-blk), points its queues 0 and 1 at
+ * rings full of garbage (descriptors aim at a scratch buffer or wild
  * addresses, never at the guest's own code), notifies, resets, and repeats
  * `iters=` times. Then prints "chaos survived" and resets: the VMM must still
  * be serving the guest.
@@ -47,16 +48,19 @@ static void set_queue(u64 base) {
     mmio_write32(base + VMMIO_DRIVER_FEATURES_SEL, 1);
     mmio_write32(base + VMMIO_DRIVER_FEATURES, 1);
     mmio_write32(base + VMMIO_STATUS, VIRTIO_STATUS_ACK | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK);
-    mmio_write32(base + VMMIO_QUEUE_SEL, (u32)(rnd() % 4 == 0 ? rnd() : 0));
-    mmio_write32(base + VMMIO_QUEUE_NUM, (u32)(rnd() % 2 ? 1u << (rnd() % 10) : rnd()));
-    u64 a = ring_addr(), b = ring_addr(), c = ring_addr();
-    mmio_write32(base + VMMIO_QUEUE_DESC_LOW, (u32)a);
-    mmio_write32(base + VMMIO_QUEUE_DESC_HIGH, (u32)(a >> 32));
-    mmio_write32(base + VMMIO_QUEUE_AVAIL_LOW, (u32)b);
-    mmio_write32(base + VMMIO_QUEUE_AVAIL_HIGH, (u32)(b >> 32));
-    mmio_write32(base + VMMIO_QUEUE_USED_LOW, (u32)c);
-    mmio_write32(base + VMMIO_QUEUE_USED_HIGH, (u32)(c >> 32));
-    mmio_write32(base + VMMIO_QUEUE_READY, 1);
+    /* Queues 0 and 1 (devices with one queue ignore the second), now and then a wild index. */
+    for (u32 q = 0; q < 2; q++) {
+        mmio_write32(base + VMMIO_QUEUE_SEL, rnd() % 4 == 0 ? (u32)rnd() : q);
+        mmio_write32(base + VMMIO_QUEUE_NUM, (u32)(rnd() % 2 ? 1u << (rnd() % 10) : rnd()));
+        u64 a = ring_addr(), b = ring_addr(), c = ring_addr();
+        mmio_write32(base + VMMIO_QUEUE_DESC_LOW, (u32)a);
+        mmio_write32(base + VMMIO_QUEUE_DESC_HIGH, (u32)(a >> 32));
+        mmio_write32(base + VMMIO_QUEUE_AVAIL_LOW, (u32)b);
+        mmio_write32(base + VMMIO_QUEUE_AVAIL_HIGH, (u32)(b >> 32));
+        mmio_write32(base + VMMIO_QUEUE_USED_LOW, (u32)c);
+        mmio_write32(base + VMMIO_QUEUE_USED_HIGH, (u32)(c >> 32));
+        mmio_write32(base + VMMIO_QUEUE_READY, 1);
+    }
     mmio_write32(base + VMMIO_STATUS, VIRTIO_STATUS_ACK | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK |
                                           VIRTIO_STATUS_DRIVER_OK);
 }
@@ -64,7 +68,7 @@ static void set_queue(u64 base) {
 void guest_main(const struct hvm_start_info *si) {
     state = cmdline_u64(si, "seed", 1);
     u64 iters = cmdline_u64(si, "iters", 20000);
-    u64 base = virtio_find(2);
+    u64 base = virtio_find((u32)cmdline_u64(si, "device", 2));
     if (!base) {
         puts("chaos: no virtio device\n");
         return;

@@ -36,24 +36,27 @@ void guest_reset(void) {
     }
 }
 
-u64 cmdline_u64(const struct hvm_start_info *si, const char *key, u64 dflt) {
-    if (!si || !si->cmdline_paddr) return dflt;
-    const char *p = (const char *)si->cmdline_paddr;
-    while (*p) {
+const char *cmdline_str(const struct hvm_start_info *si, const char *key) {
+    if (!si || !si->cmdline_paddr) return 0;
+    const char *start = (const char *)si->cmdline_paddr;
+    for (const char *p = start; *p; p++) {
         const char *k = key;
         const char *q = p;
         while (*k && *q == *k) {
             k++;
             q++;
         }
-        if (!*k && *q == '=' && (p == (const char *)si->cmdline_paddr || p[-1] == ' ')) {
-            u64 v = 0;
-            for (q++; *q >= '0' && *q <= '9'; q++) v = v * 10 + (u64)(*q - '0');
-            return v;
-        }
-        p++;
+        if (!*k && *q == '=' && (p == start || p[-1] == ' ')) return q + 1;
     }
-    return dflt;
+    return 0;
+}
+
+u64 cmdline_u64(const struct hvm_start_info *si, const char *key, u64 dflt) {
+    const char *q = cmdline_str(si, key);
+    if (!q) return dflt;
+    u64 v = 0;
+    for (; *q >= '0' && *q <= '9'; q++) v = v * 10 + (u64)(*q - '0');
+    return v;
 }
 
 void *memset(void *d, int c, u64 n) {

@@ -22,7 +22,7 @@ u64 virtio_find(u32 device_id) {
     return base;
 }
 
-int virtio_init(struct virtq *q, u64 base, u64 features) {
+int virtio_negotiate(u64 base, u64 features) {
     features |= 1UL << 32; /* VIRTIO_F_VERSION_1 */
     mmio_write32(base + VMMIO_STATUS, 0);
     mmio_write32(base + VMMIO_STATUS, VIRTIO_STATUS_ACK);
@@ -39,10 +39,15 @@ int virtio_init(struct virtq *q, u64 base, u64 features) {
     u32 st = VIRTIO_STATUS_ACK | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK;
     mmio_write32(base + VMMIO_STATUS, st);
     if (!(mmio_read32(base + VMMIO_STATUS) & VIRTIO_STATUS_FEATURES_OK)) return -2;
-    mmio_write32(base + VMMIO_QUEUE_SEL, 0);
+    return 0;
+}
+
+int virtio_setup_queue(struct virtq *q, u64 base, u32 index, struct vring_desc *desc, struct vring_avail *avail,
+                       struct vring_used *used) {
+    mmio_write32(base + VMMIO_QUEUE_SEL, index);
     if (mmio_read32(base + VMMIO_QUEUE_NUM_MAX) < QSIZE) return -3;
     mmio_write32(base + VMMIO_QUEUE_NUM, QSIZE);
-    u64 d = (u64)desc_table, a = (u64)&avail_ring, u = (u64)&used_ring;
+    u64 d = (u64)desc, a = (u64)avail, u = (u64)used;
     mmio_write32(base + VMMIO_QUEUE_DESC_LOW, (u32)d);
     mmio_write32(base + VMMIO_QUEUE_DESC_HIGH, (u32)(d >> 32));
     mmio_write32(base + VMMIO_QUEUE_AVAIL_LOW, (u32)a);
@@ -50,16 +55,32 @@ int virtio_init(struct virtq *q, u64 base, u64 features) {
     mmio_write32(base + VMMIO_QUEUE_USED_LOW, (u32)u);
     mmio_write32(base + VMMIO_QUEUE_USED_HIGH, (u32)(u >> 32));
     mmio_write32(base + VMMIO_QUEUE_READY, 1);
-    mmio_write32(base + VMMIO_STATUS, st | VIRTIO_STATUS_DRIVER_OK);
     q->base = base;
-    q->desc = desc_table;
-    q->avail = &avail_ring;
-    q->used = &used_ring;
+    q->index = index;
+    q->desc = desc;
+    q->avail = avail;
+    q->used = used;
     q->last_used = 0;
     /* We poll the used ring: ask the device not to interrupt (VRING_AVAIL_F_NO_INTERRUPT). */
     q->avail->flags = 1;
     return 0;
 }
+
+void virtio_driver_ok(u64 base) {
+    mmio_write32(base + VMMIO_STATUS, VIRTIO_STATUS_ACK | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_FEATURES_OK |
+                                          VIRTIO_STATUS_DRIVER_OK);
+}
+
+int virtio_init(struct virtq *q, u64 base, u64 features) {
+    int err = virtio_negotiate(base, features);
+    if (err) return err;
+    err = virtio_setup_queue(q, base, 0, desc_table, &avail_ring, &used_ring);
+    if (err) return err;
+    virtio_driver_ok(base);
+    return 0;
+}
+
+void virtq_notify(struct virtq *q) { mmio_write32(q->base + VMMIO_QUEUE_NOTIFY, q->index); }
 
 u32 virtq_submit_and_wait(struct virtq *q) {
     volatile struct vring_avail *av = q->avail;
@@ -68,7 +89,7 @@ u32 virtq_submit_and_wait(struct virtq *q) {
     barrier();
     av->idx = av->idx + 1;
     barrier();
-    mmio_write32(q->base + VMMIO_QUEUE_NOTIFY, 0);
+    virtq_notify(q);
     while (us->idx == q->last_used) {
         __asm__ volatile("pause");
     }

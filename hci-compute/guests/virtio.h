@@ -62,6 +62,7 @@ struct vring_used {
 
 struct virtq {
     u64 base; /* MMIO base of the device */
+    u32 index; /* queue number (for notifications) */
     struct vring_desc *desc;
     struct vring_avail *avail;
     struct vring_used *used;
@@ -72,6 +73,14 @@ struct virtq {
 u64 virtio_find(u32 device_id);
 /* Resets, negotiates `features` (VERSION_1 is always added) and sets up queue 0. 0 on success. */
 int virtio_init(struct virtq *q, u64 base, u64 features);
+/* The steps of virtio_init, for devices with several queues: reset and negotiate
+ * (status ends at FEATURES_OK), set up queue `index` on the given rings, go live. */
+int virtio_negotiate(u64 base, u64 features);
+int virtio_setup_queue(struct virtq *q, u64 base, u32 index, struct vring_desc *desc, struct vring_avail *avail,
+                       struct vring_used *used);
+void virtio_driver_ok(u64 base);
+/* Notifies the device that queue `q` has new buffers. */
+void virtq_notify(struct virtq *q);
 /* Publishes a chain starting at descriptor 0, notifies, and polls for completion. Returns used len. */
 u32 virtq_submit_and_wait(struct virtq *q);
 

@@ -4,40 +4,114 @@
 //! [`VmHandle`] over the synchronous [`Vm`] manager (blocking steps run on
 //! tokio's blocking pool).
 //!
+//! NICs become virtio-net devices on their TAP. A
+//! [`NicConfig`](hci_core::compute::NicConfig) names the TAP (`tap`); the VMM
+//! attaches to it by name in its own network namespace, unless the TAP's queue
+//! descriptor was handed over first with [`KvmHypervisor::register_tap`]
+//! (needed when the port's owner, e.g. hci-net's `LinuxBridgeBackend`, keeps
+//! the single queue of the TAP attached, or when the TAP lives in another
+//! namespace). Every VM also gets a virtio-rng entropy device unless
+//! [`KvmHypervisor::with_entropy`] turns it off.
+//!
 //! Not yet supported (refused with [`Error::Unsupported`] at `create`):
-//! firmware boot, NICs (virtio-net), disk backends other than an in-process
+//! firmware boot, disk backends other than an in-process
 //! [`BlockDevice`](hci_core::block::BlockDevice), non-virtio disk buses and
-//! cloud-init seeds.
+//! NIC models, multi-queue TAP descriptors, and cloud-init seeds.
 //!
 //! Graceful shutdown: the VMM has no ACPI and no i8042 keyboard path yet, so
 //! [`VmHandle::shutdown`] cannot ask the guest to power off; it waits up to the
 //! timeout for the guest to stop by itself (reset, power-off) and kills it after.
 
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use hci_core::compute::{
-    BootSource, Console, DiskBackend, DiskBus, ExitReason, Hypervisor, HypervisorKind, VmConfig,
-    VmHandle, VmState, VmStats,
+    BootSource, Console, DiskBackend, DiskBus, ExitReason, Hypervisor, HypervisorKind, NicModel,
+    VmConfig, VmHandle, VmState, VmStats,
 };
+use hci_core::net::TapHandle;
 use hci_core::{Error, Result};
 
 use crate::console::ConsoleHub;
 use crate::devices::virtio::block::Executor;
+use crate::devices::virtio::net::TapSource;
 use crate::memory;
 use crate::sys;
-use crate::vm::{DiskSpec, Vm, VmSpec};
+use crate::vm::{DiskSpec, NicSpec, Vm, VmSpec};
 
 /// hci's own KVM VMM as a [`Hypervisor`].
-#[derive(Debug, Default, Clone)]
-pub struct KvmHypervisor {}
+#[derive(Debug, Clone)]
+pub struct KvmHypervisor {
+    entropy: bool,
+    /// TAP queue descriptors handed over by interface name.
+    taps: Arc<Mutex<HashMap<String, Vec<Arc<OwnedFd>>>>>,
+}
+
+impl Default for KvmHypervisor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl KvmHypervisor {
     /// The backend (nothing is opened until a VM is created).
     pub fn new() -> Self {
-        KvmHypervisor {}
+        KvmHypervisor {
+            entropy: true,
+            taps: Arc::default(),
+        }
+    }
+
+    /// Whether VMs get a virtio-rng entropy device (on by default).
+    pub fn with_entropy(mut self, entropy: bool) -> Self {
+        self.entropy = entropy;
+        self
+    }
+
+    /// Hands over the queue descriptors of a TAP (e.g. from
+    /// `NetworkBackend::attach_port`): a NIC whose `tap` is `tap.ifname` then
+    /// uses them (duplicated) instead of attaching by name. Replaces an
+    /// earlier registration of the same name; shared by clones of `self`.
+    pub fn register_tap(&self, tap: &TapHandle) {
+        self.lock_taps().insert(tap.ifname.clone(), tap.fds.clone());
+    }
+
+    /// Forgets the descriptors registered for TAP `ifname` (running VMs keep theirs).
+    pub fn unregister_tap(&self, ifname: &str) {
+        self.lock_taps().remove(ifname);
+    }
+
+    fn lock_taps(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<OwnedFd>>>> {
+        self.taps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Turns `config` into a [`VmSpec`] with this backend's settings and TAPs.
+    pub fn spec(&self, config: VmConfig) -> Result<VmSpec> {
+        let mut spec = spec_from_config(config)?;
+        spec.entropy = self.entropy;
+        let taps = self.lock_taps();
+        for nic in &mut spec.nics {
+            let TapSource::Name(ifname) = &nic.tap else {
+                continue;
+            };
+            match taps.get(ifname).map(Vec::as_slice) {
+                None => {}
+                Some([fd]) => nic.tap = TapSource::Fd(Arc::clone(fd)),
+                Some(fds) => {
+                    return Err(unsupported(&format!(
+                        "{} TAP queue descriptors for NIC {} (one queue per NIC)",
+                        fds.len(),
+                        nic.name
+                    )));
+                }
+            }
+        }
+        Ok(spec)
     }
 
     /// Whether `/dev/kvm` can be opened here.
@@ -47,7 +121,7 @@ impl KvmHypervisor {
 
     /// Like [`Hypervisor::create`], returning the concrete handle.
     pub async fn create_vm(&self, config: VmConfig) -> Result<KvmVm> {
-        let spec = spec_from_config(config)?;
+        let spec = self.spec(config)?;
         let executor = Executor::current();
         let vm = blocking(move || Vm::new(spec, executor).map_err(Error::from)).await?;
         Ok(KvmVm { vm })
@@ -58,7 +132,8 @@ fn unsupported(what: &str) -> Error {
     Error::unsupported(what, "the kvm hypervisor")
 }
 
-/// Checks a [`VmConfig`] and turns it into a [`VmSpec`].
+/// Checks a [`VmConfig`] and turns it into a [`VmSpec`] (NICs attach to
+/// their TAP by name, entropy device on).
 pub fn spec_from_config(config: VmConfig) -> Result<VmSpec> {
     if config.name.is_empty() {
         return Err(Error::invalid("vm name", "must not be empty"));
@@ -89,8 +164,44 @@ pub fn spec_from_config(config: VmConfig) -> Result<VmSpec> {
             format!("{} is not a readable file", kernel.display()),
         ));
     }
-    if !config.nics.is_empty() {
-        return Err(unsupported("NICs (virtio-net)"));
+    let mut nics: Vec<NicSpec> = Vec::new();
+    for n in config.nics {
+        if n.model != NicModel::Virtio {
+            return Err(unsupported(&format!(
+                "NIC model {:?} (NIC {})",
+                n.model, n.name
+            )));
+        }
+        if n.name.is_empty() || nics.iter().any(|o| o.name == n.name) {
+            return Err(Error::invalid(
+                "NIC name",
+                format!("{:?} is empty or used twice", n.name),
+            ));
+        }
+        if n.tap.is_empty() || n.tap.len() >= 16 || n.tap.contains(['/', '\0', ' ']) {
+            return Err(Error::invalid(
+                "NIC TAP",
+                format!("{:?} (NIC {}) is not an interface name", n.tap, n.name),
+            ));
+        }
+        if n.mac[0] & 1 != 0 || n.mac == [0; 6] {
+            return Err(Error::invalid(
+                "NIC MAC",
+                format!("NIC {} needs a unicast MAC address", n.name),
+            ));
+        }
+        if n.mtu != 0 && n.mtu < 68 {
+            return Err(Error::invalid(
+                "NIC MTU",
+                format!("{} (NIC {}) is below 68", n.mtu, n.name),
+            ));
+        }
+        nics.push(NicSpec {
+            name: n.name,
+            mac: n.mac,
+            mtu: n.mtu,
+            tap: TapSource::Name(n.tap),
+        });
     }
     if config.cloud_init_seed.is_some() {
         return Err(unsupported("cloud-init seed images"));
@@ -127,6 +238,8 @@ pub fn spec_from_config(config: VmConfig) -> Result<VmSpec> {
         initrd,
         cmdline,
         disks,
+        nics,
+        entropy: true,
         console_log,
     })
 }
@@ -171,11 +284,7 @@ impl KvmVm {
 
     /// Resident bytes of guest RAM (pages the guest or VMM touched).
     pub fn guest_rss_bytes(&self) -> u64 {
-        let starts: Vec<u64> = memory::host_ranges(self.vm.memory())
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
-        sys::mapping_rss(&starts)
+        sys::mapping_rss(&memory::host_ranges(self.vm.memory()))
     }
 }
 
@@ -274,7 +383,18 @@ impl VmHandle for KvmVm {
             rss_bytes: sys::process_rss(),
             memory_bytes: self.vm.memory_size(),
             disks,
-            nics: Vec::new(),
+            nics: self
+                .vm
+                .nic_counters()
+                .iter()
+                .map(|(name, c)| {
+                    (
+                        name.clone(),
+                        c.rx_bytes.load(Ordering::Relaxed),
+                        c.tx_bytes.load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
         })
     }
 }

@@ -12,12 +12,29 @@
 //! - [`memory`]: guest RAM layout around the 32-bit MMIO hole, the e820 map;
 //! - [`boot`]: PVH and Linux 64-bit boot (kernel, command line, initrd, zero
 //!   page, `hvm_start_info`, MP table);
-//! - [`devices`]: buses, COM1 16550, i8042 reset, virtio-mmio, virtio-blk;
+//! - [`devices`]: buses, COM1 16550, i8042 reset, virtio-mmio, virtio-blk,
+//!   virtio-net (on a TAP queue: by name or an adopted descriptor) and
+//!   virtio-rng;
 //! - [`vcpu`]: one thread per vCPU and its run/pause/stop state machine;
 //! - [`vm`]: the VM manager (build, start, pause, resume, kill, wait);
 //! - [`hypervisor`]: [`KvmHypervisor`] / [`KvmVm`], the hci-core trait impls;
 //! - [`console`]: the serial console stream (history, readers, log file);
-//! - [`test_guests`]: tiny PVH guests built with gcc for tests and benchmarks.
+//! - [`test_guests`]: tiny PVH guests built with gcc for tests and benchmarks
+//!   (including `net`, which answers ARP and ping on a virtio-net NIC, and
+//!   `rng`, which reads virtio-rng).
+//!
+//! Every libc call outside [`kvm`] lives in the private `sys` module
+//! (process facts, TAP ioctls).
+//!
+//! ## Networking
+//!
+//! Each [`NicConfig`](hci_core::compute::NicConfig) becomes a virtio-net
+//! device (two queues, MAC, link status, MTU; no offloads yet) on the TAP it
+//! names. hci-net's `LinuxBridgeBackend::attach_port` returns a `TapHandle`
+//! whose queue descriptor the backend keeps attached; hand it over with
+//! [`KvmHypervisor::register_tap`] before creating the VM, otherwise the VMM
+//! attaches to the TAP by name in its own network namespace. Traffic counters
+//! show up in `VmStats::nics` and [`Vm::nic_counters`].
 //!
 //! ## Example
 //!
@@ -60,4 +77,4 @@ pub mod vm;
 
 pub use error::{Result, VmmError};
 pub use hypervisor::{KvmHypervisor, KvmVm};
-pub use vm::{DiskSpec, Vm, VmSpec};
+pub use vm::{DiskSpec, NicSpec, Vm, VmSpec};

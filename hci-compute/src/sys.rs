@@ -1,4 +1,7 @@
-//! Small process facts read from `/proc` (thread ids, CPU time, memory).
+//! Small process facts read from `/proc` (thread ids, CPU time, memory), and
+//! TAP devices ([`tap`]): every libc call of the crate outside `kvm`.
+
+pub mod tap;
 
 use std::fs;
 use std::time::Duration;
@@ -35,34 +38,43 @@ fn page_size() -> u64 {
     u64::try_from(v).unwrap_or(4096)
 }
 
-/// Resident bytes of the mappings that start at the given host addresses
-/// (guest RAM), from `/proc/self/smaps`.
-pub fn mapping_rss(starts: &[u64]) -> u64 {
-    let Ok(smaps) = fs::read_to_string("/proc/self/smaps") else {
-        return 0;
-    };
-    let mut total = 0;
-    let mut counting = false;
-    for line in smaps.lines() {
-        // Mapping header lines look like "7f00-7f80 rw-p ...".
-        if let Some((range, _)) = line.split_once(' ')
-            && let Some((start, _)) = range.split_once('-')
-            && let Ok(start) = u64::from_str_radix(start, 16)
-        {
-            counting = starts.contains(&start);
+/// Resident bytes of the given host virtual ranges `(start, len)` (guest
+/// RAM), from `mincore`. (Reading `/proc/self/smaps` by mapping start is
+/// unreliable: adjacent anonymous mappings, e.g. another VM's RAM, merge.)
+/// Unmapped parts count as not resident.
+pub fn mapping_rss(ranges: &[(u64, u64)]) -> u64 {
+    const CHUNK_PAGES: u64 = 1 << 16;
+    let page = page_size();
+    let mut resident = 0u64;
+    let mut vec = Vec::new();
+    for &(start, len) in ranges {
+        if !start.is_multiple_of(page) {
             continue;
         }
-        if counting && let Some(kb) = line.strip_prefix("Rss:") {
-            total += kb
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0)
-                * 1024;
+        let pages = len.div_ceil(page);
+        let mut done = 0u64;
+        while done < pages {
+            let n = (pages - done).min(CHUNK_PAGES);
+            vec.resize(n as usize, 0u8);
+            let addr = start + done * page;
+            // SAFETY: mincore only queries page residency of `[addr, addr + n
+            // pages)` (failing with ENOMEM where nothing is mapped, never
+            // touching the memory) and writes one byte per page into `vec`,
+            // which holds exactly `n` bytes for the call.
+            let rc = unsafe {
+                libc::mincore(
+                    addr as *mut libc::c_void,
+                    (n * page) as libc::size_t,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if rc == 0 {
+                resident += vec.iter().filter(|b| **b & 1 != 0).count() as u64 * page;
+            }
+            done += n;
         }
     }
-    total
+    resident
 }
 
 #[cfg(test)]
@@ -73,6 +85,13 @@ mod tests {
     fn proc_facts_are_readable() {
         assert!(process_rss() > 0);
         assert!(thread_cpu_time(gettid()).is_some());
-        assert_eq!(mapping_rss(&[1]), 0);
+        assert_eq!(mapping_rss(&[(1, 4096)]), 0);
+        // A fresh mapping is not resident until touched.
+        let mut v = vec![0u8; 1 << 20];
+        let addr = v.as_ptr() as u64;
+        let aligned = addr.next_multiple_of(4096);
+        v[(aligned - addr) as usize + 8192] = 1;
+        assert!(mapping_rss(&[(aligned, 1 << 19)]) >= 4096);
+        assert_eq!(mapping_rss(&[(1 << 46, 1 << 20)]), 0);
     }
 }

@@ -12,8 +12,15 @@
 //!   `sector=` (8) of the first virtio-blk disk, flushes, reads back, checks a
 //!   read past the end fails, asks for the serial, prints `virtio-blk OK` or
 //!   `virtio-blk FAIL: …`, and resets;
-//! - `chaos`: a hostile driver scribbling over a virtio device's registers and
-//!   rings (`seed=`, `iters=`), then prints `chaos survived` and resets.
+//! - `net`: a tiny host on the first virtio-net NIC: takes its address from
+//!   `ip=a.b.c.d`, prints `net up mac … ip …`, then answers ARP requests and
+//!   ICMP echo requests for it (`arp reply N`, `icmp reply N`) forever, or
+//!   until `replies=N` echo replies (then `net done` and a reset);
+//! - `rng`: reads the first virtio-rng device twice, prints `virtio-rng OK`
+//!   or `virtio-rng FAIL: …`, and resets;
+//! - `chaos`: a hostile driver scribbling over the registers and rings of the
+//!   first virtio device of type `device=` (2) (`seed=`, `iters=`), then
+//!   prints `chaos survived` and resets.
 //!
 //! The same ELF boots in QEMU (`-kernel guest.elf`), which the benchmarks use.
 
@@ -33,6 +40,8 @@ const HELLO_C: &str = include_str!("../guests/hello.c");
 const SPIN_C: &str = include_str!("../guests/spin.c");
 const BLK_C: &str = include_str!("../guests/blk.c");
 const CHAOS_C: &str = include_str!("../guests/chaos.c");
+const NET_C: &str = include_str!("../guests/net.c");
+const RNG_C: &str = include_str!("../guests/rng.c");
 
 /// gcc flags: freestanding, static, no SSE (CR4.OSFXSR stays off), no red zone.
 const CFLAGS: &[&str] = &[
@@ -67,11 +76,22 @@ pub enum Guest {
     Blk,
     /// Throws garbage at a virtio device's registers and queues.
     Chaos,
+    /// Answers ARP and ping on a virtio-net NIC.
+    Net,
+    /// Reads a virtio-rng device and reports OK/FAIL.
+    Rng,
 }
 
 impl Guest {
     /// Every guest.
-    pub const ALL: [Guest; 4] = [Guest::Hello, Guest::Spin, Guest::Blk, Guest::Chaos];
+    pub const ALL: [Guest; 6] = [
+        Guest::Hello,
+        Guest::Spin,
+        Guest::Blk,
+        Guest::Chaos,
+        Guest::Net,
+        Guest::Rng,
+    ];
 
     /// Short name (also the ELF file stem).
     pub fn name(self) -> &'static str {
@@ -80,6 +100,8 @@ impl Guest {
             Guest::Spin => "spin",
             Guest::Blk => "blk",
             Guest::Chaos => "chaos",
+            Guest::Net => "net",
+            Guest::Rng => "rng",
         }
     }
 
@@ -95,6 +117,14 @@ impl Guest {
             Guest::Chaos => {
                 v.push(("virtio.c", VIRTIO_C));
                 v.push(("chaos.c", CHAOS_C));
+            }
+            Guest::Net => {
+                v.push(("virtio.c", VIRTIO_C));
+                v.push(("net.c", NET_C));
+            }
+            Guest::Rng => {
+                v.push(("virtio.c", VIRTIO_C));
+                v.push(("rng.c", RNG_C));
             }
         }
         v

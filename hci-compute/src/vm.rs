@@ -20,8 +20,11 @@ use crate::boot::{self, KernelConfig, mptable::MAX_CPUS};
 use crate::console::ConsoleHub;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN, ResetTrigger};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, SerialDevice};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockCounters, Executor};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::net::{Net, NetCounters, TapSource};
+use crate::devices::virtio::rng::{Rng, RngCounters};
 use crate::devices::{Bus, IrqLine};
 use crate::error::{Result, VmmError};
 use crate::kvm;
@@ -44,6 +47,19 @@ pub struct DiskSpec {
     pub read_only: bool,
 }
 
+/// One NIC of a [`VmSpec`] (virtio-net on a TAP).
+#[derive(Debug, Clone)]
+pub struct NicSpec {
+    /// NIC name (stats are reported under it).
+    pub name: String,
+    /// Guest MAC address.
+    pub mac: [u8; 6],
+    /// MTU announced to the guest (0: none).
+    pub mtu: u16,
+    /// The TAP queue.
+    pub tap: TapSource,
+}
+
 /// Everything needed to build a VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -59,8 +75,12 @@ pub struct VmSpec {
     pub initrd: Option<PathBuf>,
     /// Kernel command line; virtio-mmio device announcements are appended.
     pub cmdline: String,
-    /// virtio-blk disks, in order.
+    /// virtio-blk disks, in order (the first virtio-mmio slots).
     pub disks: Vec<DiskSpec>,
+    /// virtio-net NICs, in order (the slots after the disks).
+    pub nics: Vec<NicSpec>,
+    /// Add a virtio-rng entropy device (the slot after the NICs).
+    pub entropy: bool,
     /// Also append console output to this file.
     pub console_log: Option<PathBuf>,
 }
@@ -78,6 +98,8 @@ struct Inner {
     events_rx: Mutex<Option<Receiver<VmEvent>>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     disks: Vec<(String, Arc<BlockCounters>)>,
+    nics: Vec<(String, Arc<NetCounters>)>,
+    entropy: Option<Arc<RngCounters>>,
     console: Arc<ConsoleHub>,
     state: watch::Sender<VmState>,
     lifecycle: Mutex<()>,
@@ -122,10 +144,13 @@ impl Vm {
                 format!("{} is outside 1..={MAX_CPUS}", spec.cpus),
             ));
         }
-        if spec.disks.len() > MAX_VIRTIO_DEVICES {
+        let devices = spec.disks.len() + spec.nics.len() + usize::from(spec.entropy);
+        if devices > MAX_VIRTIO_DEVICES {
             return Err(VmmError::invalid(
-                "disks",
-                format!("at most {MAX_VIRTIO_DEVICES} are supported"),
+                "devices",
+                format!(
+                    "{devices} virtio devices (disks, NICs, entropy) requested; at most {MAX_VIRTIO_DEVICES} are supported"
+                ),
             ));
         }
         kvm::install_kick_handler()?;
@@ -171,13 +196,15 @@ impl Vm {
             Arc::new(Mutex::new(I8042::new(reset))),
         )?;
 
-        let mut mmio = Bus::new();
-        let mut transports = Vec::new();
+        let mut virtio = VirtioSlots {
+            kvm: &kvm_vm,
+            memory: &memory,
+            mmio: Bus::new(),
+            transports: Vec::new(),
+            cmdline: spec.cmdline.clone(),
+        };
         let mut disks = Vec::new();
-        let mut cmdline = spec.cmdline.clone();
-        for (i, disk) in spec.disks.iter().enumerate() {
-            let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
-            let irq = VIRTIO_IRQ_BASE + i as u32;
+        for disk in &spec.disks {
             let block = Block::new(
                 &disk.name,
                 Arc::clone(&disk.device),
@@ -185,16 +212,26 @@ impl Vm {
                 executor.clone(),
             );
             disks.push((disk.name.clone(), block.counters()));
-            let transport = MmioTransport::new(Box::new(block), Arc::clone(&memory), eventfd()?)?;
-            kvm_vm.register_irqfd(transport.irq_event(), irq)?;
-            for (q, evt) in transport.queue_events().iter().enumerate() {
-                kvm_vm.register_mmio_ioeventfd(evt, base + QUEUE_NOTIFY_OFFSET, q as u32)?;
-            }
-            let transport = Arc::new(Mutex::new(transport));
-            mmio.insert("virtio-blk", base, VIRTIO_MMIO_SIZE, transport.clone())?;
-            transports.push(transport);
-            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            virtio.add("virtio-blk", Box::new(block))?;
         }
+        let mut nics = Vec::new();
+        for nic in &spec.nics {
+            let net = Net::new(&nic.name, nic.mac, nic.mtu, &nic.tap)?;
+            nics.push((nic.name.clone(), net.counters()));
+            virtio.add("virtio-net", Box::new(net))?;
+        }
+        let mut entropy = None;
+        if spec.entropy {
+            let rng = Rng::new()?;
+            entropy = Some(rng.counters());
+            virtio.add("virtio-rng", Box::new(rng))?;
+        }
+        let VirtioSlots {
+            mmio,
+            transports,
+            cmdline,
+            ..
+        } = virtio;
 
         let entry = boot::load(
             &memory,
@@ -213,7 +250,7 @@ impl Vm {
             }
             vcpus.push(vcpu);
         }
-        info!(cpus = spec.cpus, memory = spec.memory, disks = spec.disks.len(), elapsed = ?created.elapsed(), "VM created");
+        info!(cpus = spec.cpus, memory = spec.memory, disks = spec.disks.len(), nics = spec.nics.len(), elapsed = ?created.elapsed(), "VM created");
         let (state, _) = watch::channel(VmState::Created);
         Ok(Vm {
             inner: Arc::new(Inner {
@@ -232,6 +269,8 @@ impl Vm {
                 events_rx: Mutex::new(Some(events_rx)),
                 transports,
                 disks,
+                nics,
+                entropy,
                 console,
                 state,
                 lifecycle: Mutex::new(()),
@@ -291,6 +330,16 @@ impl Vm {
     /// Per-disk (name, counters).
     pub fn disk_counters(&self) -> &[(String, Arc<BlockCounters>)] {
         &self.inner.disks
+    }
+
+    /// Per-NIC (name, counters).
+    pub fn nic_counters(&self) -> &[(String, Arc<NetCounters>)] {
+        &self.inner.nics
+    }
+
+    /// The entropy device's counters, if the VM has one.
+    pub fn entropy_counters(&self) -> Option<&Arc<RngCounters>> {
+        self.inner.entropy.as_ref()
     }
 
     /// (total vCPU CPU time, total exits) over all vCPU threads.
@@ -454,8 +503,9 @@ impl Inner {
             t.join();
         }
         for t in &self.transports {
-            // Stop device workers; a fresh driver would have to start over anyway.
-            t.lock().unwrap_or_else(|p| p.into_inner()).reset();
+            // Stop device workers and let go of host resources (TAP queues):
+            // a stopped VM never runs again.
+            t.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
         }
         let _ = self.handlers.events.send(VmEvent::Shutdown);
         self.console.close();
@@ -479,6 +529,37 @@ fn control_loop(vm: Weak<Inner>, rx: Receiver<VmEvent>) {
         && let Some(inner) = vm.upgrade()
     {
         inner.stop(reason);
+    }
+}
+
+/// Places virtio devices in consecutive virtio-mmio slots, each with its IRQ
+/// (irqfd), queue-notify ioeventfds and a `virtio_mmio.device=` announcement.
+struct VirtioSlots<'a> {
+    kvm: &'a kvm::Vm,
+    memory: &'a Arc<GuestMemory>,
+    mmio: Bus,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    cmdline: String,
+}
+
+impl VirtioSlots<'_> {
+    fn add(&mut self, label: &'static str, device: Box<dyn VirtioDevice>) -> Result<()> {
+        let slot = self.transports.len();
+        let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + slot as u32;
+        let transport = MmioTransport::new(device, Arc::clone(self.memory), eventfd()?)?;
+        self.kvm.register_irqfd(transport.irq_event(), irq)?;
+        for (q, evt) in transport.queue_events().iter().enumerate() {
+            self.kvm
+                .register_mmio_ioeventfd(evt, base + QUEUE_NOTIFY_OFFSET, q as u32)?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(label, base, VIRTIO_MMIO_SIZE, transport.clone())?;
+        self.transports.push(transport);
+        self.cmdline
+            .push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+        Ok(())
     }
 }
 

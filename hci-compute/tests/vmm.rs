@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use hci_compute::test_guests::Guest;
 use hci_core::block::BlockDevice;
-use hci_core::compute::{ExitReason, Hypervisor, NicConfig, VmHandle, VmState};
+use hci_core::compute::{ExitReason, Hypervisor, NicConfig, NicModel, VmHandle, VmState};
 use hci_core::memory::MemBlockDevice;
 use tokio::io::AsyncReadExt;
 use tokio::time::timeout;
@@ -206,16 +206,68 @@ async fn bad_specs_give_clear_errors() {
             .contains("vCPU count")
     );
 
-    let mut c = config("nic", kernel, 1, "");
-    c.nics.push(NicConfig {
+    let nic = NicConfig {
         name: "eth0".into(),
-        tap: "tap0".into(),
+        tap: "hci-no-such-tap".into(),
         mac: [2, 0, 0, 0, 0, 1],
         model: Default::default(),
         mtu: 1500,
+    };
+    let mut c = config("nic", kernel.clone(), 1, "");
+    c.nics.push(nic.clone());
+    let e = hv.create(c).await.unwrap_err().to_string();
+    assert!(e.contains("hci-no-such-tap"), "{e}");
+
+    let mut c = config("e1000", kernel.clone(), 1, "");
+    c.nics.push(NicConfig {
+        model: NicModel::E1000,
+        ..nic.clone()
     });
     let e = hv.create(c).await.unwrap_err();
     assert!(matches!(e, hci_core::Error::Unsupported { .. }), "{e}");
+
+    let mut c = config("multicast-mac", kernel.clone(), 1, "");
+    c.nics.push(NicConfig {
+        mac: [1, 0, 0, 0, 0, 1],
+        ..nic.clone()
+    });
+    let e = hv.create(c).await.unwrap_err().to_string();
+    assert!(e.contains("MAC"), "{e}");
+
+    let mut c = config("two-eth0", kernel, 1, "");
+    c.nics.push(nic.clone());
+    c.nics.push(nic);
+    let e = hv.create(c).await.unwrap_err().to_string();
+    assert!(e.contains("NIC name"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rng_guest_reads_host_entropy() {
+    let vm = create(config("rng", guest(Guest::Rng), 1, "")).await;
+    vm.start().await.unwrap();
+    let reason = timeout(WAIT, vm.wait()).await.unwrap().unwrap();
+    let console = String::from_utf8_lossy(&vm.console_hub().history()).into_owned();
+    assert_eq!(reason, ExitReason::Reset, "{console}");
+    assert_eq!(console, "virtio-rng OK\n");
+    let c = vm.vm().entropy_counters().expect("an entropy device");
+    assert_eq!(c.bytes.load(Ordering::Relaxed), 64);
+    assert_eq!(c.requests.load(Ordering::Relaxed), 2);
+
+    // Without the entropy device the guest finds none.
+    require_kvm();
+    let vm = hci_compute::KvmHypervisor::new()
+        .with_entropy(false)
+        .create_vm(config("no-rng", guest(Guest::Rng), 1, ""))
+        .await
+        .unwrap();
+    vm.start().await.unwrap();
+    timeout(WAIT, vm.wait()).await.unwrap().unwrap();
+    let console = String::from_utf8_lossy(&vm.console_hub().history()).into_owned();
+    assert!(
+        console.starts_with("virtio-rng FAIL: no virtio-rng device"),
+        "{console}"
+    );
+    assert!(vm.vm().entropy_counters().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

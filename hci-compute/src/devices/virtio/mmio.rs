@@ -63,6 +63,7 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     active: bool,
+    released: bool,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -100,6 +101,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             active: false,
+            released: false,
         })
     }
 
@@ -143,6 +145,14 @@ impl MmioTransport {
         self.interrupt.ack(u32::MAX);
     }
 
+    /// Resets the transport and releases the device's host resources: the
+    /// device never goes live again (the VM stopped).
+    pub fn shutdown(&mut self) {
+        self.reset();
+        self.device.release();
+        self.released = true;
+    }
+
     fn set_status(&mut self, new: u32) {
         if new == 0 {
             self.reset();
@@ -161,6 +171,10 @@ impl MmioTransport {
         }
         self.status = new;
         let going_live = new & status::DRIVER_OK != 0 && old & status::DRIVER_OK == 0;
+        if going_live && self.released {
+            self.status |= status::DEVICE_NEEDS_RESET;
+            return;
+        }
         if going_live
             && new & status::FEATURES_OK != 0
             && let Err(e) = self.activate()
@@ -203,7 +217,11 @@ impl MmioTransport {
             let notify = self.notify[i]
                 .try_clone()
                 .map_err(|e| VmmError::io("clone a queue eventfd", e))?;
-            active.push(ActiveQueue { queue, notify });
+            active.push(ActiveQueue {
+                index: i,
+                queue,
+                notify,
+            });
         }
         debug!(
             queues = active.len(),

@@ -11,6 +11,7 @@ use crate::devices::virtio::ActiveQueue;
 struct Seen {
     activations: usize,
     resets: usize,
+    releases: usize,
     features: u64,
     queues: usize,
 }
@@ -46,6 +47,9 @@ impl VirtioDevice for Fake {
     }
     fn reset(&mut self) {
         self.0.lock().unwrap().resets += 1;
+    }
+    fn release(&mut self) {
+        self.0.lock().unwrap().releases += 1;
     }
 }
 
@@ -132,6 +136,26 @@ fn driver_ok_activates_with_negotiated_features() {
     assert_eq!(seen.lock().unwrap().resets, 1);
     assert_eq!(r32(&mut t, reg::STATUS), 0);
     assert_eq!(r32(&mut t, reg::QUEUE_READY), 0);
+}
+
+#[test]
+fn a_shut_down_transport_never_goes_live_again() {
+    let (mut t, seen) = transport();
+    negotiate(&mut t, 1);
+    set_up_queue(&mut t, 16);
+    let live = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+    w32(&mut t, reg::STATUS, live);
+    t.shutdown();
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!((s.activations, s.resets, s.releases), (1, 1, 1));
+    }
+    assert_eq!(r32(&mut t, reg::STATUS), 0);
+    negotiate(&mut t, 1);
+    set_up_queue(&mut t, 16);
+    w32(&mut t, reg::STATUS, live);
+    assert_ne!(r32(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    assert_eq!(seen.lock().unwrap().activations, 1);
 }
 
 #[test]

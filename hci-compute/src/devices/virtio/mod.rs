@@ -4,9 +4,15 @@
 //! with its queues); [`mmio::MmioTransport`] is the register interface the guest
 //! drives. On `DRIVER_OK` the transport hands the device its queues, each with
 //! the eventfd the guest's notifications arrive on, and an [`Interrupt`].
+//!
+//! Devices: [`block`] (virtio-blk over an hci `BlockDevice`), [`net`]
+//! (virtio-net over a TAP queue) and [`rng`] (virtio-rng from the host's
+//! entropy pool).
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod rng;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -19,8 +25,12 @@ use crate::memory::GuestMemory;
 
 /// `VIRTIO_F_VERSION_1`: virtio 1.x semantics (the only kind we offer).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device ID of a network card.
+pub const DEVICE_ID_NET: u32 = 1;
 /// Device ID of a block device.
 pub const DEVICE_ID_BLOCK: u32 = 2;
+/// Device ID of an entropy source.
+pub const DEVICE_ID_RNG: u32 = 4;
 
 /// Device status bits.
 pub mod status {
@@ -85,6 +95,8 @@ impl Interrupt {
 /// A queue ready for a device: the split queue and its notification eventfd.
 #[derive(Debug)]
 pub struct ActiveQueue {
+    /// Queue index (devices with several queues tell them apart by it).
+    pub index: usize,
     /// The queue, validated against guest memory.
     pub queue: Queue,
     /// Becomes readable when the guest notifies the queue.
@@ -113,6 +125,9 @@ pub trait VirtioDevice: Send {
     ) -> Result<()>;
     /// Stops serving queues (driver reset or VM teardown).
     fn reset(&mut self);
+    /// Lets go of host resources for good (the VM stopped; the device is
+    /// never activated again), e.g. a TAP queue another VM may want next.
+    fn release(&mut self) {}
 }
 
 /// Copies `src[offset..]` into `data`, zero-filling past the end.

@@ -183,7 +183,10 @@ impl VirtioDevice for Block {
         interrupt: Arc<Interrupt>,
     ) -> Result<()> {
         self.reset();
-        let Some(ActiveQueue { mut queue, notify }) = queues.pop() else {
+        let Some(ActiveQueue {
+            mut queue, notify, ..
+        }) = queues.pop()
+        else {
             return Err(VmmError::Device {
                 device: self.name.clone(),
                 reason: "no queue was set up".into(),
