@@ -97,4 +97,13 @@ void guest_main(const struct hvm_start_info *si) {
         puts("reads done\n");
     }
     puts("virtio-blk OK\n");
+    /* stay=1: keep running (for demos and controller tests) instead of
+     * resetting; prints a '.' now and then so progress is visible. */
+    if (cmdline_u64(si, "stay", 0)) {
+        puts("staying up\n");
+        for (;;) {
+            for (volatile u64 i = 0; i < 200000000; i++) __asm__ volatile("pause");
+            putc('.');
+        }
+    }
 }

@@ -4,13 +4,16 @@
 //! [`StateStore`](hci_core::store::StateStore), by default the embedded
 //! [`store::RedbStateStore`].
 //!
-//! Reconcilers, the scheduler, cluster mode (etcd), authentication and
-//! metrics are not implemented yet.
+//! [`controllers`] reconcile volumes, snapshots and VMs on this node
+//! (local storage pool, hci's KVM VMM in-process). Cluster mode (etcd),
+//! networks, backups and metrics are not implemented yet.
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod controllers;
 pub mod resources;
 pub mod store;
+mod sys;
 
 /// Generated protobuf messages and tonic clients/servers of the `hci.v1` API.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -139,6 +139,16 @@ macro_rules! resource {
             pub fn new(name: impl Into<String>, spec: $spec) -> Self {
                 $name { metadata: $crate::model::ObjectMeta::named(name), spec, status: None }
             }
+
+            /// The status, created empty first if there is none yet.
+            pub fn status_mut(&mut self) -> &mut $status {
+                self.status.get_or_insert_with(Default::default)
+            }
+
+            /// A copy of the status, or the empty status if there is none yet.
+            pub fn status_or_default(&self) -> $status {
+                self.status.clone().unwrap_or_default()
+            }
         }
 
         impl serde::Serialize for $name {

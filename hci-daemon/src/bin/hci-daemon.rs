@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use hci_compute::KvmHypervisor;
 use hci_daemon::api::{Api, serve_unix};
+use hci_daemon::controllers::{Controllers, NodeInfo, Runtime};
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::RedbStateStore;
 use tracing_subscriber::EnvFilter;
@@ -31,6 +33,39 @@ struct Args {
     /// Default: unix:DIR/hci.sock.
     #[arg(long, value_name = "unix:PATH", value_parser = parse_listen)]
     listen: Option<PathBuf>,
+    /// Name of this node (a DNS-1123 label). Default: the host name.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
+    /// Memory kept for the host, not offered to VMs (e.g. 1G, 512M).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    reserved_memory: u64,
+    /// Serve the API only: run no controllers (nothing is created or started).
+    #[arg(long)]
+    no_controllers: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<hci_core::model::ByteSize>()
+        .map(|b| b.0)
+        .map_err(|e| format!("{s:?} is not a size: {e}"))
+}
+
+/// The host name as a DNS-1123 label.
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let label: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    let label = label.trim_matches('-').to_string();
+    if label.is_empty() {
+        "node".to_string()
+    } else {
+        label
+    }
 }
 
 fn parse_listen(s: &str) -> Result<PathBuf, String> {
@@ -79,7 +114,27 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to open the state store {}", db.display()))?;
     let socket = args.listen.unwrap_or_else(|| dir.join("hci.sock"));
-    let api = Api::new(ResourceStore::new(Arc::new(store)));
-    serve_unix(api, &socket, shutdown_signal()).await?;
+    let resources = ResourceStore::new(Arc::new(store));
+    let mut api = Api::new(resources.clone());
+    let controllers = if args.no_controllers {
+        None
+    } else {
+        let name = args.node.unwrap_or_else(default_node_name);
+        let node = NodeInfo::detect(&name, dir, args.reserved_memory)
+            .context("failed to inspect this node")?;
+        tracing::info!(node = name, cpus = node.allocatable.cpus, memory = %node.allocatable.memory, "starting controllers");
+        let rt = Runtime::new(resources, dir, node, Arc::new(KvmHypervisor::new()))
+            .context("failed to prepare the storage pool")?;
+        let controllers = Controllers::start(rt)
+            .await
+            .context("failed to start the controllers")?;
+        api = api.with_console(controllers.vms().clone());
+        Some(controllers)
+    };
+    let served = serve_unix(api, &socket, shutdown_signal()).await;
+    if let Some(controllers) = controllers {
+        controllers.shutdown().await;
+    }
+    served?;
     Ok(())
 }

@@ -1,0 +1,135 @@
+//! The snapshot controller: takes each `Snapshot` of a pool volume (in
+//! O(1), the volume stays online), reports it Ready with its time and size,
+//! and deletes the pool snapshot when the resource goes (merging its data
+//! into its neighbour while the volume stays in use).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hci_core::model::{ByteSize, Snapshot, SnapshotPhase};
+use hci_core::volume::VolumeBackend;
+use hci_core::{Error, Result};
+
+use super::{Reconcile, Runtime, set_status};
+
+pub(crate) struct SnapshotController {
+    rt: Runtime,
+}
+
+impl SnapshotController {
+    pub(crate) fn new(rt: Runtime) -> Self {
+        SnapshotController { rt }
+    }
+
+    /// Deletes pool snapshot `name` from whichever volume holds it.
+    async fn delete_everywhere(&self, name: &str) -> Result<()> {
+        for vol in self.rt.volumes.list().await? {
+            let snaps = self.rt.volumes.list_snapshots(&vol.name).await?;
+            if snaps.iter().any(|s| s.name == name) {
+                self.rt.volumes.delete_snapshot(&vol.name, name).await?;
+                tracing::info!(volume = vol.name, snapshot = name, "snapshot deleted");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a pool snapshot belongs to a `Snapshot` resource (the
+/// controllers' own snapshots have dots in their names).
+fn is_resource_snapshot(name: &str) -> bool {
+    !name.contains('.')
+}
+
+#[async_trait]
+impl Reconcile for SnapshotController {
+    type Kind = Snapshot;
+
+    async fn reconcile(&self, name: &str, current: Option<Snapshot>) -> Result<Option<Duration>> {
+        let Some(snap) = current else {
+            self.delete_everywhere(name).await?;
+            return Ok(None);
+        };
+        let volume = &snap.spec.volume;
+        let existing = match self.rt.volumes.list_snapshots(volume).await {
+            Ok(list) => list,
+            Err(Error::NotFound { .. }) => {
+                let message = format!("volume {volume:?} does not exist (yet)");
+                set_status(&self.rt.resources, name, |s: &mut Snapshot| {
+                    s.status_mut().phase = SnapshotPhase::Pending;
+                    s.status_mut().message = message.clone();
+                })
+                .await?;
+                // The volume controller may not have created it yet.
+                return Ok(Some(Duration::from_secs(1)));
+            }
+            Err(e) => return Err(e),
+        };
+        let info = match existing.into_iter().find(|s| s.name == name) {
+            Some(info) => info,
+            None if snap.status_or_default().phase == SnapshotPhase::Ready => {
+                // It was taken and is gone: a revert cannot remove it, so
+                // someone deleted it behind the API. Say so.
+                set_status(&self.rt.resources, name, |s: &mut Snapshot| {
+                    s.status_mut().phase = SnapshotPhase::Failed;
+                    s.status_mut().message =
+                        format!("the snapshot is missing from volume {volume:?}");
+                })
+                .await?;
+                return Ok(None);
+            }
+            None => match self.rt.volumes.snapshot(volume, name).await {
+                Ok(info) => {
+                    tracing::info!(volume, snapshot = name, "snapshot taken");
+                    info
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    set_status(&self.rt.resources, name, |s: &mut Snapshot| {
+                        s.status_mut().phase = SnapshotPhase::Failed;
+                        s.status_mut().message = message.clone();
+                    })
+                    .await?;
+                    return Err(e);
+                }
+            },
+        };
+        set_status(&self.rt.resources, name, |s: &mut Snapshot| {
+            s.status_mut().phase = SnapshotPhase::Ready;
+            s.status_mut().taken_at = Some(info.created);
+            s.status_mut().size = Some(ByteSize(info.size));
+            s.status_mut().message.clear();
+        })
+        .await?;
+        Ok(None)
+    }
+
+    async fn sweep(&self, existing: &BTreeSet<String>) -> Result<()> {
+        for vol in self.rt.volumes.list().await? {
+            for snap in self.rt.volumes.list_snapshots(&vol.name).await? {
+                if is_resource_snapshot(&snap.name) && !existing.contains(&snap.name) {
+                    tracing::info!(
+                        volume = vol.name,
+                        snapshot = snap.name,
+                        "removing a snapshot whose resource is gone"
+                    );
+                    if let Err(e) = self.rt.volumes.delete_snapshot(&vol.name, &snap.name).await {
+                        tracing::warn!(volume = vol.name, snapshot = snap.name, error = %e, "cannot remove an orphaned snapshot");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_snapshots_are_not_resources() {
+        assert!(is_resource_snapshot("nightly-1"));
+        assert!(!is_resource_snapshot("hci.clone-1234"));
+    }
+}

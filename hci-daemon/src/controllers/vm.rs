@@ -1,0 +1,732 @@
+//! The VM controller: runs each `VirtualMachine` on this node's hypervisor
+//! as its run strategy and power actions say, and reports what happens.
+//!
+//! | strategy | the VM runs… |
+//! |---|---|
+//! | `Always` | always: restarted whenever it stops |
+//! | `RerunOnFailure` | until the guest powers off; restarted after a crash, a reboot (reset) or a lost VMM |
+//! | `Manual` | only between `start` and `stop` actions |
+//! | `Halted` | never |
+//!
+//! Power actions arrive as the `hci.dev/requested-action` annotation (see
+//! [`REQUESTED_ACTION`]); the controller carries one out and clears it.
+//! Restarts in quick succession back off (2 s doubling to 60 s) so a guest
+//! that crashes at boot does not spin.
+//!
+//! Starting a VM: admission against the node's allocatable memory and CPUs,
+//! every disk's volume must be ready and not attached read-write elsewhere,
+//! the kernel resolved (`guest:NAME` builds one of hci-compute's test guests
+//! with gcc), the volumes opened in-process and marked attached. NICs need
+//! the network controller, which does not exist yet: VMs with NICs fail to
+//! start with a message saying so.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use hci_compute::test_guests::{self, Guest};
+use hci_core::compute::{
+    BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, VmConfig, VmHandle,
+};
+use hci_core::model::{
+    BootSpec, ConditionStatus, DiskBus as ModelDiskBus, Resource, RunStrategy, VirtualMachine,
+    VmPhase, Volume, VolumePhase, set_condition,
+};
+use hci_core::volume::{OpenVolume, VolumeBackend};
+use hci_core::{Error, Result};
+use uuid::Uuid;
+
+use super::volume::encryption_key;
+use super::{Kick, Reconcile, Runtime, set_status};
+use crate::api::{ConsoleIo, ConsoleProvider, REQUESTED_ACTION, REQUESTED_AT};
+
+/// A VM that ran at least this long before stopping restarts at once.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+/// vCPUs per host CPU that admission allows in total.
+const CPU_OVERCOMMIT: u32 = 8;
+
+/// One VM this controller started.
+#[derive(Debug)]
+struct Instance {
+    uid: Option<Uuid>,
+    handle: Arc<dyn VmHandle>,
+    cpus: u32,
+    memory: u64,
+    exit: Mutex<Option<ExitReason>>,
+    /// The controller asked it to stop (so its exit is not a failure).
+    stopping: AtomicBool,
+    /// Its exit has been written to the VM's status.
+    recorded: AtomicBool,
+    started: Instant,
+    exited: Mutex<Option<Instant>>,
+}
+
+impl Instance {
+    fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn alive(&self) -> bool {
+        self.exit_reason().is_none()
+    }
+}
+
+/// The VM controller of a node; also serves VM consoles to the API.
+#[derive(Debug)]
+pub struct VmController {
+    rt: Runtime,
+    kick: Kick,
+    vms: Mutex<HashMap<String, Arc<Instance>>>,
+}
+
+fn phase_after(reason: &ExitReason, strategy: RunStrategy, asked: bool) -> VmPhase {
+    match reason {
+        ExitReason::Crashed(_) | ExitReason::VmmError(_) if !asked => VmPhase::Failed,
+        // A reset is a reboot: the VM comes back unless it should stay down.
+        ExitReason::Reset
+            if !asked && matches!(strategy, RunStrategy::Always | RunStrategy::RerunOnFailure) =>
+        {
+            VmPhase::Pending
+        }
+        _ => VmPhase::Stopped,
+    }
+}
+
+fn describe(reason: &ExitReason) -> String {
+    match reason {
+        ExitReason::Poweroff => "the guest powered off".into(),
+        ExitReason::Reset => "the guest reset (rebooted)".into(),
+        ExitReason::Killed => "killed".into(),
+        ExitReason::Crashed(why) => format!("the guest crashed: {why}"),
+        ExitReason::VmmError(why) => format!("the VMM failed: {why}"),
+    }
+}
+
+impl VmController {
+    pub(crate) fn new(rt: Runtime, kick: Kick) -> Self {
+        VmController {
+            rt,
+            kick,
+            vms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Instance>>> {
+        self.vms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn instance(&self, name: &str) -> Option<Arc<Instance>> {
+        self.map().get(name).cloned()
+    }
+
+    /// How many VMs run on this node now.
+    pub fn running_count(&self) -> usize {
+        self.map().values().filter(|i| i.alive()).count()
+    }
+
+    /// Names of the VMs running on this node now.
+    pub fn running(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .map()
+            .iter()
+            .filter(|(_, i)| i.alive())
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Kills every VM (daemon shutdown with an in-process hypervisor).
+    pub async fn kill_all(&self) {
+        let all: Vec<Arc<Instance>> = self.map().drain().map(|(_, i)| i).collect();
+        for inst in all {
+            if inst.alive()
+                && let Err(e) = inst.handle.kill().await
+            {
+                tracing::warn!(vm = inst.handle.name(), error = %e, "cannot kill");
+            }
+        }
+    }
+
+    /// Sets `attached_to` of every volume in `volumes` to `vm` (or clears it).
+    async fn mark_volumes(&self, volumes: &[String], vm: Option<&str>) -> Result<()> {
+        for v in volumes {
+            let result = set_status(&self.rt.resources, v, |vol: &mut Volume| {
+                vol.status_mut().attached_to = vm.map(str::to_string);
+                if matches!(
+                    vol.status_mut().phase,
+                    VolumePhase::Attached | VolumePhase::Detached
+                ) {
+                    vol.status_mut().phase = if vm.is_some() {
+                        VolumePhase::Attached
+                    } else {
+                        VolumePhase::Detached
+                    };
+                }
+            })
+            .await;
+            match result {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears `attached_to` on every volume attached to `vm`.
+    async fn detach_all(&self, vm: &str) -> Result<()> {
+        let attached: Vec<String> = self
+            .rt
+            .resources
+            .list::<Volume>()
+            .await?
+            .items
+            .into_iter()
+            .filter(|v| v.status.as_ref().and_then(|s| s.attached_to.as_deref()) == Some(vm))
+            .map(|v| v.name().to_string())
+            .collect();
+        self.mark_volumes(&attached, None).await
+    }
+
+    async fn status(
+        &self,
+        name: &str,
+        change: impl Fn(&mut VirtualMachine) + Send + Sync,
+    ) -> Result<()> {
+        match set_status(&self.rt.resources, name, change).await {
+            // Deleted meanwhile: the next reconcile cleans up.
+            Ok(()) | Err(Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn waiting(&self, name: &str, reason: &str, message: String) -> Result<()> {
+        self.status(name, |vm| {
+            let status = vm.status_mut();
+            status.phase = VmPhase::Pending;
+            status.message = message.clone();
+            set_condition(
+                &mut status.conditions,
+                "Ready",
+                ConditionStatus::False,
+                reason,
+                &message,
+            );
+        })
+        .await
+    }
+
+    /// Resolves a kernel path: `guest:NAME` builds a test guest.
+    async fn kernel(&self, path: &str) -> Result<std::path::PathBuf> {
+        let Some(guest) = path.strip_prefix("guest:") else {
+            let p = std::path::PathBuf::from(path);
+            if !p.is_file() {
+                return Err(Error::invalid(
+                    "spec.boot.path",
+                    format!("{path:?} is not a file on node {}", self.rt.node.name),
+                ));
+            }
+            return Ok(p);
+        };
+        let Some(guest) = Guest::ALL.into_iter().find(|g| g.name() == guest) else {
+            let names: Vec<&str> = Guest::ALL.iter().map(|g| g.name()).collect();
+            return Err(Error::invalid(
+                "spec.boot.path",
+                format!(
+                    "there is no test guest {guest:?} (have: {})",
+                    names.join(", ")
+                ),
+            ));
+        };
+        let dir = self.rt.guests_dir.clone();
+        tokio::task::spawn_blocking(move || test_guests::build(guest, &dir))
+            .await
+            .map_err(|e| Error::Backend {
+                backend: "kvm",
+                message: e.to_string(),
+                source: None,
+            })?
+            .map_err(|e| Error::io(format!("build test guest {}", guest.name()), e))
+    }
+
+    /// Checks whether the VM can start now: `Ok(Some(wait))` if not yet.
+    async fn admit(&self, vm: &VirtualMachine) -> Result<Option<Duration>> {
+        let name = vm.name();
+        let alloc = self.rt.node.allocatable;
+        let (mut cpus, mut memory) = (0u32, 0u64);
+        for (n, i) in self.map().iter() {
+            if n != name && i.alive() {
+                cpus += i.cpus;
+                memory += i.memory;
+            }
+        }
+        let want_mem = vm.spec.memory.0;
+        if memory + want_mem > alloc.memory.0 || cpus + vm.spec.cpus > alloc.cpus * CPU_OVERCOMMIT {
+            let message = format!(
+                "node {} lacks room: the VM needs {} CPUs and {} of memory; {} CPUs (of {}) and {} (of {}) are in use",
+                self.rt.node.name,
+                vm.spec.cpus,
+                vm.spec.memory,
+                cpus,
+                alloc.cpus * CPU_OVERCOMMIT,
+                hci_core::model::ByteSize(memory),
+                alloc.memory,
+            );
+            self.waiting(name, "Unschedulable", message).await?;
+            return Ok(Some(Duration::from_secs(10)));
+        }
+        for disk in &vm.spec.disks {
+            let vol: Option<Volume> = self.rt.resources.try_get(&disk.volume).await?;
+            let problem = match &vol {
+                None => Some(format!("volume {:?} does not exist", disk.volume)),
+                Some(v)
+                    if !matches!(
+                        v.status_or_default().phase,
+                        VolumePhase::Detached | VolumePhase::Attached
+                    ) =>
+                {
+                    Some(format!(
+                        "volume {:?} is {} (waiting for it to be ready)",
+                        disk.volume,
+                        v.status_or_default().phase
+                    ))
+                }
+                Some(v) => match v.status_or_default().attached_to.as_deref() {
+                    Some(other) if other != name && !disk.read_only => Some(format!(
+                        "volume {:?} is attached to VM {other:?}",
+                        disk.volume
+                    )),
+                    _ => None,
+                },
+            };
+            if let Some(message) = problem {
+                self.waiting(name, "VolumeNotReady", message).await?;
+                return Ok(Some(Duration::from_secs(1)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Builds the hypervisor configuration, opening the VM's volumes.
+    async fn config(&self, vm: &VirtualMachine) -> Result<VmConfig> {
+        if !vm.spec.nics.is_empty() {
+            return Err(Error::unsupported(
+                "NICs (spec.nics)",
+                "the daemon: the network controller is not wired in yet",
+            ));
+        }
+        let boot = match &vm.spec.boot {
+            BootSpec::Kernel(k) => BootSource::Kernel {
+                kernel: self.kernel(&k.path).await?,
+                initrd: k.initrd.as_ref().map(Into::into),
+                cmdline: k.cmdline.clone(),
+            },
+            BootSpec::Firmware(_) => {
+                return Err(Error::unsupported(
+                    "firmware boot",
+                    "the kvm backend (direct kernel boot only; firmware needs the qemu backend)",
+                ));
+            }
+        };
+        let mut disks = Vec::new();
+        for disk in &vm.spec.disks {
+            let vol: Volume = self.rt.resources.get(&disk.volume).await?;
+            let device = self
+                .rt
+                .volumes
+                .open(
+                    &disk.volume,
+                    OpenVolume {
+                        read_only: disk.read_only,
+                        encryption_key: encryption_key(&vol)?,
+                    },
+                )
+                .await?;
+            let bus = match disk.bus {
+                ModelDiskBus::Virtio => DiskBus::Virtio,
+                other => {
+                    return Err(Error::unsupported(
+                        format!("disk bus {}", other.as_str()),
+                        "the kvm backend (virtio only)",
+                    ));
+                }
+            };
+            disks.push(DiskConfig {
+                name: disk.name.clone(),
+                backend: DiskBackend::Device(device),
+                bus,
+                read_only: disk.read_only,
+                boot_order: disk.boot_order,
+            });
+        }
+        Ok(VmConfig {
+            name: vm.name().to_string(),
+            cpus: vm.spec.cpus,
+            memory: vm.spec.memory.0,
+            boot,
+            disks,
+            nics: vec![],
+            cloud_init_seed: None,
+            run_dir: self.rt.run_dir.join(vm.name()),
+        })
+    }
+
+    /// Starts the VM, or says why it cannot yet.
+    async fn start(&self, vm: &VirtualMachine, restart: bool) -> Result<Option<Duration>> {
+        let name = vm.name();
+        if let Some(wait) = self.admit(vm).await? {
+            return Ok(Some(wait));
+        }
+        let volumes: Vec<String> = vm.spec.disks.iter().map(|d| d.volume.clone()).collect();
+        let started = async {
+            let config = self.config(vm).await?;
+            std::fs::create_dir_all(&config.run_dir)
+                .map_err(|e| Error::io(format!("create {}", config.run_dir.display()), e))?;
+            self.status(name, |v| v.status_mut().phase = VmPhase::Starting)
+                .await?;
+            let handle: Arc<dyn VmHandle> = Arc::from(self.rt.hypervisor.create(config).await?);
+            handle.start().await?;
+            Ok::<_, Error>(handle)
+        }
+        .await;
+        let handle = match started {
+            Ok(handle) => handle,
+            Err(e) => {
+                let message = format!("cannot start: {e}");
+                self.status(name, |v| {
+                    v.status_mut().phase = VmPhase::Failed;
+                    v.status_mut().message = message.clone();
+                    set_condition(
+                        &mut v.status_mut().conditions,
+                        "Ready",
+                        ConditionStatus::False,
+                        "StartFailed",
+                        &message,
+                    );
+                })
+                .await?;
+                return Err(e);
+            }
+        };
+        let inst = Arc::new(Instance {
+            uid: vm.metadata.uid,
+            handle: handle.clone(),
+            cpus: vm.spec.cpus,
+            memory: vm.spec.memory.0,
+            exit: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            recorded: AtomicBool::new(false),
+            started: Instant::now(),
+            exited: Mutex::new(None),
+        });
+        self.map().insert(name.to_string(), inst.clone());
+        let kick = self.kick.clone();
+        let vm_name = name.to_string();
+        tokio::spawn(async move {
+            let reason = inst
+                .handle
+                .wait()
+                .await
+                .unwrap_or_else(|e| ExitReason::VmmError(e.to_string()));
+            tracing::info!(vm = vm_name, ?reason, "VM stopped");
+            *inst.exited.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            *inst.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+            kick.now(&vm_name);
+        });
+        self.mark_volumes(&volumes, Some(name)).await?;
+        let node = self.rt.node.name.clone();
+        let now = Utc::now();
+        self.status(name, |v| {
+            v.status_mut().phase = VmPhase::Running;
+            v.status_mut().node = Some(node.clone());
+            v.status_mut().started_at = Some(now);
+            if restart {
+                v.status_mut().restarts += 1;
+            }
+            v.status_mut().message.clear();
+            set_condition(
+                &mut v.status_mut().conditions,
+                "Ready",
+                ConditionStatus::True,
+                "Running",
+                "",
+            );
+        })
+        .await?;
+        tracing::info!(vm = name, "VM started");
+        Ok(None)
+    }
+
+    /// Asks a running VM to stop; its exit is recorded when it comes.
+    async fn stop(&self, name: &str, inst: &Arc<Instance>) -> Result<()> {
+        if inst.stopping.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.status(name, |v| v.status_mut().phase = VmPhase::Stopping)
+            .await?;
+        let handle = inst.handle.clone();
+        let vm = name.to_string();
+        let timeout = self.rt.stop_timeout;
+        tokio::spawn(async move {
+            if let Err(e) = handle.shutdown(timeout).await {
+                tracing::warn!(vm, error = %e, "graceful stop failed; killing");
+                if let Err(e) = handle.kill().await {
+                    tracing::error!(vm, error = %e, "cannot kill");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Writes an instance's exit into the VM's status, once.
+    async fn record_exit(
+        &self,
+        vm: &VirtualMachine,
+        inst: &Instance,
+        reason: &ExitReason,
+    ) -> Result<()> {
+        if inst.recorded.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let asked = inst.stopping.load(Ordering::SeqCst);
+        let phase = phase_after(reason, vm.spec.run_strategy, asked);
+        let message = describe(reason);
+        let volumes: Vec<String> = vm.spec.disks.iter().map(|d| d.volume.clone()).collect();
+        self.mark_volumes(&volumes, None).await?;
+        self.status(vm.name(), |v| {
+            v.status_mut().phase = phase;
+            v.status_mut().message = message.clone();
+            set_condition(
+                &mut v.status_mut().conditions,
+                "Ready",
+                ConditionStatus::False,
+                "Stopped",
+                &message,
+            );
+        })
+        .await
+    }
+
+    /// Carries out a requested power action, then clears it.
+    async fn act(&self, vm: &VirtualMachine, action: &str) -> Result<Option<Duration>> {
+        let name = vm.name();
+        let inst = self.instance(name).filter(|i| i.alive());
+        let mut again = None;
+        match (action, &inst) {
+            ("pause", Some(i)) => {
+                i.handle.pause().await?;
+                self.status(name, |v| v.status_mut().phase = VmPhase::Paused)
+                    .await?;
+            }
+            ("resume", Some(i)) => {
+                i.handle.resume().await?;
+                self.status(name, |v| v.status_mut().phase = VmPhase::Running)
+                    .await?;
+            }
+            ("stop", Some(i)) => self.stop(name, i).await?,
+            ("restart", Some(i)) => {
+                i.stopping.store(true, Ordering::SeqCst);
+                i.handle.kill().await?;
+                i.handle.wait().await?;
+                self.map().remove(name);
+                again = self.start(vm, true).await?;
+            }
+            ("start" | "restart", None) => again = self.start(vm, false).await?,
+            ("start", Some(_)) | ("stop", None) => {}
+            ("pause" | "resume", None) => {
+                let message = format!("cannot {action}: the VM is not running");
+                self.status(name, |v| v.status_mut().message = message.clone())
+                    .await?;
+            }
+            (other, _) => {
+                let message = format!("unknown requested action {other:?} ignored");
+                self.status(name, |v| v.status_mut().message = message.clone())
+                    .await?;
+            }
+        }
+        let at = vm.metadata.annotations.get(REQUESTED_AT).cloned();
+        let cleared = self
+            .rt
+            .resources
+            .modify::<VirtualMachine, _>(name, None, |v| {
+                let annotations = &mut v.metadata.annotations;
+                if annotations.get(REQUESTED_AT) == at.as_ref() {
+                    annotations.remove(REQUESTED_ACTION);
+                    annotations.remove(REQUESTED_AT);
+                }
+                Ok(())
+            })
+            .await;
+        match cleared {
+            Ok(_) | Err(Error::NotFound { .. }) => Ok(again),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[async_trait]
+impl Reconcile for VmController {
+    type Kind = VirtualMachine;
+
+    async fn reconcile(
+        &self,
+        name: &str,
+        current: Option<VirtualMachine>,
+    ) -> Result<Option<Duration>> {
+        let existing = self.instance(name);
+        let Some(vm) = current else {
+            let removed = self.map().remove(name);
+            if let Some(inst) = removed
+                && inst.alive()
+            {
+                inst.stopping.store(true, Ordering::SeqCst);
+                inst.handle.kill().await?;
+                tracing::info!(vm = name, "VM deleted: killed");
+            }
+            self.detach_all(name).await?;
+            return Ok(None);
+        };
+        // A VM deleted and re-created under the same name is another VM.
+        if let Some(inst) = &existing
+            && inst.uid != vm.metadata.uid
+        {
+            self.map().remove(name);
+            if inst.alive() {
+                inst.stopping.store(true, Ordering::SeqCst);
+                inst.handle.kill().await?;
+            }
+            return Ok(Some(Duration::ZERO));
+        }
+        if let Some(action) = vm.metadata.annotations.get(REQUESTED_ACTION).cloned() {
+            return self.act(&vm, &action).await;
+        }
+        let strategy = vm.spec.run_strategy;
+        match &existing {
+            Some(inst) if inst.alive() => {
+                if strategy == RunStrategy::Halted {
+                    self.stop(name, inst).await?;
+                }
+                return Ok(None);
+            }
+            Some(inst) => {
+                if let Some(reason) = inst.exit_reason() {
+                    self.record_exit(&vm, inst, &reason).await?;
+                }
+            }
+            None => {}
+        }
+        // Not running. Read the status again: recording the exit changed it.
+        let vm: VirtualMachine = self.rt.resources.get(name).await?;
+        let status = vm.status_or_default();
+        let phase = status.phase;
+        let lost = matches!(
+            phase,
+            VmPhase::Running | VmPhase::Paused | VmPhase::Starting | VmPhase::Stopping
+        ) && existing.is_none();
+        let run = match strategy {
+            RunStrategy::Always => true,
+            RunStrategy::RerunOnFailure => phase != VmPhase::Stopped,
+            RunStrategy::Manual | RunStrategy::Halted => false,
+        };
+        if !run {
+            if lost || (strategy == RunStrategy::Halted && phase != VmPhase::Stopped) {
+                self.status(name, |v| {
+                    v.status_mut().phase = VmPhase::Stopped;
+                    if lost {
+                        v.status_mut().message = "the VM was lost (daemon restart)".into();
+                    }
+                })
+                .await?;
+            }
+            return Ok(None);
+        }
+        let restart = existing.is_some() || lost || status.started_at.is_some();
+        let exited = existing
+            .as_ref()
+            .and_then(|i| *i.exited.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(inst) = &existing
+            && let Some(exited) = exited
+        {
+            let ran = exited.saturating_duration_since(inst.started);
+            if ran < STABLE_RUN {
+                let delay = Duration::from_secs(2u64 << status.restarts.min(5))
+                    .min(Duration::from_secs(60));
+                if exited.elapsed() < delay {
+                    let message = format!(
+                        "restarting {}s after it stopped: it ran only {} ms (crash-loop backoff)",
+                        delay.as_secs(),
+                        ran.as_millis()
+                    );
+                    self.status(name, |v| v.status_mut().message = message.clone())
+                        .await?;
+                    return Ok(Some(delay - exited.elapsed()));
+                }
+            }
+        }
+        self.start(&vm, restart).await
+    }
+
+    async fn sweep(&self, existing: &BTreeSet<String>) -> Result<()> {
+        let gone: Vec<String> = self
+            .map()
+            .keys()
+            .filter(|n| !existing.contains(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.kick.now(&name);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ConsoleProvider for VmController {
+    async fn open(&self, vm: &str) -> Result<Box<dyn ConsoleIo>> {
+        let inst = self.instance(vm).ok_or_else(|| Error::Unavailable {
+            what: format!(
+                "the console of VM {vm:?} (it has not run on this node since the daemon started)"
+            ),
+            source: None,
+        })?;
+        let console = inst.handle.console().await?;
+        Ok(Box::new(tokio::io::join(console.output, console.input)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_map_to_phases() {
+        use RunStrategy::*;
+        assert_eq!(
+            phase_after(&ExitReason::Poweroff, Always, false),
+            VmPhase::Stopped
+        );
+        assert_eq!(
+            phase_after(&ExitReason::Reset, RerunOnFailure, false),
+            VmPhase::Pending
+        );
+        assert_eq!(
+            phase_after(&ExitReason::Reset, Manual, false),
+            VmPhase::Stopped
+        );
+        assert_eq!(
+            phase_after(&ExitReason::Reset, Always, true),
+            VmPhase::Stopped
+        );
+        assert_eq!(
+            phase_after(&ExitReason::Crashed("triple fault".into()), Manual, false),
+            VmPhase::Failed
+        );
+        assert_eq!(
+            phase_after(&ExitReason::VmmError("x".into()), Always, true),
+            VmPhase::Stopped
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! The volume controller: creates each `Volume` in the node's storage pool
+//! (blank, cloned from a snapshot or another volume, or imported from an
+//! image file), grows it when its spec grows, reports size, allocation and
+//! health in its status, and deletes the pool volume once the resource is
+//! gone.
+//!
+//! Volumes with `replicas > 1` are created with one local replica until
+//! replicated volumes land; the status says so (condition `Replicated`).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hci_core::model::{
+    ByteSize, ConditionStatus, Image, ReplicaStatus, Resource, Snapshot, Volume, VolumePhase,
+    VolumeSource, set_condition,
+};
+use hci_core::volume::{CreateVolume, EncryptionKey, VolumeBackend, VolumeInfo};
+use hci_core::{Error, Result};
+
+use super::{Reconcile, Runtime, set_status};
+
+/// Prefix of the snapshots the controller takes for its own use (clones of
+/// a volume's current content). DNS-1123 labels have no dots, so these never
+/// collide with `Snapshot` resources.
+const INTERNAL_SNAPSHOT: &str = "hci.clone-";
+
+/// Reads the volume key named by a volume's `spec.encryption.keyFile`.
+pub(crate) fn encryption_key(volume: &Volume) -> Result<Option<EncryptionKey>> {
+    let Some(enc) = &volume.spec.encryption else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(&enc.key_file)
+        .map_err(|e| Error::io(format!("read the key file {}", enc.key_file), e))?;
+    Ok(Some(EncryptionKey::new(bytes)))
+}
+
+pub(crate) struct VolumeController {
+    rt: Runtime,
+}
+
+impl VolumeController {
+    pub(crate) fn new(rt: Runtime) -> Self {
+        VolumeController { rt }
+    }
+
+    /// Creates pool volume `name` from the volume's source.
+    async fn create(&self, vol: &Volume) -> Result<VolumeInfo> {
+        let name = vol.name();
+        let pool = &self.rt.volumes;
+        let key = encryption_key(vol)?;
+        match &vol.spec.source {
+            VolumeSource::Blank => {
+                pool.create(
+                    name,
+                    CreateVolume {
+                        size: vol.spec.size.0,
+                        encryption_key: key,
+                    },
+                )
+                .await
+            }
+            VolumeSource::Snapshot { name: snap } => {
+                let snapshot: Snapshot = self.rt.resources.get(snap).await?;
+                pool.clone_snapshot(&snapshot.spec.volume, snap, name).await
+            }
+            VolumeSource::Volume { name: source } => {
+                let tmp = format!(
+                    "{INTERNAL_SNAPSHOT}{}",
+                    vol.metadata.uid.map(|u| u.to_string()).unwrap_or_default()
+                );
+                pool.snapshot(source, &tmp).await?;
+                let cloned = pool.clone_snapshot(source, &tmp, name).await;
+                if let Err(e) = pool.delete_snapshot(source, &tmp).await {
+                    tracing::warn!(volume = source, snapshot = tmp, error = %e, "cannot remove a clone's temporary snapshot");
+                }
+                cloned
+            }
+            VolumeSource::Image { name: image } => {
+                let image: Image = self.rt.resources.get(image).await?;
+                let path = image_path(&image.spec.url)?;
+                let dir = pool.root().join(name);
+                let path_for_import = path.clone();
+                let imported = tokio::task::spawn_blocking(move || {
+                    hci_storage::local::import_image(&path_for_import, &dir, key.as_ref())
+                        .map(|r| r.size())
+                })
+                .await
+                .map_err(|e| Error::Backend {
+                    backend: "local",
+                    message: e.to_string(),
+                    source: None,
+                })?;
+                imported.map_err(|e| match e {
+                    Error::Invalid { .. } | Error::Io { .. } => Error::invalid(
+                        "spec.source",
+                        format!("cannot import image {}: {e}", path.display()),
+                    ),
+                    other => other,
+                })?;
+                pool.info(name).await
+            }
+            VolumeSource::Backup { name: backup } => Err(Error::invalid(
+                "spec.source",
+                format!(
+                    "restoring backup {backup:?} needs hci-backup, which is not wired into the daemon yet"
+                ),
+            )),
+        }
+    }
+}
+
+/// The local path of an image URL (`file:///path` or a plain absolute path).
+fn image_path(url: &str) -> Result<std::path::PathBuf> {
+    let path = url.strip_prefix("file://").unwrap_or(url);
+    if !Path::new(path).is_absolute() {
+        return Err(Error::invalid(
+            "spec.url",
+            format!("{url:?}: only local files (file:///path or /path) can be imported so far"),
+        ));
+    }
+    Ok(path.into())
+}
+
+#[async_trait]
+impl Reconcile for VolumeController {
+    type Kind = Volume;
+
+    async fn reconcile(&self, name: &str, current: Option<Volume>) -> Result<Option<Duration>> {
+        let pool = &self.rt.volumes;
+        let Some(vol) = current else {
+            return match pool.delete(name).await {
+                Ok(()) => {
+                    tracing::info!(volume = name, "deleted");
+                    Ok(None)
+                }
+                Err(Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            };
+        };
+        let info = match pool.info(name).await {
+            Ok(info) => info,
+            Err(Error::NotFound { .. }) => {
+                set_status(&self.rt.resources, name, |v: &mut Volume| {
+                    v.status_mut().phase = VolumePhase::Creating;
+                })
+                .await?;
+                match self.create(&vol).await {
+                    Ok(info) => {
+                        tracing::info!(volume = name, size = info.size, "created");
+                        info
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        set_status(&self.rt.resources, name, |v: &mut Volume| {
+                            v.status_mut().phase = VolumePhase::Failed;
+                            set_condition(
+                                &mut v.status_mut().conditions,
+                                "Ready",
+                                ConditionStatus::False,
+                                "CreateFailed",
+                                &message,
+                            );
+                        })
+                        .await?;
+                        return Err(e);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let info = if vol.spec.size.0 > info.size {
+            let grown = pool.expand(name, vol.spec.size.0).await?;
+            tracing::info!(volume = name, size = grown.size, "expanded");
+            grown
+        } else {
+            info
+        };
+        let shrink = vol.spec.size.0 < info.size;
+        let node = self.rt.node.name.clone();
+        let wanted_replicas = vol.spec.replicas;
+        set_status(&self.rt.resources, name, |v: &mut Volume| {
+            let status = v.status_mut();
+            status.size = Some(ByteSize(info.size));
+            status.allocated = Some(ByteSize(info.allocated));
+            status.replicas = vec![ReplicaStatus {
+                node: node.clone(),
+                healthy: true,
+                rebuild_percent: None,
+            }];
+            status.phase = if status.attached_to.is_some() {
+                VolumePhase::Attached
+            } else {
+                VolumePhase::Detached
+            };
+            let (ready, reason, message) = if shrink {
+                (
+                    ConditionStatus::False,
+                    "ShrinkRefused",
+                    format!(
+                        "spec.size {} is below the current size {}: volumes never shrink",
+                        vol.spec.size,
+                        ByteSize(info.size)
+                    ),
+                )
+            } else {
+                (ConditionStatus::True, "Created", String::new())
+            };
+            set_condition(&mut status.conditions, "Ready", ready, reason, &message);
+            if wanted_replicas > 1 {
+                set_condition(
+                    &mut status.conditions,
+                    "Replicated",
+                    ConditionStatus::False,
+                    "SingleNode",
+                    &format!(
+                        "{wanted_replicas} replicas requested; one local replica until replication is wired into the daemon"
+                    ),
+                );
+            }
+        })
+        .await?;
+        Ok(None)
+    }
+
+    async fn sweep(&self, existing: &BTreeSet<String>) -> Result<()> {
+        for info in self.rt.volumes.list().await? {
+            if !existing.contains(&info.name) {
+                tracing::info!(
+                    volume = info.name,
+                    "removing a volume whose resource is gone"
+                );
+                if let Err(e) = self.rt.volumes.delete(&info.name).await {
+                    tracing::warn!(volume = info.name, error = %e, "cannot remove an orphaned volume");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,359 @@
+//! The daemon end to end with real parts: the gRPC API over the redb store,
+//! the volume/snapshot/VM controllers on a local storage pool, and VMs on
+//! hci's KVM VMM running the `blk` test guest on daemon-managed volumes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hci_compute::KvmHypervisor;
+use hci_core::model::{
+    BootSpec, ByteSize, Resource, RunStrategy, Snapshot, SnapshotPhase, VirtualMachine, VmPhase,
+    Volume, VolumePhase,
+};
+use hci_daemon::api::{Api, bind_unix, serve_listener};
+use hci_daemon::controllers::{Controllers, NodeInfo, Runtime};
+use hci_daemon::proto;
+use hci_daemon::proto::snapshot_service_client::SnapshotServiceClient;
+use hci_daemon::proto::virtual_machine_service_client::VirtualMachineServiceClient;
+use hci_daemon::proto::volume_service_client::VolumeServiceClient;
+use hci_daemon::resources::ResourceStore;
+use hci_daemon::store::RedbStateStore;
+use hyper_util::rt::TokioIo;
+use tempfile::TempDir;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Daemon {
+    channel: Channel,
+    resources: ResourceStore,
+    dir: TempDir,
+    controllers: Option<Controllers>,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn start() -> Daemon {
+    let dir = TempDir::new().expect("temp dir");
+    let store = RedbStateStore::open(dir.path().join("state.redb"))
+        .await
+        .expect("open store");
+    let resources = ResourceStore::new(Arc::new(store));
+    let node = NodeInfo::detect("test-node", dir.path(), 0).expect("node");
+    let mut rt = Runtime::new(
+        resources.clone(),
+        dir.path(),
+        node,
+        Arc::new(KvmHypervisor::new().with_entropy(false)),
+    )
+    .expect("runtime");
+    // The test guests ignore Ctrl-Alt-Del: do not wait long for them.
+    rt.stop_timeout = Duration::from_secs(1);
+    let controllers = Controllers::start(rt).await.expect("controllers");
+    let api = Api::new(resources.clone()).with_console(controllers.vms().clone());
+    let socket = dir.path().join("hci.sock");
+    let listener = bind_unix(&socket).expect("bind");
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve_listener(api, listener, async {
+        let _ = stopped.await;
+    }));
+    let path: PathBuf = socket.clone();
+    let channel = Endpoint::try_from("http://hci.invalid")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .expect("connect");
+    Daemon {
+        channel,
+        resources,
+        dir,
+        controllers: Some(controllers),
+        _stop: stop,
+    }
+}
+
+/// Polls `R` named `name` until `done` holds, panicking with the last
+/// state seen after [`WAIT`].
+async fn wait_for<R: Resource + std::fmt::Debug>(
+    d: &Daemon,
+    name: &str,
+    what: &str,
+    done: impl Fn(&R) -> bool,
+) -> R {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r: Option<R> = d.resources.try_get(name).await.expect("read");
+        if let Some(r) = &r
+            && done(r)
+        {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} {name} never became {what}: {r:#?}",
+            R::KIND
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn vm_phase(vm: &VirtualMachine) -> VmPhase {
+    vm.status_or_default().phase
+}
+
+fn blk_vm(name: &str, volume: &str, strategy: RunStrategy) -> VirtualMachine {
+    VirtualMachine::builder(name)
+        .memory(ByteSize::mib(64))
+        .boot(BootSpec::kernel("guest:blk", "stay=1"))
+        .disk("data", volume)
+        .run_strategy(strategy)
+        .build()
+}
+
+async fn create<R: Resource + serde::Serialize>(d: &Daemon, r: &R) {
+    let json = serde_json::to_string(r).expect("json");
+    let req = proto::CreateRequest { json };
+    match R::KIND {
+        "Volume" => {
+            VolumeServiceClient::new(d.channel.clone())
+                .create(req)
+                .await
+                .expect("create volume");
+        }
+        "VirtualMachine" => {
+            VirtualMachineServiceClient::new(d.channel.clone())
+                .create(req)
+                .await
+                .expect("create VM");
+        }
+        other => panic!("no client for {other}"),
+    }
+}
+
+/// Reads the VM's console until `needle` shows up; returns what was read.
+async fn console_until(d: &Daemon, vm: &str, needle: &str) -> String {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(proto::ConsoleInput {
+        name: vm.to_string(),
+        data: vec![],
+    })
+    .await
+    .expect("send");
+    let mut out = VirtualMachineServiceClient::new(d.channel.clone())
+        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("console")
+        .into_inner();
+    let mut seen = String::new();
+    let deadline = Instant::now() + WAIT;
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, out.message()).await {
+            Ok(Ok(Some(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk.data)),
+            other => panic!("console of {vm} ended before {needle:?} ({other:?}); got {seen:?}"),
+        }
+    }
+    drop(tx);
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_vms_snapshots_and_clones_through_the_api() {
+    if !KvmHypervisor::available() {
+        eprintln!("skipped: /dev/kvm is not usable here");
+        return;
+    }
+    let d = start().await;
+
+    // A volume appears in the pool and reports itself.
+    create(&d, &Volume::blank("data", ByteSize::mib(64))).await;
+    let vol: Volume = wait_for(&d, "data", "ready", |v: &Volume| {
+        v.status_or_default().phase == VolumePhase::Detached
+    })
+    .await;
+    assert_eq!(vol.status_or_default().size, Some(ByteSize::mib(64)));
+    assert!(d.dir.path().join("volumes/data").is_dir());
+
+    // A VM on it runs the disk test guest, which writes, flushes and reads
+    // back a pattern, then stays up.
+    create(&d, &blk_vm("vm1", "data", RunStrategy::Always)).await;
+    let vm: VirtualMachine = wait_for(&d, "vm1", "Running", |v: &VirtualMachine| {
+        vm_phase(v) == VmPhase::Running
+    })
+    .await;
+    assert_eq!(vm.status_or_default().node.as_deref(), Some("test-node"));
+    let out = console_until(&d, "vm1", "staying up").await;
+    assert!(out.contains("virtio-blk OK"), "{out}");
+    let vol: Volume = d.resources.get("data").await.expect("volume");
+    assert_eq!(vol.status_or_default().attached_to.as_deref(), Some("vm1"));
+    assert_eq!(vol.status_or_default().phase, VolumePhase::Attached);
+
+    // Pause and resume through the API.
+    let mut vms = VirtualMachineServiceClient::new(d.channel.clone());
+    let action = |name: &str| proto::VmActionRequest {
+        name: name.to_string(),
+        resource_version: 0,
+    };
+    vms.pause(action("vm1")).await.expect("pause");
+    wait_for(&d, "vm1", "Paused", |v: &VirtualMachine| {
+        vm_phase(v) == VmPhase::Paused
+    })
+    .await;
+    vms.resume(action("vm1")).await.expect("resume");
+    wait_for(&d, "vm1", "Running again", |v: &VirtualMachine| {
+        vm_phase(v) == VmPhase::Running
+            && !v
+                .metadata
+                .annotations
+                .contains_key(hci_daemon::api::REQUESTED_ACTION)
+    })
+    .await;
+
+    // Snapshot the volume while the VM runs, then clone it into a second
+    // VM's disk: that VM boots too.
+    let mut volumes = VolumeServiceClient::new(d.channel.clone());
+    volumes
+        .snapshot_volume(proto::SnapshotVolumeRequest {
+            volume: "data".into(),
+            snapshot: "data-snap".into(),
+            labels: Default::default(),
+        })
+        .await
+        .expect("snapshot");
+    let snap: Snapshot = wait_for(&d, "data-snap", "Ready", |s: &Snapshot| {
+        s.status_or_default().phase == SnapshotPhase::Ready
+    })
+    .await;
+    assert_eq!(snap.status_or_default().size, Some(ByteSize::mib(64)));
+    volumes
+        .clone_volume(proto::CloneVolumeRequest {
+            volume: "data".into(),
+            name: "data2".into(),
+        })
+        .await
+        .expect("clone");
+    wait_for(&d, "data2", "ready", |v: &Volume| {
+        v.status_or_default().phase == VolumePhase::Detached
+    })
+    .await;
+    create(&d, &blk_vm("vm2", "data2", RunStrategy::Manual)).await;
+    // Manual: created stopped, started by an action.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let vm2: VirtualMachine = d.resources.get("vm2").await.expect("vm2");
+    assert_ne!(
+        vm_phase(&vm2),
+        VmPhase::Running,
+        "Manual VMs wait for start"
+    );
+    vms.start(action("vm2")).await.expect("start vm2");
+    wait_for(&d, "vm2", "Running", |v: &VirtualMachine| {
+        vm_phase(v) == VmPhase::Running
+    })
+    .await;
+    let out = console_until(&d, "vm2", "staying up").await;
+    assert!(out.contains("virtio-blk OK"), "{out}");
+
+    // A second read-write user of an attached volume waits.
+    create(&d, &blk_vm("vm3", "data", RunStrategy::Always)).await;
+    let vm3: VirtualMachine = wait_for(&d, "vm3", "waiting", |v: &VirtualMachine| {
+        v.status_or_default()
+            .message
+            .contains("attached to VM \"vm1\"")
+    })
+    .await;
+    assert_eq!(vm_phase(&vm3), VmPhase::Pending);
+
+    // Stop vm1 (Always → Halted): it stops and releases its volume, and vm3
+    // gets it.
+    vms.stop(action("vm1")).await.expect("stop");
+    wait_for(&d, "vm1", "Stopped", |v: &VirtualMachine| {
+        vm_phase(v) == VmPhase::Stopped
+    })
+    .await;
+    wait_for(&d, "vm3", "Running", |v: &VirtualMachine| {
+        vm_phase(v) == VmPhase::Running
+    })
+    .await;
+
+    // Deleting a VM kills it and detaches its volume; deleting a volume
+    // removes it from the pool.
+    for vm in ["vm2", "vm3"] {
+        vms.delete(proto::DeleteRequest {
+            name: vm.into(),
+            resource_version: 0,
+        })
+        .await
+        .expect("delete VM");
+    }
+    wait_for(&d, "data2", "detached", |v: &Volume| {
+        v.status_or_default().attached_to.is_none()
+    })
+    .await;
+    volumes
+        .delete(proto::DeleteRequest {
+            name: "data2".into(),
+            resource_version: 0,
+        })
+        .await
+        .expect("delete volume");
+    let pool = d.dir.path().join("volumes/data2");
+    let deadline = Instant::now() + WAIT;
+    while pool.exists() {
+        assert!(Instant::now() < deadline, "the pool volume was not removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let controllers = {
+        let mut d = d;
+        d.controllers.take()
+    };
+    if let Some(c) = controllers {
+        c.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_vms_fail_with_a_reason_and_dangling_references_are_refused() {
+    let d = start().await;
+    // A kernel that does not exist: Failed, with the path in the message.
+    let vm = VirtualMachine::builder("nokernel")
+        .memory(ByteSize::mib(64))
+        .boot(BootSpec::kernel("/nonexistent/vmlinux", ""))
+        .run_strategy(RunStrategy::Always)
+        .build();
+    create(&d, &vm).await;
+    let vm: VirtualMachine = wait_for(&d, "nokernel", "Failed", |v: &VirtualMachine| {
+        vm_phase(v) == VmPhase::Failed
+    })
+    .await;
+    assert!(
+        vm.status_or_default()
+            .message
+            .contains("/nonexistent/vmlinux"),
+        "{vm:#?}"
+    );
+    // More memory than the node has: Pending, unschedulable.
+    let vm = VirtualMachine::builder("huge")
+        .memory(ByteSize::gib(64 * 1024))
+        .boot(BootSpec::kernel("guest:hello", ""))
+        .build();
+    create(&d, &vm).await;
+    let vm: VirtualMachine = wait_for(&d, "huge", "unschedulable", |v: &VirtualMachine| {
+        v.status_or_default().message.contains("lacks room")
+    })
+    .await;
+    assert_eq!(vm_phase(&vm), VmPhase::Pending);
+    // A snapshot of a volume that does not exist is refused at the API.
+    let mut snaps = SnapshotServiceClient::new(d.channel.clone());
+    let err = snaps
+        .create(proto::CreateRequest {
+            json: r#"{"apiVersion":"hci.dev/v1","kind":"Snapshot","metadata":{"name":"s1"},"spec":{"volume":"ghost"}}"#.into(),
+        })
+        .await
+        .expect_err("references are checked");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+}
