@@ -6,11 +6,13 @@
 //!
 //! [`controllers`] reconcile volumes, snapshots and VMs on this node
 //! (local storage pool, hci's KVM VMM in-process). Cluster mode (etcd),
-//! networks, backups and metrics are not implemented yet.
+//! networks and backups are not implemented yet. [`metrics`] serves
+//! Prometheus metrics.
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod controllers;
+pub mod metrics;
 pub mod resources;
 pub mod store;
 mod sys;

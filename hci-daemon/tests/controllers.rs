@@ -13,6 +13,7 @@ use hci_core::model::{
 };
 use hci_daemon::api::{Api, bind_unix, serve_listener};
 use hci_daemon::controllers::{Controllers, NodeInfo, Runtime};
+use hci_daemon::metrics::{MetricsSource, serve_metrics};
 use hci_daemon::proto;
 use hci_daemon::proto::snapshot_service_client::SnapshotServiceClient;
 use hci_daemon::proto::virtual_machine_service_client::VirtualMachineServiceClient;
@@ -29,6 +30,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 struct Daemon {
     channel: Channel,
+    metrics: MetricsSource,
     resources: ResourceStore,
     dir: TempDir,
     controllers: Option<Controllers>,
@@ -53,6 +55,11 @@ async fn start() -> Daemon {
     rt.stop_timeout = Duration::from_secs(1);
     let controllers = Controllers::start(rt).await.expect("controllers");
     let api = Api::new(resources.clone()).with_console(controllers.vms().clone());
+    let metrics = MetricsSource {
+        resources: resources.clone(),
+        latency: api.latency().clone(),
+        vms: Some(controllers.vms().clone()),
+    };
     let socket = dir.path().join("hci.sock");
     let listener = bind_unix(&socket).expect("bind");
     let (stop, stopped) = oneshot::channel::<()>();
@@ -70,6 +77,7 @@ async fn start() -> Daemon {
         .expect("connect");
     Daemon {
         channel,
+        metrics,
         resources,
         dir,
         controllers: Some(controllers),
@@ -162,6 +170,22 @@ async fn console_until(d: &Daemon, vm: &str, needle: &str) -> String {
     seen
 }
 
+/// `GET /metrics` with a bare HTTP/1.0 request.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .await
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("response");
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_vms_snapshots_and_clones_through_the_api() {
     if !KvmHypervisor::available() {
@@ -192,6 +216,41 @@ async fn volumes_vms_snapshots_and_clones_through_the_api() {
     let vol: Volume = d.resources.get("data").await.expect("volume");
     assert_eq!(vol.status_or_default().attached_to.as_deref(), Some("vm1"));
     assert_eq!(vol.status_or_default().phase, VolumePhase::Attached);
+
+    // Metrics over HTTP: resources by phase, the VM's disk I/O, API latency.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve_metrics(
+        listener,
+        d.metrics.clone(),
+        std::future::pending(),
+    ));
+    let text = scrape(addr).await;
+    assert!(text.contains("hci_vms{phase=\"Running\"} 1"), "{text}");
+    assert!(text.contains("hci_volumes{phase=\"Attached\"} 1"), "{text}");
+    assert!(
+        text.contains("hci_volume_robustness{robustness=\"healthy\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("hci_node_vms_running 1"), "{text}");
+    let written = text
+        .lines()
+        .find(|l| l.starts_with("hci_vm_disk_written_bytes_total{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        written >= 4096,
+        "the guest's disk writes are counted: {text}"
+    );
+    assert!(
+        text.contains(
+            "hci_api_request_duration_seconds_count{method=\"/hci.v1.VirtualMachineService/Create\"} 1"
+        ),
+        "{text}"
+    );
 
     // Pause and resume through the API.
     let mut vms = VirtualMachineServiceClient::new(d.channel.clone());

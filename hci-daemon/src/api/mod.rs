@@ -40,6 +40,7 @@ use tonic::transport::server::Router;
 
 pub use self::console::{ConsoleIo, ConsoleProvider};
 pub use self::services::{REQUESTED_ACTION, REQUESTED_AT};
+use crate::metrics::{ApiLatency, LatencyLayer};
 use crate::proto;
 use crate::proto::backup_service_server::BackupServiceServer;
 use crate::proto::backup_target_service_server::BackupTargetServiceServer;
@@ -58,6 +59,7 @@ use crate::resources::ResourceStore;
 pub struct Api {
     resources: ResourceStore,
     console: Option<Arc<dyn ConsoleProvider>>,
+    latency: ApiLatency,
 }
 
 impl fmt::Debug for Api {
@@ -75,7 +77,13 @@ impl Api {
         Api {
             resources,
             console: None,
+            latency: ApiLatency::default(),
         }
+    }
+
+    /// Latency of the calls it serves (for the metrics endpoint).
+    pub fn latency(&self) -> &ApiLatency {
+        &self.latency
     }
 
     /// Serves VM consoles through `provider`.
@@ -117,8 +125,11 @@ pub enum ServeError {
     Transport(#[source] tonic::transport::Error),
 }
 
+/// The router [`router`] builds: every service behind the latency layer.
+pub type ApiRouter = Router<tower::layer::util::Stack<LatencyLayer, tower::layer::util::Identity>>;
+
 /// Every service of the API, with health and reflection, ready to serve.
-pub async fn router(api: Api) -> Result<Router, ServeError> {
+pub async fn router(api: Api) -> Result<ApiRouter, ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<VirtualMachineServiceServer<Api>>()
@@ -139,6 +150,7 @@ pub async fn router(api: Api) -> Result<Router, ServeError> {
         .build_v1()
         .map_err(ServeError::Reflection)?;
     Ok(Server::builder()
+        .layer(LatencyLayer(api.latency.clone()))
         .add_service(health)
         .add_service(reflection)
         .add_service(VirtualMachineServiceServer::new(api.clone()))

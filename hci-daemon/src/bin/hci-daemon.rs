@@ -10,6 +10,7 @@ use clap::Parser;
 use hci_compute::KvmHypervisor;
 use hci_daemon::api::{Api, serve_unix};
 use hci_daemon::controllers::{Controllers, NodeInfo, Runtime};
+use hci_daemon::metrics::{MetricsSource, serve_metrics};
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::RedbStateStore;
 use tracing_subscriber::EnvFilter;
@@ -42,6 +43,21 @@ struct Args {
     /// Serve the API only: run no controllers (nothing is created or started).
     #[arg(long)]
     no_controllers: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -95,13 +111,15 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let dir = &args.data_dir;
     if !dir.exists() {
         std::fs::create_dir_all(dir)
@@ -131,7 +149,27 @@ async fn main() -> anyhow::Result<()> {
         api = api.with_console(controllers.vms().clone());
         Some(controllers)
     };
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = args.metrics {
+        let source = MetricsSource {
+            resources: api.resources().clone(),
+            latency: api.latency().clone(),
+            vms: controllers.as_ref().map(|c| c.vms().clone()),
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to serve metrics on {addr}"))?;
+        tokio::spawn(async move {
+            let stopped = async {
+                let _ = metrics_stopped.await;
+            };
+            if let Err(e) = serve_metrics(listener, source, stopped).await {
+                tracing::error!(error = %e, "the metrics server failed");
+            }
+        });
+    }
     let served = serve_unix(api, &socket, shutdown_signal()).await;
+    let _ = stop_metrics.send(());
     if let Some(controllers) = controllers {
         controllers.shutdown().await;
     }

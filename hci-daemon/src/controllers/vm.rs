@@ -139,6 +139,25 @@ impl VmController {
         names
     }
 
+    /// Resource usage of every VM running on this node, by name.
+    pub async fn stats(&self) -> Vec<(String, hci_core::compute::VmStats)> {
+        let running: Vec<(String, Arc<Instance>)> = self
+            .map()
+            .iter()
+            .filter(|(_, i)| i.alive())
+            .map(|(n, i)| (n.clone(), i.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (name, inst) in running {
+            match inst.handle.stats().await {
+                Ok(stats) => out.push((name, stats)),
+                Err(e) => tracing::debug!(vm = name, error = %e, "no stats"),
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Kills every VM (daemon shutdown with an in-process hypervisor).
     pub async fn kill_all(&self) {
         let all: Vec<Arc<Instance>> = self.map().drain().map(|(_, i)| i).collect();
