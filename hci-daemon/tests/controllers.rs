@@ -20,6 +20,7 @@ use hci_daemon::proto::virtual_machine_service_client::VirtualMachineServiceClie
 use hci_daemon::proto::volume_service_client::VolumeServiceClient;
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::RedbStateStore;
+use hci_net::{BackendOptions, LinuxBridgeBackend, NetNs};
 use hyper_util::rt::TokioIo;
 use tempfile::TempDir;
 use tokio::net::UnixStream;
@@ -38,19 +39,31 @@ struct Daemon {
 }
 
 async fn start() -> Daemon {
+    start_with(None).await
+}
+
+/// A daemon; with `netns`, its networks live in that network namespace.
+async fn start_with(netns: Option<&str>) -> Daemon {
     let dir = TempDir::new().expect("temp dir");
     let store = RedbStateStore::open(dir.path().join("state.redb"))
         .await
         .expect("open store");
     let resources = ResourceStore::new(Arc::new(store));
     let node = NodeInfo::detect("test-node", dir.path(), 0).expect("node");
-    let mut rt = Runtime::new(
-        resources.clone(),
-        dir.path(),
-        node,
-        Arc::new(KvmHypervisor::new().with_entropy(false)),
-    )
-    .expect("runtime");
+    let kvm = KvmHypervisor::new().with_entropy(false);
+    let mut rt =
+        Runtime::new(resources.clone(), dir.path(), node, Arc::new(kvm.clone())).expect("runtime");
+    if let Some(ns) = netns {
+        let backend = LinuxBridgeBackend::new(BackendOptions {
+            netns: NetNs::named(ns).expect("open netns"),
+            state_dir: Some(dir.path().join("net")),
+            ..Default::default()
+        })
+        .await
+        .expect("network backend");
+        rt.networks = Some(Arc::new(backend));
+        rt.kvm = Some(kvm);
+    }
     // The test guests ignore Ctrl-Alt-Del: do not wait long for them.
     rt.stop_timeout = Duration::from_secs(1);
     let controllers = Controllers::start(rt).await.expect("controllers");
@@ -415,4 +428,118 @@ async fn bad_vms_fail_with_a_reason_and_dangling_references_are_refused() {
         .await
         .expect_err("references are checked");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+}
+
+/// A network namespace for the test, deleted on drop.
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new(tag: &str) -> Option<Self> {
+        let name = format!("hcid-{tag}-{}", std::process::id());
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| TestNetns(name))
+    }
+
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .expect("run in netns")
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_on_a_daemon_network_answers_ping() {
+    if !KvmHypervisor::available() {
+        eprintln!("skipped: /dev/kvm is not usable here");
+        return;
+    }
+    let Some(ns) = TestNetns::new("ping") else {
+        eprintln!("skipped: cannot create a network namespace (needs CAP_NET_ADMIN)");
+        return;
+    };
+    let d = start_with(Some(&ns.0)).await;
+    let net: hci_core::model::Network = serde_json::from_str(
+        r#"{"apiVersion":"hci.dev/v1","kind":"Network","metadata":{"name":"mgmt"},
+            "spec":{"kind":{"type":"management"},"cidr":"10.97.0.0/24","gateway":"10.97.0.1","uplink":"lo"}}"#,
+    )
+    .expect("network");
+    let json = serde_json::to_string(&net).expect("json");
+    hci_daemon::proto::network_service_client::NetworkServiceClient::new(d.channel.clone())
+        .create(proto::CreateRequest { json })
+        .await
+        .expect("create network");
+    let net: hci_core::model::Network =
+        wait_for(&d, "mgmt", "ready", |n: &hci_core::model::Network| {
+            n.status_or_default().ready_nodes == ["test-node"]
+        })
+        .await;
+    assert!(net.status.is_some());
+
+    let vm = VirtualMachine::builder("pingable")
+        .memory(ByteSize::mib(64))
+        .boot(BootSpec::kernel("guest:net", "ip=10.97.0.2"))
+        .nic("eth0", "mgmt")
+        .run_strategy(RunStrategy::Always)
+        .build();
+    create(&d, &vm).await;
+    wait_for(&d, "pingable", "Running", |v: &VirtualMachine| {
+        vm_phase(v) == VmPhase::Running
+    })
+    .await;
+    let mac = vm.nic_mac(0).expect("mac").to_string();
+    let out = console_until(&d, "pingable", "net up").await;
+    let out = if out.contains("ip 10.97.0.2") {
+        out
+    } else {
+        console_until(&d, "pingable", "ip 10.97.0.2").await
+    };
+    assert!(
+        out.contains(&mac),
+        "the guest uses the MAC derived from vm/nic ({mac}): {out}"
+    );
+    let ping = ns.exec(&["ping", "-c", "3", "-W", "5", "10.97.0.2"]);
+    let text = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        ping.status.success() && text.contains("3 received"),
+        "{text}"
+    );
+
+    // Deleting the VM removes its port; deleting the network its bridge.
+    VirtualMachineServiceClient::new(d.channel.clone())
+        .delete(proto::DeleteRequest {
+            name: "pingable".into(),
+            resource_version: 0,
+        })
+        .await
+        .expect("delete VM");
+    hci_daemon::proto::network_service_client::NetworkServiceClient::new(d.channel.clone())
+        .delete(proto::DeleteRequest {
+            name: "mgmt".into(),
+            resource_version: 0,
+        })
+        .await
+        .expect("delete network");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let links = ns.exec(&["ip", "-o", "link"]);
+        let links = String::from_utf8_lossy(&links.stdout).to_string();
+        if links.lines().count() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "devices left behind: {links}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

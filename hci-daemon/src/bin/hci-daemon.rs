@@ -13,6 +13,7 @@ use hci_daemon::controllers::{Controllers, NodeInfo, Runtime};
 use hci_daemon::metrics::{MetricsSource, serve_metrics};
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::RedbStateStore;
+use hci_net::{BackendOptions, LinuxBridgeBackend};
 use tracing_subscriber::EnvFilter;
 
 /// The hci daemon: serves the hci gRPC API (VMs, volumes, images, networks,
@@ -37,6 +38,9 @@ struct Args {
     /// Name of this node (a DNS-1123 label). Default: the host name.
     #[arg(long, value_name = "NAME")]
     node: Option<String>,
+    /// Address other nodes reach this node at (carries overlay networks).
+    #[arg(long, value_name = "IP")]
+    address: Option<std::net::IpAddr>,
     /// Memory kept for the host, not offered to VMs (e.g. 1G, 512M).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     reserved_memory: u64,
@@ -138,11 +142,27 @@ async fn main() -> anyhow::Result<()> {
         None
     } else {
         let name = args.node.unwrap_or_else(default_node_name);
-        let node = NodeInfo::detect(&name, dir, args.reserved_memory)
+        let mut node = NodeInfo::detect(&name, dir, args.reserved_memory)
             .context("failed to inspect this node")?;
+        node.addresses = args.address.iter().map(ToString::to_string).collect();
         tracing::info!(node = name, cpus = node.allocatable.cpus, memory = %node.allocatable.memory, "starting controllers");
-        let rt = Runtime::new(resources, dir, node, Arc::new(KvmHypervisor::new()))
+        let kvm = KvmHypervisor::new();
+        let mut rt = Runtime::new(resources, dir, node, Arc::new(kvm.clone()))
             .context("failed to prepare the storage pool")?;
+        let networks = LinuxBridgeBackend::new(BackendOptions {
+            state_dir: Some(dir.join("net")),
+            ..BackendOptions::default()
+        })
+        .await;
+        match networks {
+            Ok(backend) => {
+                rt.networks = Some(Arc::new(backend));
+                rt.kvm = Some(kvm);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no network backend: networks stay not ready and VMs with NICs do not start")
+            }
+        }
         let controllers = Controllers::start(rt)
             .await
             .context("failed to start the controllers")?;

@@ -21,6 +21,7 @@
 //! The controllers of one node share a [`Node`](hci_core::model::Node)
 //! identity and a data directory; see [`Controllers::start`].
 
+mod network;
 mod node;
 mod snapshot;
 mod vm;
@@ -33,9 +34,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use hci_compute::KvmHypervisor;
 use hci_core::Result;
 use hci_core::compute::Hypervisor;
 use hci_core::model::Resource;
+use hci_net::LinuxBridgeBackend;
 use hci_storage::local::LocalVolumeBackend;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -208,6 +211,12 @@ pub struct Runtime {
     pub guests_dir: PathBuf,
     /// How long a graceful VM stop waits before killing the VM.
     pub stop_timeout: Duration,
+    /// This node's networks (`None` without CAP_NET_ADMIN: networks are
+    /// reported not ready and VMs with NICs do not start).
+    pub networks: Option<Arc<LinuxBridgeBackend>>,
+    /// The in-process KVM hypervisor, if VMs run on it: the TAP queues that
+    /// hci-net keeps open are handed to it before a VM with NICs starts.
+    pub kvm: Option<KvmHypervisor>,
 }
 
 impl Runtime {
@@ -228,6 +237,8 @@ impl Runtime {
             run_dir: data_dir.join("run"),
             guests_dir: data_dir.join("guests"),
             stop_timeout: Duration::from_secs(30),
+            networks: None,
+            kvm: None,
         })
     }
 }
@@ -241,7 +252,8 @@ pub struct Controllers {
 }
 
 impl Controllers {
-    /// Registers the node and starts the volume, snapshot and VM controllers.
+    /// Registers the node and starts the volume, snapshot, network and VM
+    /// controllers.
     pub async fn start(rt: Runtime) -> Result<Self> {
         node::register(&rt).await?;
         let mut tasks = JoinSet::new();
@@ -251,6 +263,9 @@ impl Controllers {
         let (kick, queue) = channel();
         let snapshots = Arc::new(snapshot::SnapshotController::new(rt.clone()));
         tasks.spawn(run(snapshots, rt.resources.clone(), kick, queue));
+        let (kick, queue) = channel();
+        let networks = Arc::new(network::NetworkController::new(rt.clone()));
+        tasks.spawn(run(networks, rt.resources.clone(), kick, queue));
         let (kick, queue) = channel();
         let vms = Arc::new(VmController::new(rt.clone(), kick.clone()));
         tasks.spawn(run(vms.clone(), rt.resources.clone(), kick, queue));

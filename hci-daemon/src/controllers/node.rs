@@ -23,6 +23,8 @@ pub struct NodeInfo {
     pub capacity: NodeResources,
     /// What VMs may use: the capacity minus what the host keeps.
     pub allocatable: NodeResources,
+    /// Addresses other nodes reach this one at (the first carries overlays).
+    pub addresses: Vec<String>,
 }
 
 impl NodeInfo {
@@ -52,6 +54,7 @@ impl NodeInfo {
             name: name.to_string(),
             capacity,
             allocatable,
+            addresses: vec![],
         })
     }
 }
@@ -64,8 +67,22 @@ fn fs_size(path: &std::path::Path) -> Result<u64> {
 /// Creates or refreshes this node's `Node` resource.
 pub(crate) async fn register(rt: &Runtime) -> Result<()> {
     let info = &rt.node;
-    if rt.resources.try_get::<Node>(&info.name).await?.is_none() {
-        let node = Node::new(info.name.clone(), NodeSpec::default());
+    let spec = NodeSpec {
+        addresses: info.addresses.clone(),
+        ..NodeSpec::default()
+    };
+    if let Some(node) = rt.resources.try_get::<Node>(&info.name).await? {
+        if node.spec.addresses != info.addresses {
+            let addresses = info.addresses.clone();
+            rt.resources
+                .modify::<Node, _>(&info.name, None, |n| {
+                    n.spec.addresses = addresses.clone();
+                    Ok(())
+                })
+                .await?;
+        }
+    } else {
+        let node = Node::new(info.name.clone(), spec);
         match rt.resources.create(node).await {
             Ok(_) | Err(Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(e),

@@ -16,9 +16,9 @@
 //! Starting a VM: admission against the node's allocatable memory and CPUs,
 //! every disk's volume must be ready and not attached read-write elsewhere,
 //! the kernel resolved (`guest:NAME` builds one of hci-compute's test guests
-//! with gcc), the volumes opened in-process and marked attached. NICs need
-//! the network controller, which does not exist yet: VMs with NICs fail to
-//! start with a message saying so.
+//! with gcc), the volumes opened in-process and marked attached, each NIC a
+//! TAP port on its network's bridge (hci-net), with the MAC from the spec or
+//! derived from `vm/nic` names.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,12 +29,14 @@ use async_trait::async_trait;
 use chrono::Utc;
 use hci_compute::test_guests::{self, Guest};
 use hci_core::compute::{
-    BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, VmConfig, VmHandle,
+    BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, NicConfig, NicModel, VmConfig,
+    VmHandle,
 };
 use hci_core::model::{
-    BootSpec, ConditionStatus, DiskBus as ModelDiskBus, Resource, RunStrategy, VirtualMachine,
-    VmPhase, Volume, VolumePhase, set_condition,
+    BootSpec, ConditionStatus, DiskBus as ModelDiskBus, MacAddress, NicModel as ModelNicModel,
+    Resource, RunStrategy, VirtualMachine, VmPhase, Volume, VolumePhase, set_condition,
 };
+use hci_core::net::{NetworkBackend, PortConfig};
 use hci_core::volume::{OpenVolume, VolumeBackend};
 use hci_core::{Error, Result};
 use uuid::Uuid;
@@ -62,6 +64,9 @@ struct Instance {
     recorded: AtomicBool,
     started: Instant,
     exited: Mutex<Option<Instant>>,
+    /// (network, port) of each NIC, detached when the VM stops.
+    ports: Vec<(String, String)>,
+    nics: Vec<NicConfig>,
 }
 
 impl Instance {
@@ -329,14 +334,89 @@ impl VmController {
         Ok(None)
     }
 
-    /// Builds the hypervisor configuration, opening the VM's volumes.
-    async fn config(&self, vm: &VirtualMachine) -> Result<VmConfig> {
-        if !vm.spec.nics.is_empty() {
-            return Err(Error::unsupported(
-                "NICs (spec.nics)",
-                "the daemon: the network controller is not wired in yet",
-            ));
+    /// Attaches the VM's NICs to their networks: the ports made, and the
+    /// NIC configurations. Nothing stays attached on error.
+    async fn attach_nics(
+        &self,
+        vm: &VirtualMachine,
+    ) -> Result<(Vec<(String, String)>, Vec<NicConfig>)> {
+        let mut ports = Vec::new();
+        let mut nics = Vec::new();
+        for (i, nic) in vm.spec.nics.iter().enumerate() {
+            let attached = async {
+                let backend = self.rt.networks.as_ref().ok_or_else(|| {
+                    Error::unsupported(
+                        "NICs (spec.nics)",
+                        format!(
+                            "node {}: hci-daemon manages no networks here (it needs CAP_NET_ADMIN)",
+                            self.rt.node.name
+                        ),
+                    )
+                })?;
+                if nic.model != ModelNicModel::Virtio {
+                    return Err(Error::unsupported(
+                        format!("NIC model {:?}", nic.model),
+                        "the kvm backend (virtio only)",
+                    ));
+                }
+                let mac = vm.nic_mac(i).unwrap_or_else(|| {
+                    MacAddress::from_name(&format!("{}/{}", vm.name(), nic.name))
+                });
+                let port = PortConfig {
+                    name: format!("{}-{}", vm.name(), nic.name),
+                    mac: mac.0,
+                    queues: 1,
+                };
+                let tap = backend.attach_port(&nic.network, &port).await?;
+                if let Some(kvm) = &self.rt.kvm {
+                    kvm.register_tap(&tap);
+                }
+                Ok::<_, Error>((
+                    (nic.network.clone(), port.name),
+                    NicConfig {
+                        name: nic.name.clone(),
+                        tap: tap.ifname.clone(),
+                        mac: mac.0,
+                        model: NicModel::Virtio,
+                        mtu: tap.mtu,
+                    },
+                ))
+            }
+            .await;
+            match attached {
+                Ok((port, config)) => {
+                    ports.push(port);
+                    nics.push(config);
+                }
+                Err(e) => {
+                    self.detach_ports(&ports, &nics).await;
+                    return Err(e);
+                }
+            }
         }
+        Ok((ports, nics))
+    }
+
+    /// Detaches ports made by [`VmController::attach_nics`] (best effort).
+    async fn detach_ports(&self, ports: &[(String, String)], nics: &[NicConfig]) {
+        if let Some(kvm) = &self.rt.kvm {
+            for nic in nics {
+                kvm.unregister_tap(&nic.tap);
+            }
+        }
+        let Some(backend) = &self.rt.networks else {
+            return;
+        };
+        for (network, port) in ports {
+            match backend.detach_port(network, port).await {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => tracing::warn!(network, port, error = %e, "cannot detach a VM port"),
+            }
+        }
+    }
+
+    /// Builds the hypervisor configuration, opening the VM's volumes.
+    async fn config(&self, vm: &VirtualMachine, nics: Vec<NicConfig>) -> Result<VmConfig> {
         let boot = match &vm.spec.boot {
             BootSpec::Kernel(k) => BootSource::Kernel {
                 kernel: self.kernel(&k.path).await?,
@@ -387,7 +467,7 @@ impl VmController {
             memory: vm.spec.memory.0,
             boot,
             disks,
-            nics: vec![],
+            nics,
             cloud_init_seed: None,
             run_dir: self.rt.run_dir.join(vm.name()),
         })
@@ -400,8 +480,16 @@ impl VmController {
             return Ok(Some(wait));
         }
         let volumes: Vec<String> = vm.spec.disks.iter().map(|d| d.volume.clone()).collect();
+        let (ports, nics) = match self.attach_nics(vm).await {
+            Ok(attached) => attached,
+            Err(e) => {
+                self.start_failed(name, &e).await?;
+                return Err(e);
+            }
+        };
+        let nic_configs = nics.clone();
         let started = async {
-            let config = self.config(vm).await?;
+            let config = self.config(vm, nics).await?;
             std::fs::create_dir_all(&config.run_dir)
                 .map_err(|e| Error::io(format!("create {}", config.run_dir.display()), e))?;
             self.status(name, |v| v.status_mut().phase = VmPhase::Starting)
@@ -414,19 +502,8 @@ impl VmController {
         let handle = match started {
             Ok(handle) => handle,
             Err(e) => {
-                let message = format!("cannot start: {e}");
-                self.status(name, |v| {
-                    v.status_mut().phase = VmPhase::Failed;
-                    v.status_mut().message = message.clone();
-                    set_condition(
-                        &mut v.status_mut().conditions,
-                        "Ready",
-                        ConditionStatus::False,
-                        "StartFailed",
-                        &message,
-                    );
-                })
-                .await?;
+                self.detach_ports(&ports, &nic_configs).await;
+                self.start_failed(name, &e).await?;
                 return Err(e);
             }
         };
@@ -440,6 +517,8 @@ impl VmController {
             recorded: AtomicBool::new(false),
             started: Instant::now(),
             exited: Mutex::new(None),
+            ports,
+            nics: nic_configs,
         });
         self.map().insert(name.to_string(), inst.clone());
         let kick = self.kick.clone();
@@ -479,6 +558,23 @@ impl VmController {
         Ok(None)
     }
 
+    async fn start_failed(&self, name: &str, e: &Error) -> Result<()> {
+        let message = format!("cannot start: {e}");
+        self.status(name, |v| {
+            let status = v.status_mut();
+            status.phase = VmPhase::Failed;
+            status.message = message.clone();
+            set_condition(
+                &mut status.conditions,
+                "Ready",
+                ConditionStatus::False,
+                "StartFailed",
+                &message,
+            );
+        })
+        .await
+    }
+
     /// Asks a running VM to stop; its exit is recorded when it comes.
     async fn stop(&self, name: &str, inst: &Arc<Instance>) -> Result<()> {
         if inst.stopping.swap(true, Ordering::SeqCst) {
@@ -514,6 +610,7 @@ impl VmController {
         let phase = phase_after(reason, vm.spec.run_strategy, asked);
         let message = describe(reason);
         let volumes: Vec<String> = vm.spec.disks.iter().map(|d| d.volume.clone()).collect();
+        self.detach_ports(&inst.ports, &inst.nics).await;
         self.mark_volumes(&volumes, None).await?;
         self.status(vm.name(), |v| {
             v.status_mut().phase = phase;
@@ -603,6 +700,7 @@ impl Reconcile for VmController {
             {
                 inst.stopping.store(true, Ordering::SeqCst);
                 inst.handle.kill().await?;
+                self.detach_ports(&inst.ports, &inst.nics).await;
                 tracing::info!(vm = name, "VM deleted: killed");
             }
             self.detach_all(name).await?;
