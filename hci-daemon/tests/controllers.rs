@@ -543,3 +543,140 @@ async fn a_vm_on_a_daemon_network_answers_ping() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A static HTTP server (Python's) over `dir`, killed on drop.
+struct HttpServer(std::process::Child, u16);
+
+impl HttpServer {
+    async fn start(dir: &std::path::Path) -> Self {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("addr").port()
+        };
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 http.server");
+        let deadline = Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "http.server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        HttpServer(child, port)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_import_over_http_with_checksums_and_volumes_clone_them() {
+    let files = TempDir::new().expect("temp dir");
+    let mut raw = vec![0u8; 8 << 20];
+    raw[(1 << 20)..(1 << 20) + 4096].fill(0xab);
+    std::fs::write(files.path().join("disk.raw"), &raw).expect("write image");
+    let sum = sha256_hex(&raw);
+    let http = HttpServer::start(files.path()).await;
+    let d = start().await;
+    let image_json = |name: &str, checksum: &str| {
+        format!(
+            r#"{{"apiVersion":"hci.dev/v1","kind":"Image","metadata":{{"name":"{name}"}},
+                "spec":{{"url":"http://127.0.0.1:{}/disk.raw","checksum":"sha256:{checksum}"}}}}"#,
+            http.1
+        )
+    };
+    let mut images =
+        hci_daemon::proto::image_service_client::ImageServiceClient::new(d.channel.clone());
+    images
+        .create(proto::CreateRequest {
+            json: image_json("base", &sum),
+        })
+        .await
+        .expect("create image");
+    images
+        .create(proto::CreateRequest {
+            json: image_json("tampered", &sum.replace(&sum[..4], "0000")),
+        })
+        .await
+        .expect("create image");
+    // A volume from an image waits for the import, then clones it.
+    create(
+        &d,
+        &Volume::new(
+            "from-image",
+            hci_core::model::VolumeSpec::from_image(ByteSize::mib(16), "base"),
+        ),
+    )
+    .await;
+    let img: hci_core::model::Image =
+        wait_for(&d, "base", "Ready", |i: &hci_core::model::Image| {
+            i.status_or_default().phase == hci_core::model::ImagePhase::Ready
+        })
+        .await;
+    assert_eq!(img.status_or_default().size, Some(ByteSize::mib(8)));
+    assert_eq!(img.status_or_default().progress, 100);
+    let bad: hci_core::model::Image =
+        wait_for(&d, "tampered", "Failed", |i: &hci_core::model::Image| {
+            i.status_or_default().phase == hci_core::model::ImagePhase::Failed
+        })
+        .await;
+    assert!(
+        bad.status_or_default().message.contains("mismatch"),
+        "{bad:#?}"
+    );
+    let vol: Volume = wait_for(&d, "from-image", "ready", |v: &Volume| {
+        v.status_or_default().phase == VolumePhase::Detached
+    })
+    .await;
+    assert_eq!(vol.status_or_default().size, Some(ByteSize::mib(16)));
+    // Thin: only the image's one written block came along.
+    assert!(
+        vol.status_or_default()
+            .allocated
+            .is_some_and(|a| a.0 <= 64 << 10),
+        "{vol:#?}"
+    );
+    // Read the clone back through the daemon's pool.
+    let pool = d
+        .controllers
+        .as_ref()
+        .expect("controllers")
+        .runtime()
+        .volumes
+        .clone();
+    let dev = hci_core::volume::VolumeBackend::open(
+        pool.as_ref(),
+        "from-image",
+        hci_core::volume::OpenVolume::default(),
+    )
+    .await
+    .expect("open the cloned volume");
+    let mut buf = vec![0u8; 8192];
+    dev.read_at(&mut buf, (1 << 20) - 4096).await.expect("read");
+    assert!(buf[..4096].iter().all(|&b| b == 0));
+    assert!(buf[4096..].iter().all(|&b| b == 0xab));
+}

@@ -21,6 +21,7 @@
 //! The controllers of one node share a [`Node`](hci_core::model::Node)
 //! identity and a data directory; see [`Controllers::start`].
 
+mod image;
 mod network;
 mod node;
 mod snapshot;
@@ -102,6 +103,8 @@ pub async fn run<C: Reconcile>(
 ) {
     let kind = <C::Kind as Resource>::KIND;
     let worker = tokio::spawn(work(ctl.clone(), resources.clone(), kick.clone(), queue));
+    // The worker stops with this task (Controllers::shutdown aborts it).
+    let _stop_worker = AbortOnDrop(worker.abort_handle());
     let mut failures = 0u32;
     loop {
         let list = match resources.list::<C::Kind>().await {
@@ -149,6 +152,15 @@ pub async fn run<C: Reconcile>(
             tracing::error!(kind, "controller worker ended");
             return;
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -203,6 +215,8 @@ pub struct Runtime {
     pub node: NodeInfo,
     /// Volumes of this node's storage pool.
     pub volumes: Arc<LocalVolumeBackend>,
+    /// Imported images (volumes are cloned from them).
+    pub images: Arc<LocalVolumeBackend>,
     /// The hypervisor VMs run on.
     pub hypervisor: Arc<dyn Hypervisor>,
     /// Runtime files of VMs (one directory each).
@@ -220,8 +234,8 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// A runtime keeping everything under `data_dir` (`volumes/`, `run/`,
-    /// `guests/`), running VMs on `hypervisor`.
+    /// A runtime keeping everything under `data_dir` (`volumes/`, `images/`,
+    /// `run/`, `guests/`), running VMs on `hypervisor`.
     pub fn new(
         resources: ResourceStore,
         data_dir: &std::path::Path,
@@ -229,10 +243,12 @@ impl Runtime {
         hypervisor: Arc<dyn Hypervisor>,
     ) -> Result<Self> {
         let volumes = Arc::new(LocalVolumeBackend::new(data_dir.join("volumes"))?);
+        let images = Arc::new(LocalVolumeBackend::new(data_dir.join("images"))?);
         Ok(Runtime {
             resources,
             node,
             volumes,
+            images,
             hypervisor,
             run_dir: data_dir.join("run"),
             guests_dir: data_dir.join("guests"),
@@ -249,11 +265,12 @@ impl Runtime {
 pub struct Controllers {
     tasks: JoinSet<()>,
     vms: Arc<VmController>,
+    rt: Runtime,
 }
 
 impl Controllers {
-    /// Registers the node and starts the volume, snapshot, network and VM
-    /// controllers.
+    /// Registers the node and starts the volume, snapshot, image, network and
+    /// VM controllers.
     pub async fn start(rt: Runtime) -> Result<Self> {
         node::register(&rt).await?;
         let mut tasks = JoinSet::new();
@@ -264,13 +281,22 @@ impl Controllers {
         let snapshots = Arc::new(snapshot::SnapshotController::new(rt.clone()));
         tasks.spawn(run(snapshots, rt.resources.clone(), kick, queue));
         let (kick, queue) = channel();
+        let images = Arc::new(image::ImageController::new(rt.clone()));
+        tasks.spawn(run(images, rt.resources.clone(), kick, queue));
+        let (kick, queue) = channel();
         let networks = Arc::new(network::NetworkController::new(rt.clone()));
         tasks.spawn(run(networks, rt.resources.clone(), kick, queue));
         let (kick, queue) = channel();
         let vms = Arc::new(VmController::new(rt.clone(), kick.clone()));
         tasks.spawn(run(vms.clone(), rt.resources.clone(), kick, queue));
         tasks.spawn(node::heartbeat(rt.clone(), vms.clone()));
-        Ok(Controllers { tasks, vms })
+        let rt = rt.clone();
+        Ok(Controllers { tasks, vms, rt })
+    }
+
+    /// What the controllers share (the pools, the node).
+    pub fn runtime(&self) -> &Runtime {
+        &self.rt
     }
 
     /// The VM controller (console access, running VMs).

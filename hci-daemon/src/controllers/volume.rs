@@ -1,6 +1,5 @@
 //! The volume controller: creates each `Volume` in the node's storage pool
-//! (blank, cloned from a snapshot or another volume, or imported from an
-//! image file), grows it when its spec grows, reports size, allocation and
+//! (blank, or cloned from a snapshot, another volume or an imported image), grows it when its spec grows, reports size, allocation and
 //! health in its status, and deletes the pool volume once the resource is
 //! gone.
 //!
@@ -8,13 +7,12 @@
 //! replicated volumes land; the status says so (condition `Replicated`).
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use hci_core::model::{
-    ByteSize, ConditionStatus, Image, ReplicaStatus, Resource, Snapshot, Volume, VolumePhase,
-    VolumeSource, set_condition,
+    ByteSize, ConditionStatus, Image, ImagePhase, ReplicaStatus, Resource, Snapshot, Volume,
+    VolumePhase, VolumeSource, set_condition,
 };
 use hci_core::volume::{CreateVolume, EncryptionKey, VolumeBackend, VolumeInfo};
 use hci_core::{Error, Result};
@@ -78,27 +76,31 @@ impl VolumeController {
                 cloned
             }
             VolumeSource::Image { name: image } => {
-                let image: Image = self.rt.resources.get(image).await?;
-                let path = image_path(&image.spec.url)?;
-                let dir = pool.root().join(name);
-                let path_for_import = path.clone();
-                let imported = tokio::task::spawn_blocking(move || {
-                    hci_storage::local::import_image(&path_for_import, &dir, key.as_ref())
-                        .map(|r| r.size())
+                let img: Image = self.rt.resources.get(image).await?;
+                if img.status_or_default().phase != ImagePhase::Ready {
+                    return Err(Error::Unavailable {
+                        what: format!("image {image:?} (not imported yet)"),
+                        source: None,
+                    });
+                }
+                if key.is_some() {
+                    return Err(Error::unsupported(
+                        "encrypting a volume created from an image",
+                        "the local pool (images are stored unencrypted)",
+                    ));
+                }
+                let base = self.rt.images.replica(image)?;
+                let dest = pool.root().join(name);
+                tokio::task::spawn_blocking(move || {
+                    base.clone_snapshot(super::image::BASE_SNAPSHOT, &dest)
+                        .map(|_| ())
                 })
                 .await
                 .map_err(|e| Error::Backend {
                     backend: "local",
                     message: e.to_string(),
                     source: None,
-                })?;
-                imported.map_err(|e| match e {
-                    Error::Invalid { .. } | Error::Io { .. } => Error::invalid(
-                        "spec.source",
-                        format!("cannot import image {}: {e}", path.display()),
-                    ),
-                    other => other,
-                })?;
+                })??;
                 pool.info(name).await
             }
             VolumeSource::Backup { name: backup } => Err(Error::invalid(
@@ -109,18 +111,6 @@ impl VolumeController {
             )),
         }
     }
-}
-
-/// The local path of an image URL (`file:///path` or a plain absolute path).
-fn image_path(url: &str) -> Result<std::path::PathBuf> {
-    let path = url.strip_prefix("file://").unwrap_or(url);
-    if !Path::new(path).is_absolute() {
-        return Err(Error::invalid(
-            "spec.url",
-            format!("{url:?}: only local files (file:///path or /path) can be imported so far"),
-        ));
-    }
-    Ok(path.into())
 }
 
 #[async_trait]
@@ -150,6 +140,22 @@ impl Reconcile for VolumeController {
                     Ok(info) => {
                         tracing::info!(volume = name, size = info.size, "created");
                         info
+                    }
+                    Err(Error::Unavailable { what, .. }) => {
+                        // Its source is not ready yet (an image importing).
+                        let message = format!("waiting for {what}");
+                        set_status(&self.rt.resources, name, |v: &mut Volume| {
+                            v.status_mut().phase = VolumePhase::Pending;
+                            set_condition(
+                                &mut v.status_mut().conditions,
+                                "Ready",
+                                ConditionStatus::False,
+                                "WaitingForSource",
+                                &message,
+                            );
+                        })
+                        .await?;
+                        return Ok(Some(Duration::from_secs(1)));
                     }
                     Err(e) => {
                         let message = e.to_string();
