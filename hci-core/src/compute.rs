@@ -212,6 +212,22 @@ pub trait Hypervisor: Send + Sync + Debug {
 
     /// Creates a VM (not yet running) from a resolved configuration.
     async fn create(&self, config: VmConfig) -> Result<Box<dyn VmHandle>>;
+
+    /// This backend's ability to find its VMs again after the caller
+    /// restarted, if it has one (VMs in their own processes do; VMs inside
+    /// the caller's process die with it).
+    fn as_adopter(&self) -> Option<&dyn Adopt> {
+        None
+    }
+}
+
+/// Finds VMs started earlier, by this or a previous process, so a daemon can
+/// restart without touching its guests.
+#[async_trait]
+pub trait Adopt: Send + Sync {
+    /// Reconnects to VM `name`, created with `run_dir` as its
+    /// [`VmConfig::run_dir`]. `Ok(None)` if it no longer runs.
+    async fn adopt(&self, name: &str, run_dir: &Path) -> Result<Option<Box<dyn VmHandle>>>;
 }
 
 /// A VM managed by a hypervisor.

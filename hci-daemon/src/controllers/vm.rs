@@ -30,7 +30,7 @@ use chrono::Utc;
 use hci_compute::test_guests::{self, Guest};
 use hci_core::compute::{
     BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, NicConfig, NicModel, VmConfig,
-    VmHandle,
+    VmHandle, VmState,
 };
 use hci_core::model::{
     BootSpec, ConditionStatus, DiskBus as ModelDiskBus, MacAddress, NicModel as ModelNicModel,
@@ -520,20 +520,7 @@ impl VmController {
             ports,
             nics: nic_configs,
         });
-        self.map().insert(name.to_string(), inst.clone());
-        let kick = self.kick.clone();
-        let vm_name = name.to_string();
-        tokio::spawn(async move {
-            let reason = inst
-                .handle
-                .wait()
-                .await
-                .unwrap_or_else(|e| ExitReason::VmmError(e.to_string()));
-            tracing::info!(vm = vm_name, ?reason, "VM stopped");
-            *inst.exited.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-            *inst.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-            kick.now(&vm_name);
-        });
+        self.track(name, inst);
         self.mark_volumes(&volumes, Some(name)).await?;
         let node = self.rt.node.name.clone();
         let now = Utc::now();
@@ -556,6 +543,75 @@ impl VmController {
         .await?;
         tracing::info!(vm = name, "VM started");
         Ok(None)
+    }
+
+    /// Keeps `inst` as VM `name` and reconciles the VM when it stops.
+    fn track(&self, name: &str, inst: Arc<Instance>) {
+        self.map().insert(name.to_string(), inst.clone());
+        let kick = self.kick.clone();
+        let vm_name = name.to_string();
+        tokio::spawn(async move {
+            let reason = inst
+                .handle
+                .wait()
+                .await
+                .unwrap_or_else(|e| ExitReason::VmmError(e.to_string()));
+            tracing::info!(vm = vm_name, ?reason, "VM stopped");
+            *inst.exited.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            *inst.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+            kick.now(&vm_name);
+        });
+    }
+
+    /// After a daemon restart: finds a VM the hypervisor still runs and
+    /// takes it over. True if it did.
+    async fn try_adopt(&self, vm: &VirtualMachine) -> Result<bool> {
+        let Some(adopter) = self.rt.hypervisor.as_adopter() else {
+            return Ok(false);
+        };
+        let name = vm.name();
+        let handle = match adopter.adopt(name, &self.rt.run_dir.join(name)).await {
+            Ok(Some(handle)) => Arc::<dyn VmHandle>::from(handle),
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                tracing::warn!(vm = name, error = %e, "cannot adopt; treating the VM as lost");
+                return Ok(false);
+            }
+        };
+        let paused = matches!(handle.state().await, Ok(VmState::Paused));
+        let inst = Arc::new(Instance {
+            uid: vm.metadata.uid,
+            handle,
+            cpus: vm.spec.cpus,
+            memory: vm.spec.memory.0,
+            exit: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            recorded: AtomicBool::new(false),
+            started: Instant::now(),
+            exited: Mutex::new(None),
+            ports: vm
+                .spec
+                .nics
+                .iter()
+                .map(|n| (n.network.clone(), format!("{name}-{}", n.name)))
+                .collect(),
+            nics: vec![],
+        });
+        self.track(name, inst);
+        let volumes: Vec<String> = vm.spec.disks.iter().map(|d| d.volume.clone()).collect();
+        self.mark_volumes(&volumes, Some(name)).await?;
+        self.status(name, |v| {
+            let status = v.status_mut();
+            status.phase = if paused {
+                VmPhase::Paused
+            } else {
+                VmPhase::Running
+            };
+            status.message = "re-adopted after a daemon restart".into();
+        })
+        .await?;
+        tracing::info!(vm = name, "VM re-adopted");
+        Ok(true)
     }
 
     async fn start_failed(&self, name: &str, e: &Error) -> Result<()> {
@@ -715,6 +771,13 @@ impl Reconcile for VmController {
                 inst.stopping.store(true, Ordering::SeqCst);
                 inst.handle.kill().await?;
             }
+            return Ok(Some(Duration::ZERO));
+        }
+        let was_running = matches!(
+            vm.status_or_default().phase,
+            VmPhase::Running | VmPhase::Paused | VmPhase::Starting | VmPhase::Stopping
+        );
+        if existing.is_none() && was_running && self.try_adopt(&vm).await? {
             return Ok(Some(Duration::ZERO));
         }
         if let Some(action) = vm.metadata.annotations.get(REQUESTED_ACTION).cloned() {
