@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod cli;
 pub mod controllers;
 pub mod metrics;
 pub mod resources;

@@ -19,3 +19,41 @@ pub(crate) fn filesystem_size(path: &Path) -> std::io::Result<u64> {
     let st = unsafe { st.assume_init() };
     Ok(st.f_blocks.saturating_mul(st.f_frsize))
 }
+
+/// Puts a terminal in raw mode until dropped (for `hcictl vm console`).
+pub(crate) struct RawTerminal {
+    fd: i32,
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Raw mode on `fd` if it is a terminal; `None` otherwise.
+    pub(crate) fn enable(fd: i32) -> Option<Self> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+        let mut saved = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: `saved` is writable memory for one termios, filled on success.
+        if unsafe { libc::tcgetattr(fd, saved.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: tcgetattr returned 0, so `saved` is initialised.
+        let saved = unsafe { saved.assume_init() };
+        let mut raw = saved;
+        // SAFETY: `raw` is a valid termios that cfmakeraw edits in place.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: `raw` is a valid termios for this terminal descriptor.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(RawTerminal { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read from the same descriptor.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}

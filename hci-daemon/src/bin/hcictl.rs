@@ -1,0 +1,201 @@
+//! `hcictl`: manage an hci node (or cluster) through hci-daemon's API.
+#![allow(clippy::print_stdout)] // a CLI prints its results
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use hci_core::model::ByteSize;
+use hci_daemon::cli::{self, CliError, Client, DEFAULT_SERVER, Format, Kind, VmAction};
+
+/// Manage hci resources: VMs, volumes, images, networks, snapshots, backups,
+/// schedules and nodes.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hcictl",
+    version,
+    after_help = "Examples:\n  \
+        hcictl apply -f examples/quickstart.yaml\n  \
+        hcictl get vms\n  \
+        hcictl get volume data -o yaml\n  \
+        hcictl describe vm demo\n  \
+        hcictl vm console demo\n  \
+        hcictl volume snapshot data before-upgrade\n  \
+        hcictl --server unix:/tmp/hci/hci.sock get nodes"
+)]
+struct Args {
+    /// The daemon: unix:PATH. Also read from HCI_SERVER.
+    #[arg(long, global = true, env = "HCI_SERVER", default_value = DEFAULT_SERVER)]
+    server: String,
+    /// Output format of get.
+    #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List resources of a kind, or show one.
+    Get {
+        /// vm, volume, image, network, snapshot, backup, backuptarget, schedule or node.
+        kind: Kind,
+        /// One resource's name (all when omitted).
+        name: Option<String>,
+    },
+    /// Show one resource in detail, conditions included.
+    Describe {
+        /// The kind.
+        kind: Kind,
+        /// Its name.
+        name: String,
+    },
+    /// Create or update the resources in a YAML/JSON file (- for stdin).
+    Apply {
+        /// The file: one or more YAML documents separated by ---, or JSON.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Delete a resource, or every resource in a file.
+    Delete {
+        /// The kind (with NAME).
+        kind: Option<Kind>,
+        /// The name.
+        name: Option<String>,
+        /// Delete what this file describes instead.
+        #[arg(short = 'f', long = "file", conflicts_with_all = ["kind", "name"])]
+        file: Option<PathBuf>,
+    },
+    /// Edit a resource in $EDITOR and apply the result.
+    Edit {
+        /// The kind.
+        kind: Kind,
+        /// Its name.
+        name: String,
+    },
+    /// Print changes to resources of a kind as they happen.
+    Watch {
+        /// The kind.
+        kind: Kind,
+        /// Only this resource.
+        name: Option<String>,
+    },
+    /// Power actions and the serial console of a VM.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+    /// Volume snapshots, clones and growth.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// Print a shell completion script.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Start a VM.
+    Start { name: String },
+    /// Stop a VM (graceful shutdown, killed after a timeout).
+    Stop { name: String },
+    /// Restart a VM.
+    Restart { name: String },
+    /// Pause a running VM.
+    Pause { name: String },
+    /// Resume a paused VM.
+    Resume { name: String },
+    /// Attach to the serial console (Ctrl-] detaches).
+    Console {
+        /// The VM.
+        name: String,
+        /// Exit as soon as the console shows this text (for scripts).
+        #[arg(long, value_name = "TEXT")]
+        until: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Take a snapshot of a volume (a new Snapshot resource).
+    Snapshot { volume: String, snapshot: String },
+    /// Create a new volume with a volume's current content.
+    Clone { volume: String, new_name: String },
+    /// Grow a volume (e.g. 20Gi).
+    Expand { volume: String, size: ByteSize },
+}
+
+async fn run(args: Args) -> Result<(), CliError> {
+    if let Command::Completions { shell } = args.command {
+        clap_complete::generate(
+            shell,
+            &mut Args::command(),
+            "hcictl",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
+    let c = Client::connect(&args.server).await?;
+    let out = match args.command {
+        Command::Get { kind, name } => cli::get(&c, kind, name.as_deref(), args.output).await?,
+        Command::Describe { kind, name } => cli::describe(&c, kind, &name).await?,
+        Command::Apply { file } => {
+            let text = cli::read_input(&file)?;
+            cli::apply(&c, &text, &file.display().to_string()).await?
+        }
+        Command::Delete { kind, name, file } => match (kind, name, file) {
+            (_, _, Some(file)) => {
+                let text = cli::read_input(&file)?;
+                cli::delete_file(&c, &text, &file.display().to_string()).await?
+            }
+            (Some(kind), Some(name), None) => cli::delete(&c, kind, &name).await?,
+            _ => {
+                return Err(CliError::Input(
+                    "say what to delete: hcictl delete KIND NAME, or -f FILE".into(),
+                ));
+            }
+        },
+        Command::Edit { kind, name } => cli::edit(&c, kind, &name).await?,
+        Command::Watch { kind, name } => {
+            cli::watch(&c, kind, name.as_deref()).await?;
+            String::new()
+        }
+        Command::Vm { command } => match command {
+            VmCommand::Start { name } => cli::vm_action(&c, VmAction::Start, &name).await?,
+            VmCommand::Stop { name } => cli::vm_action(&c, VmAction::Stop, &name).await?,
+            VmCommand::Restart { name } => cli::vm_action(&c, VmAction::Restart, &name).await?,
+            VmCommand::Pause { name } => cli::vm_action(&c, VmAction::Pause, &name).await?,
+            VmCommand::Resume { name } => cli::vm_action(&c, VmAction::Resume, &name).await?,
+            VmCommand::Console { name, until } => {
+                cli::console(&c, &name, until.as_deref()).await?;
+                String::new()
+            }
+        },
+        Command::Volume { command } => match command {
+            VolumeCommand::Snapshot { volume, snapshot } => {
+                cli::snapshot(&c, &volume, &snapshot).await?
+            }
+            VolumeCommand::Clone { volume, new_name } => cli::clone(&c, &volume, &new_name).await?,
+            VolumeCommand::Expand { volume, size } => cli::expand(&c, &volume, size).await?,
+        },
+        Command::Completions { .. } => String::new(),
+    };
+    print!("{out}");
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! A connection to hci-daemon and kind-generic calls over the nine
+//! resource services.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Status, Streaming};
+
+use crate::proto;
+use crate::proto::backup_service_client::BackupServiceClient;
+use crate::proto::backup_target_service_client::BackupTargetServiceClient;
+use crate::proto::image_service_client::ImageServiceClient;
+use crate::proto::network_service_client::NetworkServiceClient;
+use crate::proto::node_service_client::NodeServiceClient;
+use crate::proto::schedule_service_client::ScheduleServiceClient;
+use crate::proto::snapshot_service_client::SnapshotServiceClient;
+use crate::proto::virtual_machine_service_client::VirtualMachineServiceClient;
+use crate::proto::volume_service_client::VolumeServiceClient;
+
+/// The daemon's default socket (`hci-daemon` with its default data directory).
+pub const DEFAULT_SERVER: &str = "unix:/var/lib/hci/hci.sock";
+
+/// A resource kind, as users type it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// VirtualMachine.
+    Vm,
+    /// Volume.
+    Volume,
+    /// Image.
+    Image,
+    /// Network.
+    Network,
+    /// Snapshot.
+    Snapshot,
+    /// Backup.
+    Backup,
+    /// BackupTarget.
+    BackupTarget,
+    /// Schedule.
+    Schedule,
+    /// Node.
+    Node,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 9] = [
+        Kind::Vm,
+        Kind::Volume,
+        Kind::Image,
+        Kind::Network,
+        Kind::Snapshot,
+        Kind::Backup,
+        Kind::BackupTarget,
+        Kind::Schedule,
+        Kind::Node,
+    ];
+
+    /// The model's kind name (`VirtualMachine`, `Volume`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Vm => "VirtualMachine",
+            Kind::Volume => "Volume",
+            Kind::Image => "Image",
+            Kind::Network => "Network",
+            Kind::Snapshot => "Snapshot",
+            Kind::Backup => "Backup",
+            Kind::BackupTarget => "BackupTarget",
+            Kind::Schedule => "Schedule",
+            Kind::Node => "Node",
+        }
+    }
+
+    /// The short lower-case name used in output (`vm/web`).
+    pub fn short(self) -> &'static str {
+        match self {
+            Kind::Vm => "vm",
+            Kind::Volume => "volume",
+            Kind::Image => "image",
+            Kind::Network => "network",
+            Kind::Snapshot => "snapshot",
+            Kind::Backup => "backup",
+            Kind::BackupTarget => "backuptarget",
+            Kind::Schedule => "schedule",
+            Kind::Node => "node",
+        }
+    }
+
+    /// The kind of a model kind name (`VirtualMachine`).
+    pub fn from_model(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let k = s.to_ascii_lowercase();
+        Ok(match k.as_str() {
+            "vm" | "vms" | "virtualmachine" | "virtualmachines" => Kind::Vm,
+            "vol" | "vols" | "volume" | "volumes" => Kind::Volume,
+            "img" | "image" | "images" => Kind::Image,
+            "net" | "nets" | "network" | "networks" => Kind::Network,
+            "snap" | "snaps" | "snapshot" | "snapshots" => Kind::Snapshot,
+            "backup" | "backups" => Kind::Backup,
+            "backuptarget" | "backuptargets" | "target" | "targets" => Kind::BackupTarget,
+            "schedule" | "schedules" => Kind::Schedule,
+            "node" | "nodes" | "no" => Kind::Node,
+            _ => {
+                return Err(format!(
+                    "unknown kind {s:?}: use one of vm, volume, image, network, snapshot, backup, backuptarget, schedule, node"
+                ));
+            }
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.short())
+    }
+}
+
+/// Why the daemon could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server address is not understood.
+    #[error("{0:?} is not a server address: use unix:/path/to/hci.sock or https://host:port")]
+    BadAddress(String),
+    /// The address is fine but nothing answers there.
+    #[error("cannot reach hci-daemon at {server}: {reason}")]
+    Unreachable {
+        /// The address.
+        server: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A connection to hci-daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+}
+
+/// Runs `$body` with `$c` bound to the generated client of `$kind`.
+macro_rules! with_client {
+    ($self:ident, $kind:expr, |$c:ident| $body:expr) => {
+        match $kind {
+            Kind::Vm => {
+                let mut $c = VirtualMachineServiceClient::new($self.channel.clone());
+                $body
+            }
+            Kind::Volume => {
+                let mut $c = VolumeServiceClient::new($self.channel.clone());
+                $body
+            }
+            Kind::Image => {
+                let mut $c = ImageServiceClient::new($self.channel.clone());
+                $body
+            }
+            Kind::Network => {
+                let mut $c = NetworkServiceClient::new($self.channel.clone());
+                $body
+            }
+            Kind::Snapshot => {
+                let mut $c = SnapshotServiceClient::new($self.channel.clone());
+                $body
+            }
+            Kind::Backup => {
+                let mut $c = BackupServiceClient::new($self.channel.clone());
+                $body
+            }
+            Kind::BackupTarget => {
+                let mut $c = BackupTargetServiceClient::new($self.channel.clone());
+                $body
+            }
+            Kind::Schedule => {
+                let mut $c = ScheduleServiceClient::new($self.channel.clone());
+                $body
+            }
+            Kind::Node => {
+                let mut $c = NodeServiceClient::new($self.channel.clone());
+                $body
+            }
+        }
+    };
+}
+
+impl Client {
+    /// Connects to `server` (`unix:PATH`).
+    pub async fn connect(server: &str) -> Result<Self, ConnectError> {
+        let Some(path) = server.strip_prefix("unix:") else {
+            if server.starts_with("https://") || server.starts_with("http://") {
+                return Err(ConnectError::Unreachable {
+                    server: server.to_string(),
+                    reason: "TCP with TLS is not supported by this hcictl yet; use the unix socket"
+                        .into(),
+                });
+            }
+            return Err(ConnectError::BadAddress(server.to_string()));
+        };
+        let path = PathBuf::from(path);
+        let unreachable = |reason: String| ConnectError::Unreachable {
+            server: server.to_string(),
+            reason,
+        };
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(unreachable(
+                    "no such socket — is hci-daemon running? (set --server or HCI_SERVER)".into(),
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(unreachable(
+                    "permission denied — the socket is root-only (mode 0600)".into(),
+                ));
+            }
+            _ => {}
+        }
+        // A first connection now, so a dead socket fails here with a clear
+        // message rather than on the first call.
+        UnixStream::connect(&path)
+            .await
+            .map_err(|e| unreachable(format!("{e} — is hci-daemon running?")))?;
+        let channel =
+            Endpoint::try_from("http://hci.invalid")
+                .map_err(|e| unreachable(e.to_string()))?
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+        Ok(Client { channel })
+    }
+
+    /// The underlying channel (for the kind-specific services).
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Reads one resource.
+    pub async fn get(&self, kind: Kind, name: &str) -> Result<proto::Resource, Status> {
+        let req = proto::GetRequest {
+            name: name.to_string(),
+        };
+        with_client!(self, kind, |c| c.get(req).await.map(|r| r.into_inner()))
+    }
+
+    /// Lists resources of a kind.
+    pub async fn list(&self, kind: Kind) -> Result<proto::ListResponse, Status> {
+        let req = proto::ListRequest::default();
+        with_client!(self, kind, |c| c.list(req).await.map(|r| r.into_inner()))
+    }
+
+    /// Creates a resource from its JSON document.
+    pub async fn create(&self, kind: Kind, json: String) -> Result<proto::Resource, Status> {
+        let req = proto::CreateRequest { json };
+        with_client!(self, kind, |c| c.create(req).await.map(|r| r.into_inner()))
+    }
+
+    /// Replaces a resource's metadata and spec, if it still has `version`.
+    pub async fn update(
+        &self,
+        kind: Kind,
+        json: String,
+        version: u64,
+    ) -> Result<proto::Resource, Status> {
+        let req = proto::UpdateRequest {
+            json,
+            resource_version: version,
+        };
+        with_client!(self, kind, |c| c.update(req).await.map(|r| r.into_inner()))
+    }
+
+    /// Deletes a resource.
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<u64, Status> {
+        let req = proto::DeleteRequest {
+            name: name.to_string(),
+            resource_version: 0,
+        };
+        with_client!(self, kind, |c| c
+            .delete(req)
+            .await
+            .map(|r| r.into_inner().revision))
+    }
+
+    /// Follows changes to a kind (or one resource of it).
+    pub async fn watch(
+        &self,
+        kind: Kind,
+        name: Option<&str>,
+    ) -> Result<Streaming<proto::WatchEvent>, Status> {
+        let req = proto::WatchRequest {
+            from_revision: 0,
+            name: name.unwrap_or_default().to_string(),
+        };
+        with_client!(self, kind, |c| c.watch(req).await.map(|r| r.into_inner()))
+    }
+
+    /// The VM service.
+    pub fn vms(&self) -> VirtualMachineServiceClient<Channel> {
+        VirtualMachineServiceClient::new(self.channel.clone())
+    }
+
+    /// The volume service.
+    pub fn volumes(&self) -> VolumeServiceClient<Channel> {
+        VolumeServiceClient::new(self.channel.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_parse_with_aliases() {
+        for (s, k) in [
+            ("vm", Kind::Vm),
+            ("VirtualMachines", Kind::Vm),
+            ("vol", Kind::Volume),
+            ("nets", Kind::Network),
+            ("snap", Kind::Snapshot),
+            ("backuptargets", Kind::BackupTarget),
+            ("nodes", Kind::Node),
+        ] {
+            assert_eq!(s.parse::<Kind>(), Ok(k), "{s}");
+        }
+        assert!("pods".parse::<Kind>().is_err());
+        for k in Kind::ALL {
+            assert_eq!(Kind::from_model(k.name()), Some(k));
+            assert_eq!(k.short().parse::<Kind>(), Ok(k));
+        }
+    }
+}

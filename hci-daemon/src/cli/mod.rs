@@ -1,0 +1,557 @@
+//! `hcictl`: the command-line client of hci-daemon.
+//!
+//! Each subcommand is a function here; `src/bin/hcictl.rs` only parses the
+//! command line. Errors are [`CliError`]s whose messages are meant for the
+//! person at the terminal.
+
+pub mod client;
+pub mod output;
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+
+use chrono::Utc;
+use futures::StreamExt;
+use hci_core::model::{AnyResource, ByteSize};
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+use tonic::{Code, Status};
+
+pub use self::client::{Client, ConnectError, DEFAULT_SERVER, Kind};
+pub use self::output::Format;
+use crate::proto;
+
+/// An error for the user: printed as `error: …`, exit status 1.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The daemon could not be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The daemon refused or failed a call.
+    #[error("{0}")]
+    Api(String),
+    /// Bad input (files, arguments).
+    #[error("{0}")]
+    Input(String),
+}
+
+/// Explains a gRPC status in words.
+pub fn explain(what: &str, s: &Status) -> CliError {
+    let msg = s.message();
+    CliError::Api(match s.code() {
+        Code::NotFound => format!("{what}: not found: {msg}"),
+        Code::AlreadyExists => format!("{what}: already exists: {msg}"),
+        Code::Aborted => format!(
+            "{what}: conflict: {msg} (someone changed it meanwhile; read it again and retry)"
+        ),
+        Code::InvalidArgument => format!("{what}: invalid: {msg}"),
+        Code::FailedPrecondition => format!("{what}: not possible now: {msg}"),
+        Code::Unavailable => format!("{what}: unavailable: {msg}"),
+        Code::Unauthenticated | Code::PermissionDenied => format!("{what}: refused: {msg}"),
+        _ => format!("{what}: {msg} ({:?})", s.code()),
+    })
+}
+
+fn doc(r: &proto::Resource) -> Result<Value, CliError> {
+    serde_json::from_str(&r.json)
+        .map_err(|e| CliError::Api(format!("the daemon sent an unreadable document: {e}")))
+}
+
+/// `hcictl get KIND [NAME]`.
+pub async fn get(
+    c: &Client,
+    kind: Kind,
+    name: Option<&str>,
+    format: Format,
+) -> Result<String, CliError> {
+    let (docs, many) = match name {
+        Some(name) => {
+            let r = c
+                .get(kind, name)
+                .await
+                .map_err(|s| explain(&format!("{kind}/{name}"), &s))?;
+            (vec![doc(&r)?], false)
+        }
+        None => {
+            let list = c
+                .list(kind)
+                .await
+                .map_err(|s| explain(&format!("list {kind}"), &s))?;
+            let docs = list.items.iter().map(doc).collect::<Result<Vec<_>, _>>()?;
+            (docs, true)
+        }
+    };
+    match format {
+        Format::Table => {
+            if docs.is_empty() {
+                Ok(format!("No {} found.\n", kind.name()))
+            } else {
+                Ok(output::table(kind, &docs, Utc::now()))
+            }
+        }
+        other => output::documents(&docs, other, many).map_err(CliError::Input),
+    }
+}
+
+/// `hcictl describe KIND NAME`.
+pub async fn describe(c: &Client, kind: Kind, name: &str) -> Result<String, CliError> {
+    let r = c
+        .get(kind, name)
+        .await
+        .map_err(|s| explain(&format!("{kind}/{name}"), &s))?;
+    Ok(output::describe(kind, &doc(&r)?, Utc::now()))
+}
+
+/// Reads a file argument (`-` is standard input).
+pub fn read_input(path: &Path) -> Result<String, CliError> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| CliError::Input(format!("cannot read standard input: {e}")))?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(path)
+        .map_err(|e| CliError::Input(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Parses YAML (one or more documents) or a JSON document.
+pub fn parse_documents(text: &str, origin: &str) -> Result<Vec<AnyResource>, CliError> {
+    let parsed = if text.trim_start().starts_with('{') {
+        AnyResource::from_json(text).map(|r| vec![r])
+    } else {
+        AnyResource::from_yaml_multi(text)
+    };
+    let docs = parsed.map_err(|e| CliError::Input(format!("{origin}: {e}")))?;
+    if docs.is_empty() {
+        return Err(CliError::Input(format!("{origin}: no documents")));
+    }
+    Ok(docs)
+}
+
+/// What `apply` did to one document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// It did not exist.
+    Created,
+    /// It existed with another spec, labels or annotations.
+    Configured,
+    /// It already matched.
+    Unchanged,
+}
+
+/// The parts of a document `apply` manages: metadata labels and
+/// annotations, and the spec.
+fn managed(v: &Value) -> (Value, Value, Value) {
+    let get = |p: &str| v.pointer(p).cloned().unwrap_or(Value::Null);
+    let nonempty = |x: Value| match x {
+        Value::Object(m) if m.is_empty() => Value::Null,
+        other => other,
+    };
+    (
+        nonempty(get("/metadata/labels")),
+        nonempty(get("/metadata/annotations")),
+        get("/spec"),
+    )
+}
+
+/// Creates or updates one resource so that it matches `r`.
+pub async fn apply_one(c: &Client, r: &AnyResource) -> Result<Applied, CliError> {
+    let kind = Kind::from_model(r.kind())
+        .ok_or_else(|| CliError::Input(format!("unknown kind {}", r.kind())))?;
+    let name = r.name().to_string();
+    let what = format!("{kind}/{name}");
+    let json = r.to_json().map_err(|e| CliError::Input(e.to_string()))?;
+    let desired: Value = serde_json::from_str(&json).map_err(|e| CliError::Input(e.to_string()))?;
+    match c.get(kind, &name).await {
+        Err(s) if s.code() == Code::NotFound => {
+            c.create(kind, json).await.map_err(|s| explain(&what, &s))?;
+            Ok(Applied::Created)
+        }
+        Err(s) => Err(explain(&what, &s)),
+        Ok(current) => {
+            let current_doc = doc(&current)?;
+            if managed(&current_doc) == managed(&desired) {
+                return Ok(Applied::Unchanged);
+            }
+            // Keep the server's identity fields; take labels, annotations
+            // and spec from the file.
+            let mut next = current_doc.clone();
+            let (labels, annotations, spec) = managed(&desired);
+            if let Some(meta) = next.get_mut("metadata").and_then(Value::as_object_mut) {
+                meta.insert("labels".into(), labels);
+                meta.insert("annotations".into(), annotations);
+                meta.retain(|_, v| !v.is_null());
+            }
+            if let Some(obj) = next.as_object_mut() {
+                obj.insert("spec".into(), spec);
+                obj.remove("status");
+            }
+            c.update(kind, next.to_string(), current.resource_version)
+                .await
+                .map_err(|s| explain(&what, &s))?;
+            Ok(Applied::Configured)
+        }
+    }
+}
+
+/// `hcictl apply -f FILE`: prints one line per document.
+pub async fn apply(c: &Client, text: &str, origin: &str) -> Result<String, CliError> {
+    let docs = parse_documents(text, origin)?;
+    let mut out = String::new();
+    for r in &docs {
+        let result = apply_one(c, r).await?;
+        let kind = Kind::from_model(r.kind()).map_or(r.kind(), Kind::short);
+        let verb = match result {
+            Applied::Created => "created",
+            Applied::Configured => "configured",
+            Applied::Unchanged => "unchanged",
+        };
+        out.push_str(&format!("{kind}/{} {verb}\n", r.name()));
+    }
+    Ok(out)
+}
+
+/// `hcictl delete KIND NAME`.
+pub async fn delete(c: &Client, kind: Kind, name: &str) -> Result<String, CliError> {
+    c.delete(kind, name)
+        .await
+        .map_err(|s| explain(&format!("{kind}/{name}"), &s))?;
+    Ok(format!("{kind}/{name} deleted\n"))
+}
+
+/// `hcictl delete -f FILE`: deletes every document's resource.
+pub async fn delete_file(c: &Client, text: &str, origin: &str) -> Result<String, CliError> {
+    let mut out = String::new();
+    for r in parse_documents(text, origin)? {
+        let kind = Kind::from_model(r.kind())
+            .ok_or_else(|| CliError::Input(format!("unknown kind {}", r.kind())))?;
+        out.push_str(&delete(c, kind, r.name()).await?);
+    }
+    Ok(out)
+}
+
+/// `hcictl edit KIND NAME`: opens the resource in `$EDITOR` and applies the
+/// result, if it changed.
+pub async fn edit(c: &Client, kind: Kind, name: &str) -> Result<String, CliError> {
+    let what = format!("{kind}/{name}");
+    let current = c.get(kind, name).await.map_err(|s| explain(&what, &s))?;
+    let yaml =
+        serde_norway::to_string(&doc(&current)?).map_err(|e| CliError::Input(e.to_string()))?;
+    let dir = tempfile::tempdir().map_err(|e| CliError::Input(format!("temp dir: {e}")))?;
+    let file = dir.path().join(format!("{}-{name}.yaml", kind.short()));
+    std::fs::write(&file, &yaml).map_err(|e| CliError::Input(e.to_string()))?;
+    let editor = std::env::var("VISUAL")
+        .or_else(|_| std::env::var("EDITOR"))
+        .unwrap_or_else(|_| "vi".into());
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(&file)
+        .status()
+        .map_err(|e| CliError::Input(format!("cannot run the editor {editor:?}: {e}")))?;
+    if !status.success() {
+        return Err(CliError::Input(format!(
+            "the editor {editor:?} failed ({status}); nothing changed"
+        )));
+    }
+    let edited = std::fs::read_to_string(&file).map_err(|e| CliError::Input(e.to_string()))?;
+    if edited == yaml {
+        return Ok(format!("{what} unchanged (no edits)\n"));
+    }
+    let docs = parse_documents(&edited, "the edited document")?;
+    let [r] = docs.as_slice() else {
+        return Err(CliError::Input("edit one document only".into()));
+    };
+    if r.name() != name || Kind::from_model(r.kind()) != Some(kind) {
+        return Err(CliError::Input(
+            "the kind and name cannot be changed by edit".into(),
+        ));
+    }
+    let json = r.to_json().map_err(|e| CliError::Input(e.to_string()))?;
+    match c.update(kind, json, current.resource_version).await {
+        Ok(_) => Ok(format!("{what} edited\n")),
+        Err(s) if s.code() == Code::Aborted => Err(CliError::Api(format!(
+            "{what} changed while you were editing; your edit was not applied (run edit again): {}",
+            s.message()
+        ))),
+        Err(s) => Err(explain(&what, &s)),
+    }
+}
+
+/// A VM power action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VmAction {
+    /// Start.
+    Start,
+    /// Stop (graceful, then killed).
+    Stop,
+    /// Restart.
+    Restart,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume paused vCPUs.
+    Resume,
+}
+
+/// `hcictl vm ACTION NAME`.
+pub async fn vm_action(c: &Client, action: VmAction, name: &str) -> Result<String, CliError> {
+    let req = proto::VmActionRequest {
+        name: name.to_string(),
+        resource_version: 0,
+    };
+    let mut vms = c.vms();
+    let result = match action {
+        VmAction::Start => vms.start(req).await,
+        VmAction::Stop => vms.stop(req).await,
+        VmAction::Restart => vms.restart(req).await,
+        VmAction::Pause => vms.pause(req).await,
+        VmAction::Resume => vms.resume(req).await,
+    };
+    result.map_err(|s| explain(&format!("vm/{name}"), &s))?;
+    Ok(format!(
+        "vm/{name} {} requested\n",
+        format!("{action:?}").to_lowercase()
+    ))
+}
+
+/// `hcictl volume snapshot VOLUME SNAPSHOT`.
+pub async fn snapshot(c: &Client, volume: &str, snapshot: &str) -> Result<String, CliError> {
+    c.volumes()
+        .snapshot_volume(proto::SnapshotVolumeRequest {
+            volume: volume.into(),
+            snapshot: snapshot.into(),
+            labels: Default::default(),
+        })
+        .await
+        .map_err(|s| explain(&format!("volume/{volume}"), &s))?;
+    Ok(format!("snapshot/{snapshot} created\n"))
+}
+
+/// `hcictl volume clone VOLUME NEW`.
+pub async fn clone(c: &Client, volume: &str, new: &str) -> Result<String, CliError> {
+    c.volumes()
+        .clone_volume(proto::CloneVolumeRequest {
+            volume: volume.into(),
+            name: new.into(),
+        })
+        .await
+        .map_err(|s| explain(&format!("volume/{volume}"), &s))?;
+    Ok(format!("volume/{new} created\n"))
+}
+
+/// `hcictl volume expand VOLUME SIZE`.
+pub async fn expand(c: &Client, volume: &str, size: ByteSize) -> Result<String, CliError> {
+    c.volumes()
+        .expand_volume(proto::ExpandVolumeRequest {
+            volume: volume.into(),
+            size: size.0,
+            resource_version: 0,
+        })
+        .await
+        .map_err(|s| explain(&format!("volume/{volume}"), &s))?;
+    Ok(format!("volume/{volume} expanding to {size}\n"))
+}
+
+/// `hcictl watch KIND [NAME]`: prints a line per change until interrupted.
+pub async fn watch(c: &Client, kind: Kind, name: Option<&str>) -> Result<(), CliError> {
+    let mut events = c
+        .watch(kind, name)
+        .await
+        .map_err(|s| explain(&format!("watch {kind}"), &s))?;
+    let mut stdout = std::io::stdout();
+    while let Some(ev) = events.next().await {
+        let ev = ev.map_err(|s| explain(&format!("watch {kind}"), &s))?;
+        let Some(r) = ev.resource else { continue };
+        let line = match proto::watch_event::Type::try_from(ev.r#type) {
+            Ok(proto::watch_event::Type::Delete) => {
+                format!("{:<8} {kind}/{}\n", "DELETED", r.name)
+            }
+            _ => {
+                let phase = serde_json::from_str::<Value>(&r.json)
+                    .ok()
+                    .and_then(|d| {
+                        d.pointer("/status/phase")
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_else(|| "-".into());
+                format!(
+                    "{:<8} {kind}/{} phase={phase} version={}\n",
+                    "PUT", r.name, r.resource_version
+                )
+            }
+        };
+        if stdout
+            .write_all(line.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// How long `vm console` waits for a VM that does not run yet.
+pub const CONSOLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The byte that detaches from a console (`Ctrl-]`).
+pub const DETACH: u8 = 0x1d;
+
+/// `hcictl vm console NAME`: copies the console to stdout and stdin to the
+/// guest until `Ctrl-]` (on a terminal), end of input, or the VM stops.
+/// With `until`, returns as soon as the output contains that text.
+pub async fn console(c: &Client, name: &str, until: Option<&str>) -> Result<(), CliError> {
+    // A VM that was just created may not run yet: wait a while for it.
+    let deadline = std::time::Instant::now() + CONSOLE_WAIT;
+    let mut said = false;
+    let (tx, mut output) = loop {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let _ = tx
+            .send(proto::ConsoleInput {
+                name: name.to_string(),
+                data: vec![],
+            })
+            .await;
+        match c
+            .vms()
+            .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        {
+            Ok(stream) => break (tx, stream.into_inner()),
+            Err(s) if s.code() == Code::Unavailable && std::time::Instant::now() < deadline => {
+                if !said {
+                    eprintln!("waiting for vm/{name} to run…");
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(s) => return Err(explain(&format!("vm/{name} console"), &s)),
+        }
+    };
+    let tty = std::io::stdin().is_terminal();
+    let raw = if tty {
+        crate::sys::RawTerminal::enable(0)
+    } else {
+        None
+    };
+    if tty && until.is_none() {
+        eprint!("Connected to vm/{name}; press Ctrl-] to detach.\r\n");
+    }
+    let (detach_tx, mut detach_rx) = tokio::sync::oneshot::channel::<()>();
+    // Keystrokes (or piped input) to the guest.
+    let input = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let data = &buf[..n];
+            if tty && let Some(i) = data.iter().position(|&b| b == DETACH) {
+                let _ = tx
+                    .send(proto::ConsoleInput {
+                        name: String::new(),
+                        data: data[..i].to_vec(),
+                    })
+                    .await;
+                let _ = detach_tx.send(());
+                return;
+            }
+            if tx
+                .send(proto::ConsoleInput {
+                    name: String::new(),
+                    data: data.to_vec(),
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        // Piped input ended: keep the session open for the output.
+        std::future::pending::<()>().await;
+    });
+    let mut stdout = std::io::stdout();
+    let mut seen = String::new();
+    let result = loop {
+        tokio::select! {
+            msg = output.message() => match msg {
+                Ok(Some(chunk)) => {
+                    if stdout.write_all(&chunk.data).and_then(|()| stdout.flush()).is_err() {
+                        break Ok(());
+                    }
+                    if let Some(needle) = until {
+                        seen.push_str(&String::from_utf8_lossy(&chunk.data));
+                        if seen.contains(needle) {
+                            break Ok(());
+                        }
+                        // Keep only what could still be the start of a match.
+                        if seen.len() > needle.len() * 4 + 4096 {
+                            let cut = seen.len() - needle.len();
+                            let cut = (cut..seen.len()).find(|i| seen.is_char_boundary(*i)).unwrap_or(seen.len());
+                            seen.drain(..cut);
+                        }
+                    }
+                }
+                Ok(None) => break match until {
+                    Some(needle) => Err(CliError::Api(format!("the console of vm/{name} closed before {needle:?} appeared"))),
+                    None => Ok(()),
+                },
+                Err(s) => break Err(explain(&format!("vm/{name} console"), &s)),
+            },
+            _ = &mut detach_rx => break Ok(()),
+        }
+    };
+    input.abort();
+    drop(raw);
+    if tty && until.is_none() {
+        eprintln!("\r\nDetached from vm/{name}.");
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_become_sentences() {
+        let e = explain(
+            "volume/x",
+            &Status::not_found("Volume \"x\" does not exist"),
+        );
+        assert_eq!(
+            e.to_string(),
+            "volume/x: not found: Volume \"x\" does not exist"
+        );
+        let e = explain("vm/web", &Status::aborted("version 3 is not 5"));
+        assert!(e.to_string().contains("conflict") && e.to_string().contains("retry"));
+    }
+
+    #[test]
+    fn bad_documents_name_the_file_and_line() {
+        let err = parse_documents(
+            "apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {name: a}\nspec: {size: 1.5Gi}\n",
+            "vol.yaml",
+        )
+        .expect_err("bad size");
+        let msg = err.to_string();
+        assert!(msg.starts_with("vol.yaml: "), "{msg}");
+        assert!(msg.contains("spec.size") && msg.contains("line 4"), "{msg}");
+        assert!(parse_documents("", "empty.yaml").is_err());
+        assert!(parse_documents(": : :", "junk.yaml").is_err());
+    }
+
+    #[test]
+    fn apply_compares_labels_annotations_and_spec() {
+        let a = serde_json::json!({"metadata": {"name": "a", "labels": {}, "resourceVersion": 4}, "spec": {"size": "1Gi"}, "status": {"phase": "Detached"}});
+        let b = serde_json::json!({"metadata": {"name": "a"}, "spec": {"size": "1Gi"}});
+        assert_eq!(managed(&a), managed(&b));
+        let c = serde_json::json!({"metadata": {"name": "a"}, "spec": {"size": "2Gi"}});
+        assert_ne!(managed(&a), managed(&c));
+    }
+}

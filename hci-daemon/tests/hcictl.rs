@@ -1,0 +1,214 @@
+//! `hcictl` against a real `hci-daemon` process: the quickstart, output
+//! formats, apply semantics, and the errors users see.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn daemon() -> Daemon {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("hci.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_hci-daemon"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .arg("--node")
+        .arg("ctl-test")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn hci-daemon");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "hci-daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon {
+        child,
+        socket,
+        _dir: dir,
+    }
+}
+
+fn hcictl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hcictl"))
+        .arg("--server")
+        .arg(format!("unix:{}", socket.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hcictl")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "hcictl failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "hcictl should have failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn quickstart() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/quickstart.yaml").to_string()
+}
+
+fn kvm() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+#[test]
+fn quickstart_apply_get_describe_console_delete() {
+    let d = daemon();
+    let s = &d.socket;
+    let out = ok(&hcictl(s, &["apply", "-f", &quickstart()]));
+    assert_eq!(out, "volume/demo-disk created\nvm/demo created\n");
+    let out = ok(&hcictl(s, &["apply", "-f", &quickstart()]));
+    assert_eq!(out, "volume/demo-disk unchanged\nvm/demo unchanged\n");
+
+    // Table, JSON and YAML views of the same resources.
+    let table = ok(&hcictl(s, &["get", "volumes"]));
+    assert!(table.starts_with("NAME "), "{table}");
+    assert!(
+        table.contains("demo-disk") && table.contains("256Mi"),
+        "{table}"
+    );
+    let json = ok(&hcictl(s, &["get", "vm", "demo", "-o", "json"]));
+    let v: Value = serde_json::from_str(&json).expect("json output parses");
+    assert_eq!(v["kind"], "VirtualMachine");
+    assert_eq!(v["spec"]["memory"], "64Mi");
+    let yaml = ok(&hcictl(s, &["get", "vms", "-o", "yaml"]));
+    let v: Value = serde_norway::from_str(&yaml).expect("yaml output parses");
+    assert_eq!(v["metadata"]["name"], "demo");
+    let nodes = ok(&hcictl(s, &["get", "nodes"]));
+    assert!(
+        nodes.contains("ctl-test") && nodes.contains("Ready"),
+        "{nodes}"
+    );
+
+    if kvm() {
+        let out = hcictl(s, &["vm", "console", "demo", "--until", "virtio-blk OK"]);
+        let text = ok(&out);
+        assert!(text.contains("virtio-blk OK"), "{text}");
+        let described = ok(&hcictl(s, &["describe", "vm", "demo"]));
+        assert!(described.contains("Phase:    Running"), "{described}");
+        assert!(described.contains("Conditions:"), "{described}");
+        let out = ok(&hcictl(s, &["vm", "pause", "demo"]));
+        assert_eq!(out, "vm/demo pause requested\n");
+    } else {
+        eprintln!("skipping the console part: /dev/kvm is not usable");
+    }
+
+    // A changed label is "configured"; a snapshot and a clone by command.
+    let changed = std::fs::read_to_string(quickstart())
+        .expect("read")
+        .replace("app: quickstart", "app: changed");
+    let file = d._dir.path().join("changed.yaml");
+    std::fs::write(&file, changed).expect("write");
+    let out = ok(&hcictl(s, &["apply", "-f", &file.display().to_string()]));
+    assert_eq!(out, "volume/demo-disk unchanged\nvm/demo configured\n");
+    let out = ok(&hcictl(s, &["volume", "snapshot", "demo-disk", "snap1"]));
+    assert_eq!(out, "snapshot/snap1 created\n");
+    let out = ok(&hcictl(s, &["volume", "clone", "demo-disk", "copy"]));
+    assert_eq!(out, "volume/copy created\n");
+
+    let out = ok(&hcictl(s, &["delete", "-f", &quickstart()]));
+    assert_eq!(out, "volume/demo-disk deleted\nvm/demo deleted\n");
+    let e = err(&hcictl(s, &["get", "vm", "demo"]));
+    assert!(e.contains("vm/demo: not found"), "{e}");
+}
+
+#[test]
+fn errors_say_what_is_wrong() {
+    let d = daemon();
+    let s = &d.socket;
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // Bad YAML: the file, the document and the line.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: hci.dev/v1\nkind: Volume\nmetadata:\n  name: v\nspec:\n  size: lots\n",
+    )
+    .expect("write");
+    let e = err(&hcictl(s, &["apply", "-f", &bad.display().to_string()]));
+    assert!(
+        e.contains("bad.yaml") && e.contains("spec.size") && e.contains("line 6"),
+        "{e}"
+    );
+
+    // Invalid spec: the server's field path.
+    let vm = dir.path().join("vm.json");
+    std::fs::write(
+        &vm,
+        r#"{"apiVersion":"hci.dev/v1","kind":"VirtualMachine","metadata":{"name":"x"},
+            "spec":{"cpus":0,"memory":"64Mi","boot":{"type":"kernel","path":"guest:hello"}}}"#,
+    )
+    .expect("write");
+    let e = err(&hcictl(s, &["apply", "-f", &vm.display().to_string()]));
+    assert!(e.contains("spec.cpus"), "{e}");
+
+    // A VM on a volume that does not exist: refused with the reference.
+    let dangling = dir.path().join("dangling.yaml");
+    std::fs::write(
+        &dangling,
+        "apiVersion: hci.dev/v1\nkind: VirtualMachine\nmetadata: {name: y}\nspec:\n  cpus: 1\n  memory: 64Mi\n  boot: {type: kernel, path: 'guest:hello'}\n  disks: [{name: d, volume: ghost}]\n",
+    )
+    .expect("write");
+    let e = err(&hcictl(
+        s,
+        &["apply", "-f", &dangling.display().to_string()],
+    ));
+    assert!(e.contains("ghost"), "{e}");
+
+    // Unknown kinds and missing arguments.
+    let e = err(&hcictl(s, &["get", "pods"]));
+    assert!(e.contains("unknown kind"), "{e}");
+    let e = err(&hcictl(s, &["delete"]));
+    assert!(e.contains("KIND NAME"), "{e}");
+
+    // No daemon there.
+    let e = err(&hcictl(&dir.path().join("nothing.sock"), &["get", "vms"]));
+    assert!(e.contains("is hci-daemon running?"), "{e}");
+}
+
+#[test]
+fn completions_print_without_a_daemon() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hcictl"))
+        .args(["completions", "bash"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hcictl"));
+}
