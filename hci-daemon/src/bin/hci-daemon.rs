@@ -29,7 +29,7 @@ use tracing_subscriber::EnvFilter;
 )]
 struct Args {
     /// Directory of the daemon's state (created with mode 0700 if missing).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/hci")]
     data_dir: PathBuf,
     /// Where to serve the API: unix:PATH (the socket gets mode 0600).
     /// Default: unix:DIR/hci.sock.

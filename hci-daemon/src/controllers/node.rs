@@ -41,13 +41,15 @@ impl NodeInfo {
             .map(|kib| kib * 1024)
             .ok_or_else(|| Error::invalid("/proc/meminfo", "has no MemTotal line"))?;
         let storage = fs_size(data_dir)?;
+        // Whole MiB, so the figures read well (`23152Mi`).
+        let mib = |b: u64| b & !((1 << 20) - 1);
         let capacity = NodeResources {
             cpus,
-            memory: ByteSize(memory),
+            memory: ByteSize(mib(memory)),
             storage: ByteSize(storage),
         };
         let allocatable = NodeResources {
-            memory: ByteSize(memory.saturating_sub(reserved_memory)),
+            memory: ByteSize(mib(memory.saturating_sub(reserved_memory))),
             ..capacity
         };
         Ok(NodeInfo {
