@@ -212,3 +212,89 @@ fn completions_print_without_a_daemon() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("hcictl"));
 }
+
+/// TCP needs TLS and a token: with both, hcictl works over https; without
+/// the token or with a wrong one, calls are refused; the daemon refuses to
+/// serve TCP without its TLS material.
+#[test]
+fn https_with_tls_and_a_bearer_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let token = dir.path().join("token");
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&cert, certified.cert.pem()).expect("write");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write");
+    std::fs::write(&token, "0123456789abcdef-right\n").expect("write");
+    std::fs::write(&wrong, "0123456789abcdef-wrong\n").expect("write");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let socket = dir.path().join("hci.sock");
+    let spawn = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hci-daemon"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--no-controllers")
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--listen")
+            .arg(format!("https://127.0.0.1:{port}"))
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hci-daemon")
+    };
+    // No TLS material: refuses to start, saying why.
+    let out = spawn(&[]).wait_with_output().expect("wait");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--tls-cert"), "{e}");
+
+    let child = spawn(&[
+        "--tls-cert",
+        &cert.display().to_string(),
+        "--tls-key",
+        &key.display().to_string(),
+        "--token-file",
+        &token.display().to_string(),
+    ]);
+    let _d = Daemon {
+        child,
+        socket: socket.clone(),
+        _dir: tempfile::tempdir().expect("tempdir"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the https listener did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let over_https = |token: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hcictl"));
+        cmd.arg("--server")
+            .arg(format!("https://localhost:{port}"))
+            .arg("--ca-cert")
+            .arg(&cert);
+        if let Some(t) = token {
+            cmd.arg("--token-file").arg(t);
+        }
+        cmd.args(["get", "volumes"]).output().expect("run hcictl")
+    };
+    let out = ok(&over_https(Some(&token)));
+    assert!(out.contains("No Volume found"), "{out}");
+    let e = err(&over_https(Some(&wrong)));
+    assert!(e.contains("refused") && e.contains("token is wrong"), "{e}");
+    let e = err(&over_https(None));
+    assert!(e.contains("--token-file"), "{e}");
+    // The Unix socket needs no token.
+    let out = ok(&hcictl(&socket, &["get", "volumes"]));
+    assert!(out.contains("No Volume found"), "{out}");
+}

@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 mod console;
 pub mod crud;
 mod services;
@@ -38,6 +39,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 use tonic::transport::server::Router;
 
+use self::auth::AuthLayer;
 pub use self::console::{ConsoleIo, ConsoleProvider};
 pub use self::services::{REQUESTED_ACTION, REQUESTED_AT};
 use crate::metrics::{ApiLatency, LatencyLayer};
@@ -123,13 +125,48 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("gRPC server failed")]
     Transport(#[source] tonic::transport::Error),
+    /// TCP was asked for without what makes it safe.
+    #[error("refusing to serve the API over TCP: {0}")]
+    Insecure(String),
 }
 
-/// The router [`router`] builds: every service behind the latency layer.
-pub type ApiRouter = Router<tower::layer::util::Stack<LatencyLayer, tower::layer::util::Identity>>;
+/// The router [`router`] builds: every service behind the latency and
+/// authentication layers.
+pub type ApiRouter = Router<
+    tower::layer::util::Stack<
+        AuthLayer,
+        tower::layer::util::Stack<LatencyLayer, tower::layer::util::Identity>,
+    >,
+>;
 
-/// Every service of the API, with health and reflection, ready to serve.
+/// Every service of the API, with health and reflection, ready to serve on
+/// the Unix socket (no TLS, no token).
 pub async fn router(api: Api) -> Result<ApiRouter, ServeError> {
+    build(api, None, AuthLayer::open()).await
+}
+
+/// TLS material and the bearer token of the API over TCP.
+#[derive(Clone)]
+pub struct TcpSecurity {
+    /// PEM certificate chain of the server.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key of the server.
+    pub key_pem: Vec<u8>,
+    /// The token clients must send as `authorization: Bearer <token>`.
+    pub token: String,
+}
+
+impl fmt::Debug for TcpSecurity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpSecurity").finish_non_exhaustive()
+    }
+}
+
+async fn build(
+    api: Api,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    auth: AuthLayer,
+) -> Result<ApiRouter, ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<VirtualMachineServiceServer<Api>>()
@@ -149,8 +186,13 @@ pub async fn router(api: Api) -> Result<ApiRouter, ServeError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(ServeError::Reflection)?;
-    Ok(Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).map_err(ServeError::Transport)?;
+    }
+    Ok(server
         .layer(LatencyLayer(api.latency.clone()))
+        .layer(auth)
         .add_service(health)
         .add_service(reflection)
         .add_service(VirtualMachineServiceServer::new(api.clone()))
@@ -235,4 +277,30 @@ pub async fn serve_listener(
             Ok(())
         }
     }
+}
+
+/// Serves the API over TCP on `listener` with TLS and a bearer token until
+/// `shutdown` completes (TCP is never served without both).
+pub async fn serve_tcp(
+    api: Api,
+    listener: tokio::net::TcpListener,
+    security: TcpSecurity,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    if security.token.trim().is_empty() {
+        return Err(ServeError::Insecure("the token is empty".into()));
+    }
+    let identity = tonic::transport::Identity::from_pem(&security.cert_pem, &security.key_pem);
+    let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    let router = build(api, Some(tls), AuthLayer::bearer(security.token.trim())).await?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving the hci API over TLS");
+    }
+    router
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(ServeError::Transport)
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use hci_compute::KvmHypervisor;
-use hci_daemon::api::{Api, serve_unix};
+use hci_daemon::api::{Api, TcpSecurity, serve_tcp, serve_unix};
 use hci_daemon::controllers::{Controllers, NodeInfo, Runtime};
 use hci_daemon::metrics::{MetricsSource, serve_metrics};
 use hci_daemon::resources::ResourceStore;
@@ -24,17 +24,29 @@ use tracing_subscriber::EnvFilter;
     version,
     after_help = "Examples:\n  \
         hci-daemon --data-dir /var/lib/hci\n  \
-        hci-daemon --data-dir ./state --listen unix:/run/hci/hci.sock\n\n\
+        hci-daemon --data-dir ./state --listen unix:/run/hci/hci.sock\n  \
+        hci-daemon --listen unix:/var/lib/hci/hci.sock --listen https://0.0.0.0:7443 \\\n      \
+        --tls-cert cert.pem --tls-key key.pem --token-file token\n\n\
         Logging follows RUST_LOG (default: info)."
 )]
 struct Args {
     /// Directory of the daemon's state (created with mode 0700 if missing).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/hci")]
     data_dir: PathBuf,
-    /// Where to serve the API: unix:PATH (the socket gets mode 0600).
-    /// Default: unix:DIR/hci.sock.
-    #[arg(long, value_name = "unix:PATH", value_parser = parse_listen)]
-    listen: Option<PathBuf>,
+    /// Where to serve the API: unix:PATH (the socket gets mode 0600, no
+    /// token) or https://ADDR:PORT (needs --tls-cert, --tls-key and
+    /// --token-file). Repeatable. Default: unix:DIR/hci.sock.
+    #[arg(long, value_name = "unix:PATH|https://ADDR", value_parser = parse_listen)]
+    listen: Vec<Listen>,
+    /// PEM certificate chain for https listeners.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for https listeners.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// File holding the bearer token https clients must send.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Name of this node (a DNS-1123 label). Default: the host name.
     #[arg(long, value_name = "NAME")]
     node: Option<String>,
@@ -88,13 +100,57 @@ fn default_node_name() -> String {
     }
 }
 
-fn parse_listen(s: &str) -> Result<PathBuf, String> {
-    match s.strip_prefix("unix:") {
-        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
-        _ => Err(format!(
-            "{s:?} is not a listen address: use unix:PATH (TCP arrives with TLS and tokens)"
-        )),
+/// One place the API is served.
+#[derive(Debug, Clone)]
+enum Listen {
+    Unix(PathBuf),
+    Https(std::net::SocketAddr),
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(path) = s.strip_prefix("unix:").filter(|p| !p.is_empty()) {
+        return Ok(Listen::Unix(PathBuf::from(path)));
     }
+    if let Some(addr) = s.strip_prefix("https://") {
+        return addr
+            .trim_end_matches('/')
+            .parse()
+            .map(Listen::Https)
+            .map_err(|e| format!("{s:?}: {e} (use https://IP:PORT)"));
+    }
+    Err(format!(
+        "{s:?} is not a listen address: use unix:PATH or https://IP:PORT"
+    ))
+}
+
+/// Reads the TLS material and token an https listener needs.
+fn tcp_security(args: &Args) -> anyhow::Result<TcpSecurity> {
+    let need = |opt: &Option<PathBuf>, flag: &str| {
+        opt.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "serving the API over https needs {flag} (TCP is never served without TLS and a token)"
+            )
+        })
+    };
+    let (cert, key, token) = (
+        need(&args.tls_cert, "--tls-cert")?,
+        need(&args.tls_key, "--tls-key")?,
+        need(&args.token_file, "--token-file")?,
+    );
+    let read =
+        |p: &PathBuf| std::fs::read(p).with_context(|| format!("failed to read {}", p.display()));
+    let token = String::from_utf8(read(&token)?)
+        .map_err(|_| anyhow::anyhow!("the token file is not text"))?
+        .trim()
+        .to_string();
+    if token.len() < 16 {
+        anyhow::bail!("the token in the token file is shorter than 16 characters");
+    }
+    Ok(TcpSecurity {
+        cert_pem: read(&cert)?,
+        key_pem: read(&key)?,
+        token,
+    })
 }
 
 async fn shutdown_signal() {
@@ -135,7 +191,16 @@ async fn main() -> anyhow::Result<()> {
     let store = RedbStateStore::open(&db)
         .await
         .with_context(|| format!("failed to open the state store {}", db.display()))?;
-    let socket = args.listen.unwrap_or_else(|| dir.join("hci.sock"));
+    let listen = if args.listen.is_empty() {
+        vec![Listen::Unix(dir.join("hci.sock"))]
+    } else {
+        args.listen.clone()
+    };
+    let security = if listen.iter().any(|l| matches!(l, Listen::Https(_))) {
+        Some(tcp_security(&args)?)
+    } else {
+        None
+    };
     let resources = ResourceStore::new(Arc::new(store));
     let mut api = Api::new(resources.clone());
     let controllers = if args.no_controllers {
@@ -188,7 +253,44 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    let served = serve_unix(api, &socket, shutdown_signal()).await;
+    // Every listener stops on the same signal.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stopping.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    for l in listen {
+        let api = api.clone();
+        let stopped = stopped();
+        match l {
+            Listen::Unix(path) => {
+                servers.spawn(async move { serve_unix(api, &path, stopped).await });
+            }
+            Listen::Https(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("failed to listen on {addr}"))?;
+                let security = security.clone().context("no TLS settings")?;
+                servers.spawn(serve_tcp(api, listener, security, stopped));
+            }
+        }
+    }
+    let mut served = Ok(());
+    tokio::select! {
+        () = shutdown_signal() => {}
+        Some(first) = servers.join_next() => {
+            served = first.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from));
+        }
+    }
+    let _ = stop.send(true);
+    while let Some(r) = servers.join_next().await {
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "a listener stopped with an error");
+        }
+    }
     let _ = stop_metrics.send(());
     if let Some(controllers) = controllers {
         controllers.shutdown().await;

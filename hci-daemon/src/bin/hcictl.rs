@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use hci_core::model::ByteSize;
-use hci_daemon::cli::{self, CliError, Client, DEFAULT_SERVER, Format, Kind, VmAction};
+use hci_daemon::cli::{
+    self, CliError, Client, ConnectOptions, DEFAULT_SERVER, Format, Kind, VmAction,
+};
 
 /// Manage hci resources: VMs, volumes, images, networks, snapshots, backups,
 /// schedules and nodes.
@@ -24,9 +26,15 @@ use hci_daemon::cli::{self, CliError, Client, DEFAULT_SERVER, Format, Kind, VmAc
         hcictl --server unix:/tmp/hci/hci.sock get nodes"
 )]
 struct Args {
-    /// The daemon: unix:PATH. Also read from HCI_SERVER.
+    /// The daemon: unix:PATH or https://HOST:PORT. Also read from HCI_SERVER.
     #[arg(long, global = true, env = "HCI_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
+    /// File holding the bearer token (https servers).
+    #[arg(long, global = true, value_name = "FILE", env = "HCI_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM CA certificate to trust for https (default: the web PKI roots).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// Output format of get.
     #[arg(short, long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -139,7 +147,20 @@ async fn run(args: Args) -> Result<(), CliError> {
         );
         return Ok(());
     }
-    let c = Client::connect(&args.server).await?;
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| CliError::Input(format!("cannot read {}: {e}", p.display())))
+    };
+    let options = ConnectOptions {
+        token: match &args.token_file {
+            Some(p) => Some(
+                String::from_utf8(read(p)?)
+                    .map_err(|_| CliError::Input(format!("{} is not text", p.display())))?,
+            ),
+            None => None,
+        },
+        ca_pem: args.ca_cert.as_ref().map(read).transpose()?,
+    };
+    let c = Client::connect(&args.server, options).await?;
     let out = match args.command {
         Command::Get { kind, name } => cli::get(&c, kind, name.as_deref(), args.output).await?,
         Command::Describe { kind, name } => cli::describe(&c, kind, &name).await?,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
+use tonic::codegen::http;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Status, Streaming};
 
@@ -142,10 +143,47 @@ pub enum ConnectError {
     },
 }
 
+/// How to reach the daemon beyond its address.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Bearer token (required over https).
+    pub token: Option<String>,
+    /// PEM CA certificate(s) to trust for https (else the web PKI roots).
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+/// A channel to the daemon that adds the bearer token to every request.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    channel: Channel,
+    auth: Option<http::HeaderValue>,
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Transport {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.channel, cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(v) = &self.auth {
+            req.headers_mut()
+                .insert(http::header::AUTHORIZATION, v.clone());
+        }
+        tower::Service::call(&mut self.channel, req)
+    }
+}
+
 /// A connection to hci-daemon.
 #[derive(Debug, Clone)]
 pub struct Client {
-    channel: Channel,
+    channel: Transport,
 }
 
 /// Runs `$body` with `$c` bound to the generated client of `$kind`.
@@ -193,23 +231,56 @@ macro_rules! with_client {
 }
 
 impl Client {
-    /// Connects to `server` (`unix:PATH`).
-    pub async fn connect(server: &str) -> Result<Self, ConnectError> {
-        let Some(path) = server.strip_prefix("unix:") else {
-            if server.starts_with("https://") || server.starts_with("http://") {
-                return Err(ConnectError::Unreachable {
-                    server: server.to_string(),
-                    reason: "TCP with TLS is not supported by this hcictl yet; use the unix socket"
-                        .into(),
-                });
-            }
-            return Err(ConnectError::BadAddress(server.to_string()));
-        };
-        let path = PathBuf::from(path);
+    /// Connects to `server` (`unix:PATH` or `https://HOST:PORT`).
+    pub async fn connect(server: &str, options: ConnectOptions) -> Result<Self, ConnectError> {
         let unreachable = |reason: String| ConnectError::Unreachable {
             server: server.to_string(),
             reason,
         };
+        let auth = match &options.token {
+            Some(t) => Some(
+                http::HeaderValue::from_str(&format!("Bearer {}", t.trim())).map_err(|_| {
+                    unreachable("the token has characters a header cannot carry".into())
+                })?,
+            ),
+            None => None,
+        };
+        if server.starts_with("http://") {
+            return Err(unreachable(
+                "the API is never served over plain http: use https://".into(),
+            ));
+        }
+        if let Some(rest) = server.strip_prefix("https://") {
+            if auth.is_none() {
+                return Err(unreachable("https needs a token: pass --token-file".into()));
+            }
+            let host = rest
+                .trim_end_matches('/')
+                .rsplit_once(':')
+                .map_or(rest, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let mut tls = tonic::transport::ClientTlsConfig::new().domain_name(host);
+            tls = match &options.ca_pem {
+                Some(pem) => tls.ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                None => tls.with_webpki_roots(),
+            };
+            let channel = Endpoint::from_shared(server.to_string())
+                .map_err(|_| ConnectError::BadAddress(server.to_string()))?
+                .tls_config(tls)
+                .map_err(|e| unreachable(e.to_string()))?
+                .connect()
+                .await
+                .map_err(|e| unreachable(format!("{e}: {}", source_chain(&e))))?;
+            return Ok(Client {
+                channel: Transport { channel, auth },
+            });
+        }
+        let Some(path) = server.strip_prefix("unix:") else {
+            return Err(ConnectError::BadAddress(server.to_string()));
+        };
+        let path = PathBuf::from(path);
         match std::fs::metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(unreachable(
@@ -239,11 +310,13 @@ impl Client {
                 }))
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
-        Ok(Client { channel })
+        Ok(Client {
+            channel: Transport { channel, auth },
+        })
     }
 
-    /// The underlying channel (for the kind-specific services).
-    pub fn channel(&self) -> &Channel {
+    /// The underlying transport (for the kind-specific services).
+    pub fn transport(&self) -> &Transport {
         &self.channel
     }
 
@@ -307,14 +380,25 @@ impl Client {
     }
 
     /// The VM service.
-    pub fn vms(&self) -> VirtualMachineServiceClient<Channel> {
+    pub fn vms(&self) -> VirtualMachineServiceClient<Transport> {
         VirtualMachineServiceClient::new(self.channel.clone())
     }
 
     /// The volume service.
-    pub fn volumes(&self) -> VolumeServiceClient<Channel> {
+    pub fn volumes(&self) -> VolumeServiceClient<Transport> {
         VolumeServiceClient::new(self.channel.clone())
     }
+}
+
+/// The causes under an error, joined (TLS failures hide there).
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        parts.push(c.to_string());
+        cur = c.source();
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]

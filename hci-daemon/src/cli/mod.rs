@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tonic::{Code, Status};
 
-pub use self::client::{Client, ConnectError, DEFAULT_SERVER, Kind};
+pub use self::client::{Client, ConnectError, ConnectOptions, DEFAULT_SERVER, Kind};
 pub use self::output::Format;
 use crate::proto;
 
