@@ -143,6 +143,20 @@ fn quickstart_apply_get_describe_console_delete() {
     let out = ok(&hcictl(s, &["volume", "clone", "demo-disk", "copy"]));
     assert_eq!(out, "volume/copy created\n");
 
+    // edit: $EDITOR changes the document, the change is applied.
+    let out = Command::new(env!("CARGO_BIN_EXE_hcictl"))
+        .arg("--server")
+        .arg(format!("unix:{}", s.display()))
+        .args(["edit", "vm", "demo"])
+        .env("EDITOR", "sed -i s/runStrategy:.*/runStrategy:\\ Halted/")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hcictl edit");
+    assert_eq!(ok(&out), "vm/demo edited\n");
+    let json = ok(&hcictl(s, &["get", "vm", "demo", "-o", "json"]));
+    let v: Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(v["spec"]["runStrategy"], "Halted");
+
     let out = ok(&hcictl(s, &["delete", "-f", &quickstart()]));
     assert_eq!(out, "volume/demo-disk deleted\nvm/demo deleted\n");
     let e = err(&hcictl(s, &["get", "vm", "demo"]));

@@ -41,9 +41,7 @@ pub fn explain(what: &str, s: &Status) -> CliError {
     CliError::Api(match s.code() {
         Code::NotFound => format!("{what}: not found: {msg}"),
         Code::AlreadyExists => format!("{what}: already exists: {msg}"),
-        Code::Aborted => format!(
-            "{what}: conflict: {msg} (someone changed it meanwhile; read it again and retry)"
-        ),
+        Code::Aborted => format!("{what}: conflict: {msg}"),
         Code::InvalidArgument => format!("{what}: invalid: {msg}"),
         Code::FailedPrecondition => format!("{what}: not possible now: {msg}"),
         Code::Unavailable => format!("{what}: unavailable: {msg}"),
@@ -155,8 +153,33 @@ fn managed(v: &Value) -> (Value, Value, Value) {
     )
 }
 
-/// Creates or updates one resource so that it matches `r`.
+/// Creates or updates one resource so that it matches `r`. A concurrent
+/// change (a controller writing the status) makes it read and try again.
 pub async fn apply_one(c: &Client, r: &AnyResource) -> Result<Applied, CliError> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match apply_once(c, r).await {
+            Err(Conflict::Retry(_)) if attempt < ATTEMPTS => continue,
+            Err(Conflict::Retry(e) | Conflict::Fatal(e)) => return Err(e),
+            Ok(applied) => return Ok(applied),
+        }
+    }
+}
+
+enum Conflict {
+    Retry(CliError),
+    Fatal(CliError),
+}
+
+impl From<CliError> for Conflict {
+    fn from(e: CliError) -> Self {
+        Conflict::Fatal(e)
+    }
+}
+
+async fn apply_once(c: &Client, r: &AnyResource) -> Result<Applied, Conflict> {
     let kind = Kind::from_model(r.kind())
         .ok_or_else(|| CliError::Input(format!("unknown kind {}", r.kind())))?;
     let name = r.name().to_string();
@@ -164,11 +187,13 @@ pub async fn apply_one(c: &Client, r: &AnyResource) -> Result<Applied, CliError>
     let json = r.to_json().map_err(|e| CliError::Input(e.to_string()))?;
     let desired: Value = serde_json::from_str(&json).map_err(|e| CliError::Input(e.to_string()))?;
     match c.get(kind, &name).await {
-        Err(s) if s.code() == Code::NotFound => {
-            c.create(kind, json).await.map_err(|s| explain(&what, &s))?;
-            Ok(Applied::Created)
-        }
-        Err(s) => Err(explain(&what, &s)),
+        Err(s) if s.code() == Code::NotFound => match c.create(kind, json).await {
+            Ok(_) => Ok(Applied::Created),
+            // Created meanwhile by someone else: compare with theirs.
+            Err(s) if s.code() == Code::AlreadyExists => Err(Conflict::Retry(explain(&what, &s))),
+            Err(s) => Err(explain(&what, &s).into()),
+        },
+        Err(s) => Err(explain(&what, &s).into()),
         Ok(current) => {
             let current_doc = doc(&current)?;
             if managed(&current_doc) == managed(&desired) {
@@ -187,10 +212,14 @@ pub async fn apply_one(c: &Client, r: &AnyResource) -> Result<Applied, CliError>
                 obj.insert("spec".into(), spec);
                 obj.remove("status");
             }
-            c.update(kind, next.to_string(), current.resource_version)
+            match c
+                .update(kind, next.to_string(), current.resource_version)
                 .await
-                .map_err(|s| explain(&what, &s))?;
-            Ok(Applied::Configured)
+            {
+                Ok(_) => Ok(Applied::Configured),
+                Err(s) if s.code() == Code::Aborted => Err(Conflict::Retry(explain(&what, &s))),
+                Err(s) => Err(explain(&what, &s).into()),
+            }
         }
     }
 }
@@ -270,14 +299,29 @@ pub async fn edit(c: &Client, kind: Kind, name: &str) -> Result<String, CliError
         ));
     }
     let json = r.to_json().map_err(|e| CliError::Input(e.to_string()))?;
-    match c.update(kind, json, current.resource_version).await {
-        Ok(_) => Ok(format!("{what} edited\n")),
-        Err(s) if s.code() == Code::Aborted => Err(CliError::Api(format!(
-            "{what} changed while you were editing; your edit was not applied (run edit again): {}",
-            s.message()
-        ))),
-        Err(s) => Err(explain(&what, &s)),
+    let original = managed(&doc(&current)?);
+    let mut version = current.resource_version;
+    for _ in 0..5 {
+        match c.update(kind, json.clone(), version).await {
+            Ok(_) => return Ok(format!("{what} edited\n")),
+            Err(s) if s.code() == Code::Aborted => {
+                // Only a status change (a controller at work) is harmless:
+                // then the edit still applies to what the user saw.
+                let now = c.get(kind, name).await.map_err(|s| explain(&what, &s))?;
+                if managed(&doc(&now)?) != original {
+                    return Err(CliError::Api(format!(
+                        "{what} was changed by someone else while you were editing; your edit was not applied (run edit again): {}",
+                        s.message()
+                    )));
+                }
+                version = now.resource_version;
+            }
+            Err(s) => return Err(explain(&what, &s)),
+        }
     }
+    Err(CliError::Api(format!(
+        "{what} keeps changing; your edit was not applied (try again)"
+    )))
 }
 
 /// A VM power action.
@@ -529,7 +573,7 @@ mod tests {
             "volume/x: not found: Volume \"x\" does not exist"
         );
         let e = explain("vm/web", &Status::aborted("version 3 is not 5"));
-        assert!(e.to_string().contains("conflict") && e.to_string().contains("retry"));
+        assert!(e.to_string().contains("conflict"));
     }
 
     #[test]
