@@ -95,6 +95,8 @@ struct Inner {
     events: broadcast::Sender<Arc<WatchEvent>>,
     /// Serializes write transactions with the publication of their events.
     write_lock: Mutex<()>,
+    /// Puts and deletes waiting for the next group commit.
+    queue: Mutex<Vec<Queued>>,
     /// Mirror of the `leases` table's deadlines, for the expiry task.
     lease_deadlines: Mutex<HashMap<LeaseId, u64>>,
     lease_wake: Arc<Notify>,
@@ -181,6 +183,7 @@ impl RedbStateStore {
             options,
             events,
             write_lock: Mutex::new(()),
+            queue: Mutex::new(Vec::new()),
             lease_deadlines: Mutex::new(deadlines),
             lease_wake: Arc::new(Notify::new()),
             shutdown: Arc::new(Notify::new()),
@@ -443,6 +446,26 @@ impl<'t> Tx<'t> {
     }
 }
 
+/// A grouped write.
+type Op = Box<dyn FnOnce(&mut Tx<'_>) -> Result<u64> + Send>;
+
+/// A write waiting for its group commit, and where its answer goes.
+struct Queued {
+    op: Op,
+    done: std::sync::mpsc::SyncSender<Result<u64>>,
+}
+
+/// Errors a put or delete returns before changing anything.
+fn is_precondition(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::AlreadyExists { .. }
+            | Error::NotFound { .. }
+            | Error::Conflict { .. }
+            | Error::Invalid { .. }
+    )
+}
+
 /// Checks a write precondition against the key's current record.
 fn check(key: &str, current: Option<&KeyValue>, precondition: Precondition) -> Result<()> {
     match (precondition, current) {
@@ -471,6 +494,66 @@ impl Inner {
     /// Runs `f` in one write transaction, commits, then publishes its events.
     fn write<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let _guard = lock(&self.write_lock);
+        self.write_locked(f)
+    }
+
+    /// Runs `op` (a put or delete) in the next group commit: writers that
+    /// arrive while a commit is running share the following one, so N
+    /// concurrent writes cost one fsync rather than N. Each op's own
+    /// precondition failure is its own; any other error fails the group.
+    fn write_grouped(&self, op: Op) -> Result<u64> {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        lock(&self.queue).push(Queued { op, done });
+        {
+            let _guard = lock(&self.write_lock);
+            let batch = std::mem::take(&mut *lock(&self.queue));
+            if !batch.is_empty() {
+                self.commit_group(batch);
+            }
+        }
+        result.recv().unwrap_or_else(|_| {
+            Err(Error::Backend {
+                backend: "redb",
+                message: "a group commit ended without an answer".into(),
+                source: None,
+            })
+        })
+    }
+
+    /// Commits `batch` in one transaction (the write lock is held).
+    fn commit_group(&self, batch: Vec<Queued>) {
+        let mut replies = Vec::with_capacity(batch.len());
+        let committed = self.write_locked(|tx| {
+            for q in batch {
+                let r = (q.op)(tx);
+                match r {
+                    Err(e) if !is_precondition(&e) => {
+                        replies.push((q.done, None));
+                        return Err(e);
+                    }
+                    r => replies.push((q.done, Some(r))),
+                }
+            }
+            Ok(())
+        });
+        let failed = committed.err().map(|e| e.to_string());
+        for (done, r) in replies {
+            let r = match (&failed, r) {
+                (None, Some(r)) => r,
+                (failed, _) => Err(Error::Backend {
+                    backend: "redb",
+                    message: format!(
+                        "the write was not committed: {}",
+                        failed.as_deref().unwrap_or("the group failed")
+                    ),
+                    source: None,
+                }),
+            };
+            let _ = done.send(r);
+        }
+    }
+
+    fn write_locked<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let txn = self.db.begin_write().map_err(db_err)?;
         let (out, events, lease_changes) = {
             let mut tx = Tx::open(&txn)?;
@@ -710,14 +793,18 @@ impl StateStore for RedbStateStore {
             return Err(Error::invalid("key", "must not be empty"));
         }
         let key = key.to_string();
-        self.blocking(move |inner| inner.write(|tx| tx.put(&key, value, options)))
-            .await
+        self.blocking(move |inner| {
+            inner.write_grouped(Box::new(move |tx| tx.put(&key, value, options)))
+        })
+        .await
     }
 
     async fn delete(&self, key: &str, precondition: Precondition) -> Result<u64> {
         let key = key.to_string();
-        self.blocking(move |inner| inner.write(|tx| tx.delete(&key, precondition)))
-            .await
+        self.blocking(move |inner| {
+            inner.write_grouped(Box::new(move |tx| tx.delete(&key, precondition)))
+        })
+        .await
     }
 
     async fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream> {
