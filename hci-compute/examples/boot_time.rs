@@ -13,9 +13,7 @@
 //! QEMU's `-serial stdio`), and when the guest stops prints one JSON line of
 //! internal timings and memory figures to stderr.
 
-use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +21,6 @@ use anyhow::{Context, bail};
 use hci_compute::devices::virtio::block::Executor;
 use hci_compute::test_guests::{self, Guest};
 use hci_compute::{DiskSpec, Vm, VmSpec};
-use hci_core::block::{BlockDevice, Extent, ExtentKind, WriteFlags, ZeroFlags, check_range};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -58,13 +55,10 @@ fn run(t0: Instant, mut args: &[String]) -> anyhow::Result<()> {
     let mut disks = Vec::new();
     if args.first().map(String::as_str) == Some("--disk") {
         let path = args.get(1).context("--disk needs a FILE")?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .context("open the disk file")?;
-        let size = file.metadata()?.len();
-        let device = Arc::new(FileDisk { file, size });
+        let device = Arc::new(
+            hci_storage::raw::RawFileDevice::open(path.as_ref(), false)
+                .context("open the disk file")?,
+        );
         disks.push(DiskSpec {
             name: "bench".into(),
             device,
@@ -156,72 +150,4 @@ fn guest_rss_kib(size_kib: u64) -> u64 {
         }
     }
     total
-}
-
-/// A plain file as a block device (`pread`/`pwrite`), for benchmarks.
-#[derive(Debug)]
-struct FileDisk {
-    file: File,
-    size: u64,
-}
-
-fn io_err(what: &str, e: std::io::Error) -> hci_core::Error {
-    hci_core::Error::io(what, e)
-}
-
-#[async_trait::async_trait]
-impl BlockDevice for FileDisk {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn is_read_only(&self) -> bool {
-        false
-    }
-
-    async fn read_at(&self, buf: &mut [u8], offset: u64) -> hci_core::Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| io_err("read the disk file", e))
-    }
-
-    async fn write_at(&self, buf: &[u8], offset: u64, _: WriteFlags) -> hci_core::Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| io_err("write the disk file", e))
-    }
-
-    async fn flush(&self) -> hci_core::Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| io_err("sync the disk file", e))
-    }
-
-    async fn discard(&self, _: u64, _: u64) -> hci_core::Result<()> {
-        Ok(())
-    }
-
-    async fn write_zeroes(&self, offset: u64, len: u64, _: ZeroFlags) -> hci_core::Result<()> {
-        check_range(offset, len, self.size)?;
-        let zeroes = vec![0u8; 64 * 1024];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeroes.len() as u64) as usize;
-            self.file
-                .write_all_at(&zeroes[..n], at)
-                .map_err(|e| io_err("write the disk file", e))?;
-            at += n as u64;
-        }
-        Ok(())
-    }
-
-    async fn block_status(&self, offset: u64, len: u64) -> hci_core::Result<Vec<Extent>> {
-        Ok(vec![Extent {
-            offset,
-            len,
-            kind: ExtentKind::Data,
-        }])
-    }
 }

@@ -19,6 +19,10 @@
 //! - [`vm`]: the VM manager (build, start, pause, resume, kill, wait);
 //! - [`hypervisor`]: [`KvmHypervisor`] / [`KvmVm`], the hci-core trait impls;
 //! - [`console`]: the serial console stream (history, readers, log file);
+//! - [`vmm_api`]: the control socket of a VMM process, its client and
+//!   [`vmm_api::RemoteVm`];
+//! - [`process`]: [`ProcessHypervisor`], one `hci-vmm` process per VM (VMs
+//!   outlive their caller and can be adopted again);
 //! - [`test_guests`]: tiny PVH guests built with gcc for tests and benchmarks
 //!   (including `net`, which answers ARP and ping on a virtio-net NIC, and
 //!   `rng`, which reads virtio-rng).
@@ -70,11 +74,14 @@ pub mod error;
 pub mod hypervisor;
 pub mod kvm;
 pub mod memory;
+pub mod process;
 mod sys;
 pub mod test_guests;
 pub mod vcpu;
 pub mod vm;
+pub mod vmm_api;
 
 pub use error::{Result, VmmError};
 pub use hypervisor::{KvmHypervisor, KvmVm};
+pub use process::ProcessHypervisor;
 pub use vm::{DiskSpec, NicSpec, Vm, VmSpec};

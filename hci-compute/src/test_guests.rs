@@ -42,6 +42,7 @@ const BLK_C: &str = include_str!("../guests/blk.c");
 const CHAOS_C: &str = include_str!("../guests/chaos.c");
 const NET_C: &str = include_str!("../guests/net.c");
 const RNG_C: &str = include_str!("../guests/rng.c");
+const DIRTY_C: &str = include_str!("../guests/dirty.c");
 
 /// gcc flags: freestanding, static, no SSE (CR4.OSFXSR stays off), no red zone.
 const CFLAGS: &[&str] = &[
@@ -80,17 +81,20 @@ pub enum Guest {
     Net,
     /// Reads a virtio-rng device and reports OK/FAIL.
     Rng,
+    /// Writes memory pages nonstop and prints a running counter.
+    Dirty,
 }
 
 impl Guest {
     /// Every guest.
-    pub const ALL: [Guest; 6] = [
+    pub const ALL: [Guest; 7] = [
         Guest::Hello,
         Guest::Spin,
         Guest::Blk,
         Guest::Chaos,
         Guest::Net,
         Guest::Rng,
+        Guest::Dirty,
     ];
 
     /// Short name (also the ELF file stem).
@@ -102,6 +106,7 @@ impl Guest {
             Guest::Chaos => "chaos",
             Guest::Net => "net",
             Guest::Rng => "rng",
+            Guest::Dirty => "dirty",
         }
     }
 
@@ -126,6 +131,7 @@ impl Guest {
                 v.push(("virtio.c", VIRTIO_C));
                 v.push(("rng.c", RNG_C));
             }
+            Guest::Dirty => v.push(("dirty.c", DIRTY_C)),
         }
         v
     }

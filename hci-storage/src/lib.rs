@@ -7,3 +7,4 @@
 
 pub mod local;
 pub mod nbd;
+pub mod raw;

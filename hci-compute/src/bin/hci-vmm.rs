@@ -1,0 +1,342 @@
+//! `hci-vmm`: one VM in one process, on hci's own KVM VMM.
+//!
+//! Runs a VM straight from the command line (like cloud-hypervisor) and,
+//! with `--api-socket`, serves the control API of
+//! [`hci_compute::vmm_api`] so a daemon can drive it — and find it again
+//! after restarting. Exits 0 when the guest resets or powers off; 1 with a
+//! one-line message on errors (missing kernel, bad sizes, KVM unavailable,
+//! a volume missing or in use) or when the guest crashed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use hci_compute::KvmHypervisor;
+use hci_compute::vmm_api;
+use hci_core::compute::{
+    BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, NicConfig, NicModel, VmConfig,
+    VmHandle,
+};
+use tokio::io::AsyncWriteExt;
+
+/// Run one VM on hci's KVM VMM.
+#[derive(Debug, Parser)]
+#[command(
+    name = "hci-vmm",
+    version,
+    after_help = "Examples:\n  \
+        hci-vmm --kernel guest.elf --memory 64M\n  \
+        hci-vmm --kernel bzImage --initrd initrd.img --cmdline 'console=ttyS0' \\\n      \
+        --cpus 2 --memory 1G --disk path=/var/lib/hci/volumes/root --net tap=tap0\n  \
+        hci-vmm --kernel guest.elf --api-socket /run/hci/vm1.sock --serial file=/tmp/vm1.log"
+)]
+struct Args {
+    /// Kernel: a PVH ELF (vmlinux, hci test guests) or a Linux bzImage.
+    #[arg(long, value_name = "FILE")]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory (K, M, G suffixes; e.g. 256M, 2G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// A disk: path=VOLUME_DIR (an hci-storage local volume) or
+    /// file=IMAGE (a raw image), then ,readonly and ,name=NAME. Repeatable.
+    #[arg(long, value_name = "path=DIR|file=IMAGE[,readonly][,name=N]")]
+    disk: Vec<String>,
+    /// A NIC: tap=NAME[,mac=MAC][,name=N]. Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<String>,
+    /// No virtio-rng entropy device.
+    #[arg(long)]
+    no_rng: bool,
+    /// Where the serial console goes: stdio, file=PATH or none.
+    #[arg(long, default_value = "stdio")]
+    serial: String,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Record how the VM ended here (JSON) when it stops.
+    #[arg(long, value_name = "PATH")]
+    exit_file: Option<PathBuf>,
+    /// Wait for a `start` request on the API socket before booting.
+    #[arg(long, requires = "api_socket")]
+    wait_start: bool,
+    /// VM name (in logs and the API).
+    #[arg(long, default_value = "vm")]
+    name: String,
+}
+
+/// Parses `256M`, `2G`, `64Mi`, `4096` (bytes).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1u64),
+        Some((i, _)) => {
+            let unit = t[i..].trim_end_matches(['i', 'B', 'b']);
+            let mult = match unit.to_ascii_uppercase().as_str() {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+            };
+            (&t[..i], mult)
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 256M, 2G)"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if bytes == 0 {
+        return Err(format!("{s:?}: the size must not be zero"));
+    }
+    Ok(bytes)
+}
+
+/// Splits `a=b,c,d=e` into (key, value) pairs (`c` has an empty value).
+fn options(s: &str) -> Vec<(&str, &str)> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect()
+}
+
+fn parse_disk(i: usize, spec: &str) -> Result<DiskConfig, String> {
+    let (mut path, mut dir, mut ro, mut name) = (None, false, false, format!("disk{i}"));
+    for (k, v) in options(spec) {
+        match k {
+            "path" => (path, dir) = (Some(PathBuf::from(v)), true),
+            "file" => (path, dir) = (Some(PathBuf::from(v)), false),
+            "readonly" | "ro" => ro = true,
+            "name" if !v.is_empty() => name = v.to_string(),
+            _ => return Err(format!("--disk {spec:?}: unknown option {k:?}")),
+        }
+    }
+    let Some(path) = path else {
+        return Err(format!(
+            "--disk {spec:?}: needs path=VOLUME_DIR or file=IMAGE"
+        ));
+    };
+    let device: Arc<dyn hci_core::block::BlockDevice> = if dir {
+        let replica = hci_storage::local::Replica::open(&path, None)
+            .map_err(|e| format!("--disk {}: {e}", path.display()))?;
+        Arc::new(hci_storage::local::ReplicaDevice::new(replica, ro))
+    } else {
+        Arc::new(
+            hci_storage::raw::RawFileDevice::open(&path, ro)
+                .map_err(|e| format!("--disk {}: {e}", path.display()))?,
+        )
+    };
+    Ok(DiskConfig {
+        name,
+        backend: DiskBackend::Device(device),
+        bus: DiskBus::Virtio,
+        read_only: ro,
+        boot_order: None,
+    })
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("{s:?} is not a MAC address"));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+    }
+    Ok(mac)
+}
+
+fn parse_net(i: usize, spec: &str) -> Result<NicConfig, String> {
+    let (mut tap, mut mac, mut name) = (None, None, format!("net{i}"));
+    for (k, v) in options(spec) {
+        match k {
+            "tap" => tap = Some(v.to_string()),
+            "mac" => mac = Some(parse_mac(v)?),
+            "name" if !v.is_empty() => name = v.to_string(),
+            _ => return Err(format!("--net {spec:?}: unknown option {k:?}")),
+        }
+    }
+    let tap = tap.ok_or_else(|| format!("--net {spec:?}: needs tap=NAME"))?;
+    // A stable locally administered MAC from the TAP name when none is given.
+    let mac = mac.unwrap_or_else(|| {
+        let h = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let b = h.to_le_bytes();
+        [0x02, 0x68, b[0], b[1], b[2], b[3]]
+    });
+    Ok(NicConfig {
+        name,
+        tap,
+        mac,
+        model: NicModel::Virtio,
+        mtu: 0,
+    })
+}
+
+/// Copies guest serial output to stdout or a file, and stdin to the guest.
+async fn pump_serial(vm: Arc<dyn VmHandle>, target: &str) -> Result<(), String> {
+    if target == "none" {
+        return Ok(());
+    }
+    let console = vm.console().await.map_err(|e| e.to_string())?;
+    let mut output = console.output;
+    if let Some(path) = target.strip_prefix("file=") {
+        let mut file = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| format!("--serial {target}: {e}"))?;
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut output, &mut file).await;
+            let _ = file.flush().await;
+        });
+        return Ok(());
+    }
+    if target != "stdio" {
+        return Err(format!("--serial {target:?}: use stdio, file=PATH or none"));
+    }
+    let mut input = console.input;
+    tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        let _ = tokio::io::copy(&mut output, &mut stdout).await;
+    });
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let _ = tokio::io::copy(&mut stdin, &mut input).await;
+    });
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<ExitReason, String> {
+    if !KvmHypervisor::available() {
+        return Err("KVM is not available: /dev/kvm is missing or not usable".into());
+    }
+    if !args.kernel.is_file() {
+        return Err(format!("--kernel {}: no such file", args.kernel.display()));
+    }
+    let disks = args
+        .disk
+        .iter()
+        .enumerate()
+        .map(|(i, d)| parse_disk(i, d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let nics = args
+        .net
+        .iter()
+        .enumerate()
+        .map(|(i, n)| parse_net(i, n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = VmConfig {
+        name: args.name.clone(),
+        cpus: args.cpus,
+        memory: args.memory,
+        boot: BootSource::Kernel {
+            kernel: args.kernel.clone(),
+            initrd: args.initrd.clone(),
+            cmdline: args.cmdline.clone(),
+        },
+        disks,
+        nics,
+        cloud_init_seed: None,
+        run_dir: PathBuf::new(),
+    };
+    let hv = KvmHypervisor::new().with_entropy(!args.no_rng);
+    let vm: Arc<dyn VmHandle> = Arc::new(hv.create_vm(config).await.map_err(|e| e.to_string())?);
+    pump_serial(vm.clone(), &args.serial).await?;
+    if let Some(path) = &args.api_socket {
+        let listener = vmm_api::bind(path).map_err(|e| e.to_string())?;
+        tokio::spawn(vmm_api::serve(vm.clone(), listener));
+    }
+    if !args.wait_start {
+        vm.start().await.map_err(|e| e.to_string())?;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    let reason = tokio::select! {
+        r = vm.wait() => r.map_err(|e| e.to_string())?,
+        _ = term.recv() => {
+            vm.kill().await.map_err(|e| e.to_string())?;
+            vm.wait().await.map_err(|e| e.to_string())?
+        }
+    };
+    if let Some(path) = &args.exit_file
+        && let Err(e) = vmm_api::write_exit_file(path, &reason)
+    {
+        eprintln!("hci-vmm: cannot write {}: {e}", path.display());
+    }
+    if let Some(path) = &args.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(reason)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let exit_file = args.exit_file.clone();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hci-vmm: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(ExitReason::Reset | ExitReason::Poweroff | ExitReason::Killed) => ExitCode::SUCCESS,
+        Ok(other) => {
+            eprintln!("hci-vmm: the VM stopped: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            if let Some(path) = exit_file {
+                let _ = vmm_api::write_exit_file(&path, &ExitReason::VmmError(e.clone()));
+            }
+            eprintln!("hci-vmm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("64Mi"), Ok(64 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn nets_parse() {
+        let n = parse_net(0, "tap=tap0,mac=02:00:00:00:00:01").expect("net");
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, [2, 0, 0, 0, 0, 1]);
+        assert!(parse_net(0, "mac=02:00:00:00:00:01").is_err());
+        assert!(parse_net(0, "tap=t,mac=zz").is_err());
+        let a = parse_net(0, "tap=tap7").expect("net");
+        assert_eq!(a.mac, parse_net(1, "tap=tap7").expect("net").mac);
+        assert_eq!(a.mac[0] & 3, 2);
+    }
+}

@@ -1,0 +1,249 @@
+//! [`ProcessHypervisor`]: one `hci-vmm` process per VM, driven over its API
+//! socket, so VMs outlive the program that started them (a daemon can
+//! restart without touching its guests, then [adopt](Adopt) them again).
+//!
+//! Each VM's files live in its [`VmConfig::run_dir`]: `api.sock` (the
+//! control socket), `exit.json` (how it ended, written by the process),
+//! `vmm.log` (the process's stderr) and `console.log`.
+//!
+//! Only path-based disks can cross the process boundary:
+//! [`DiskBackend::File`] with a directory is an hci-storage local volume
+//! (opened by the VMM process, which then owns it), a regular file is a raw
+//! disk image.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use hci_core::compute::{
+    Adopt, BootSource, DiskBackend, DiskBus, Hypervisor, HypervisorKind, VmConfig, VmHandle,
+};
+use hci_core::{Error, Result};
+
+use crate::vmm_api::{RemoteVm, Request, VmmClient};
+
+/// How long `create` waits for a new VMM process's socket.
+const STARTUP: Duration = Duration::from_secs(20);
+
+/// Runs each VM in its own `hci-vmm` process.
+#[derive(Debug, Clone)]
+pub struct ProcessHypervisor {
+    vmm: PathBuf,
+}
+
+/// The `hci-vmm` next to the current executable, else the one on `PATH`.
+fn default_vmm() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("hci-vmm")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("hci-vmm"))
+}
+
+fn files(run_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        run_dir.join("api.sock"),
+        run_dir.join("exit.json"),
+        run_dir.join("vmm.log"),
+    )
+}
+
+impl Default for ProcessHypervisor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProcessHypervisor {
+    /// Uses the `hci-vmm` next to the current executable (or on `PATH`).
+    pub fn new() -> Self {
+        ProcessHypervisor { vmm: default_vmm() }
+    }
+
+    /// Uses the `hci-vmm` binary at `path`.
+    pub fn with_vmm(path: impl Into<PathBuf>) -> Self {
+        ProcessHypervisor { vmm: path.into() }
+    }
+
+    /// The command line of `hci-vmm` for `config`.
+    pub fn args(config: &VmConfig) -> Result<Vec<String>> {
+        if config.memory == 0 {
+            return Err(Error::invalid("memory", "must not be zero"));
+        }
+        if config.cpus == 0 {
+            return Err(Error::invalid("cpus", "must be at least 1"));
+        }
+        let BootSource::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } = &config.boot
+        else {
+            return Err(Error::unsupported(
+                "firmware boot",
+                "hci-vmm (direct kernel boot only)",
+            ));
+        };
+        let (socket, exit, _) = files(&config.run_dir);
+        let mut args = vec![
+            "--name".to_string(),
+            config.name.clone(),
+            "--kernel".into(),
+            kernel.display().to_string(),
+            "--cmdline".into(),
+            cmdline.clone(),
+            "--cpus".into(),
+            config.cpus.to_string(),
+            "--memory".into(),
+            config.memory.to_string(),
+            "--serial".into(),
+            format!("file={}", config.run_dir.join("console.log").display()),
+            "--api-socket".into(),
+            socket.display().to_string(),
+            "--exit-file".into(),
+            exit.display().to_string(),
+            "--wait-start".into(),
+        ];
+        if let Some(initrd) = initrd {
+            args.push("--initrd".into());
+            args.push(initrd.display().to_string());
+        }
+        for d in &config.disks {
+            if d.bus != DiskBus::Virtio {
+                return Err(Error::unsupported(
+                    format!("disk bus {:?} (disk {})", d.bus, d.name),
+                    "hci-vmm (virtio only)",
+                ));
+            }
+            let DiskBackend::File(path) = &d.backend else {
+                return Err(Error::unsupported(
+                    format!(
+                        "disk {}: in-process devices and NBD exports cannot be handed to a VMM process",
+                        d.name
+                    ),
+                    "the process hypervisor (give a volume directory or a raw file)",
+                ));
+            };
+            let kind = if path.is_dir() { "path" } else { "file" };
+            let mut spec = format!("{kind}={},name={}", path.display(), d.name);
+            if d.read_only {
+                spec.push_str(",readonly");
+            }
+            args.push("--disk".into());
+            args.push(spec);
+        }
+        for n in &config.nics {
+            let mac: Vec<String> = n.mac.iter().map(|b| format!("{b:02x}")).collect();
+            args.push("--net".into());
+            args.push(format!(
+                "tap={},mac={},name={}",
+                n.tap,
+                mac.join(":"),
+                n.name
+            ));
+        }
+        if config.cloud_init_seed.is_some() {
+            return Err(Error::unsupported("cloud-init seeds", "hci-vmm"));
+        }
+        Ok(args)
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+#[async_trait]
+impl Hypervisor for ProcessHypervisor {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Kvm
+    }
+
+    async fn create(&self, config: VmConfig) -> Result<Box<dyn VmHandle>> {
+        let args = Self::args(&config)?;
+        std::fs::create_dir_all(&config.run_dir)
+            .map_err(|e| Error::io(format!("create {}", config.run_dir.display()), e))?;
+        let (socket, exit, log) = files(&config.run_dir);
+        let _ = std::fs::remove_file(&exit);
+        let _ = std::fs::remove_file(&socket);
+        let log_file = std::fs::File::create(&log)
+            .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let mut cmd = tokio::process::Command::new(&self.vmm);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file))
+            // Its own process group: a terminal's Ctrl-C to the caller does
+            // not reach the VM, and the VM outlives the caller.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| {
+            Error::io(
+                format!("start {} (is hci-vmm installed?)", self.vmm.display()),
+                e,
+            )
+        })?;
+        let deadline = Instant::now() + STARTUP;
+        let client = VmmClient::new(&socket);
+        loop {
+            if socket.exists() && client.call(&Request::State).await.is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let why = match crate::vmm_api::read_exit_file(&exit) {
+                    Some(hci_core::compute::ExitReason::VmmError(e)) => e,
+                    _ => log_tail(&log),
+                };
+                return Err(Error::Backend {
+                    backend: "hci-vmm",
+                    message: format!("the VMM exited at start ({status}): {why}"),
+                    source: None,
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.start_kill();
+                return Err(Error::Backend {
+                    backend: "hci-vmm",
+                    message: format!("the VMM did not open its socket: {}", log_tail(&log)),
+                    source: None,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Reap it when it ends (if this process is still there then).
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(Box::new(RemoteVm::new(config.name, socket, exit)))
+    }
+
+    fn as_adopter(&self) -> Option<&dyn Adopt> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Adopt for ProcessHypervisor {
+    async fn adopt(&self, name: &str, run_dir: &Path) -> Result<Option<Box<dyn VmHandle>>> {
+        let (socket, exit, _) = files(run_dir);
+        let client = VmmClient::new(&socket);
+        match client.call(&Request::Info).await {
+            Ok(info) if info.name.as_deref() == Some(name) => {
+                Ok(Some(Box::new(RemoteVm::new(name, socket, exit))))
+            }
+            Ok(info) => Err(Error::invalid(
+                format!("VM {name:?}"),
+                format!(
+                    "the VMM at {} runs {:?}",
+                    socket.display(),
+                    info.name.unwrap_or_default()
+                ),
+            )),
+            Err(Error::Unavailable { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}

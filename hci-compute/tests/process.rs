@@ -1,0 +1,164 @@
+//! One VMM process per VM: the `hci-vmm` binary from the command line, and
+//! `ProcessHypervisor` (hci-core's hypervisor suite, adoption after the
+//! caller is gone).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use hci_compute::ProcessHypervisor;
+use hci_compute::test_guests::Guest;
+use hci_core::compute::{ExitReason, Hypervisor, VmConfig, VmState};
+use hci_core::testing::hypervisor::HypervisorFixture;
+
+const VMM: &str = env!("CARGO_BIN_EXE_hci-vmm");
+
+/// A config whose run directory no other test process uses (tests run in
+/// parallel processes; `config` clears its shared run directory).
+fn unique(mut c: VmConfig) -> VmConfig {
+    c.run_dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("run-proc")
+        .join(format!("{}-{}", c.name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&c.run_dir);
+    let _ = std::fs::create_dir_all(&c.run_dir);
+    c
+}
+
+async fn fixture() -> HypervisorFixture {
+    require_kvm();
+    HypervisorFixture {
+        hypervisor: Box::new(ProcessHypervisor::with_vmm(VMM)),
+        hello: unique(config("proc-hello", guest(Guest::Hello), 1, "")),
+        hello_output: "hello from guest\n".into(),
+        hello_exit: ExitReason::Reset,
+        spin: unique(config("proc-spin", guest(Guest::Spin), 1, "every=1000000")),
+    }
+}
+
+hci_core::hypervisor_conformance!(fixture);
+
+fn vmm(args: &[&str]) -> std::process::Output {
+    Command::new(VMM).args(args).output().expect("run hci-vmm")
+}
+
+#[test]
+fn the_command_line_runs_a_guest_and_exits_zero() {
+    require_kvm();
+    let kernel = guest(Guest::Hello);
+    let out = vmm(&["--kernel", &kernel.display().to_string(), "--memory", "64M"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello from guest"));
+}
+
+#[test]
+fn bad_command_lines_fail_with_one_clear_line() {
+    let kernel = guest(Guest::Hello);
+    let k = kernel.display().to_string();
+    for (args, expect) in [
+        (vec!["--kernel", "/nonexistent/vmlinux"], "no such file"),
+        (vec!["--kernel", &k, "--memory", "0"], "must not be zero"),
+        (vec!["--kernel", &k, "--memory", "12Q"], "unknown unit"),
+        (
+            vec!["--kernel", &k, "--disk", "path=/nonexistent/vol"],
+            "/nonexistent/vol",
+        ),
+        (
+            vec!["--kernel", &k, "--disk", "color=blue"],
+            "unknown option",
+        ),
+        (
+            vec!["--kernel", &k, "--net", "mac=02:00:00:00:00:01"],
+            "tap=NAME",
+        ),
+    ] {
+        let out = vmm(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_volume_disk_is_written_by_the_guest_and_read_back_on_the_host() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("vol");
+    drop(hci_storage::local::Replica::create(&vol, 16 << 20, None).expect("create volume"));
+    let kernel = guest(Guest::Blk);
+    let out = vmm(&[
+        "--kernel",
+        &kernel.display().to_string(),
+        "--memory",
+        "64M",
+        "--disk",
+        &format!("path={},name=data", vol.display()),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("virtio-blk OK"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("virtio-blk id data"), "{stdout}");
+    // The guest's pattern (byte i = i*31+7) at sector 8, through the volume.
+    let r = hci_storage::local::Replica::open(&vol, None).expect("reopen");
+    let mut buf = vec![0u8; 4096];
+    r.read(&mut buf, 8 * 512).expect("read");
+    for (i, b) in buf.iter().enumerate() {
+        assert_eq!(*b, (i as u32 * 31 + 7) as u8, "byte {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_outlive_their_hypervisor_and_are_adopted() {
+    require_kvm();
+    let cfg = unique(config("adopt", guest(Guest::Spin), 1, "every=1000000"));
+    let run_dir = cfg.run_dir.clone();
+    {
+        let hv = ProcessHypervisor::with_vmm(VMM);
+        let vm = hv.create(cfg).await.expect("create");
+        vm.start().await.expect("start");
+        // The hypervisor and the handle go away; the process stays.
+    }
+    let hv = ProcessHypervisor::with_vmm(VMM);
+    let adopter = hv.as_adopter().expect("adopts");
+    let vm = adopter
+        .adopt("adopt", &run_dir)
+        .await
+        .expect("adopt")
+        .expect("still running");
+    assert_eq!(vm.state().await.expect("state"), VmState::Running);
+    vm.pause().await.expect("pause");
+    assert_eq!(vm.state().await.expect("state"), VmState::Paused);
+    vm.resume().await.expect("resume");
+    // Console history survived: the guest printed before we adopted it.
+    let mut console = vm.console().await.expect("console");
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        console.output.read(&mut buf).await
+    })
+    .await
+    .expect("console output in time")
+    .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("spinning"));
+    vm.kill().await.expect("kill");
+    assert_eq!(vm.wait().await.expect("wait"), ExitReason::Killed);
+    // Gone now: adoption finds nothing, and the exit was recorded.
+    assert!(
+        adopter
+            .adopt("adopt", &run_dir)
+            .await
+            .expect("adopt")
+            .is_none()
+    );
+    assert_eq!(
+        hci_compute::vmm_api::read_exit_file(&run_dir.join("exit.json")),
+        Some(ExitReason::Killed)
+    );
+}
