@@ -312,3 +312,114 @@ fn https_with_tls_and_a_bearer_token() {
     let out = ok(&hcictl(&socket, &["get", "volumes"]));
     assert!(out.contains("No Volume found"), "{out}");
 }
+
+fn pid_alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// With `--vm-processes`, a VM outlives a crashed daemon: the next daemon
+/// adopts it (same process, console history intact), and deleting the VM
+/// ends its process.
+#[test]
+fn vms_in_their_own_processes_survive_a_daemon_crash() {
+    if !kvm() {
+        eprintln!("skipped: /dev/kvm is not usable");
+        return;
+    }
+    let vmm = std::path::Path::new(env!("CARGO_BIN_EXE_hci-daemon")).with_file_name("hci-vmm");
+    if !vmm.is_file() {
+        eprintln!(
+            "skipped: {} is not built (build the workspace)",
+            vmm.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("hci.sock");
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_hci-daemon"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .args(["--node", "crashy", "--vm-processes", "--vmm"])
+            .arg(&vmm)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hci-daemon")
+    };
+    let wait_socket = || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while hcictl(&socket, &["get", "nodes"]).status.code() != Some(0) {
+            assert!(Instant::now() < deadline, "hci-daemon did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut first = spawn();
+    wait_socket();
+    ok(&hcictl(&socket, &["apply", "-f", &quickstart()]));
+    let out = ok(&hcictl(
+        &socket,
+        &["vm", "console", "demo", "--until", "virtio-blk OK"],
+    ));
+    assert!(out.contains("virtio-blk OK"), "{out}");
+    let info = || {
+        let json = ok(&hcictl(&socket, &["get", "vm", "demo", "-o", "json"]));
+        serde_json::from_str::<Value>(&json).expect("json")
+    };
+    assert_eq!(info()["status"]["phase"], "Running");
+    let api = dir.path().join("data/run/demo/api.sock");
+    let pid = {
+        let vm = hci_compute::vmm_api::VmmClient::new(&api);
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(vm.call(&hci_compute::vmm_api::Request::Info))
+            .expect("the VMM answers")
+            .pid
+            .expect("pid") as i32
+    };
+
+    // The daemon crashes: the VM's process does not notice.
+    first.kill().expect("kill -9 the daemon");
+    first.wait().expect("reap");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(pid_alive(pid), "the VM died with the daemon");
+
+    let second = spawn();
+    let _second = Daemon {
+        child: second,
+        socket: socket.clone(),
+        _dir: tempfile::tempdir().expect("tempdir"),
+    };
+    wait_socket();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = info();
+        if v["status"]["message"] == "re-adopted after a daemon restart" {
+            assert_eq!(v["status"]["phase"], "Running");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not re-adopted: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Same process, and its console history is still there.
+    assert!(pid_alive(pid));
+    let out = ok(&hcictl(
+        &socket,
+        &["vm", "console", "demo", "--until", "virtio-blk OK"],
+    ));
+    assert!(out.contains("virtio-blk OK"), "{out}");
+    ok(&hcictl(&socket, &["delete", "vm", "demo"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pid_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "deleting the VM did not end its process"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

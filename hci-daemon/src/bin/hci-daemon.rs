@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use hci_compute::KvmHypervisor;
+use hci_compute::{KvmHypervisor, ProcessHypervisor};
 use hci_daemon::api::{Api, TcpSecurity, serve_tcp, serve_unix};
 use hci_daemon::controllers::{Controllers, NodeInfo, Runtime};
 use hci_daemon::metrics::{MetricsSource, serve_metrics};
@@ -56,6 +56,15 @@ struct Args {
     /// Memory kept for the host, not offered to VMs (e.g. 1G, 512M).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     reserved_memory: u64,
+    /// Run each VM in its own hci-vmm process: VMs keep running when the
+    /// daemon stops or crashes, and the next daemon adopts them. (Not yet
+    /// for VMs with NICs or encrypted volumes; online snapshots of attached
+    /// volumes wait until the VM stops.)
+    #[arg(long)]
+    vm_processes: bool,
+    /// The hci-vmm binary (default: next to hci-daemon, then PATH).
+    #[arg(long, value_name = "FILE", requires = "vm_processes")]
+    vmm: Option<PathBuf>,
     /// Serve the API only: run no controllers (nothing is created or started).
     #[arg(long)]
     no_controllers: bool,
@@ -212,8 +221,17 @@ async fn main() -> anyhow::Result<()> {
         node.addresses = args.address.iter().map(ToString::to_string).collect();
         tracing::info!(node = name, cpus = node.allocatable.cpus, memory = %node.allocatable.memory, "starting controllers");
         let kvm = KvmHypervisor::new();
-        let mut rt = Runtime::new(resources, dir, node, Arc::new(kvm.clone()))
+        let hypervisor: Arc<dyn hci_core::compute::Hypervisor> = if args.vm_processes {
+            Arc::new(match &args.vmm {
+                Some(path) => ProcessHypervisor::with_vmm(path),
+                None => ProcessHypervisor::new(),
+            })
+        } else {
+            Arc::new(kvm.clone())
+        };
+        let mut rt = Runtime::new(resources, dir, node, hypervisor)
             .context("failed to prepare the storage pool")?;
+        rt.vm_processes = args.vm_processes;
         let networks = LinuxBridgeBackend::new(BackendOptions {
             state_dir: Some(dir.join("net")),
             ..BackendOptions::default()
@@ -222,7 +240,9 @@ async fn main() -> anyhow::Result<()> {
         match networks {
             Ok(backend) => {
                 rt.networks = Some(Arc::new(backend));
-                rt.kvm = Some(kvm);
+                if !args.vm_processes {
+                    rt.kvm = Some(kvm);
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "no network backend: networks stay not ready and VMs with NICs do not start")

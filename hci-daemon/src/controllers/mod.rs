@@ -231,6 +231,10 @@ pub struct Runtime {
     /// The in-process KVM hypervisor, if VMs run on it: the TAP queues that
     /// hci-net keeps open are handed to it before a VM with NICs starts.
     pub kvm: Option<KvmHypervisor>,
+    /// VMs run in their own processes (`hci-vmm`): their volumes are handed
+    /// over by path and released by the daemon while attached, and VMs
+    /// survive a daemon restart.
+    pub vm_processes: bool,
 }
 
 impl Runtime {
@@ -255,6 +259,7 @@ impl Runtime {
             stop_timeout: Duration::from_secs(30),
             networks: None,
             kvm: None,
+            vm_processes: false,
         })
     }
 }

@@ -24,11 +24,11 @@ impl SnapshotController {
 
     /// Deletes pool snapshot `name` from whichever volume holds it.
     async fn delete_everywhere(&self, name: &str) -> Result<()> {
-        for vol in self.rt.volumes.list().await? {
-            let snaps = self.rt.volumes.list_snapshots(&vol.name).await?;
+        for volume in self.rt.volumes.names()? {
+            let snaps = self.rt.volumes.list_snapshots(&volume).await?;
             if snaps.iter().any(|s| s.name == name) {
-                self.rt.volumes.delete_snapshot(&vol.name, name).await?;
-                tracing::info!(volume = vol.name, snapshot = name, "snapshot deleted");
+                self.rt.volumes.delete_snapshot(&volume, name).await?;
+                tracing::info!(volume, snapshot = name, "snapshot deleted");
             }
         }
         Ok(())
@@ -105,16 +105,20 @@ impl Reconcile for SnapshotController {
     }
 
     async fn sweep(&self, existing: &BTreeSet<String>) -> Result<()> {
-        for vol in self.rt.volumes.list().await? {
-            for snap in self.rt.volumes.list_snapshots(&vol.name).await? {
+        for volume in self.rt.volumes.names()? {
+            // A volume a VMM process holds cannot be looked into: next time.
+            let Ok(snaps) = self.rt.volumes.list_snapshots(&volume).await else {
+                continue;
+            };
+            for snap in snaps {
                 if is_resource_snapshot(&snap.name) && !existing.contains(&snap.name) {
                     tracing::info!(
-                        volume = vol.name,
+                        volume,
                         snapshot = snap.name,
                         "removing a snapshot whose resource is gone"
                     );
-                    if let Err(e) = self.rt.volumes.delete_snapshot(&vol.name, &snap.name).await {
-                        tracing::warn!(volume = vol.name, snapshot = snap.name, error = %e, "cannot remove an orphaned snapshot");
+                    if let Err(e) = self.rt.volumes.delete_snapshot(&volume, &snap.name).await {
+                        tracing::warn!(volume, snapshot = snap.name, error = %e, "cannot remove an orphaned snapshot");
                     }
                 }
             }

@@ -163,9 +163,14 @@ impl VmController {
         out
     }
 
-    /// Kills every VM (daemon shutdown with an in-process hypervisor).
+    /// Kills every VM that would not survive the daemon anyway (those of an
+    /// in-process hypervisor); VMs in their own processes keep running and
+    /// are adopted by the next daemon.
     pub async fn kill_all(&self) {
         let all: Vec<Arc<Instance>> = self.map().drain().map(|(_, i)| i).collect();
+        if self.rt.hypervisor.as_adopter().is_some() {
+            return;
+        }
         for inst in all {
             if inst.alive()
                 && let Err(e) = inst.handle.kill().await
@@ -353,6 +358,12 @@ impl VmController {
                         ),
                     )
                 })?;
+                if self.rt.vm_processes {
+                    return Err(Error::unsupported(
+                        "NICs (spec.nics)",
+                        "VMs in their own processes (TAP hand-over to hci-vmm is not wired yet)",
+                    ));
+                }
                 if nic.model != ModelNicModel::Virtio {
                     return Err(Error::unsupported(
                         format!("NIC model {:?}", nic.model),
@@ -433,17 +444,30 @@ impl VmController {
         let mut disks = Vec::new();
         for disk in &vm.spec.disks {
             let vol: Volume = self.rt.resources.get(&disk.volume).await?;
-            let device = self
-                .rt
-                .volumes
-                .open(
-                    &disk.volume,
-                    OpenVolume {
-                        read_only: disk.read_only,
-                        encryption_key: encryption_key(&vol)?,
-                    },
+            let backend = if self.rt.vm_processes {
+                if vol.spec.encryption.is_some() {
+                    return Err(Error::unsupported(
+                        format!("encrypted volume {:?}", disk.volume),
+                        "VMs in their own processes (the key cannot be handed over yet)",
+                    ));
+                }
+                // The VMM process opens the volume itself: let go of it.
+                self.rt.volumes.release(&disk.volume)?;
+                DiskBackend::File(self.rt.volumes.root().join(&disk.volume))
+            } else {
+                DiskBackend::Device(
+                    self.rt
+                        .volumes
+                        .open(
+                            &disk.volume,
+                            OpenVolume {
+                                read_only: disk.read_only,
+                                encryption_key: encryption_key(&vol)?,
+                            },
+                        )
+                        .await?,
                 )
-                .await?;
+            };
             let bus = match disk.bus {
                 ModelDiskBus::Virtio => DiskBus::Virtio,
                 other => {
@@ -455,7 +479,7 @@ impl VmController {
             };
             disks.push(DiskConfig {
                 name: disk.name.clone(),
-                backend: DiskBackend::Device(device),
+                backend,
                 bus,
                 read_only: disk.read_only,
                 boot_order: disk.boot_order,
@@ -488,6 +512,9 @@ impl VmController {
             }
         };
         let nic_configs = nics.clone();
+        // Attached before the VMM opens them: the volume controller keeps
+        // its hands off attached volumes that a VMM process owns.
+        self.mark_volumes(&volumes, Some(name)).await?;
         let started = async {
             let config = self.config(vm, nics).await?;
             std::fs::create_dir_all(&config.run_dir)
@@ -503,6 +530,7 @@ impl VmController {
             Ok(handle) => handle,
             Err(e) => {
                 self.detach_ports(&ports, &nic_configs).await;
+                self.mark_volumes(&volumes, None).await?;
                 self.start_failed(name, &e).await?;
                 return Err(e);
             }
@@ -521,7 +549,6 @@ impl VmController {
             nics: nic_configs,
         });
         self.track(name, inst);
-        self.mark_volumes(&volumes, Some(name)).await?;
         let node = self.rt.node.name.clone();
         let now = Utc::now();
         self.status(name, |v| {

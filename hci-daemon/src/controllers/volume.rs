@@ -129,6 +129,10 @@ impl Reconcile for VolumeController {
                 Err(e) => Err(e),
             };
         };
+        // A VMM process owns an attached volume (and its lock): leave it be.
+        if self.rt.vm_processes && vol.status_or_default().attached_to.is_some() {
+            return Ok(None);
+        }
         let info = match pool.info(name).await {
             Ok(info) => info,
             Err(Error::NotFound { .. }) => {

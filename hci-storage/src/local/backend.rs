@@ -190,6 +190,41 @@ impl LocalVolumeBackend {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Closes this backend's handle on volume `name` (its lock goes with
+    /// it), so another process can open the volume — e.g. a VMM process
+    /// that serves it to a guest. `Busy` while devices of it are still open
+    /// here. The next call that needs the volume opens it again.
+    pub fn release(&self, name: &str) -> Result<()> {
+        let mut cache = self.cache();
+        if let Some(r) = cache.get(name)
+            && Arc::strong_count(r) > 1
+        {
+            return Err(Error::Busy {
+                kind: "volume",
+                name: name.to_string(),
+                reason: "devices of it are still open in this process".into(),
+            });
+        }
+        cache.remove(name);
+        Ok(())
+    }
+
+    /// Names of the volumes under the root, sorted, without opening them
+    /// (volumes locked by another process are listed too).
+    pub fn names(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(|e| Error::io(format!("list {}", self.root.display()), e))?;
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !n.starts_with('.') && e.path().join("volume.json").exists() {
+                names.push(n);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
     /// The opened replica of volume `name`.
     pub fn replica(&self, name: &str) -> Result<Arc<Replica>> {
         let dir = self.dir(name)?;
@@ -268,17 +303,10 @@ impl VolumeBackend for LocalVolumeBackend {
     }
 
     async fn list(&self) -> Result<Vec<VolumeInfo>> {
-        let mut names = Vec::new();
-        let entries = std::fs::read_dir(&self.root)
-            .map_err(|e| Error::io(format!("list {}", self.root.display()), e))?;
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if !n.starts_with('.') && e.path().join("volume.json").exists() {
-                names.push(n);
-            }
-        }
-        names.sort();
-        names.iter().map(|n| self.replica(n)?.info(n)).collect()
+        self.names()?
+            .iter()
+            .map(|n| self.replica(n)?.info(n))
+            .collect()
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
