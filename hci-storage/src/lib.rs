@@ -5,5 +5,7 @@
 //! ([`nbd`]).
 #![deny(missing_docs)]
 
+pub mod engine;
 pub mod local;
 pub mod nbd;
+pub mod replica;
