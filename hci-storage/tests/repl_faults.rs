@@ -285,3 +285,71 @@ async fn a_stale_replica_is_never_served_after_reopen() {
         checksum(&nodes[1], "v", size).await
     );
 }
+
+/// `hci-storage serve --replica …` as a process, fio verifying through NBD
+/// while one of the two replica servers is killed with SIGKILL.
+#[test]
+fn fio_verify_through_nbd_survives_a_replica_kill() {
+    if Command::new("fio").arg("--version").output().is_err() {
+        panic!("fio is missing; run scripts/install-deps.sh");
+    }
+    let mut s = setup(2);
+    let tf = s.procs[0].token_file.clone();
+    let port = free_port();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_hci-storage"))
+        .arg("serve")
+        .args(["--replica", &format!("127.0.0.1:{}/vol", s.procs[0].port)])
+        .args(["--replica", &format!("127.0.0.1:{}/vol", s.procs[1].port)])
+        .arg("--token-file")
+        .arg(&tf)
+        .args(["--size", "64M", "--replica-timeout-ms", "2000"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let mut out = BufReader::new(serve.stdout.take().expect("stdout"));
+    let mut uri = String::new();
+    for _ in 0..4 {
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read");
+        if let Some(rest) = line.trim().strip_prefix("serving vol as ") {
+            uri = rest.to_string();
+            break;
+        }
+    }
+    assert!(!uri.is_empty(), "serve did not start");
+    let fio = Command::new("fio")
+        .args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=48M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fio");
+    // Let the workload get going, then kill a replica server mid-job.
+    std::thread::sleep(Duration::from_millis(700));
+    s.procs[1].signal(libc::SIGKILL);
+    let res = fio.wait_with_output().expect("fio");
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&res.stdout),
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let _ = s.procs.pop();
+    // SAFETY: signal to our own child.
+    unsafe { libc::kill(serve.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = serve.wait();
+    assert!(res.status.success(), "fio failed:\n{text}");
+    assert!(!text.contains("verify: bad"), "{text}");
+    assert!(text.contains("err= 0"), "fio reported errors:\n{text}");
+}
