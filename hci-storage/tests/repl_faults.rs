@@ -40,6 +40,16 @@ fn free_port() -> u16 {
 }
 
 fn start(root: &Path, token_file: &Path, port: u16) -> Proc {
+    Proc {
+        child: spawn_server(root, token_file, port),
+        port,
+        root: root.to_path_buf(),
+        token_file: token_file.to_path_buf(),
+    }
+}
+
+/// Starts a replica server and waits until it listens.
+fn spawn_server(root: &Path, token_file: &Path, port: u16) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hci-storage"))
         .args(["replica-server", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
@@ -57,23 +67,14 @@ fn start(root: &Path, token_file: &Path, port: u16) -> Proc {
         line.contains("serving replicas"),
         "unexpected output {line:?}"
     );
-    Proc {
-        child,
-        port,
-        root: root.to_path_buf(),
-        token_file: token_file.to_path_buf(),
-    }
+    child
 }
 
 impl Proc {
     fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let p = start(&self.root, &self.token_file, self.port);
-        // Take over the new child; the old handle is already reaped.
-        let mut p = std::mem::ManuallyDrop::new(p);
-        // SAFETY-free swap of the child handle.
-        std::mem::swap(&mut self.child, &mut p.child);
+        self.child = spawn_server(&self.root, &self.token_file, self.port);
     }
 
     fn signal(&self, sig: libc::c_int) {

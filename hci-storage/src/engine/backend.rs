@@ -56,10 +56,10 @@ impl ReplicatedVolumeBackend {
         name: &str,
         options: OpenVolume,
     ) -> Result<Arc<ReplicatedVolume>> {
-        if let Some(e) = self.engine(name) {
-            if e.key() == options.encryption_key.as_ref() {
-                return Ok(e);
-            }
+        if let Some(e) = self.engine(name)
+            && e.key() == options.encryption_key.as_ref()
+        {
+            return Ok(e);
         }
         let opts = OpenVolume {
             read_only: false,
@@ -75,10 +75,10 @@ impl ReplicatedVolumeBackend {
 
     /// A node holding a current copy of `name` (local first).
     async fn source(&self, name: &str) -> Result<Arc<dyn ReplicaNode>> {
-        if let Some(e) = self.engine(name) {
-            if let Some(n) = e.healthy_nodes().into_iter().next() {
-                return Ok(n);
-            }
+        if let Some(e) = self.engine(name)
+            && let Some(n) = e.healthy_nodes().into_iter().next()
+        {
+            return Ok(n);
         }
         let t = self.options.timeout;
         let states = futures::future::join_all(
@@ -149,10 +149,10 @@ impl VolumeBackend for ReplicatedVolumeBackend {
 
     async fn open(&self, name: &str, options: OpenVolume) -> Result<Arc<dyn BlockDevice>> {
         if options.read_only {
-            if let Some(e) = self.engine(name) {
-                if e.key() == options.encryption_key.as_ref() {
-                    return Ok(Arc::new(ReadOnly(e)));
-                }
+            if let Some(e) = self.engine(name)
+                && e.key() == options.encryption_key.as_ref()
+            {
+                return Ok(Arc::new(ReadOnly(e)));
             }
             let e =
                 ReplicatedVolume::open(name, &self.nodes, options, self.options.clone()).await?;

@@ -180,16 +180,17 @@ impl ReplicatedVolume {
             }
         }))
         .await;
-        if let Some(Err(e)) = states
-            .iter()
-            .find(|s| matches!(s, Err(e) if e.is_not_found()))
-        {
-            if states.iter().all(|s| s.is_err()) {
-                return Err(match e {
-                    Error::NotFound { .. } => Error::not_found("volume", name),
-                    _ => faulted(name),
-                });
-            }
+        if states.iter().all(|s| s.is_err()) {
+            return Err(
+                if states
+                    .iter()
+                    .any(|s| s.as_ref().is_err_and(|e| e.is_not_found()))
+                {
+                    Error::not_found("volume", name)
+                } else {
+                    faulted(name)
+                },
+            );
         }
         let max_gen = states
             .iter()

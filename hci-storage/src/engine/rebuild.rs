@@ -280,24 +280,25 @@ impl ReplicatedVolume {
     /// Removes the replica on the node labelled `label` from the set.
     pub async fn remove_replica(&self, label: &str) -> Result<()> {
         let _q = self.quiesce.write().await;
-        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        let before = members.len();
-        let healthy_left = members
-            .iter()
-            .filter(|m| m.node.label() != label && m.state() == ReplicaState::Healthy)
-            .count();
-        if healthy_left == 0 {
-            return Err(Error::Busy {
-                kind: "replica",
-                name: label.to_string(),
-                reason: "it is the last healthy replica".into(),
-            });
+        {
+            let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            let before = members.len();
+            let healthy_left = members
+                .iter()
+                .filter(|m| m.node.label() != label && m.state() == ReplicaState::Healthy)
+                .count();
+            if healthy_left == 0 {
+                return Err(Error::Busy {
+                    kind: "replica",
+                    name: label.to_string(),
+                    reason: "it is the last healthy replica".into(),
+                });
+            }
+            members.retain(|m| m.node.label() != label);
+            if members.len() == before {
+                return Err(Error::not_found("replica", label));
+            }
         }
-        members.retain(|m| m.node.label() != label);
-        if members.len() == before {
-            return Err(Error::not_found("replica", label));
-        }
-        drop(members);
         self.new_epoch().await
     }
 }

@@ -285,10 +285,10 @@ impl RemoteNode {
 
     async fn conn(&self) -> Result<Arc<Conn>> {
         let mut g = self.ctl.lock().await;
-        if let Some(c) = g.as_ref() {
-            if !c.is_dead() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = g.as_ref()
+            && !c.is_dead()
+        {
+            return Ok(c.clone());
         }
         let c = Arc::new(Conn::connect(&self.sa).await?);
         *g = Some(c.clone());

@@ -127,10 +127,10 @@ impl LocalNode {
         write_synced(&tmp, &body)?;
         std::fs::rename(&tmp, &path)
             .map_err(|e| Error::io(format!("rename {}", tmp.display()), e))?;
-        if let Some(dir) = path.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
+        if let Some(dir) = path.parent()
+            && let Ok(d) = std::fs::File::open(dir)
+        {
+            let _ = d.sync_all();
         }
         Ok(())
     }
