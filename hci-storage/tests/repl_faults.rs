@@ -83,6 +83,26 @@ impl Proc {
         assert_eq!(r, 0, "kill({sig})");
     }
 
+    /// Waits until every thread of the process is stopped (SIGSTOP is asynchronous).
+    fn wait_stopped(&self) {
+        let dir = format!("/proc/{}/task", self.child.id());
+        loop {
+            let all_stopped = std::fs::read_dir(&dir)
+                .expect("task dir")
+                .flatten()
+                .all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('T')))
+                        .unwrap_or(false)
+                });
+            if all_stopped {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn node(&self, timeout: Duration) -> Arc<dyn ReplicaNode> {
         let mut sa = ServerAddr::new(format!("127.0.0.1:{}", self.port), TOKEN);
         sa.timeout = timeout;
@@ -229,6 +249,7 @@ async fn a_hung_replica_is_failed_within_the_timeout() {
         .await
         .expect("write");
     s.procs[1].signal(libc::SIGSTOP);
+    s.procs[1].wait_stopped();
     // Bounded by the 500 ms timeout; the test would hang forever otherwise.
     vol.write_at(&block(1, 0), 4096, WriteFlags::default())
         .await
