@@ -205,6 +205,8 @@ impl Conn {
             }
             Err(_) => {
                 self.forget(id);
+                // The request may have been cut mid-frame: never reuse this stream.
+                self.shared.dead.store(true, Ordering::SeqCst);
                 Err(unavailable(
                     &self.addr,
                     format!("no reply within {:?}", self.timeout),
