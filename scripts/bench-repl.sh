@@ -3,8 +3,8 @@
 # exporting (a) a single local replica and (b) a replicated volume on 1, 2 and 3
 # `hci-storage replica-server`s, all RAM-backed (/dev/shm) on loopback, plus
 # nbdkit file as the outside anchor, in one run. Prints IOPS per job and the
-# ratio to the single local replica. Then times a rebuild (REBUILD_SIZE volume,
-# REBUILD_DATA written) of a third replica and reports bytes sent.
+# ratio to the single local replica. (Rebuild timing is not scripted yet: the
+# CLI has no `replicas add` command.)
 #
 # Usage: scripts/bench-repl.sh            (DURATION=10 seconds per job)
 #        DURATION=3 SIZE=256M scripts/bench-repl.sh
