@@ -82,3 +82,56 @@ async fn wrong_token_is_refused() {
     );
     s.ping().await.expect("ping with the right token");
 }
+
+/// Garbage on the wire closes the connection; the server keeps serving others.
+#[tokio::test]
+async fn hostile_frames_close_only_their_connection() {
+    use hci_storage::replica::proto;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = server().await;
+    let addr = s.addr().addr.clone();
+    // A bad hello.
+    let mut c = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    c.write_all(&[0xAB; 64]).await.expect("send");
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        c.read(&mut buf).await.unwrap_or(0),
+        0,
+        "bad hello not refused"
+    );
+    // A good hello, then a frame with a bad magic and one with a huge payload.
+    for frame in [vec![0x5Au8; proto::REQUEST_LEN], {
+        let mut h = proto::RequestHeader {
+            op: proto::Op::Write,
+            flags: 0,
+            id: 1,
+            offset: 0,
+            length: 0,
+            payload_len: 0,
+            crc: 0,
+        }
+        .encode();
+        h[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
+        h.to_vec()
+    }] {
+        let mut c = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        c.write_all(&proto::encode_hello(TOKEN).expect("hello"))
+            .await
+            .expect("send");
+        let mut hb = [0u8; proto::HELLO_REPLY_LEN];
+        c.read_exact(&mut hb).await.expect("hello reply");
+        assert_eq!(
+            proto::decode_hello_reply(&hb).ok(),
+            Some((proto::VERSION, proto::HELLO_OK))
+        );
+        c.write_all(&frame).await.expect("send");
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "a hostile frame got a reply");
+    }
+    s.ping().await.expect("the server still serves");
+}
