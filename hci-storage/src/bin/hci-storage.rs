@@ -7,10 +7,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use hci_core::block::BlockDevice;
 use hci_core::model::ByteSize;
 use hci_core::volume::EncryptionKey;
+use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
+use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
 use hci_storage::local::{Replica, ReplicaDevice, import_image};
 use hci_storage::nbd::{ExportOptions, Listen, NbdServer};
+use hci_storage::replica::ReplicaNode;
+use hci_storage::replica::client::{RemoteNode, ServerAddr};
+use hci_storage::replica::server::ReplicaServer;
 
 #[derive(Parser)]
 #[command(
@@ -36,10 +42,26 @@ enum Cmd {
         #[arg(long)]
         encrypt_key_file: Option<PathBuf>,
     },
-    /// Serve the volume over NBD until interrupted.
+    /// Serve the volume over NBD until interrupted: a local replica directory,
+    /// or a replicated volume on replica servers (`--replica ADDR/VOL`, repeated).
+    ///
+    /// Example: `hci-storage serve --replica 10.0.0.1:7000/vm1 --replica
+    /// 10.0.0.2:7000/vm1 --token-file tok --size 10G --listen 127.0.0.1:10809`
     Serve {
-        /// Replica directory.
-        dir: PathBuf,
+        /// Replica directory (omit with --replica).
+        dir: Option<PathBuf>,
+        /// A replica as HOST:PORT/VOLUME on a replica server; repeat per replica.
+        #[arg(long)]
+        replica: Vec<String>,
+        /// File holding the replica servers' auth token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Create the replicated volume with this size when it does not exist yet.
+        #[arg(long)]
+        size: Option<String>,
+        /// Per-replica timeout in milliseconds: a slower replica is failed.
+        #[arg(long, default_value_t = 3000)]
+        replica_timeout_ms: u64,
         /// HOST:PORT or unix:PATH; repeat to listen on several.
         #[arg(long, default_value = "127.0.0.1:10809")]
         listen: Vec<String>,
@@ -104,6 +126,20 @@ enum Cmd {
         #[arg(long)]
         encrypt_key_file: Option<PathBuf>,
     },
+    /// Serve every replica under ROOT to replicated engines over TCP.
+    ///
+    /// Example: `hci-storage replica-server --listen 0.0.0.0:7000 --root /var/lib/hci/replicas --token-file tok`
+    ReplicaServer {
+        /// HOST:PORT to listen on.
+        #[arg(long)]
+        listen: String,
+        /// Directory holding the replicas (created).
+        #[arg(long)]
+        root: PathBuf,
+        /// File holding the auth token clients must present.
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// Show size, allocation, revision and snapshots.
     Info {
         /// Replica directory.
@@ -148,6 +184,119 @@ fn key(file: Option<&Path>) -> Res<Option<EncryptionKey>> {
     Ok(Some(EncryptionKey::new(raw)))
 }
 
+fn token(p: &Path) -> Res<Vec<u8>> {
+    let bytes =
+        std::fs::read(p).map_err(|e| format!("cannot read token file {}: {e}", p.display()))?;
+    let t = String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec();
+    if t.is_empty() {
+        return Err(format!("token file {} is empty", p.display()).into());
+    }
+    Ok(t)
+}
+
+struct ServeReplicated {
+    replicas: Vec<String>,
+    token: Vec<u8>,
+    size: Option<u64>,
+    timeout: std::time::Duration,
+    listen: Vec<String>,
+    export: String,
+    read_only: bool,
+    key: Option<EncryptionKey>,
+}
+
+fn serve_replicated(o: ServeReplicated) -> Res<()> {
+    let mut volume: Option<String> = None;
+    let mut nodes: Vec<Arc<dyn ReplicaNode>> = Vec::new();
+    for r in &o.replicas {
+        let (addr, vol) = r
+            .rsplit_once('/')
+            .ok_or_else(|| format!("replica {r:?} must be HOST:PORT/VOLUME"))?;
+        match &volume {
+            Some(v) if v != vol => {
+                return Err(format!("replicas name different volumes: {v} and {vol}").into());
+            }
+            _ => volume = Some(vol.to_string()),
+        }
+        let mut sa = ServerAddr::new(addr, o.token.clone());
+        sa.timeout = o.timeout;
+        nodes.push(Arc::new(RemoteNode::new(sa)));
+    }
+    let volume = volume.ok_or("give a replica directory or at least one --replica")?;
+    let listen = o
+        .listen
+        .iter()
+        .map(|l| l.parse::<Listen>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let backend = ReplicatedVolumeBackend::new(nodes, EngineOptions { timeout: o.timeout })?;
+        if let Some(size) = o.size {
+            match backend.info(&volume).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {
+                    backend
+                        .create(
+                            &volume,
+                            CreateVolume {
+                                size,
+                                encryption_key: o.key.clone(),
+                            },
+                        )
+                        .await?;
+                    println!(
+                        "created {volume} ({}) on {} replicas",
+                        human(size),
+                        o.replicas.len()
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let engine = backend
+            .open_engine(
+                &volume,
+                OpenVolume {
+                    read_only: false,
+                    encryption_key: o.key.clone(),
+                },
+            )
+            .await?;
+        let server = Arc::new(NbdServer::new());
+        server.add_export(
+            &o.export,
+            engine.clone(),
+            ExportOptions {
+                read_only: o.read_only,
+                description: format!("replicated volume {volume}"),
+            },
+        )?;
+        let mut handles = Vec::new();
+        for l in listen {
+            let h = server.serve(l).await?;
+            println!("serving {volume} as {}", h.uri(&o.export));
+            handles.push(h);
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+        for h in &handles {
+            h.shutdown();
+        }
+        engine.flush().await?;
+        let st = engine.status().await;
+        println!("stopped; data flushed; robustness {:?}", st.robustness);
+        for r in st.replicas {
+            println!("  {} {:?}", r.node, r.state);
+        }
+        Ok::<(), Box<dyn std::error::Error>>(())
+    })
+}
+
 fn human(n: u64) -> String {
     ByteSize(n).to_string()
 }
@@ -184,12 +333,59 @@ fn run(cli: Cli) -> Res<()> {
                 if k.is_some() { ", encrypted" } else { "" }
             );
         }
+        Cmd::ReplicaServer {
+            listen,
+            root,
+            token_file,
+        } => {
+            let token = token(&token_file)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let server = ReplicaServer::new(&root, token)?;
+                let (l, addr) = server.bind(&listen).await?;
+                println!("serving replicas under {} on {addr}", root.display());
+                server.serve(l).await?;
+                Ok::<(), Box<dyn std::error::Error>>(())
+            })?;
+        }
         Cmd::Serve {
-            dir,
+            dir: None,
+            replica,
+            token_file,
+            size: s,
+            replica_timeout_ms,
             listen,
             export,
             read_only,
             encrypt_key_file,
+        } => {
+            let k = key(encrypt_key_file.as_deref())?;
+            let token = token(
+                token_file
+                    .as_deref()
+                    .ok_or("--replica needs --token-file")?,
+            )?;
+            let size = s.as_deref().map(size).transpose()?;
+            serve_replicated(ServeReplicated {
+                replicas: replica,
+                token,
+                size,
+                timeout: std::time::Duration::from_millis(replica_timeout_ms),
+                listen,
+                export,
+                read_only,
+                key: k,
+            })?;
+        }
+        Cmd::Serve {
+            dir: Some(dir),
+            listen,
+            export,
+            read_only,
+            encrypt_key_file,
+            ..
         } => {
             let k = key(encrypt_key_file.as_deref())?;
             let listen = listen

@@ -1,0 +1,646 @@
+//! The replicated engine: one [`ReplicatedVolume`] (a [`BlockDevice`]) over N
+//! replicas on [`ReplicaNode`]s, and [`ReplicatedVolumeBackend`], a
+//! [`hci_core::volume::VolumeBackend`] over a set of nodes.
+//!
+//! * Writes, zeroes, discards and flushes go to every writable replica in
+//!   parallel and complete when all of them answered; a replica that errs or
+//!   does not answer within [`EngineOptions::timeout`] is marked failed and
+//!   dropped, and I/O continues while one healthy replica remains.
+//! * Fencing: opening bumps the volume's generation on every replica, which
+//!   then refuses older engines ([`Error::Fenced`]).
+//! * Membership epochs: on open and whenever a replica is dropped, the
+//!   survivors get a new epoch *before* the write that dropped it completes,
+//!   so a replica that missed acknowledged writes has an older epoch and is
+//!   never served from (it is reported [`ReplicaState::Stale`]).
+//! * Snapshots are taken on every replica with writes quiesced.
+//! * [`ReplicatedVolume::add_replica`] rebuilds a new or stale replica while
+//!   the volume stays in use (see [`rebuild`]).
+
+mod backend;
+pub mod rebuild;
+
+pub use backend::ReplicatedVolumeBackend;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use hci_core::block::{BlockDevice, DeviceCaps, Extent, WriteFlags, ZeroFlags, check_range};
+use hci_core::volume::{EncryptionKey, OpenVolume, SnapshotInfo};
+use hci_core::{Error, Result};
+
+use crate::replica::ReplicaNode;
+
+/// Tunables of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Bound on any replica request; a replica slower than this is failed.
+    pub timeout: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// State of one replica in the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// In sync; serves reads and writes.
+    Healthy,
+    /// Receiving live writes while a rebuild copies the rest; no reads.
+    Rebuilding,
+    /// Missed writes (older membership epoch); needs a rebuild.
+    Stale,
+    /// Dropped after an error or timeout.
+    Failed(String),
+}
+
+/// Overall state of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Robustness {
+    /// Every replica is healthy.
+    Healthy,
+    /// At least one healthy replica, but not all.
+    Degraded,
+    /// No healthy replica: I/O fails.
+    Faulted,
+}
+
+/// One replica's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// The node's label (address or path).
+    pub node: String,
+    /// Its state.
+    pub state: ReplicaState,
+}
+
+/// The status of a volume and its replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStatus {
+    /// Overall robustness.
+    pub robustness: Robustness,
+    /// Engine generation.
+    pub generation: u64,
+    /// Membership epoch.
+    pub epoch: u64,
+    /// Every replica.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+#[derive(Debug)]
+struct Member {
+    node: Arc<dyn ReplicaNode>,
+    dev: Mutex<Option<Arc<dyn BlockDevice>>>,
+    state: Mutex<ReplicaState>,
+}
+
+impl Member {
+    fn state(&self) -> ReplicaState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_state(&self, s: ReplicaState) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    fn dev(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.dev.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A volume replicated synchronously over several replicas.
+#[derive(Debug)]
+pub struct ReplicatedVolume {
+    name: String,
+    generation: u64,
+    read_only: bool,
+    options: EngineOptions,
+    key: Option<EncryptionKey>,
+    size: AtomicU64,
+    members: Mutex<Vec<Arc<Member>>>,
+    /// Writes hold it shared; snapshots and rebuild copies hold it exclusively.
+    quiesce: tokio::sync::RwLock<()>,
+    epoch: tokio::sync::Mutex<u64>,
+    fenced: AtomicBool,
+    next_read: AtomicUsize,
+}
+
+/// Errors that depend on the request, not on the replica: every replica would
+/// answer the same, so they go back to the caller and fail no replica.
+fn is_request_error(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::OutOfRange { .. }
+            | Error::ReadOnly { .. }
+            | Error::Invalid { .. }
+            | Error::Fenced { .. }
+            | Error::NotFound { .. }
+            | Error::AlreadyExists { .. }
+    )
+}
+
+fn faulted(name: &str) -> Error {
+    Error::Unavailable {
+        what: format!("volume {name}"),
+        source: Some("no healthy replica is left".into()),
+    }
+}
+
+impl ReplicatedVolume {
+    /// Opens `name` on `nodes`: fences older engines (unless read-only), skips
+    /// unreachable and stale replicas, and starts a new membership epoch.
+    pub async fn open(
+        name: &str,
+        nodes: &[Arc<dyn ReplicaNode>],
+        options: OpenVolume,
+        engine: EngineOptions,
+    ) -> Result<Arc<ReplicatedVolume>> {
+        if nodes.is_empty() {
+            return Err(Error::invalid("replica set", "is empty"));
+        }
+        let t = engine.timeout;
+        let states = futures::future::join_all(nodes.iter().map(|n| async move {
+            let st = tokio::time::timeout(t, n.fence_state(name)).await;
+            let info = tokio::time::timeout(t, n.backend().info(name)).await;
+            match (st, info) {
+                (Ok(Ok(st)), Ok(Ok(_))) => Ok(st),
+                (Ok(Err(e)), _) | (_, Ok(Err(e))) => Err(e),
+                _ => Err(Error::Unavailable {
+                    what: n.label(),
+                    source: Some("timed out".into()),
+                }),
+            }
+        }))
+        .await;
+        if states.iter().all(|s| s.is_err()) {
+            return Err(
+                if states
+                    .iter()
+                    .any(|s| s.as_ref().is_err_and(|e| e.is_not_found()))
+                {
+                    Error::not_found("volume", name)
+                } else {
+                    faulted(name)
+                },
+            );
+        }
+        let max_gen = states
+            .iter()
+            .filter_map(|s| s.as_ref().ok())
+            .map(|s| s.generation)
+            .max()
+            .unwrap_or(0);
+        let max_epoch = states
+            .iter()
+            .filter_map(|s| s.as_ref().ok())
+            .map(|s| s.epoch)
+            .max()
+            .unwrap_or(0);
+        let generation = if options.read_only {
+            max_gen
+        } else {
+            max_gen + 1
+        };
+        let mut members = Vec::new();
+        let mut size = u64::MAX;
+        for (node, st) in nodes.iter().zip(&states) {
+            let m = Member {
+                node: node.clone(),
+                dev: Mutex::new(None),
+                state: Mutex::new(ReplicaState::Healthy),
+            };
+            match st {
+                Err(e) => m.set_state(ReplicaState::Failed(e.to_string())),
+                Ok(st) if st.epoch < max_epoch => m.set_state(ReplicaState::Stale),
+                Ok(_) => {
+                    match tokio::time::timeout(
+                        t,
+                        node.open_fenced(name, generation, options.clone()),
+                    )
+                    .await
+                    {
+                        Ok(Ok(dev)) => {
+                            size = size.min(dev.size());
+                            *m.dev.lock().unwrap_or_else(|e| e.into_inner()) = Some(dev);
+                        }
+                        Ok(Err(e))
+                            if is_request_error(&e) || matches!(e, Error::Corrupt { .. }) =>
+                        {
+                            return Err(e);
+                        }
+                        Ok(Err(e)) => m.set_state(ReplicaState::Failed(e.to_string())),
+                        Err(_) => m.set_state(ReplicaState::Failed("open timed out".into())),
+                    }
+                }
+            }
+            members.push(Arc::new(m));
+        }
+        if !members.iter().any(|m| m.state() == ReplicaState::Healthy) {
+            return Err(faulted(name));
+        }
+        let vol = Arc::new(ReplicatedVolume {
+            name: name.to_string(),
+            generation,
+            read_only: options.read_only,
+            options: engine,
+            key: options.encryption_key,
+            size: AtomicU64::new(size),
+            members: Mutex::new(members),
+            quiesce: tokio::sync::RwLock::new(()),
+            epoch: tokio::sync::Mutex::new(max_epoch),
+            fenced: AtomicBool::new(false),
+            next_read: AtomicUsize::new(0),
+        });
+        if !options.read_only {
+            for m in vol.healthy() {
+                match tokio::time::timeout(t, m.node.fence(name, generation)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e @ Error::Fenced { .. })) => return Err(e),
+                    Ok(Err(e)) => m.set_state(ReplicaState::Failed(e.to_string())),
+                    Err(_) => m.set_state(ReplicaState::Failed("fence timed out".into())),
+                }
+            }
+            vol.new_epoch().await?;
+        }
+        tracing::info!(volume = name, generation, "replicated volume opened");
+        Ok(vol)
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This engine's generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The key the volume was opened with.
+    pub fn key(&self) -> Option<&EncryptionKey> {
+        self.key.as_ref()
+    }
+
+    /// The engine's options.
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
+    pub(crate) fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::SeqCst);
+    }
+
+    fn all(&self) -> Vec<Arc<Member>> {
+        self.members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn healthy(&self) -> Vec<Arc<Member>> {
+        self.all()
+            .into_iter()
+            .filter(|m| m.state() == ReplicaState::Healthy)
+            .collect()
+    }
+
+    /// Healthy nodes, local ones first.
+    pub fn healthy_nodes(&self) -> Vec<Arc<dyn ReplicaNode>> {
+        let mut v: Vec<_> = self.healthy().into_iter().map(|m| m.node.clone()).collect();
+        v.sort_by_key(|n| !n.is_local());
+        v
+    }
+
+    /// Overall and per-replica state.
+    pub async fn status(&self) -> VolumeStatus {
+        let replicas: Vec<ReplicaStatus> = self
+            .all()
+            .iter()
+            .map(|m| ReplicaStatus {
+                node: m.node.label(),
+                state: m.state(),
+            })
+            .collect();
+        let healthy = replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Healthy)
+            .count();
+        let robustness = if healthy == 0 {
+            Robustness::Faulted
+        } else if healthy == replicas.len() {
+            Robustness::Healthy
+        } else {
+            Robustness::Degraded
+        };
+        VolumeStatus {
+            robustness,
+            generation: self.generation,
+            epoch: *self.epoch.lock().await,
+            replicas,
+        }
+    }
+
+    /// Starts a new membership epoch on every healthy replica; replicas that
+    /// cannot record it are failed (and the epoch retried without them).
+    async fn new_epoch(&self) -> Result<()> {
+        let mut epoch = self.epoch.lock().await;
+        loop {
+            let next = *epoch + 1;
+            let healthy = self.healthy();
+            if healthy.is_empty() {
+                return Err(faulted(&self.name));
+            }
+            let t = self.options.timeout;
+            let rs = futures::future::join_all(healthy.iter().map(|m| async move {
+                tokio::time::timeout(t, m.node.set_epoch(&self.name, self.generation, next)).await
+            }))
+            .await;
+            let mut failed = false;
+            for (m, r) in healthy.iter().zip(rs) {
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e @ Error::Fenced { .. })) => {
+                        self.fenced.store(true, Ordering::SeqCst);
+                        return Err(e);
+                    }
+                    Ok(Err(e)) => {
+                        self.fail(m, e.to_string());
+                        failed = true;
+                    }
+                    Err(_) => {
+                        self.fail(m, "epoch update timed out".into());
+                        failed = true;
+                    }
+                }
+            }
+            *epoch = next;
+            if !failed {
+                return Ok(());
+            }
+        }
+    }
+
+    fn fail(&self, m: &Member, why: String) {
+        tracing::warn!(volume = %self.name, replica = %m.node.label(), reason = %why, "replica failed");
+        m.set_state(ReplicaState::Failed(why));
+        m.dev.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn check_fenced(&self) -> Result<()> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(Error::Fenced {
+                what: format!("volume {}", self.name),
+                ours: self.generation,
+                current: self.generation + 1,
+            });
+        }
+        Ok(())
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                what: format!("volume {}", self.name),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends one mutation to every writable replica (healthy or rebuilding).
+    async fn fan_out<F, Fut>(&self, f: F) -> Result<()>
+    where
+        F: Fn(Arc<dyn BlockDevice>) -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
+        self.check_fenced()?;
+        let targets: Vec<(Arc<Member>, Arc<dyn BlockDevice>)> = self
+            .all()
+            .into_iter()
+            .filter(|m| matches!(m.state(), ReplicaState::Healthy | ReplicaState::Rebuilding))
+            .filter_map(|m| m.dev().map(|d| (m, d)))
+            .collect();
+        if !targets
+            .iter()
+            .any(|(m, _)| m.state() == ReplicaState::Healthy)
+        {
+            return Err(faulted(&self.name));
+        }
+        let t = self.options.timeout;
+        let rs = futures::future::join_all(
+            targets
+                .iter()
+                .map(|(_, d)| tokio::time::timeout(t, f(d.clone()))),
+        )
+        .await;
+        let mut request_err = None;
+        let mut dropped_healthy = false;
+        let mut ok_healthy = false;
+        for ((m, _), r) in targets.iter().zip(rs) {
+            let was_healthy = m.state() == ReplicaState::Healthy;
+            match r {
+                Ok(Ok(())) => ok_healthy |= was_healthy,
+                Ok(Err(e)) if is_request_error(&e) => {
+                    if matches!(e, Error::Fenced { .. }) {
+                        self.fenced.store(true, Ordering::SeqCst);
+                    }
+                    request_err.get_or_insert(e);
+                }
+                Ok(Err(e)) => {
+                    self.fail(m, e.to_string());
+                    dropped_healthy |= was_healthy;
+                }
+                Err(_) => {
+                    self.fail(m, format!("no answer within {t:?}"));
+                    dropped_healthy |= was_healthy;
+                }
+            }
+        }
+        if let Some(e) = request_err {
+            return Err(e);
+        }
+        if dropped_healthy {
+            // The survivors must know they are the only current replicas
+            // before this write is acknowledged.
+            self.new_epoch().await?;
+        }
+        if !ok_healthy || self.healthy().is_empty() {
+            return Err(faulted(&self.name));
+        }
+        Ok(())
+    }
+
+    /// Runs a read-type request on one healthy replica (local first, then
+    /// round-robin), failing over to the next on replica errors.
+    async fn read_one<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn(Arc<dyn BlockDevice>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.check_fenced()?;
+        loop {
+            let mut healthy: Vec<_> = self
+                .healthy()
+                .into_iter()
+                .filter_map(|m| m.dev().map(|d| (m, d)))
+                .collect();
+            if healthy.is_empty() {
+                return Err(faulted(&self.name));
+            }
+            let pick = match healthy.iter().position(|(m, _)| m.node.is_local()) {
+                Some(i) => i,
+                None => self.next_read.fetch_add(1, Ordering::Relaxed) % healthy.len(),
+            };
+            let (m, d) = healthy.swap_remove(pick);
+            let t = self.options.timeout;
+            match tokio::time::timeout(t, f(d)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if is_request_error(&e) => {
+                    if matches!(e, Error::Fenced { .. }) {
+                        self.fenced.store(true, Ordering::SeqCst);
+                    }
+                    return Err(e);
+                }
+                Ok(Err(e)) => self.fail(&m, e.to_string()),
+                Err(_) => self.fail(&m, format!("no answer within {t:?}")),
+            }
+            self.new_epoch().await?;
+        }
+    }
+
+    /// Takes snapshot `snapshot` on every healthy replica with writes
+    /// quiesced. A replica being rebuilt is failed (its rebuild restarts).
+    pub async fn snapshot(&self, snapshot: &str) -> Result<SnapshotInfo> {
+        let _q = self.quiesce.write().await;
+        self.check_fenced()?;
+        for m in self.all() {
+            if m.state() == ReplicaState::Rebuilding {
+                self.fail(&m, "a snapshot was taken during its rebuild".into());
+            }
+        }
+        let healthy = self.healthy();
+        let t = self.options.timeout;
+        let name = &self.name;
+        let rs = futures::future::join_all(healthy.iter().map(|m| async move {
+            if let Some(d) = m.dev() {
+                tokio::time::timeout(t, d.flush())
+                    .await
+                    .map_err(|_| Error::Unavailable {
+                        what: m.node.label(),
+                        source: Some("flush timed out".into()),
+                    })??;
+            }
+            tokio::time::timeout(t, m.node.backend().snapshot(name, snapshot))
+                .await
+                .map_err(|_| Error::Unavailable {
+                    what: m.node.label(),
+                    source: Some("snapshot timed out".into()),
+                })?
+        }))
+        .await;
+        let mut info = None;
+        let mut request_err = None;
+        let mut dropped = false;
+        for (m, r) in healthy.iter().zip(rs) {
+            match r {
+                Ok(i) => {
+                    info.get_or_insert(i);
+                }
+                Err(e) if is_request_error(&e) => {
+                    request_err.get_or_insert(e);
+                }
+                Err(e) => {
+                    self.fail(m, e.to_string());
+                    dropped = true;
+                }
+            }
+        }
+        if dropped {
+            self.new_epoch().await?;
+        }
+        if let Some(e) = request_err {
+            return Err(e);
+        }
+        info.ok_or_else(|| faulted(&self.name))
+    }
+}
+
+#[async_trait]
+impl BlockDevice for ReplicatedVolume {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn capabilities(&self) -> DeviceCaps {
+        DeviceCaps {
+            discard: true,
+            write_zeroes: true,
+            block_status: true,
+            shared_flush: true,
+        }
+    }
+
+    async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        let len = buf.len();
+        let data = self
+            .read_one(|d| async move {
+                let mut v = vec![0u8; len];
+                d.read_at(&mut v, offset).await.map(|()| v)
+            })
+            .await?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    async fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> Result<()> {
+        self.writable()?;
+        check_range(offset, buf.len() as u64, self.size())?;
+        let _q = self.quiesce.read().await;
+        self.fan_out(|d| async move { d.write_at(buf, offset, flags).await })
+            .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return self.read_one(|d| async move { d.flush().await }).await;
+        }
+        self.fan_out(|d| async move { d.flush().await }).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.size())?;
+        let _q = self.quiesce.read().await;
+        self.fan_out(|d| async move { d.discard(offset, len).await })
+            .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.writable()?;
+        check_range(offset, len, self.size())?;
+        let _q = self.quiesce.read().await;
+        self.fan_out(|d| async move { d.write_zeroes(offset, len, flags).await })
+            .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        if len == 0 {
+            return Err(Error::invalid("block status length", "must not be 0"));
+        }
+        check_range(offset, len, self.size())?;
+        self.read_one(|d| async move { d.block_status(offset, len).await })
+            .await
+    }
+}
