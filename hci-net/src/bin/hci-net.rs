@@ -363,6 +363,7 @@ fn running_up(state_dir: &Path, network: &str) -> Option<u32> {
 
 async fn up(state_dir: &Path, config: NetworkConfig, keep: bool) -> Result<()> {
     sys::require_net_admin("up")?;
+    let mut signals = sys::StopSignals::catch()?;
     let name = config.name.clone();
     if let Some(pid) = running_up(state_dir, &name) {
         bail!("network {name:?} is already served by `hci-net up` (pid {pid})");
@@ -375,8 +376,14 @@ async fn up(state_dir: &Path, config: NetworkConfig, keep: bool) -> Result<()> {
         .any(|n| n.name == name);
     let status = backend.ensure_network(&config).await?;
     let pidf = pid_file(state_dir, &name);
-    std::fs::write(&pidf, format!("{}\n", std::process::id()))
-        .with_context(|| format!("failed to write {}", pidf.display()))?;
+    let recorded = std::fs::create_dir_all(state_dir)
+        .and_then(|()| std::fs::write(&pidf, format!("{}\n", std::process::id())));
+    if let Err(e) = recorded {
+        if !existed {
+            let _ = backend.remove_network(&name).await;
+        }
+        return Err(e).with_context(|| format!("failed to write {}", pidf.display()));
+    }
     let dhcp = config.dhcp.as_ref().map_or_else(
         || "no DHCP".to_string(),
         |d| format!("DHCP {}-{}", d.range_start, d.range_end),
@@ -390,14 +397,8 @@ async fn up(state_dir: &Path, config: NetworkConfig, keep: bool) -> Result<()> {
         );
         let _ = out.flush();
     }
-    let stop = sys::wait_for_stop().await;
-    let result = match stop {
-        Ok(sig) => {
-            tracing::info!(signal = sig, "stopping");
-            Ok(())
-        }
-        Err(e) => Err(e),
-    };
+    let sig = signals.wait().await;
+    tracing::info!(signal = sig, "stopping");
     let _ = std::fs::remove_file(&pidf);
     if keep {
         println!("network {name} kept (remove it with `hci-net down {name}`)");
@@ -409,7 +410,7 @@ async fn up(state_dir: &Path, config: NetworkConfig, keep: bool) -> Result<()> {
         backend.remove_network(&name).await?;
         println!("network {name} removed");
     }
-    result
+    Ok(())
 }
 
 async fn down(state_dir: &Path, name: &str) -> Result<()> {
@@ -610,15 +611,31 @@ mod sys {
         Ok(())
     }
 
-    /// Waits for SIGINT or SIGTERM; returns the signal's name.
-    pub async fn wait_for_stop() -> Result<&'static str> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut term = signal(SignalKind::terminate())?;
-        Ok(tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        })
+    /// SIGINT and SIGTERM, caught from creation on (so a signal that arrives
+    /// while the network is being set up is not lost, nor kills the process
+    /// half-way).
+    pub struct StopSignals {
+        int: tokio::signal::unix::Signal,
+        term: tokio::signal::unix::Signal,
+    }
+
+    impl StopSignals {
+        /// Starts catching SIGINT and SIGTERM.
+        pub fn catch() -> Result<Self> {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                int: signal(SignalKind::interrupt())?,
+                term: signal(SignalKind::terminate())?,
+            })
+        }
+
+        /// Waits for one of them; returns its name.
+        pub async fn wait(&mut self) -> &'static str {
+            tokio::select! {
+                _ = self.int.recv() => "SIGINT",
+                _ = self.term.recv() => "SIGTERM",
+            }
+        }
     }
 }
 
