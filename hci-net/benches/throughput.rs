@@ -29,16 +29,33 @@ fn iperf(server: &Netns, client: &Netns, server_ip: &str) -> f64 {
         .spawn()
         .expect("iperf3 -s");
     std::thread::sleep(Duration::from_millis(300));
-    let out = client.exec(&["iperf3", "-c", server_ip, "-t", SECONDS, "-J"]);
+    // A client that ran before the server listened, or failed, must not leave
+    // the one-shot server waiting forever.
+    let mut full = vec!["ip", "netns", "exec", &client.name];
+    full.extend_from_slice(&["iperf3", "-c", server_ip, "-t", SECONDS, "-J"]);
+    let out = Command::new(full[0])
+        .args(&full[1..])
+        .output()
+        .expect("iperf3 -c");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64();
+    if bps.is_none() {
+        let _ = srv.kill();
+    }
     let _ = srv.wait();
-    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 json");
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("bits_per_second")
-        / 1e9
+    bps.unwrap_or_else(|| panic!("iperf3 to {server_ip} failed: {}", v["error"])) / 1e9
 }
 
-fn direct_veth() -> f64 {
+/// Client and server namespaces of one measured path, and what keeps it alive.
+struct PathUnderTest {
+    label: &'static str,
+    client: Netns,
+    server: Netns,
+    server_ip: &'static str,
+    _keep: Vec<Node>,
+}
+
+fn direct_veth() -> PathUnderTest {
     let (x, y) = (Netns::new("bx"), Netns::new("by"));
     let v = unique("bv");
     common::run(&[
@@ -49,7 +66,13 @@ fn direct_veth() -> f64 {
         ns.ip(&["addr", "add", ip, "dev", &v]);
         ns.ip(&["link", "set", &v, "up"]);
     }
-    iperf(&y, &x, "10.201.0.2")
+    PathUnderTest {
+        label: "direct veth pair (ceiling)",
+        client: x,
+        server: y,
+        server_ip: "10.201.0.2",
+        _keep: vec![],
+    }
 }
 
 fn net(name: &str, kind: NetworkKind) -> NetworkConfig {
@@ -63,7 +86,7 @@ fn net(name: &str, kind: NetworkKind) -> NetworkConfig {
     }
 }
 
-async fn bridge() -> f64 {
+async fn bridge() -> PathUnderTest {
     let node = Node::new("bbr").await;
     let st = node
         .ensure_network(&net("bench", NetworkKind::Bridge { uplink: None }))
@@ -71,10 +94,16 @@ async fn bridge() -> f64 {
         .unwrap();
     let a = Vm::attach(&node.ns, &st.bridge, None, 1500).with_address("10.202.0.1/24");
     let b = Vm::attach(&node.ns, &st.bridge, None, 1500).with_address("10.202.0.2/24");
-    iperf(&b.ns, &a.ns, "10.202.0.2")
+    PathUnderTest {
+        label: "hci bridge network, veth ports",
+        client: a.ns,
+        server: b.ns,
+        server_ip: "10.202.0.2",
+        _keep: vec![node],
+    }
 }
 
-async fn overlay() -> f64 {
+async fn overlay() -> PathUnderTest {
     let (na, nb) = (Node::new("boa").await, Node::new("bob").await);
     let ul = unique("ul");
     common::run(&[
@@ -119,7 +148,13 @@ async fn overlay() -> f64 {
     let a = Vm::attach(&na.ns, &sa.bridge, None, 1450).with_address("10.203.0.1/24");
     let b = Vm::attach(&nb.ns, &sb.bridge, None, 1450).with_address("10.203.0.2/24");
     assert!(a.can_ping("10.203.0.2", Duration::from_secs(5)));
-    iperf(&b.ns, &a.ns, "10.203.0.2")
+    PathUnderTest {
+        label: "hci VXLAN overlay, 2 nodes",
+        client: a.ns,
+        server: b.ns,
+        server_ip: "10.203.0.2",
+        _keep: vec![na, nb],
+    }
 }
 
 fn dhcp_config(start: &str, end: &str) -> DhcpConfig {
@@ -203,24 +238,59 @@ async fn dhcp_burst(clients: usize) -> f64 {
     clients as f64 / t.elapsed().as_secs_f64()
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let veth = direct_veth();
-    let br = bridge().await;
-    let ov = overlay().await;
-    println!("TCP throughput, iperf3 {SECONDS} s, one stream (ratio to the direct veth pair):");
-    println!("  direct veth pair       {veth:7.2} Gbit/s  1.00x");
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let clients: usize = std::env::var("DHCP_CLIENTS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(16);
+    let paths = [direct_veth(), bridge().await, overlay().await];
+    // Interleaved rounds, so drift in the machine's load hits every path alike.
+    let mut gbits = vec![Vec::new(); paths.len()];
+    for _ in 0..rounds {
+        for (p, g) in paths.iter().zip(gbits.iter_mut()) {
+            g.push(iperf(&p.server, &p.client, p.server_ip));
+        }
+    }
+    let medians: Vec<f64> = gbits.iter().cloned().map(median).collect();
+    let best: Vec<f64> = gbits
+        .iter()
+        .map(|g| g.iter().copied().fold(0.0, f64::max))
+        .collect();
     println!(
-        "  hci bridge (veth ports){br:7.2} Gbit/s  {:.2}x",
-        br / veth
+        "TCP throughput, iperf3 -t {SECONDS}, one stream, {rounds} interleaved rounds (ratios to the direct veth pair):"
     );
-    println!(
-        "  hci VXLAN overlay      {ov:7.2} Gbit/s  {:.2}x",
-        ov / veth
-    );
+    println!("| path | median Gbit/s | best Gbit/s | runs | median ratio | best ratio |");
+    println!("|---|---|---|---|---|---|");
+    for (i, (p, g)) in paths.iter().zip(&gbits).enumerate() {
+        let runs: Vec<String> = g.iter().map(|x| format!("{x:.2}")).collect();
+        println!(
+            "| {} | {:.2} | {:.2} | {} | {:.2}x | {:.2}x |",
+            p.label,
+            medians[i],
+            best[i],
+            runs.join(" / "),
+            medians[i] / medians[0],
+            best[i] / best[0]
+        );
+    }
+    drop(paths);
     let logic = dhcp_logic(20_000);
-    let burst = dhcp_burst(16).await;
+    let burst = dhcp_burst(clients).await;
     println!("DHCP:");
-    println!("  server logic, DISCOVER+REQUEST   {logic:10.0} leases/s");
-    println!("  16 udhcpc clients at once        {burst:10.1} leases/s (includes client start-up)");
+    println!("| what | leases/s |");
+    println!("|---|---|");
+    println!("| server logic alone, DISCOVER+REQUEST, 20,000 clients | {logic:.0} |");
+    println!(
+        "| burst of {clients} real udhcpc clients at once (includes client start-up) | {burst:.1} |"
+    );
 }

@@ -245,6 +245,86 @@ impl LinuxBridgeBackend {
         )
     }
 
+    /// Plugs an existing interface `ifname` that this backend did not create
+    /// (a TAP opened by another VMM, the host end of a veth) into `network`'s
+    /// bridge, sets its MTU to the network's and brings it up; with `mac`, also
+    /// sets the interface's own address. The device stays the caller's: it is
+    /// released, not deleted, when the network is removed.
+    #[tracing::instrument(name = "attach_interface", skip(self))]
+    pub async fn attach_interface(
+        &self,
+        network: &str,
+        ifname: &str,
+        mac: Option<[u8; 6]>,
+    ) -> Result<()> {
+        names::validate_network_name(network)?;
+        if let Some(m) = mac
+            && !crate::mac::is_valid_unicast(m)
+        {
+            return Err(Error::invalid(
+                "interface MAC",
+                format!("{} is not a unicast address", crate::mac::format(m)),
+            ));
+        }
+        let _st = self.state.lock().await;
+        let bridge = self
+            .bridge_of(network)
+            .await?
+            .ok_or_else(|| Error::not_found("network", network))?;
+        let link = self
+            .nl
+            .link(ifname)
+            .await?
+            .ok_or_else(|| Error::not_found("interface", ifname))?;
+        if link.index == bridge.index
+            || link.alias.as_deref().and_then(names::parse_alias).is_some()
+        {
+            return Err(Error::invalid(
+                "interface",
+                format!("{ifname} is a device of hci-net itself, not a port to attach"),
+            ));
+        }
+        if let Some(m) = link.master.filter(|m| *m != bridge.index) {
+            let holder = self
+                .nl
+                .link_by_index(m)
+                .await?
+                .map_or_else(|| format!("index {m}"), |l| l.name);
+            return Err(Error::Busy {
+                kind: "interface",
+                name: ifname.to_string(),
+                reason: format!("it is already a port of {holder}"),
+            });
+        }
+        self.nl
+            .reconcile(&link, Some(bridge.mtu), mac, None)
+            .await?;
+        self.nl.set_master(&link, bridge.index).await?;
+        tracing::info!(network, ifname, bridge = %bridge.name, "interface attached");
+        Ok(())
+    }
+
+    /// Releases an interface attached with [`Self::attach_interface`] from
+    /// `network`'s bridge, leaving the device itself in place.
+    #[tracing::instrument(name = "detach_interface", skip(self))]
+    pub async fn detach_interface(&self, network: &str, ifname: &str) -> Result<()> {
+        names::validate_network_name(network)?;
+        let _st = self.state.lock().await;
+        let bridge = self
+            .bridge_of(network)
+            .await?
+            .ok_or_else(|| Error::not_found("network", network))?;
+        let link = self
+            .nl
+            .link(ifname)
+            .await?
+            .filter(|l| l.master == Some(bridge.index))
+            .ok_or_else(|| Error::not_found("port", format!("{ifname} on network {network}")))?;
+        self.nl.release(&link).await?;
+        tracing::info!(network, ifname, "interface detached");
+        Ok(())
+    }
+
     /// Removes every device, nftables table and DHCP server this crate made in
     /// the namespace — including leftovers of earlier runs. Returns how many
     /// devices were deleted. Meant for tests and node decommissioning.

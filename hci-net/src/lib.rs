@@ -14,6 +14,14 @@
 //! - [`NetNs`]: run the backend against another network namespace (tests use
 //!   namespaces as fake nodes).
 //!
+//! The `hci-net` binary wraps the backend for integrators and debugging:
+//! `hci-net up -f NETWORK.yaml [--peer NODE_ADDR …] [--keep]` ensures a
+//! network from an hci `Network` resource and serves its DHCP until
+//! SIGINT/SIGTERM, `hci-net port add NAME --ifname IF [--mac MAC]` plugs an
+//! existing TAP or veth into it
+//! ([`LinuxBridgeBackend::attach_interface`]), `hci-net leases NAME`,
+//! `hci-net down NAME` and `hci-net ls` show and remove what exists.
+//!
 //! Every device the backend creates has a name with a fixed prefix (`hci-br-`,
 //! `hci-tp-`, `hci-vx-`, `hci-vl-`) followed by a hash of the network or port
 //! name, and carries an interface alias recording what it belongs to, so a

@@ -152,7 +152,7 @@ pub fn handle_packet(db: &mut LeaseDb, packet: &[u8], now: u64) -> Option<Reply>
             else {
                 return nak(db, &msg, "no address requested");
             };
-            match db.bind(mac, ip, now) {
+            match db.bind(mac, ip, now, hostname(&msg)) {
                 Ok(lease) => {
                     tracing::info!(mac = %mac_s, ip = %lease.ip, "DHCPACK");
                     reply(db, &msg, MessageType::Ack, ip, true)
@@ -179,6 +179,19 @@ pub fn handle_packet(db: &mut LeaseDb, packet: &[u8], now: u64) -> Option<Reply>
             None
         }
         MessageType::Inform => reply(db, &msg, MessageType::Ack, Ipv4Addr::UNSPECIFIED, false),
+        _ => None,
+    }
+}
+
+/// The client's host name (option 12), if it is a plausible one: printable
+/// ASCII without spaces, at most 63 bytes.
+fn hostname(msg: &Message) -> Option<String> {
+    match msg.opts().get(OptionCode::Hostname) {
+        Some(DhcpOption::Hostname(h))
+            if !h.is_empty() && h.len() <= 63 && h.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Some(h.clone())
+        }
         _ => None,
     }
 }

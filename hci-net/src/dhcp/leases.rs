@@ -37,6 +37,9 @@ pub struct Lease {
     pub expires: u64,
     /// True once ACKed (false while only offered).
     pub bound: bool,
+    /// Host name the client sent (option 12), printable ASCII only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 mod mac_serde {
@@ -56,6 +59,19 @@ mod mac_serde {
 struct LeaseFile {
     version: u32,
     leases: Vec<Lease>,
+}
+
+/// Reads the bound leases saved in a lease file (as written by a running
+/// server), without opening a database: for tools that show leases of a
+/// server running in another process.
+pub fn read_lease_file(path: &Path) -> Result<Vec<Lease>> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::io(format!("read lease file {}", path.display()), e))?;
+    let file: LeaseFile = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+        what: format!("lease file {}", path.display()),
+        source: Some(Box::new(e)),
+    })?;
+    Ok(file.leases)
 }
 
 /// Why a REQUEST was refused.
@@ -225,6 +241,7 @@ impl LeaseDb {
                 ip,
                 expires: now + OFFER_HOLD_SECS,
                 bound: false,
+                hostname: None,
             }),
         }
     }
@@ -235,6 +252,7 @@ impl LeaseDb {
         mac: [u8; 6],
         ip: Ipv4Addr,
         now: u64,
+        hostname: Option<String>,
     ) -> std::result::Result<Lease, Refusal> {
         if !self.allowed_for(mac, ip) {
             return Err(Refusal::WrongAddress);
@@ -247,6 +265,7 @@ impl LeaseDb {
             ip,
             expires: now + self.settings.lease_secs(),
             bound: true,
+            hostname,
         };
         self.insert(lease.clone());
         self.save();

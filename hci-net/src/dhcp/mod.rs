@@ -25,7 +25,7 @@ use hci_core::{Error, Result};
 use ipnet::{IpNet, Ipv4Net};
 
 pub use handler::{Destination, Reply, handle_packet};
-pub use leases::{Lease, LeaseDb};
+pub use leases::{Lease, LeaseDb, read_lease_file};
 pub use server::DhcpServer;
 
 /// A network's DHCP pool and the options announced with it.

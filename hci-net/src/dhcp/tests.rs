@@ -84,6 +84,47 @@ fn lease(db: &mut LeaseDb, mac: [u8; 6], now: u64) -> Ipv4Addr {
     ip
 }
 
+/// REQUEST for `ip` carrying `hostname`; returns the bound lease.
+fn bind_with_hostname(db: &mut LeaseDb, mac: [u8; 6], ip: Ipv4Addr, hostname: &str) -> Lease {
+    let req = request(
+        MessageType::Request,
+        mac,
+        &[
+            DhcpOption::RequestedIpAddress(ip),
+            DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 7, 0, 1)),
+            DhcpOption::Hostname(hostname.to_string()),
+        ],
+        Ipv4Addr::UNSPECIFIED,
+    );
+    let ack = handle_packet(db, &req, NOW).expect("ack");
+    assert_eq!(ack.kind, MessageType::Ack);
+    db.lease(mac).expect("lease").clone()
+}
+
+#[test]
+fn leases_record_plausible_host_names_and_persist_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("leases.json");
+    let mut db = LeaseDb::open(settings(), Some(path.clone())).expect("db");
+    let (a, b) = ([2, 0, 0, 0, 1, 1], [2, 0, 0, 0, 1, 2]);
+    let la = bind_with_hostname(&mut db, a, Ipv4Addr::new(10, 7, 0, 101), "vm-a");
+    assert_eq!(la.hostname.as_deref(), Some("vm-a"));
+    // Spaces, control characters and overlong names are not recorded.
+    let lb = bind_with_hostname(&mut db, b, Ipv4Addr::new(10, 7, 0, 102), "bad name\n");
+    assert_eq!(lb.hostname, None);
+    let on_disk = read_lease_file(&path).expect("read");
+    assert!(
+        on_disk.contains(&la) && on_disk.contains(&lb),
+        "{on_disk:?}"
+    );
+    drop(db);
+    let db = LeaseDb::open(settings(), Some(path)).expect("reopen");
+    assert_eq!(
+        db.lease(a).and_then(|l| l.hostname.clone()).as_deref(),
+        Some("vm-a")
+    );
+}
+
 #[test]
 fn full_exchange_carries_the_options() {
     let mut db = LeaseDb::open(settings(), None).expect("db");
