@@ -299,3 +299,72 @@ async fn cancelled_backup_leaves_target_consistent() {
         .expect("gc");
     assert_restores(&r.repo, &v, &b2.id, "d", "s2").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_skips_overlapping_runs_and_chains_incrementals() {
+    use hci_backup::{BackupSchedule, RetentionPolicy, RunOutcome, Scheduler};
+    let r = repo(None).await;
+    let v = vols();
+    let dev = make_volume(&v, "d", 4 << 20).await;
+    let sched = BackupSchedule::new(
+        "nightly",
+        "0 2 * * *",
+        "d",
+        RetentionPolicy {
+            keep_last: 2,
+            ..Default::default()
+        },
+    )
+    .expect("schedule");
+    let s = Scheduler::new(sched, Arc::new(r.repo.clone()), v.backend.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let t0 = chrono::Utc::now();
+    // The second trigger comes while the first run is still going: skipped.
+    s.trigger(t0, tx.clone());
+    s.trigger(t0 + chrono::Duration::seconds(1), tx.clone());
+    let mut outcomes = vec![
+        rx.recv().await.expect("outcome"),
+        rx.recv().await.expect("outcome"),
+    ];
+    outcomes.sort_by_key(|o| matches!(o, RunOutcome::Completed { .. }));
+    assert!(
+        matches!(outcomes[0], RunOutcome::Skipped { .. }),
+        "{outcomes:?}"
+    );
+    let RunOutcome::Completed { backup: first, .. } = &outcomes[1] else {
+        panic!("first run: {outcomes:?}");
+    };
+    assert!(first.base.is_none());
+    let mut ids = vec![first.id.clone()];
+    for i in 2..=3i64 {
+        scatter(&dev, 10, i as u64).await;
+        s.trigger(t0 + chrono::Duration::days(i), tx.clone());
+        match rx.recv().await.expect("outcome") {
+            RunOutcome::Completed { backup, .. } => {
+                assert_eq!(backup.base.as_deref(), ids.last().map(String::as_str));
+                ids.push(backup.id);
+            }
+            other => panic!("run {i}: {other:?}"),
+        }
+    }
+    // Retention kept the last two; only the newest run's snapshot remains.
+    let listed: Vec<String> = r
+        .repo
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(listed, ids[1..].to_vec());
+    let snaps = v.backend.list_snapshots("d").await.expect("snapshots");
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    let last = r
+        .repo
+        .list()
+        .await
+        .expect("list")
+        .pop()
+        .expect("one backup");
+    assert_restores(&r.repo, &v, &last.id, "d", &last.snapshot).await;
+}
