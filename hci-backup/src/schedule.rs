@@ -161,10 +161,10 @@ impl Scheduler {
                 None,
             )
             .await?;
-        if let Some((_, old_snap)) = last.replace((backup.id.clone(), snap)) {
-            if let Err(e) = self.volumes.delete_snapshot(&s.volume, &old_snap).await {
-                warn!(snapshot = %old_snap, error = %e, "could not delete the previous run's snapshot");
-            }
+        if let Some((_, old_snap)) = last.replace((backup.id.clone(), snap))
+            && let Err(e) = self.volumes.delete_snapshot(&s.volume, &old_snap).await
+        {
+            warn!(snapshot = %old_snap, error = %e, "could not delete the previous run's snapshot");
         }
         drop(last);
         let pruned = if s.retention.is_empty() {
