@@ -108,8 +108,9 @@ async fn delete_and_gc_keep_remaining_backups_restorable() {
     let dev = make_volume(&v, "d", SIZE).await;
     v.backend.snapshot("d", "s1").await.expect("snapshot");
     let b1 = backup(&r.repo, &v, "d", "s1", None).await;
-    // Rewrite most of the volume so b1's packs become garbage once it is gone.
-    dev.write_at(&random((SIZE / 2) as usize, 99), 0, Default::default())
+    // Rewrite the whole volume so b1's packs become garbage once it is gone
+    // (packs are reclaimed whole; there is no repacking yet).
+    dev.write_at(&random(SIZE as usize, 99), 0, Default::default())
         .await
         .expect("rewrite");
     scatter(&dev, 50, 5).await;
