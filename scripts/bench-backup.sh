@@ -78,7 +78,7 @@ rm -rf "$W/restic" "$W/r-out"
 # --- borg (fixed 4 MiB chunks)
 export BORG_PASSPHRASE=bench BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
 rm -rf "$W/borg" "$W/b-out"; mkdir -p "$W/b-out"
-borg init -q -e repokey "$W/borg"
+borg init -e repokey "$W/borg" >/dev/null 2>&1
 cp --sparse=always "$W/img" "$W/r-src/disk.img"; sync
 b_full=$(t borg create --chunker-params fixed,4194304 "$W/borg::a1" "$W/r-src")
 cp --sparse=always "$W/img2" "$W/r-src/disk.img"; sync
