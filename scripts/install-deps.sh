@@ -35,3 +35,8 @@ fi
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
+
+# hci-backup's S3 tests: an S3-compatible server on 127.0.0.1 (s3s-fs or moto).
+if ! command -v s3s-fs >/dev/null 2>&1 && ! command -v moto_server >/dev/null 2>&1; then
+  python3 -m pip install --quiet 'moto[server]'
+fi
