@@ -290,6 +290,7 @@ pub async fn serve_tcp(
     if security.token.trim().is_empty() {
         return Err(ServeError::Insecure("the token is empty".into()));
     }
+    install_crypto_provider();
     let identity = tonic::transport::Identity::from_pem(&security.cert_pem, &security.key_pem);
     let tls = tonic::transport::ServerTlsConfig::new().identity(identity);
     let router = build(api, Some(tls), AuthLayer::bearer(security.token.trim())).await?;
@@ -303,4 +304,12 @@ pub async fn serve_tcp(
         )
         .await
         .map_err(ServeError::Transport)
+}
+
+/// Selects rustls' ring provider for the process. Several crates in the
+/// tree enable rustls with different providers (ring through tonic and ureq,
+/// aws-lc-rs through object_store), and rustls then refuses to guess.
+pub fn install_crypto_provider() {
+    // Already installed (by us or the embedding program) is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -251,6 +251,7 @@ impl Client {
             ));
         }
         if let Some(rest) = server.strip_prefix("https://") {
+            crate::api::install_crypto_provider();
             if auth.is_none() {
                 return Err(unreachable("https needs a token: pass --token-file".into()));
             }
