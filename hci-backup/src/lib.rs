@@ -10,7 +10,7 @@
 //! - [`repo`]: the [`Repository`], a content-addressed piece store in packs
 //!   implementing [`BackupEngine`](hci_core::backup::BackupEngine), with
 //!   garbage collection and pruning.
-//! - [`format`]: the on-target object formats and their (panic-free) parsers.
+//! - [`format`](mod@format): the on-target object formats and their (panic-free) parsers.
 //! - [`retention`]: keep-last/daily/weekly/monthly as a pure function.
 //! - [`schedule`]: cron-scheduled snapshot + incremental backup + prune runs
 //!   that skip (and report) a run overlapping the previous one.

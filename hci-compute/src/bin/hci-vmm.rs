@@ -47,11 +47,12 @@ struct Args {
     /// Guest memory (K, M, G suffixes; e.g. 256M, 2G).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     memory: u64,
-    /// A disk: path=VOLUME_DIR (an hci-storage local volume) or
-    /// file=IMAGE (a raw image), then ,readonly and ,name=NAME. Repeatable.
+    /// A disk: `path=VOLUME_DIR` (an hci-storage local volume) or
+    /// `file=IMAGE` (a raw image), then `,readonly` and `,name=NAME`.
+    /// Repeatable.
     #[arg(long, value_name = "path=DIR|file=IMAGE[,readonly][,name=N]")]
     disk: Vec<String>,
-    /// A NIC: tap=NAME[,mac=MAC][,name=N]. Repeatable.
+    /// A NIC: `tap=NAME[,mac=MAC][,name=N]`. Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     net: Vec<String>,
     /// No virtio-rng entropy device.
