@@ -20,7 +20,7 @@ use hci_core::{Error, Result};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::{Reconcile, Runtime, set_status};
+use super::{Reconcile, Runtime, join_err, set_status};
 
 /// The snapshot holding an imported image's content.
 pub const BASE_SNAPSHOT: &str = "hci.base";
@@ -48,14 +48,6 @@ fn source(url: &str) -> Result<Source> {
             "spec.url",
             format!("{url:?} is neither an http(s) URL nor an absolute file path"),
         ))
-    }
-}
-
-fn blocking_err(e: tokio::task::JoinError) -> Error {
-    Error::Backend {
-        backend: "image",
-        message: e.to_string(),
-        source: None,
     }
 }
 
@@ -179,7 +171,7 @@ impl ImageController {
                     self.progress(&name, ImagePhase::Importing, pct, String::new())
                         .await?;
                 }
-                fetch.await.map_err(blocking_err)??;
+                fetch.await.map_err(join_err("image"))??;
                 (dest, true)
             }
         };
@@ -193,7 +185,7 @@ impl ImageController {
             hci_storage::local::import_image(&src, &dir, None).map(|r| r.size())
         })
         .await
-        .map_err(blocking_err)?;
+        .map_err(join_err("image"))?;
         if temporary {
             let _ = tokio::fs::remove_file(&file).await;
         }

@@ -317,6 +317,18 @@ impl Controllers {
     }
 }
 
+/// Turns a failed blocking task (a panic or a cancelled runtime) of
+/// `backend` into an error.
+pub(crate) fn join_err(
+    backend: &'static str,
+) -> impl Fn(tokio::task::JoinError) -> hci_core::Error {
+    move |e| hci_core::Error::Backend {
+        backend,
+        message: e.to_string(),
+        source: None,
+    }
+}
+
 /// Applies `change` to the resource named `name` and stores it, unless
 /// that changes nothing (so controllers do not wake themselves up forever).
 pub(crate) async fn set_status<R>(

@@ -42,7 +42,7 @@ use hci_core::{Error, Result};
 use uuid::Uuid;
 
 use super::volume::encryption_key;
-use super::{Kick, Reconcile, Runtime, set_status};
+use super::{Kick, Reconcile, Runtime, join_err, set_status};
 use crate::api::{ConsoleIo, ConsoleProvider, REQUESTED_ACTION, REQUESTED_AT};
 
 /// A VM that ran at least this long before stopping restarts at once.
@@ -273,11 +273,7 @@ impl VmController {
         let dir = self.rt.guests_dir.clone();
         tokio::task::spawn_blocking(move || test_guests::build(guest, &dir))
             .await
-            .map_err(|e| Error::Backend {
-                backend: "kvm",
-                message: e.to_string(),
-                source: None,
-            })?
+            .map_err(join_err("kvm"))?
             .map_err(|e| Error::io(format!("build test guest {}", guest.name()), e))
     }
 

@@ -17,7 +17,7 @@ use hci_core::model::{
 use hci_core::volume::{CreateVolume, EncryptionKey, VolumeBackend, VolumeInfo};
 use hci_core::{Error, Result};
 
-use super::{Reconcile, Runtime, set_status};
+use super::{Reconcile, Runtime, join_err, set_status};
 
 /// Prefix of the snapshots the controller takes for its own use (clones of
 /// a volume's current content). DNS-1123 labels have no dots, so these never
@@ -96,11 +96,7 @@ impl VolumeController {
                         .map(|_| ())
                 })
                 .await
-                .map_err(|e| Error::Backend {
-                    backend: "local",
-                    message: e.to_string(),
-                    source: None,
-                })??;
+                .map_err(join_err("local"))??;
                 pool.info(name).await
             }
             VolumeSource::Backup { name: backup } => Err(Error::invalid(
