@@ -98,12 +98,17 @@ void guest_main(const struct hvm_start_info *si) {
     }
     puts("virtio-blk OK\n");
     /* stay=1: keep running (for demos and controller tests) instead of
-     * resetting; prints a '.' now and then so progress is visible. */
+     * resetting; prints a '.' now and then so progress is visible, and
+     * resets when Ctrl-Alt-Del arrives (a graceful shutdown request). */
     if (cmdline_u64(si, "stay", 0)) {
         puts("staying up\n");
-        for (;;) {
-            for (volatile u64 i = 0; i < 200000000; i++) __asm__ volatile("pause");
-            putc('.');
+        for (u64 n = 1;; n++) {
+            for (volatile u64 i = 0; i < 1000000; i++) __asm__ volatile("pause");
+            if (kbd_ctrl_alt_del()) {
+                puts("ctrl-alt-del: shutting down\n");
+                return;
+            }
+            if (n % 200 == 0) putc('.');
         }
     }
 }

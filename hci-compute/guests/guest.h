@@ -46,6 +46,8 @@ void puts(const char *s);
 void put_hex(u64 v);
 void put_dec(u64 v);
 void guest_reset(void) __attribute__((noreturn));
+/* Polls the i8042 keyboard: 1 once Ctrl-Alt-Del was pressed. */
+int kbd_ctrl_alt_del(void);
 /* Start of the value of `key=` on the kernel command line, or 0. */
 const char *cmdline_str(const struct hvm_start_info *si, const char *key);
 /* Value of `key=` on the kernel command line, or `dflt`. */

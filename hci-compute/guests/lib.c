@@ -36,6 +36,25 @@ void guest_reset(void) {
     }
 }
 
+/* Reads what the i8042 holds without waiting; 1 once Ctrl, Alt and Delete
+ * were pressed (scan-code set 2 as sent untranslated: 14 11 e0 71; set 1:
+ * 1d 38 e0 53). */
+int kbd_ctrl_alt_del(void) {
+    static const u8 set2[4] = {0x14, 0x11, 0xe0, 0x71};
+    static const u8 set1[4] = {0x1d, 0x38, 0xe0, 0x53};
+    static int at2, at1;
+    while (inb(0x64) & 1) {
+        u8 b = inb(0x60);
+        at2 = b == set2[at2] ? at2 + 1 : (b == set2[0]);
+        at1 = b == set1[at1] ? at1 + 1 : (b == set1[0]);
+        if (at2 == 4 || at1 == 4) {
+            at2 = at1 = 0;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 const char *cmdline_str(const struct hvm_start_info *si, const char *key) {
     if (!si || !si->cmdline_paddr) return 0;
     const char *start = (const char *)si->cmdline_paddr;

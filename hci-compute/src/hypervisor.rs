@@ -18,9 +18,10 @@
 //! [`BlockDevice`](hci_core::block::BlockDevice), non-virtio disk buses and
 //! NIC models, multi-queue TAP descriptors, and cloud-init seeds.
 //!
-//! Graceful shutdown: the VMM has no ACPI and no i8042 keyboard path yet, so
-//! [`VmHandle::shutdown`] cannot ask the guest to power off; it waits up to the
-//! timeout for the guest to stop by itself (reset, power-off) and kills it after.
+//! Graceful shutdown: [`VmHandle::shutdown`] presses Ctrl-Alt-Del on the
+//! guest's i8042 keyboard (as Firecracker does; there is no ACPI), waits up
+//! to the timeout for the guest to stop (a Linux guest reboots, which ends
+//! the VM with [`ExitReason::Reset`]) and kills it after.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -310,7 +311,14 @@ impl VmHandle for KvmVm {
     }
 
     async fn shutdown(&self, timeout: Duration) -> Result<ExitReason> {
-        // No ACPI or keyboard path to ask the guest: give it `timeout` to stop by itself.
+        // Ask through the keyboard (a paused or stopped VM cannot be asked;
+        // a full keyboard buffer means the guest is not listening), then
+        // give the guest `timeout` to stop.
+        if self.vm.state() == VmState::Running
+            && let Err(e) = self.vm.send_ctrl_alt_del()
+        {
+            tracing::info!(vm = %self.vm.name(), error = %e, "cannot ask the guest to shut down");
+        }
         if let Ok(reason) = tokio::time::timeout(timeout, self.wait()).await {
             return reason;
         }

@@ -20,7 +20,10 @@
 //!   or `virtio-rng FAIL: …`, and resets;
 //! - `chaos`: a hostile driver scribbling over the registers and rings of the
 //!   first virtio device of type `device=` (2) (`seed=`, `iters=`), then
-//!   prints `chaos survived` and resets.
+//!   prints `chaos survived` and resets;
+//! - `kbd`: runs the i8042 self-test, prints `kbd self-test 0x…55 ctr 0x…`
+//!   and `kbd ready`, waits for Ctrl-Alt-Del on its keyboard (a graceful
+//!   shutdown request), prints `ctrl-alt-del` and resets.
 //!
 //! The same ELF boots in QEMU (`-kernel guest.elf`), which the benchmarks use.
 
@@ -43,6 +46,7 @@ const CHAOS_C: &str = include_str!("../guests/chaos.c");
 const NET_C: &str = include_str!("../guests/net.c");
 const RNG_C: &str = include_str!("../guests/rng.c");
 const DIRTY_C: &str = include_str!("../guests/dirty.c");
+const KBD_C: &str = include_str!("../guests/kbd.c");
 
 /// gcc flags: freestanding, static, no SSE (CR4.OSFXSR stays off), no red zone.
 const CFLAGS: &[&str] = &[
@@ -83,11 +87,13 @@ pub enum Guest {
     Rng,
     /// Writes memory pages nonstop and prints a running counter.
     Dirty,
+    /// Tests the i8042 and waits for Ctrl-Alt-Del.
+    Kbd,
 }
 
 impl Guest {
     /// Every guest.
-    pub const ALL: [Guest; 7] = [
+    pub const ALL: [Guest; 8] = [
         Guest::Hello,
         Guest::Spin,
         Guest::Blk,
@@ -95,6 +101,7 @@ impl Guest {
         Guest::Net,
         Guest::Rng,
         Guest::Dirty,
+        Guest::Kbd,
     ];
 
     /// Short name (also the ELF file stem).
@@ -107,6 +114,7 @@ impl Guest {
             Guest::Net => "net",
             Guest::Rng => "rng",
             Guest::Dirty => "dirty",
+            Guest::Kbd => "kbd",
         }
     }
 
@@ -132,6 +140,7 @@ impl Guest {
                 v.push(("rng.c", RNG_C));
             }
             Guest::Dirty => v.push(("dirty.c", DIRTY_C)),
+            Guest::Kbd => v.push(("kbd.c", KBD_C)),
         }
         v
     }

@@ -18,7 +18,7 @@ use tracing::{info, info_span, warn};
 
 use crate::boot::{self, KernelConfig, mptable::MAX_CPUS};
 use crate::console::ConsoleHub;
-use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN, ResetTrigger};
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN, KBD_IRQ, KeyboardBusy, ResetTrigger};
 use crate::devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, SerialDevice};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockCounters, Executor};
@@ -101,6 +101,7 @@ struct Inner {
     nics: Vec<(String, Arc<NetCounters>)>,
     entropy: Option<Arc<RngCounters>>,
     console: Arc<ConsoleHub>,
+    i8042: Arc<Mutex<I8042>>,
     state: watch::Sender<VmState>,
     lifecycle: Mutex<()>,
     exit: Mutex<Option<ExitReason>>,
@@ -189,12 +190,10 @@ impl Vm {
         let reset = ResetTrigger(Arc::new(move || {
             let _ = tx.send(VmEvent::GuestExit(ExitReason::Reset));
         }));
-        pio.insert(
-            "i8042",
-            I8042_BASE,
-            I8042_LEN,
-            Arc::new(Mutex::new(I8042::new(reset))),
-        )?;
+        let kbd_irq = eventfd()?;
+        kvm_vm.register_irqfd(&kbd_irq, KBD_IRQ)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(reset, Some(IrqLine(kbd_irq)))));
+        pio.insert("i8042", I8042_BASE, I8042_LEN, i8042.clone())?;
 
         let mut virtio = VirtioSlots {
             kvm: &kvm_vm,
@@ -272,6 +271,7 @@ impl Vm {
                 nics,
                 entropy,
                 console,
+                i8042,
                 state,
                 lifecycle: Mutex::new(()),
                 exit: Mutex::new(None),
@@ -448,6 +448,28 @@ impl Vm {
         }
         inner.state.send_replace(VmState::Running);
         info!(vm = %inner.name, "VM resumed");
+        Ok(())
+    }
+
+    /// Asks the guest to shut down by pressing Ctrl-Alt-Del on its
+    /// keyboard (Linux reboots, which ends the VM with
+    /// [`ExitReason::Reset`]). Only a running VM can be asked; the guest may
+    /// ignore it.
+    pub fn send_ctrl_alt_del(&self) -> Result<()> {
+        let state = self.state();
+        if state != VmState::Running {
+            return Err(VmmError::BadState {
+                op: "shut down",
+                state: state_name(&state),
+            });
+        }
+        let mut kbd = self.inner.i8042.lock().unwrap_or_else(|p| p.into_inner());
+        kbd.ctrl_alt_del()
+            .map_err(|KeyboardBusy| VmmError::Device {
+                device: "i8042".into(),
+                reason: KeyboardBusy.to_string(),
+            })?;
+        info!(vm = %self.inner.name, "Ctrl-Alt-Del sent");
         Ok(())
     }
 

@@ -115,6 +115,38 @@ fn a_volume_disk_is_written_by_the_guest_and_read_back_on_the_host() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_reaches_a_guest_in_its_own_process() {
+    require_kvm();
+    let cfg = unique(config("kbd-proc", guest(Guest::Kbd), 1, ""));
+    let run_dir = cfg.run_dir.clone();
+    let hv = ProcessHypervisor::with_vmm(VMM);
+    let vm = hv.create(cfg).await.expect("create");
+    vm.start().await.expect("start");
+    let log = run_dir.join("console.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("kbd ready")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest never got ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reason = vm
+        .shutdown(Duration::from_secs(20))
+        .await
+        .expect("shutdown");
+    assert_eq!(reason, ExitReason::Reset);
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .ends_with("ctrl-alt-del\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_outlive_their_hypervisor_and_are_adopted() {
     require_kvm();
     let cfg = unique(config("adopt", guest(Guest::Spin), 1, "every=1000000"));

@@ -124,6 +124,29 @@ async fn shutdown_kills_a_guest_that_does_not_stop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_presses_ctrl_alt_del_and_a_listening_guest_stops() {
+    let vm = create(config("kbd", guest(Guest::Kbd), 1, "")).await;
+    assert!(
+        vm.vm().send_ctrl_alt_del().is_err(),
+        "a VM that never started cannot be asked"
+    );
+    vm.start().await.unwrap();
+    wait_console(&vm, "kbd ready\n");
+    let reason = timeout(WAIT, vm.shutdown(Duration::from_secs(20)))
+        .await
+        .expect("shutdown returns")
+        .unwrap();
+    assert_eq!(reason, ExitReason::Reset, "the guest reset by itself");
+    let out = String::from_utf8_lossy(&vm.console_hub().history()).into_owned();
+    // The controller's self-test answered 0x55; the command byte has the
+    // keyboard interrupt and system flag set.
+    assert_eq!(
+        out,
+        "kbd self-test 0x0000000000000055 ctr 0x0000000000000005\nkbd ready\nctrl-alt-del\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blk_guest_round_trips_through_a_mem_block_device() {
     let dev = Arc::new(MemBlockDevice::new(1 << 20));
     let mut cfg = config("blk", guest(Guest::Blk), 1, "sector=24");
