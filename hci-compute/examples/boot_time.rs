@@ -90,6 +90,7 @@ fn run(t0: Instant, mut args: &[String]) -> anyhow::Result<()> {
         disks,
         nics: vec![],
         entropy: false,
+        memory_backing: Default::default(),
         // Unbuffered writes to our stdout, byte by byte as the guest sends them.
         console_log: Some("/dev/stdout".into()),
     };

@@ -26,6 +26,7 @@ fn main() -> anyhow::Result<()> {
         disks: vec![],
         nics: vec![],
         entropy: false,
+        memory_backing: Default::default(),
         console_log: None,
     };
     let vm = Vm::new(spec, Executor::Private)?;

@@ -41,7 +41,7 @@ use hci_core::{Error, Result};
 use crate::console::ConsoleHub;
 use crate::devices::virtio::block::Executor;
 use crate::devices::virtio::net::TapSource;
-use crate::memory;
+use crate::memory::{self, MemoryBacking};
 use crate::sys;
 use crate::vm::{DiskSpec, NicSpec, Vm, VmSpec};
 
@@ -49,6 +49,7 @@ use crate::vm::{DiskSpec, NicSpec, Vm, VmSpec};
 #[derive(Debug, Clone)]
 pub struct KvmHypervisor {
     entropy: bool,
+    memory_backing: MemoryBacking,
     /// TAP queue descriptors handed over by interface name.
     taps: Arc<Mutex<HashMap<String, Vec<Arc<OwnedFd>>>>>,
 }
@@ -64,8 +65,16 @@ impl KvmHypervisor {
     pub fn new() -> Self {
         KvmHypervisor {
             entropy: true,
+            memory_backing: MemoryBacking::Anonymous,
             taps: Arc::default(),
         }
+    }
+
+    /// What backs the guest RAM of VMs this creates (anonymous memory by
+    /// default; see [`MemoryBacking`] for memfd, huge pages and files).
+    pub fn with_memory_backing(mut self, backing: MemoryBacking) -> Self {
+        self.memory_backing = backing;
+        self
     }
 
     /// Whether VMs get a virtio-rng entropy device (on by default).
@@ -95,6 +104,7 @@ impl KvmHypervisor {
     pub fn spec(&self, config: VmConfig) -> Result<VmSpec> {
         let mut spec = spec_from_config(config)?;
         spec.entropy = self.entropy;
+        spec.memory_backing = self.memory_backing.clone();
         let taps = self.lock_taps();
         for nic in &mut spec.nics {
             let TapSource::Name(ifname) = &nic.tap else {
@@ -241,6 +251,7 @@ pub fn spec_from_config(config: VmConfig) -> Result<VmSpec> {
         disks,
         nics,
         entropy: true,
+        memory_backing: MemoryBacking::Anonymous,
         console_log,
     })
 }

@@ -83,5 +83,6 @@ pub mod vmm_api;
 
 pub use error::{Result, VmmError};
 pub use hypervisor::{KvmHypervisor, KvmVm};
+pub use memory::MemoryBacking;
 pub use process::ProcessHypervisor;
 pub use vm::{DiskSpec, NicSpec, Vm, VmSpec};

@@ -10,9 +10,11 @@
 //! (so one memory slot covers low memory) but reported as reserved in e820.
 //! Virtio-mmio devices live in the hole from [`VIRTIO_MMIO_BASE`].
 
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{Result, VmmError};
 
@@ -86,20 +88,112 @@ pub fn ram_ranges(size: u64) -> Result<Vec<(u64, u64)>> {
     Ok(v)
 }
 
+/// Size of the huge pages guest memory uses when asked to (x86_64's 2 MiB).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// What backs guest RAM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// Private anonymous memory, faulted in as the guest touches it.
+    #[default]
+    Anonymous,
+    /// A memfd mapped shared (a descriptor another process — a snapshot
+    /// writer, a migration helper, a vhost-user backend — can map too). With
+    /// `hugepages`, 2 MiB pages from the host's hugetlb pool, all reserved
+    /// at start (a VM never dies of an empty pool later): the size must be a
+    /// multiple of 2 MiB and the pool must hold enough free pages
+    /// (`/proc/sys/vm/nr_hugepages`).
+    Memfd {
+        /// Back the memfd with 2 MiB huge pages.
+        hugepages: bool,
+    },
+    /// A file, created or resized to the memory size and mapped shared
+    /// (e.g. in `/dev/shm`, or on a hugetlbfs mount for huge pages).
+    File(PathBuf),
+}
+
 /// Allocates anonymous guest memory of `size` bytes laid out by [`ram_ranges`].
 pub fn create_guest_memory(size: u64) -> Result<Arc<GuestMemory>> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)?
-        .into_iter()
-        .map(|(start, len)| {
-            usize::try_from(len)
-                .map(|len| (GuestAddress(start), len))
-                .map_err(|_| {
-                    VmmError::invalid("memory size", "does not fit the host address space")
-                })
-        })
-        .collect::<Result<_>>()?;
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory(e.to_string()))?;
+    create_guest_memory_backed(size, &MemoryBacking::Anonymous)
+}
+
+/// Allocates `size` bytes of guest memory laid out by [`ram_ranges`] from `backing`.
+pub fn create_guest_memory_backed(size: u64, backing: &MemoryBacking) -> Result<Arc<GuestMemory>> {
+    let ranges = ram_ranges(size)?;
+    let file = match backing {
+        MemoryBacking::Anonymous => None,
+        MemoryBacking::Memfd { hugepages } => {
+            if *hugepages && !size.is_multiple_of(HUGE_PAGE_SIZE) {
+                return Err(VmmError::invalid(
+                    "memory size",
+                    format!("{size} bytes is not a multiple of the 2 MiB huge page size"),
+                ));
+            }
+            let file = crate::sys::memfd("hci-guest-ram", *hugepages)
+                .map_err(|e| VmmError::io("create a memfd for guest memory", e))?;
+            file.set_len(size)
+                .map_err(|e| VmmError::io("size the guest memory memfd", e))?;
+            if *hugepages {
+                // Take every huge page now: a shared hugetlb mapping is
+                // mapped without reservation, so a page missing later
+                // would be a SIGBUS in the middle of a guest's run.
+                crate::sys::fallocate(&file, size).map_err(|e| {
+                    VmmError::Memory(format!(
+                        "cannot reserve {} huge pages of 2 MiB for guest memory ({e}); \
+                         free huge pages: {} (raise /proc/sys/vm/nr_hugepages)",
+                        size / HUGE_PAGE_SIZE,
+                        free_huge_pages().map_or_else(|| "unknown".into(), |n| n.to_string())
+                    ))
+                })?;
+            }
+            Some(file)
+        }
+        MemoryBacking::File(path) => {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| {
+                    VmmError::Memory(format!(
+                        "cannot open guest memory file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            file.set_len(size).map_err(|e| {
+                VmmError::Memory(format!(
+                    "cannot size guest memory file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            Some(file)
+        }
+    };
+    let file: Option<Arc<File>> = file.map(Arc::new);
+    let mut offset = 0u64;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (start, len) in ranges {
+        let ulen = usize::try_from(len)
+            .map_err(|_| VmmError::invalid("memory size", "does not fit the host address space"))?;
+        let fo = file
+            .as_ref()
+            .map(|f| FileOffset::from_arc(Arc::clone(f), offset));
+        offset += len;
+        regions.push((GuestAddress(start), ulen, fo));
+    }
+    let mem = GuestMemoryMmap::from_ranges_with_files(&regions)
+        .map_err(|e| VmmError::Memory(e.to_string()))?;
     Ok(Arc::new(mem))
+}
+
+/// Free 2 MiB huge pages in the host's pool.
+pub fn free_huge_pages() -> Option<u64> {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// End (exclusive) of RAM below the MMIO hole.
@@ -168,6 +262,39 @@ mod tests {
                 (MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START)
             ]
         );
+    }
+
+    #[test]
+    fn memfd_and_file_backings_share_their_pages() {
+        use vm_memory::Bytes;
+        let mem = create_guest_memory_backed(16 << 20, &MemoryBacking::Memfd { hugepages: false })
+            .unwrap();
+        mem.write_obj(0xabcd_u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xabcd);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let mem = create_guest_memory_backed(8 << 20, &MemoryBacking::File(path.clone())).unwrap();
+        mem.write_obj(0x5a5a_u16, GuestAddress(0x2000)).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 8 << 20);
+        assert_eq!(
+            &bytes[0x2000..0x2002],
+            &[0x5a, 0x5a],
+            "the file holds guest RAM"
+        );
+    }
+
+    #[test]
+    fn huge_pages_need_whole_pages_and_a_pool() {
+        let e = create_guest_memory_backed(5 << 20, &MemoryBacking::Memfd { hugepages: true })
+            .unwrap_err();
+        assert!(e.to_string().contains("2 MiB"), "{e}");
+        if free_huge_pages() == Some(0) {
+            let e = create_guest_memory_backed(8 << 20, &MemoryBacking::Memfd { hugepages: true })
+                .unwrap_err();
+            assert!(e.to_string().contains("nr_hugepages"), "{e}");
+        }
     }
 
     #[test]

@@ -3,13 +3,44 @@
 
 pub mod tap;
 
-use std::fs;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::Duration;
 
 /// The calling thread's kernel thread ID.
 pub fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions and cannot fail.
     unsafe { libc::gettid() }
+}
+
+/// A new memfd named `name` (close-on-exec), backed by 2 MiB huge pages
+/// when `hugepages` is set.
+pub fn memfd(name: &str, hugepages: bool) -> io::Result<File> {
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    let mut flags = libc::MFD_CLOEXEC;
+    if hugepages {
+        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    }
+    // SAFETY: `name` is a valid NUL-terminated string for the call; the
+    // flags are valid memfd_create flags.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Allocates the first `len` bytes of `file` (fallocate mode 0).
+pub fn fallocate(file: &File, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(io::Error::other)?;
+    // SAFETY: fallocate on a descriptor `file` owns; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// CPU time a thread of this process has used (`/proc/self/task/TID/schedstat`).

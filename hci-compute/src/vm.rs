@@ -28,7 +28,9 @@ use crate::devices::virtio::rng::{Rng, RngCounters};
 use crate::devices::{Bus, IrqLine};
 use crate::error::{Result, VmmError};
 use crate::kvm;
-use crate::memory::{self, GuestMemory, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::memory::{
+    self, GuestMemory, MemoryBacking, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
 use crate::vcpu::{self, ExitHandlers, VcpuThread, VmEvent, Want};
 
 /// How long vCPUs get to acknowledge a pause or stop.
@@ -81,6 +83,8 @@ pub struct VmSpec {
     pub nics: Vec<NicSpec>,
     /// Add a virtio-rng entropy device (the slot after the NICs).
     pub entropy: bool,
+    /// What backs guest RAM.
+    pub memory_backing: MemoryBacking,
     /// Also append console output to this file.
     pub console_log: Option<PathBuf>,
 }
@@ -155,7 +159,7 @@ impl Vm {
             ));
         }
         kvm::install_kick_handler()?;
-        let memory = memory::create_guest_memory(spec.memory)?;
+        let memory = memory::create_guest_memory_backed(spec.memory, &spec.memory_backing)?;
         let system = kvm::System::open()?;
         if spec.cpus as usize > system.max_vcpus() {
             return Err(VmmError::invalid(

@@ -57,6 +57,64 @@ fn the_command_line_runs_a_guest_and_exits_zero() {
 }
 
 #[test]
+fn guest_memory_can_be_a_memfd_a_file_or_huge_pages() {
+    require_kvm();
+    let k = guest(Guest::Hello).display().to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = format!("file={}", dir.path().join("ram").display());
+    for backing in ["memfd", file.as_str()] {
+        let out = vmm(&[
+            "--kernel",
+            &k,
+            "--memory",
+            "64M",
+            "--memory-backing",
+            backing,
+        ]);
+        assert!(
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains("hello from guest"),
+            "{backing}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(dir.path().join("ram"))
+            .expect("ram file")
+            .len(),
+        64 << 20
+    );
+
+    // Huge pages: reserve 32 (64 MiB) in the host pool when we may, run,
+    // and give them back.
+    let pool = "/proc/sys/vm/nr_hugepages";
+    let Some(before) = std::fs::read_to_string(pool)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        eprintln!("skipping the huge page run: {pool} is not readable");
+        return;
+    };
+    if hci_compute::memory::free_huge_pages().unwrap_or(0) < 32
+        && std::fs::write(pool, (before + 32).to_string()).is_err()
+    {
+        eprintln!("skipping the huge page run: cannot raise {pool} (not root?)");
+        return;
+    }
+    let out = vmm(&["--kernel", &k, "--memory", "64M", "--hugepages"]);
+    let _ = std::fs::write(pool, before.to_string());
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("cannot reserve") {
+        eprintln!("skipping the huge page run: the host could not supply them: {err}");
+        return;
+    }
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hello from guest"),
+        "hugepages: {err}"
+    );
+}
+
+#[test]
 fn bad_command_lines_fail_with_one_clear_line() {
     let kernel = guest(Guest::Hello);
     let k = kernel.display().to_string();
@@ -75,6 +133,14 @@ fn bad_command_lines_fail_with_one_clear_line() {
         (
             vec!["--kernel", &k, "--net", "mac=02:00:00:00:00:01"],
             "tap=NAME",
+        ),
+        (
+            vec!["--kernel", &k, "--memory-backing", "floppy"],
+            "anon, memfd or file=PATH",
+        ),
+        (
+            vec!["--kernel", &k, "--memory", "65M", "--hugepages"],
+            "2 MiB huge page",
         ),
     ] {
         let out = vmm(&args);

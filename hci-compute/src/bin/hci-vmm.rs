@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use hci_compute::KvmHypervisor;
 use hci_compute::vmm_api;
+use hci_compute::{KvmHypervisor, MemoryBacking};
 use hci_core::compute::{
     BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, NicConfig, NicModel, VmConfig,
     VmHandle,
@@ -47,6 +47,15 @@ struct Args {
     /// Guest memory (K, M, G suffixes; e.g. 256M, 2G).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     memory: u64,
+    /// What backs guest RAM: `anon` (private anonymous memory), `memfd`
+    /// (shared memfd) or `file=PATH` (a shared file, e.g. in /dev/shm or on
+    /// hugetlbfs).
+    #[arg(long, default_value = "anon", value_name = "anon|memfd|file=PATH")]
+    memory_backing: String,
+    /// Back guest RAM with 2 MiB huge pages (a memfd from the hugetlb pool,
+    /// all reserved at start; needs free pages in /proc/sys/vm/nr_hugepages).
+    #[arg(long)]
+    hugepages: bool,
     /// A disk: `path=VOLUME_DIR` (an hci-storage local volume) or
     /// `file=IMAGE` (a raw image), then `,readonly` and `,name=NAME`.
     /// Repeatable.
@@ -103,6 +112,23 @@ fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?}: the size must not be zero"));
     }
     Ok(bytes)
+}
+
+fn parse_backing(s: &str, hugepages: bool) -> Result<MemoryBacking, String> {
+    match (s, hugepages) {
+        ("anon", false) => Ok(MemoryBacking::Anonymous),
+        ("anon" | "memfd", true) => Ok(MemoryBacking::Memfd { hugepages: true }),
+        ("memfd", false) => Ok(MemoryBacking::Memfd { hugepages: false }),
+        (other, _) => match other.strip_prefix("file=") {
+            Some("") | None => Err(format!(
+                "--memory-backing {other:?}: use anon, memfd or file=PATH"
+            )),
+            Some(_) if hugepages => Err(
+                "--hugepages with --memory-backing file=PATH: put the file on a hugetlbfs mount instead".into(),
+            ),
+            Some(path) => Ok(MemoryBacking::File(PathBuf::from(path))),
+        },
+    }
 }
 
 /// Splits `a=b,c,d=e` into (key, value) pairs (`c` has an empty value).
@@ -253,7 +279,10 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         cloud_init_seed: None,
         run_dir: PathBuf::new(),
     };
-    let hv = KvmHypervisor::new().with_entropy(!args.no_rng);
+    let backing = parse_backing(&args.memory_backing, args.hugepages)?;
+    let hv = KvmHypervisor::new()
+        .with_entropy(!args.no_rng)
+        .with_memory_backing(backing);
     let vm: Arc<dyn VmHandle> = Arc::new(hv.create_vm(config).await.map_err(|e| e.to_string())?);
     pump_serial(vm.clone(), &args.serial).await?;
     if let Some(path) = &args.api_socket {
