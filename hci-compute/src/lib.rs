@@ -75,6 +75,7 @@ pub mod hypervisor;
 pub mod kvm;
 pub mod memory;
 pub mod process;
+pub mod seccomp;
 mod sys;
 pub mod test_guests;
 pub mod vcpu;

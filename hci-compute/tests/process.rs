@@ -200,6 +200,17 @@ async fn shutdown_reaches_a_guest_in_its_own_process() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The running VMM is under its seccomp filter (mode 2: filter).
+    let info = hci_compute::vmm_api::VmmClient::new(run_dir.join("api.sock"))
+        .call(&hci_compute::vmm_api::Request::Info)
+        .await
+        .expect("info");
+    let pid = info.pid.expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    assert!(
+        status.lines().any(|l| l == "Seccomp:\t2"),
+        "hci-vmm runs without its filter:\n{status}"
+    );
     let reason = vm
         .shutdown(Duration::from_secs(20))
         .await

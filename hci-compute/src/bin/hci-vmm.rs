@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use hci_compute::vmm_api;
 use hci_compute::{KvmHypervisor, MemoryBacking};
+use hci_compute::{seccomp, vmm_api};
 use hci_core::compute::{
     BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, NicConfig, NicModel, VmConfig,
     VmHandle,
@@ -79,6 +79,11 @@ struct Args {
     /// Wait for a `start` request on the API socket before booting.
     #[arg(long, requires = "api_socket")]
     wait_start: bool,
+    /// Seccomp filter: `trap` (refuse system calls a running VMM does not
+    /// make, naming the call on stderr), `log` (allow, kernel logs them) or
+    /// `off`.
+    #[arg(long, default_value = "trap", value_name = "trap|log|off")]
+    seccomp: seccomp::Mode,
     /// VM name (in logs and the API).
     #[arg(long, default_value = "vm")]
     name: String,
@@ -289,11 +294,14 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         let listener = vmm_api::bind(path).map_err(|e| e.to_string())?;
         tokio::spawn(vmm_api::serve(vm.clone(), listener));
     }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    // Everything that needs a new socket, an exec or a new device is done:
+    // from here on only what a running VMM does is allowed.
+    seccomp::install(args.seccomp).map_err(|e| e.to_string())?;
     if !args.wait_start {
         vm.start().await.map_err(|e| e.to_string())?;
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| e.to_string())?;
     let reason = tokio::select! {
         r = vm.wait() => r.map_err(|e| e.to_string())?,
         _ = term.recv() => {
