@@ -45,13 +45,48 @@ use crate::memory::{self, MemoryBacking};
 use crate::sys;
 use crate::vm::{DiskSpec, NicSpec, Vm, VmSpec};
 
+/// TAP queue descriptors handed over by interface name (e.g. from
+/// `NetworkBackend::attach_port`, whose backend keeps the TAP's single queue
+/// attached): a NIC whose `tap` names a registered TAP uses its descriptor
+/// instead of attaching by name. Clones share the registry.
+#[derive(Debug, Clone, Default)]
+pub struct TapRegistry(Arc<Mutex<HashMap<String, Vec<Arc<OwnedFd>>>>>);
+
+impl TapRegistry {
+    /// Registers `tap`'s descriptors under its name (replacing earlier ones).
+    pub fn register(&self, tap: &TapHandle) {
+        self.lock().insert(tap.ifname.clone(), tap.fds.clone());
+    }
+
+    /// Forgets TAP `ifname` (running VMs keep their descriptors).
+    pub fn unregister(&self, ifname: &str) {
+        self.lock().remove(ifname);
+    }
+
+    /// The single queue descriptor registered for `ifname` for NIC `nic`:
+    /// `None` when nothing is registered, an error for multi-queue TAPs.
+    pub fn queue(&self, ifname: &str, nic: &str) -> Result<Option<Arc<OwnedFd>>> {
+        match self.lock().get(ifname).map(Vec::as_slice) {
+            None | Some([]) => Ok(None),
+            Some([fd]) => Ok(Some(Arc::clone(fd))),
+            Some(fds) => Err(unsupported(&format!(
+                "{} TAP queue descriptors for NIC {nic} (one queue per NIC)",
+                fds.len(),
+            ))),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<OwnedFd>>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// hci's own KVM VMM as a [`Hypervisor`].
 #[derive(Debug, Clone)]
 pub struct KvmHypervisor {
     entropy: bool,
     memory_backing: MemoryBacking,
-    /// TAP queue descriptors handed over by interface name.
-    taps: Arc<Mutex<HashMap<String, Vec<Arc<OwnedFd>>>>>,
+    taps: TapRegistry,
 }
 
 impl Default for KvmHypervisor {
@@ -66,7 +101,7 @@ impl KvmHypervisor {
         KvmHypervisor {
             entropy: true,
             memory_backing: MemoryBacking::Anonymous,
-            taps: Arc::default(),
+            taps: TapRegistry::default(),
         }
     }
 
@@ -88,16 +123,17 @@ impl KvmHypervisor {
     /// uses them (duplicated) instead of attaching by name. Replaces an
     /// earlier registration of the same name; shared by clones of `self`.
     pub fn register_tap(&self, tap: &TapHandle) {
-        self.lock_taps().insert(tap.ifname.clone(), tap.fds.clone());
+        self.taps.register(tap);
     }
 
     /// Forgets the descriptors registered for TAP `ifname` (running VMs keep theirs).
     pub fn unregister_tap(&self, ifname: &str) {
-        self.lock_taps().remove(ifname);
+        self.taps.unregister(ifname);
     }
 
-    fn lock_taps(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<OwnedFd>>>> {
-        self.taps.lock().unwrap_or_else(|p| p.into_inner())
+    /// The TAP registry (shared with clones of `self`).
+    pub fn taps(&self) -> &TapRegistry {
+        &self.taps
     }
 
     /// Turns `config` into a [`VmSpec`] with this backend's settings and TAPs.
@@ -105,21 +141,12 @@ impl KvmHypervisor {
         let mut spec = spec_from_config(config)?;
         spec.entropy = self.entropy;
         spec.memory_backing = self.memory_backing.clone();
-        let taps = self.lock_taps();
         for nic in &mut spec.nics {
             let TapSource::Name(ifname) = &nic.tap else {
                 continue;
             };
-            match taps.get(ifname).map(Vec::as_slice) {
-                None => {}
-                Some([fd]) => nic.tap = TapSource::Fd(Arc::clone(fd)),
-                Some(fds) => {
-                    return Err(unsupported(&format!(
-                        "{} TAP queue descriptors for NIC {} (one queue per NIC)",
-                        fds.len(),
-                        nic.name
-                    )));
-                }
+            if let Some(fd) = self.taps.queue(ifname, &nic.name)? {
+                nic.tap = TapSource::Fd(fd);
             }
         }
         Ok(spec)
@@ -225,11 +252,17 @@ pub fn spec_from_config(config: VmConfig) -> Result<VmSpec> {
                 d.bus, d.name
             )));
         }
-        let DiskBackend::Device(device) = d.backend else {
-            return Err(unsupported(&format!(
-                "non-device disk backends (disk {})",
-                d.name
-            )));
+        let device = match d.backend {
+            DiskBackend::Device(device) => device,
+            DiskBackend::Volume { path, key_file } => {
+                open_volume(&path, key_file.as_deref(), d.read_only)?
+            }
+            _ => {
+                return Err(unsupported(&format!(
+                    "disk {}: NBD exports and raw files (give an opened device or a volume)",
+                    d.name
+                )));
+            }
         };
         disks.push(DiskSpec {
             name: d.name,
@@ -254,6 +287,40 @@ pub fn spec_from_config(config: VmConfig) -> Result<VmSpec> {
         memory_backing: MemoryBacking::Anonymous,
         console_log,
     })
+}
+
+/// Opens the local hci-storage volume at `path` (decrypting with the key in
+/// `key_file`) as a block device; the caller's process then owns it.
+pub fn open_volume(
+    path: &std::path::Path,
+    key_file: Option<&std::path::Path>,
+    read_only: bool,
+) -> Result<Arc<dyn hci_core::block::BlockDevice>> {
+    let key = match key_file {
+        Some(f) => Some(hci_core::volume::EncryptionKey::new(
+            std::fs::read(f).map_err(|e| {
+                Error::io(
+                    format!(
+                        "read the key file {} of volume {}",
+                        f.display(),
+                        path.display()
+                    ),
+                    e,
+                )
+            })?,
+        )),
+        None => None,
+    };
+    let replica = hci_storage::local::Replica::open(path, key.as_ref())?;
+    if replica.is_encrypted() && key.is_none() {
+        return Err(Error::invalid(
+            format!("volume {}", path.display()),
+            "is encrypted: give its key file",
+        ));
+    }
+    Ok(Arc::new(hci_storage::local::ReplicaDevice::new(
+        replica, read_only,
+    )))
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

@@ -83,7 +83,7 @@ pub mod vm;
 pub mod vmm_api;
 
 pub use error::{Result, VmmError};
-pub use hypervisor::{KvmHypervisor, KvmVm};
+pub use hypervisor::{KvmHypervisor, KvmVm, TapRegistry};
 pub use memory::MemoryBacking;
 pub use process::ProcessHypervisor;
 pub use vm::{DiskSpec, NicSpec, Vm, VmSpec};

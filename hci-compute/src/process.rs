@@ -7,9 +7,14 @@
 //! `vmm.log` (the process's stderr) and `console.log`.
 //!
 //! Only path-based disks can cross the process boundary:
-//! [`DiskBackend::File`] with a directory is an hci-storage local volume
-//! (opened by the VMM process, which then owns it), a regular file is a raw
+//! [`DiskBackend::Volume`] (or [`DiskBackend::File`] with a directory) is an
+//! hci-storage local volume, opened by the VMM process (which then owns it;
+//! an encrypted volume's key file is read there); a regular file is a raw
 //! disk image.
+//!
+//! NICs: a TAP registered with [`ProcessHypervisor::register_tap`] (its
+//! queue descriptor, e.g. from hci-net's `attach_port`) is inherited by the
+//! VMM process (`--net tap=NAME,fd=N`); others are attached by name there.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,7 +26,12 @@ use hci_core::compute::{
 };
 use hci_core::{Error, Result};
 
+pub use crate::sys::adopt_inherited_fd;
+
+use crate::hypervisor::TapRegistry;
 use crate::vmm_api::{RemoteVm, Request, VmmClient};
+use hci_core::net::TapHandle;
+use std::os::fd::{AsRawFd, RawFd};
 
 /// How long `create` waits for a new VMM process's socket.
 const STARTUP: Duration = Duration::from_secs(20);
@@ -30,6 +40,7 @@ const STARTUP: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone)]
 pub struct ProcessHypervisor {
     vmm: PathBuf,
+    taps: TapRegistry,
 }
 
 /// The `hci-vmm` next to the current executable, else the one on `PATH`.
@@ -58,12 +69,51 @@ impl Default for ProcessHypervisor {
 impl ProcessHypervisor {
     /// Uses the `hci-vmm` next to the current executable (or on `PATH`).
     pub fn new() -> Self {
-        ProcessHypervisor { vmm: default_vmm() }
+        ProcessHypervisor {
+            vmm: default_vmm(),
+            taps: TapRegistry::default(),
+        }
     }
 
     /// Uses the `hci-vmm` binary at `path`.
     pub fn with_vmm(path: impl Into<PathBuf>) -> Self {
-        ProcessHypervisor { vmm: path.into() }
+        ProcessHypervisor {
+            vmm: path.into(),
+            taps: TapRegistry::default(),
+        }
+    }
+
+    /// Hands over the queue descriptor of a TAP: a NIC whose `tap` is
+    /// `tap.ifname` gets it in its VMM process (inherited at spawn).
+    pub fn register_tap(&self, tap: &TapHandle) {
+        self.taps.register(tap);
+    }
+
+    /// Forgets TAP `ifname` (running VMs keep their descriptor).
+    pub fn unregister_tap(&self, ifname: &str) {
+        self.taps.unregister(ifname);
+    }
+
+    /// The TAP registry (shared with clones of `self`).
+    pub fn taps(&self) -> &TapRegistry {
+        &self.taps
+    }
+
+    /// The command line for `config` and the descriptors the process inherits.
+    fn command_line(&self, config: &VmConfig) -> Result<(Vec<String>, Vec<RawFd>)> {
+        let mut args = Self::args(config)?;
+        let mut fds = Vec::new();
+        for n in &config.nics {
+            if let Some(fd) = self.taps.queue(&n.tap, &n.name)? {
+                let raw = fd.as_raw_fd();
+                let spec = format!("tap={},", n.tap);
+                if let Some(arg) = args.iter_mut().find(|a| a.starts_with(&spec)) {
+                    arg.push_str(&format!(",fd={raw}"));
+                    fds.push(raw);
+                }
+            }
+        }
+        Ok((args, fds))
     }
 
     /// The command line of `hci-vmm` for `config`.
@@ -116,17 +166,28 @@ impl ProcessHypervisor {
                     "hci-vmm (virtio only)",
                 ));
             }
-            let DiskBackend::File(path) = &d.backend else {
-                return Err(Error::unsupported(
-                    format!(
-                        "disk {}: in-process devices and NBD exports cannot be handed to a VMM process",
-                        d.name
-                    ),
-                    "the process hypervisor (give a volume directory or a raw file)",
-                ));
+            let mut spec = match &d.backend {
+                DiskBackend::File(path) => {
+                    let kind = if path.is_dir() { "path" } else { "file" };
+                    format!("{kind}={},name={}", path.display(), d.name)
+                }
+                DiskBackend::Volume { path, key_file } => {
+                    let mut s = format!("path={},name={}", path.display(), d.name);
+                    if let Some(k) = key_file {
+                        s.push_str(&format!(",key-file={}", k.display()));
+                    }
+                    s
+                }
+                _ => {
+                    return Err(Error::unsupported(
+                        format!(
+                            "disk {}: in-process devices and NBD exports cannot be handed to a VMM process",
+                            d.name
+                        ),
+                        "the process hypervisor (give a volume directory or a raw file)",
+                    ));
+                }
             };
-            let kind = if path.is_dir() { "path" } else { "file" };
-            let mut spec = format!("{kind}={},name={}", path.display(), d.name);
             if d.read_only {
                 spec.push_str(",readonly");
             }
@@ -163,7 +224,7 @@ impl Hypervisor for ProcessHypervisor {
     }
 
     async fn create(&self, config: VmConfig) -> Result<Box<dyn VmHandle>> {
-        let args = Self::args(&config)?;
+        let (args, fds) = self.command_line(&config)?;
         std::fs::create_dir_all(&config.run_dir)
             .map_err(|e| Error::io(format!("create {}", config.run_dir.display()), e))?;
         let (socket, exit, log) = files(&config.run_dir);
@@ -180,6 +241,7 @@ impl Hypervisor for ProcessHypervisor {
             // not reach the VM, and the VM outlives the caller.
             .process_group(0)
             .kill_on_drop(false);
+        crate::sys::inherit_fds(&mut cmd, fds);
         let mut child = cmd.spawn().map_err(|e| {
             Error::io(
                 format!("start {} (is hci-vmm installed?)", self.vmm.display()),

@@ -43,6 +43,49 @@ pub fn fallocate(file: &File, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Lets the process `cmd` starts inherit descriptors `fds` (which must stay
+/// open in this process until it is spawned) under the same numbers.
+pub fn inherit_fds(cmd: &mut tokio::process::Command, fds: Vec<std::os::fd::RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls fcntl (async-signal-safe) on descriptor numbers; clearing
+    // FD_CLOEXEC in the child's table leaves the parent's flags alone.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Takes ownership of inherited descriptor `fd` (e.g. `--net fd=N`), after
+/// checking it is open, and marks it close-on-exec.
+pub fn adopt_inherited_fd(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    if fd < 3 {
+        return Err(io::Error::other(format!(
+            "descriptor {fd} is a standard stream"
+        )));
+    }
+    // SAFETY: F_GETFD only reads the descriptor's flags; an unknown number fails with EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::other(format!(
+            "descriptor {fd} is not open in this process: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: as above; sets FD_CLOEXEC on an open descriptor.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the descriptor is open and was handed to this process to own
+    // (nothing else in the process refers to an inherited number).
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// CPU time a thread of this process has used (`/proc/self/task/TID/schedstat`).
 pub fn thread_cpu_time(tid: i32) -> Option<Duration> {
     let s = fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;

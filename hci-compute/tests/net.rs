@@ -216,6 +216,72 @@ async fn net_guest_answers_ping_on_an_hci_net_bridge() {
     backend.remove_network("vmnet").await.expect("remove");
 }
 
+/// A VM in its own `hci-vmm` process gets the TAP queue hci-net keeps
+/// through an inherited descriptor, and answers pings through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_process_inherits_its_tap_queue_and_answers_ping() {
+    require_kvm();
+    let ns = Netns::new("procnet");
+    let backend = LinuxBridgeBackend::new(BackendOptions {
+        netns: ns.netns(),
+        ..Default::default()
+    })
+    .await
+    .expect("network backend");
+    let status = backend
+        .ensure_network(&NetworkConfig {
+            name: "procnet".into(),
+            kind: NetworkKind::Bridge { uplink: None },
+            cidr: None,
+            gateway: None,
+            dhcp: None,
+            mtu: None,
+        })
+        .await
+        .expect("ensure the network");
+    ns.ip(&["addr", "add", "10.99.3.1/24", "dev", &status.bridge]);
+    let mac = [0x02, 0x68, 0x63, 0x00, 0x00, 0x43];
+    let port = PortConfig {
+        name: "procvm-nic0".into(),
+        mac,
+        queues: 1,
+    };
+    let tap = backend
+        .attach_port("procnet", &port)
+        .await
+        .expect("attach the VM's port");
+    let hv = hci_compute::ProcessHypervisor::with_vmm(env!("CARGO_BIN_EXE_hci-vmm"));
+    hv.register_tap(&tap);
+    let mut cfg = config(
+        &format!("procvm-{}", std::process::id()),
+        guest(Guest::Net),
+        1,
+        "ip=10.99.3.2 replies=2",
+    );
+    cfg.nics.push(nic("nic0", &tap.ifname, mac, tap.mtu));
+    let run_dir = cfg.run_dir.clone();
+    let vm = hci_core::compute::Hypervisor::create(&hv, cfg)
+        .await
+        .expect("create the VM process");
+    vm.start().await.expect("start");
+    let (ok, out) = ns.ping("10.99.3.2", 2).await;
+    let log = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    assert!(
+        ok,
+        "ping failed:\n{out}\nconsole:\n{log}\nvmm log:\n{}",
+        std::fs::read_to_string(run_dir.join("vmm.log")).unwrap_or_default()
+    );
+    // After two replies the guest resets: the VM process ends by itself.
+    let reason = timeout(Duration::from_secs(20), vm.wait())
+        .await
+        .expect("the guest stops after its replies")
+        .expect("wait");
+    assert_eq!(reason, ExitReason::Reset);
+    let log = std::fs::read_to_string(run_dir.join("console.log")).unwrap_or_default();
+    assert!(log.contains("icmp reply 2\n"), "{log}");
+    backend.remove_network("procnet").await.expect("remove");
+}
+
 /// Creates a persistent TAP `name` in `ns` with `addr` on its host side, up.
 fn host_tap(ns: &Netns, name: &str, addr: &str) {
     ns.ip(&["tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr"]);

@@ -151,6 +151,56 @@ fn bad_command_lines_fail_with_one_clear_line() {
 }
 
 #[test]
+fn an_encrypted_volume_is_opened_with_its_key_file() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("vol");
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, [0x5au8; 64]).expect("key");
+    let key = hci_core::volume::EncryptionKey::new(vec![0x5au8; 64]);
+    drop(hci_storage::local::Replica::create(&vol, 16 << 20, Some(&key)).expect("create volume"));
+    let k = guest(Guest::Blk).display().to_string();
+    let disk = format!(
+        "path={},name=data,key-file={}",
+        vol.display(),
+        key_file.display()
+    );
+    let out = vmm(&["--kernel", &k, "--memory", "64M", "--disk", &disk]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("virtio-blk OK"),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The guest's pattern is there through the key, and not in the clear on disk.
+    let r = hci_storage::local::Replica::open(&vol, Some(&key)).expect("reopen");
+    let mut buf = vec![0u8; 4096];
+    r.read(&mut buf, 8 * 512).expect("read");
+    drop(r);
+    assert!(
+        buf.iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i as u32 * 31 + 7) as u8)
+    );
+    // Without the key file the volume is refused with a clear message.
+    let out = vmm(&[
+        "--kernel",
+        &k,
+        "--memory",
+        "64M",
+        "--disk",
+        &format!("path={}", vol.display()),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("encrypted"));
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, [1u8; 64]).expect("key");
+    let disk = format!("path={},key-file={}", vol.display(), wrong.display());
+    let out = vmm(&["--kernel", &k, "--memory", "64M", "--disk", &disk]);
+    assert!(!out.status.success(), "a wrong key was accepted");
+}
+
+#[test]
 fn a_volume_disk_is_written_by_the_guest_and_read_back_on_the_host() {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");

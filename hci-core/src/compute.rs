@@ -49,6 +49,15 @@ pub enum DiskBackend {
     Nbd(String),
     /// A raw file or ISO on the host.
     File(PathBuf),
+    /// A local hci-storage volume directory, opened by whoever runs the VM
+    /// (the hypervisor in-process, or a VMM process), with the file holding
+    /// its encryption key when it is encrypted.
+    Volume {
+        /// The volume's directory.
+        path: PathBuf,
+        /// Its key file, for an encrypted volume.
+        key_file: Option<PathBuf>,
+    },
 }
 
 impl Debug for DiskBackend {
@@ -57,6 +66,11 @@ impl Debug for DiskBackend {
             DiskBackend::Device(d) => f.debug_tuple("Device").field(&d.size()).finish(),
             DiskBackend::Nbd(u) => f.debug_tuple("Nbd").field(u).finish(),
             DiskBackend::File(p) => f.debug_tuple("File").field(p).finish(),
+            DiskBackend::Volume { path, key_file } => f
+                .debug_struct("Volume")
+                .field("path", path)
+                .field("encrypted", &key_file.is_some())
+                .finish(),
         }
     }
 }

@@ -62,9 +62,9 @@ async fn start_with(netns: Option<&str>) -> Daemon {
         .await
         .expect("network backend");
         rt.networks = Some(Arc::new(backend));
-        rt.kvm = Some(kvm);
+        rt.taps = Some(kvm.taps().clone());
     }
-    // The test guests ignore Ctrl-Alt-Del: do not wait long for them.
+    // Most test guests ignore Ctrl-Alt-Del: do not wait long for them.
     rt.stop_timeout = Duration::from_secs(1);
     let controllers = Controllers::start(rt).await.expect("controllers");
     let api = Api::new(resources.clone()).with_console(controllers.vms().clone());

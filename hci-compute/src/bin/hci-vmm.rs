@@ -18,6 +18,7 @@ use hci_core::compute::{
     BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, NicConfig, NicModel, VmConfig,
     VmHandle,
 };
+use hci_core::net::TapHandle;
 use tokio::io::AsyncWriteExt;
 
 /// Run one VM on hci's KVM VMM.
@@ -57,12 +58,14 @@ struct Args {
     #[arg(long)]
     hugepages: bool,
     /// A disk: `path=VOLUME_DIR` (an hci-storage local volume) or
-    /// `file=IMAGE` (a raw image), then `,readonly` and `,name=NAME`.
+    /// `file=IMAGE` (a raw image), then `,readonly`, `,name=NAME` and, for an
+    /// encrypted volume, `,key-file=FILE`.
     /// Repeatable.
     #[arg(long, value_name = "path=DIR|file=IMAGE[,readonly][,name=N]")]
     disk: Vec<String>,
-    /// A NIC: `tap=NAME[,mac=MAC][,name=N]`. Repeatable.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    /// A NIC: `tap=NAME[,mac=MAC][,name=N][,fd=N]` (`fd=`: an inherited,
+    /// already attached queue descriptor of that TAP). Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,fd=N]")]
     net: Vec<String>,
     /// No virtio-rng entropy device.
     #[arg(long)]
@@ -146,11 +149,13 @@ fn options(s: &str) -> Vec<(&str, &str)> {
 
 fn parse_disk(i: usize, spec: &str) -> Result<DiskConfig, String> {
     let (mut path, mut dir, mut ro, mut name) = (None, false, false, format!("disk{i}"));
+    let mut key_file: Option<PathBuf> = None;
     for (k, v) in options(spec) {
         match k {
             "path" => (path, dir) = (Some(PathBuf::from(v)), true),
             "file" => (path, dir) = (Some(PathBuf::from(v)), false),
             "readonly" | "ro" => ro = true,
+            "key-file" if !v.is_empty() => key_file = Some(PathBuf::from(v)),
             "name" if !v.is_empty() => name = v.to_string(),
             _ => return Err(format!("--disk {spec:?}: unknown option {k:?}")),
         }
@@ -160,10 +165,14 @@ fn parse_disk(i: usize, spec: &str) -> Result<DiskConfig, String> {
             "--disk {spec:?}: needs path=VOLUME_DIR or file=IMAGE"
         ));
     };
+    if key_file.is_some() && !dir {
+        return Err(format!(
+            "--disk {spec:?}: key-file= is for volumes (path=), not raw images"
+        ));
+    }
     let device: Arc<dyn hci_core::block::BlockDevice> = if dir {
-        let replica = hci_storage::local::Replica::open(&path, None)
-            .map_err(|e| format!("--disk {}: {e}", path.display()))?;
-        Arc::new(hci_storage::local::ReplicaDevice::new(replica, ro))
+        hci_compute::hypervisor::open_volume(&path, key_file.as_deref(), ro)
+            .map_err(|e| format!("--disk {}: {e}", path.display()))?
     } else {
         Arc::new(
             hci_storage::raw::RawFileDevice::open(&path, ro)
@@ -191,11 +200,17 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-fn parse_net(i: usize, spec: &str) -> Result<NicConfig, String> {
-    let (mut tap, mut mac, mut name) = (None, None, format!("net{i}"));
+fn parse_net(i: usize, spec: &str) -> Result<(NicConfig, Option<i32>), String> {
+    let (mut tap, mut mac, mut name, mut fd) = (None, None, format!("net{i}"), None);
     for (k, v) in options(spec) {
         match k {
             "tap" => tap = Some(v.to_string()),
+            "fd" => {
+                fd =
+                    Some(v.parse::<i32>().map_err(|_| {
+                        format!("--net {spec:?}: fd={v:?} is not a descriptor number")
+                    })?)
+            }
             "mac" => mac = Some(parse_mac(v)?),
             "name" if !v.is_empty() => name = v.to_string(),
             _ => return Err(format!("--net {spec:?}: unknown option {k:?}")),
@@ -210,13 +225,16 @@ fn parse_net(i: usize, spec: &str) -> Result<NicConfig, String> {
         let b = h.to_le_bytes();
         [0x02, 0x68, b[0], b[1], b[2], b[3]]
     });
-    Ok(NicConfig {
-        name,
-        tap,
-        mac,
-        model: NicModel::Virtio,
-        mtu: 0,
-    })
+    Ok((
+        NicConfig {
+            name,
+            tap,
+            mac,
+            model: NicModel::Virtio,
+            mtu: 0,
+        },
+        fd,
+    ))
 }
 
 /// Copies guest serial output to stdout or a file, and stdin to the guest.
@@ -264,12 +282,27 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         .enumerate()
         .map(|(i, d)| parse_disk(i, d))
         .collect::<Result<Vec<_>, _>>()?;
-    let nics = args
-        .net
-        .iter()
-        .enumerate()
-        .map(|(i, n)| parse_net(i, n))
-        .collect::<Result<Vec<_>, _>>()?;
+    let backing = parse_backing(&args.memory_backing, args.hugepages)?;
+    let hv = KvmHypervisor::new()
+        .with_entropy(!args.no_rng)
+        .with_memory_backing(backing);
+    let mut nics = Vec::new();
+    for (i, n) in args.net.iter().enumerate() {
+        let (nic, fd) = parse_net(i, n)?;
+        if let Some(fd) = fd {
+            // A TAP queue handed over by the parent (hci-net keeps the
+            // TAP's only queue, so attaching by name would fail).
+            let fd = hci_compute::process::adopt_inherited_fd(fd)
+                .map_err(|e| format!("--net {n:?}: {e}"))?;
+            hv.register_tap(&TapHandle {
+                ifname: nic.tap.clone(),
+                mac: nic.mac,
+                mtu: nic.mtu,
+                fds: vec![Arc::new(fd)],
+            });
+        }
+        nics.push(nic);
+    }
     let config = VmConfig {
         name: args.name.clone(),
         cpus: args.cpus,
@@ -284,10 +317,6 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         cloud_init_seed: None,
         run_dir: PathBuf::new(),
     };
-    let backing = parse_backing(&args.memory_backing, args.hugepages)?;
-    let hv = KvmHypervisor::new()
-        .with_entropy(!args.no_rng)
-        .with_memory_backing(backing);
     let vm: Arc<dyn VmHandle> = Arc::new(hv.create_vm(config).await.map_err(|e| e.to_string())?);
     pump_serial(vm.clone(), &args.serial).await?;
     if let Some(path) = &args.api_socket {
@@ -368,13 +397,16 @@ mod tests {
 
     #[test]
     fn nets_parse() {
-        let n = parse_net(0, "tap=tap0,mac=02:00:00:00:00:01").expect("net");
+        let (n, fd) = parse_net(0, "tap=tap0,mac=02:00:00:00:00:01").expect("net");
+        assert_eq!(fd, None);
+        assert_eq!(parse_net(0, "tap=t,fd=7").expect("net").1, Some(7));
+        assert!(parse_net(0, "tap=t,fd=x").is_err());
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.mac, [2, 0, 0, 0, 0, 1]);
         assert!(parse_net(0, "mac=02:00:00:00:00:01").is_err());
         assert!(parse_net(0, "tap=t,mac=zz").is_err());
-        let a = parse_net(0, "tap=tap7").expect("net");
-        assert_eq!(a.mac, parse_net(1, "tap=tap7").expect("net").mac);
+        let a = parse_net(0, "tap=tap7").expect("net").0;
+        assert_eq!(a.mac, parse_net(1, "tap=tap7").expect("net").0.mac);
         assert_eq!(a.mac[0] & 3, 2);
     }
 }

@@ -57,9 +57,8 @@ struct Args {
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     reserved_memory: u64,
     /// Run each VM in its own hci-vmm process: VMs keep running when the
-    /// daemon stops or crashes, and the next daemon adopts them. (Not yet
-    /// for VMs with NICs or encrypted volumes; online snapshots of attached
-    /// volumes wait until the VM stops.)
+    /// daemon stops or crashes, and the next daemon adopts them. (Online
+    /// snapshots of attached volumes wait until the VM stops.)
     #[arg(long)]
     vm_processes: bool,
     /// The hci-vmm binary (default: next to hci-daemon, then PATH).
@@ -220,14 +219,17 @@ async fn main() -> anyhow::Result<()> {
             .context("failed to inspect this node")?;
         node.addresses = args.address.iter().map(ToString::to_string).collect();
         tracing::info!(node = name, cpus = node.allocatable.cpus, memory = %node.allocatable.memory, "starting controllers");
-        let kvm = KvmHypervisor::new();
-        let hypervisor: Arc<dyn hci_core::compute::Hypervisor> = if args.vm_processes {
-            Arc::new(match &args.vmm {
+        let (hypervisor, taps): (Arc<dyn hci_core::compute::Hypervisor>, _) = if args.vm_processes {
+            let hv = match &args.vmm {
                 Some(path) => ProcessHypervisor::with_vmm(path),
                 None => ProcessHypervisor::new(),
-            })
+            };
+            let taps = hv.taps().clone();
+            (Arc::new(hv), taps)
         } else {
-            Arc::new(kvm.clone())
+            let hv = KvmHypervisor::new();
+            let taps = hv.taps().clone();
+            (Arc::new(hv), taps)
         };
         let mut rt = Runtime::new(resources, dir, node, hypervisor)
             .context("failed to prepare the storage pool")?;
@@ -240,9 +242,7 @@ async fn main() -> anyhow::Result<()> {
         match networks {
             Ok(backend) => {
                 rt.networks = Some(Arc::new(backend));
-                if !args.vm_processes {
-                    rt.kvm = Some(kvm);
-                }
+                rt.taps = Some(taps);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "no network backend: networks stay not ready and VMs with NICs do not start")

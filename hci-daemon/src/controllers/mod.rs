@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use hci_compute::KvmHypervisor;
+use hci_compute::TapRegistry;
 use hci_core::Result;
 use hci_core::compute::Hypervisor;
 use hci_core::model::Resource;
@@ -228,9 +228,10 @@ pub struct Runtime {
     /// This node's networks (`None` without CAP_NET_ADMIN: networks are
     /// reported not ready and VMs with NICs do not start).
     pub networks: Option<Arc<LinuxBridgeBackend>>,
-    /// The in-process KVM hypervisor, if VMs run on it: the TAP queues that
-    /// hci-net keeps open are handed to it before a VM with NICs starts.
-    pub kvm: Option<KvmHypervisor>,
+    /// The hypervisor's TAP registry: the TAP queues that hci-net keeps
+    /// open are handed to it before a VM with NICs starts (the in-process
+    /// VMM uses them directly, a VMM process inherits them).
+    pub taps: Option<TapRegistry>,
     /// VMs run in their own processes (`hci-vmm`): their volumes are handed
     /// over by path and released by the daemon while attached, and VMs
     /// survive a daemon restart.
@@ -258,7 +259,7 @@ impl Runtime {
             guests_dir: data_dir.join("guests"),
             stop_timeout: Duration::from_secs(30),
             networks: None,
-            kvm: None,
+            taps: None,
             vm_processes: false,
         })
     }

@@ -354,12 +354,6 @@ impl VmController {
                         ),
                     )
                 })?;
-                if self.rt.vm_processes {
-                    return Err(Error::unsupported(
-                        "NICs (spec.nics)",
-                        "VMs in their own processes (TAP hand-over to hci-vmm is not wired yet)",
-                    ));
-                }
                 if nic.model != ModelNicModel::Virtio {
                     return Err(Error::unsupported(
                         format!("NIC model {:?}", nic.model),
@@ -375,8 +369,8 @@ impl VmController {
                     queues: 1,
                 };
                 let tap = backend.attach_port(&nic.network, &port).await?;
-                if let Some(kvm) = &self.rt.kvm {
-                    kvm.register_tap(&tap);
+                if let Some(taps) = &self.rt.taps {
+                    taps.register(&tap);
                 }
                 Ok::<_, Error>((
                     (nic.network.clone(), port.name),
@@ -406,9 +400,9 @@ impl VmController {
 
     /// Detaches ports made by [`VmController::attach_nics`] (best effort).
     async fn detach_ports(&self, ports: &[(String, String)], nics: &[NicConfig]) {
-        if let Some(kvm) = &self.rt.kvm {
+        if let Some(taps) = &self.rt.taps {
             for nic in nics {
-                kvm.unregister_tap(&nic.tap);
+                taps.unregister(&nic.tap);
             }
         }
         let Some(backend) = &self.rt.networks else {
@@ -441,15 +435,17 @@ impl VmController {
         for disk in &vm.spec.disks {
             let vol: Volume = self.rt.resources.get(&disk.volume).await?;
             let backend = if self.rt.vm_processes {
-                if vol.spec.encryption.is_some() {
-                    return Err(Error::unsupported(
-                        format!("encrypted volume {:?}", disk.volume),
-                        "VMs in their own processes (the key cannot be handed over yet)",
-                    ));
-                }
-                // The VMM process opens the volume itself: let go of it.
+                // The VMM process opens the volume itself (reading the key
+                // file of an encrypted one): let go of it.
                 self.rt.volumes.release(&disk.volume)?;
-                DiskBackend::File(self.rt.volumes.root().join(&disk.volume))
+                DiskBackend::Volume {
+                    path: self.rt.volumes.root().join(&disk.volume),
+                    key_file: vol
+                        .spec
+                        .encryption
+                        .as_ref()
+                        .map(|e| e.key_file.clone().into()),
+                }
             } else {
                 DiskBackend::Device(
                     self.rt
