@@ -296,6 +296,18 @@ pub fn open_volume(
     key_file: Option<&std::path::Path>,
     read_only: bool,
 ) -> Result<Arc<dyn hci_core::block::BlockDevice>> {
+    let replica = open_replica(path, key_file)?;
+    Ok(Arc::new(hci_storage::local::ReplicaDevice::new(
+        replica, read_only,
+    )))
+}
+
+/// Opens (and locks) the local hci-storage volume at `path`, decrypting
+/// with the key in `key_file`; refuses an encrypted volume without one.
+pub fn open_replica(
+    path: &std::path::Path,
+    key_file: Option<&std::path::Path>,
+) -> Result<Arc<hci_storage::local::Replica>> {
     let key = match key_file {
         Some(f) => Some(hci_core::volume::EncryptionKey::new(
             std::fs::read(f).map_err(|e| {
@@ -318,9 +330,7 @@ pub fn open_volume(
             "is encrypted: give its key file",
         ));
     }
-    Ok(Arc::new(hci_storage::local::ReplicaDevice::new(
-        replica, read_only,
-    )))
+    Ok(replica)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {

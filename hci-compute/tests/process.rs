@@ -200,6 +200,107 @@ fn an_encrypted_volume_is_opened_with_its_key_file() {
     assert!(!out.status.success(), "a wrong key was accepted");
 }
 
+/// A volume attached to a VM in its own process is owned (locked) by that
+/// process; the pool's backend still snapshots, inspects and expands it
+/// online through the volume's control socket, and gets it back after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_volume_is_snapshotted_online_through_its_owner() {
+    use hci_core::volume::{CreateVolume, VolumeBackend};
+    require_kvm();
+    let pool_dir = tempfile::tempdir().expect("tempdir");
+    let pool = hci_storage::local::LocalVolumeBackend::new(pool_dir.path()).expect("pool");
+    pool.create(
+        "root",
+        CreateVolume {
+            size: 16 << 20,
+            encryption_key: None,
+        },
+    )
+    .await
+    .expect("create");
+    pool.release("root").expect("release");
+    let mut cfg = unique(config("online-snap", guest(Guest::Blk), 1, "stay=1"));
+    cfg.disks.push(hci_core::compute::DiskConfig {
+        name: "root".into(),
+        backend: hci_core::compute::DiskBackend::Volume {
+            path: pool_dir.path().join("root"),
+            key_file: None,
+        },
+        bus: hci_core::compute::DiskBus::Virtio,
+        read_only: false,
+        boot_order: None,
+    });
+    let run_dir = cfg.run_dir.clone();
+    let vm = ProcessHypervisor::with_vmm(VMM)
+        .create(cfg)
+        .await
+        .expect("create");
+    vm.start().await.expect("start");
+    let log = run_dir.join("console.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("staying up")
+    {
+        assert!(std::time::Instant::now() < deadline, "guest never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snap = pool.snapshot("root", "s1").await.expect("online snapshot");
+    assert_eq!(snap.name, "s1");
+    assert!(matches!(
+        pool.snapshot("root", "s1").await,
+        Err(hci_core::Error::AlreadyExists { .. })
+    ));
+    // The guest wrote one 4 KiB block at sector 8.
+    let changed = pool
+        .changed_blocks("root", None, "s1")
+        .await
+        .expect("changed");
+    assert_eq!(
+        changed,
+        vec![hci_core::block::ByteRange {
+            offset: 4096,
+            len: 4096
+        }]
+    );
+    assert_eq!(pool.info("root").await.expect("info").snapshots, 1);
+    assert_eq!(
+        pool.expand("root", 32 << 20).await.expect("expand").size,
+        32 << 20
+    );
+    let clone = pool
+        .clone_snapshot("root", "s1", "copy")
+        .await
+        .expect("clone");
+    assert_eq!(clone.name, "copy");
+    // Opening it for I/O or reverting stays refused while the VM owns it.
+    assert!(pool.revert("root", "s1").await.is_err());
+
+    assert_eq!(
+        vm.shutdown(Duration::from_secs(20))
+            .await
+            .expect("shutdown"),
+        ExitReason::Reset
+    );
+    // Back in the pool's hands once the process is gone (it removes the
+    // control socket on its way out): the snapshot is there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pool_dir.path().join("root/control.sock").exists() {
+        assert!(std::time::Instant::now() < deadline, "the VMM never let go");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snaps = loop {
+        match pool.list_snapshots("root").await {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline && e.is_retryable() => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("list: {e}"),
+        }
+    };
+    assert_eq!(snaps.len(), 1);
+}
+
 #[test]
 fn a_volume_disk_is_written_by_the_guest_and_read_back_on_the_host() {
     require_kvm();
@@ -266,11 +367,20 @@ async fn shutdown_reaches_a_guest_in_its_own_process() {
         .await
         .expect("shutdown");
     assert_eq!(reason, ExitReason::Reset);
-    assert!(
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .ends_with("ctrl-alt-del\n")
-    );
+    // The console pump writes the log asynchronously: its last line may land
+    // just after the VM stopped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .ends_with("ctrl-alt-del\n")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -408,6 +408,41 @@ fn vms_in_their_own_processes_survive_a_daemon_crash() {
     }
     // Same process, and its console history is still there.
     assert!(pid_alive(pid));
+    // The VMM process owns the running VM's volume; the daemon snapshots,
+    // clones and grows it online through the volume's control socket.
+    ok(&hcictl(
+        &socket,
+        &["volume", "snapshot", "demo-disk", "live"],
+    ));
+    ok(&hcictl(
+        &socket,
+        &["volume", "clone", "demo-disk", "demo-copy"],
+    ));
+    ok(&hcictl(
+        &socket,
+        &["volume", "expand", "demo-disk", "512Mi"],
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let get = |args: &[&str]| -> Value {
+            let out = hcictl(&socket, args);
+            serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        };
+        let snap = get(&["get", "snapshot", "live", "-o", "json"]);
+        let copy = get(&["get", "volume", "demo-copy", "-o", "json"]);
+        let disk = get(&["get", "volume", "demo-disk", "-o", "json"]);
+        if snap["status"]["phase"] == "Ready"
+            && copy["status"]["phase"] == "Detached"
+            && disk["status"]["size"] == "512Mi"
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "online operations on the attached volume did not finish:\n{snap}\n{copy}\n{disk}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let out = ok(&hcictl(
         &socket,
         &["vm", "console", "demo", "--until", "virtio-blk OK"],

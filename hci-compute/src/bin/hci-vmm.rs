@@ -147,7 +147,10 @@ fn options(s: &str) -> Vec<(&str, &str)> {
         .collect()
 }
 
-fn parse_disk(i: usize, spec: &str) -> Result<DiskConfig, String> {
+/// A volume the VMM owns: its replica and directory (for its control socket).
+type OwnedVolume = (Arc<hci_storage::local::Replica>, PathBuf);
+
+fn parse_disk(i: usize, spec: &str) -> Result<(DiskConfig, Option<OwnedVolume>), String> {
     let (mut path, mut dir, mut ro, mut name) = (None, false, false, format!("disk{i}"));
     let mut key_file: Option<PathBuf> = None;
     for (k, v) in options(spec) {
@@ -170,22 +173,28 @@ fn parse_disk(i: usize, spec: &str) -> Result<DiskConfig, String> {
             "--disk {spec:?}: key-file= is for volumes (path=), not raw images"
         ));
     }
+    let mut owned = None;
     let device: Arc<dyn hci_core::block::BlockDevice> = if dir {
-        hci_compute::hypervisor::open_volume(&path, key_file.as_deref(), ro)
-            .map_err(|e| format!("--disk {}: {e}", path.display()))?
+        let replica = hci_compute::hypervisor::open_replica(&path, key_file.as_deref())
+            .map_err(|e| format!("--disk {}: {e}", path.display()))?;
+        owned = Some((Arc::clone(&replica), path.clone()));
+        Arc::new(hci_storage::local::ReplicaDevice::new(replica, ro))
     } else {
         Arc::new(
             hci_storage::raw::RawFileDevice::open(&path, ro)
                 .map_err(|e| format!("--disk {}: {e}", path.display()))?,
         )
     };
-    Ok(DiskConfig {
-        name,
-        backend: DiskBackend::Device(device),
-        bus: DiskBus::Virtio,
-        read_only: ro,
-        boot_order: None,
-    })
+    Ok((
+        DiskConfig {
+            name,
+            backend: DiskBackend::Device(device),
+            bus: DiskBus::Virtio,
+            read_only: ro,
+            boot_order: None,
+        },
+        owned,
+    ))
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -276,12 +285,23 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     if !args.kernel.is_file() {
         return Err(format!("--kernel {}: no such file", args.kernel.display()));
     }
-    let disks = args
-        .disk
-        .iter()
-        .enumerate()
-        .map(|(i, d)| parse_disk(i, d))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut disks = Vec::new();
+    let mut control_sockets = Vec::new();
+    for (i, d) in args.disk.iter().enumerate() {
+        let (disk, owned) = parse_disk(i, d)?;
+        if let Some((replica, dir)) = owned {
+            // This process owns the volume now: others (the daemon taking a
+            // snapshot, a backup reading changed blocks) ask it here.
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            hci_storage::local::control::serve(replica, &name, &dir)
+                .map_err(|e| format!("--disk {d:?}: {e}"))?;
+            control_sockets.push(hci_storage::local::control::socket_path(&dir));
+        }
+        disks.push(disk);
+    }
     let backing = parse_backing(&args.memory_backing, args.hugepages)?;
     let hv = KvmHypervisor::new()
         .with_entropy(!args.no_rng)
@@ -344,6 +364,9 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         eprintln!("hci-vmm: cannot write {}: {e}", path.display());
     }
     if let Some(path) = &args.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    for path in control_sockets {
         let _ = std::fs::remove_file(path);
     }
     Ok(reason)

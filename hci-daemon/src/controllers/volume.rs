@@ -16,6 +16,7 @@ use hci_core::model::{
 };
 use hci_core::volume::{CreateVolume, EncryptionKey, VolumeBackend, VolumeInfo};
 use hci_core::{Error, Result};
+use hci_storage::local::control::ControlClient;
 
 use super::{Reconcile, Runtime, join_err, set_status};
 
@@ -125,59 +126,72 @@ impl Reconcile for VolumeController {
                 Err(e) => Err(e),
             };
         };
-        // A VMM process owns an attached volume (and its lock): leave it be.
-        if self.rt.vm_processes && vol.status_or_default().attached_to.is_some() {
-            return Ok(None);
-        }
-        let info = match pool.info(name).await {
-            Ok(info) => info,
-            Err(Error::NotFound { .. }) => {
-                set_status(&self.rt.resources, name, |v: &mut Volume| {
-                    v.status_mut().phase = VolumePhase::Creating;
-                })
-                .await?;
-                match self.create(&vol).await {
-                    Ok(info) => {
-                        tracing::info!(volume = name, size = info.size, "created");
-                        info
-                    }
-                    Err(Error::Unavailable { what, .. }) => {
-                        // Its source is not ready yet (an image importing).
-                        let message = format!("waiting for {what}");
-                        set_status(&self.rt.resources, name, |v: &mut Volume| {
-                            v.status_mut().phase = VolumePhase::Pending;
-                            set_condition(
-                                &mut v.status_mut().conditions,
-                                "Ready",
-                                ConditionStatus::False,
-                                "WaitingForSource",
-                                &message,
-                            );
-                        })
-                        .await?;
-                        return Ok(Some(Duration::from_secs(1)));
-                    }
-                    Err(e) => {
-                        let message = e.to_string();
-                        set_status(&self.rt.resources, name, |v: &mut Volume| {
-                            v.status_mut().phase = VolumePhase::Failed;
-                            set_condition(
-                                &mut v.status_mut().conditions,
-                                "Ready",
-                                ConditionStatus::False,
-                                "CreateFailed",
-                                &message,
-                            );
-                        })
-                        .await?;
-                        return Err(e);
+        // A VMM process owns an attached volume (and its lock): talk to it
+        // through the volume's control socket, never open it here (that
+        // would take the lock from a VMM still starting).
+        let owner = (self.rt.vm_processes && vol.status_or_default().attached_to.is_some())
+            .then(|| ControlClient::new(&pool.root().join(name)));
+        let info = if let Some(owner) = &owner {
+            match owner.info().await {
+                Ok(info) => info,
+                // Starting or stopping: ask again shortly.
+                Err(Error::Unavailable { .. }) => return Ok(Some(Duration::from_secs(2))),
+                Err(e) => return Err(e),
+            }
+        } else {
+            match pool.info(name).await {
+                Ok(info) => info,
+                Err(Error::NotFound { .. }) => {
+                    set_status(&self.rt.resources, name, |v: &mut Volume| {
+                        v.status_mut().phase = VolumePhase::Creating;
+                    })
+                    .await?;
+                    match self.create(&vol).await {
+                        Ok(info) => {
+                            tracing::info!(volume = name, size = info.size, "created");
+                            info
+                        }
+                        Err(Error::Unavailable { what, .. }) => {
+                            // Its source is not ready yet (an image importing).
+                            let message = format!("waiting for {what}");
+                            set_status(&self.rt.resources, name, |v: &mut Volume| {
+                                v.status_mut().phase = VolumePhase::Pending;
+                                set_condition(
+                                    &mut v.status_mut().conditions,
+                                    "Ready",
+                                    ConditionStatus::False,
+                                    "WaitingForSource",
+                                    &message,
+                                );
+                            })
+                            .await?;
+                            return Ok(Some(Duration::from_secs(1)));
+                        }
+                        Err(e) => {
+                            let message = e.to_string();
+                            set_status(&self.rt.resources, name, |v: &mut Volume| {
+                                v.status_mut().phase = VolumePhase::Failed;
+                                set_condition(
+                                    &mut v.status_mut().conditions,
+                                    "Ready",
+                                    ConditionStatus::False,
+                                    "CreateFailed",
+                                    &message,
+                                );
+                            })
+                            .await?;
+                            return Err(e);
+                        }
                     }
                 }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         };
         let info = if vol.spec.size.0 > info.size {
-            let grown = pool.expand(name, vol.spec.size.0).await?;
+            let grown = match &owner {
+                Some(owner) => owner.expand(vol.spec.size.0).await?,
+                None => pool.expand(name, vol.spec.size.0).await?,
+            };
             tracing::info!(volume = name, size = grown.size, "expanded");
             grown
         } else {

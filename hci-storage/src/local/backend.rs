@@ -14,6 +14,7 @@ use hci_core::volume::{
 use hci_core::{Error, Result};
 
 use super::check_name;
+use super::control::ControlClient;
 use super::volume::{Replica, SnapshotView};
 
 /// A writable (or read-only) handle on a replica's head.
@@ -240,6 +241,23 @@ impl LocalVolumeBackend {
         Ok(r)
     }
 
+    /// Who has volume `name` open: this backend, or another process that
+    /// serves its metadata operations on the volume's control socket.
+    fn owner(&self, name: &str) -> Result<Owner> {
+        match self.replica(name) {
+            Ok(r) => Ok(Owner::Here(r)),
+            Err(busy @ Error::Busy { .. }) => {
+                let client = ControlClient::new(&self.dir(name)?);
+                if client.exists() {
+                    Ok(Owner::Remote(client))
+                } else {
+                    Err(busy)
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn unlocked(&self, name: &str, key: Option<&EncryptionKey>) -> Result<Arc<Replica>> {
         let r = self.replica(name)?;
         match key {
@@ -266,6 +284,12 @@ impl LocalVolumeBackend {
                 source: None,
             })?
     }
+}
+
+/// See [`LocalVolumeBackend::owner`].
+enum Owner {
+    Here(Arc<Replica>),
+    Remote(ControlClient),
 }
 
 #[async_trait]
@@ -299,14 +323,18 @@ impl VolumeBackend for LocalVolumeBackend {
     }
 
     async fn info(&self, name: &str) -> Result<VolumeInfo> {
-        self.replica(name)?.info(name)
+        match self.owner(name)? {
+            Owner::Here(r) => r.info(name),
+            Owner::Remote(c) => c.info().await,
+        }
     }
 
     async fn list(&self) -> Result<Vec<VolumeInfo>> {
-        self.names()?
-            .iter()
-            .map(|n| self.replica(n)?.info(n))
-            .collect()
+        let mut out = Vec::new();
+        for n in self.names()? {
+            out.push(self.info(&n).await?);
+        }
+        Ok(out)
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
@@ -324,18 +352,31 @@ impl VolumeBackend for LocalVolumeBackend {
     }
 
     async fn snapshot(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo> {
-        let r = self.replica(name)?;
-        r.snapshot(snapshot).map_err(|e| qualify(e, name, snapshot))
+        match self.owner(name)? {
+            Owner::Here(r) => r.snapshot(snapshot),
+            Owner::Remote(c) => c.snapshot(snapshot).await,
+        }
+        .map_err(|e| qualify(e, name, snapshot))
     }
 
     async fn list_snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>> {
-        Ok(self.replica(name)?.snapshots())
+        match self.owner(name)? {
+            Owner::Here(r) => Ok(r.snapshots()),
+            Owner::Remote(c) => c.list_snapshots().await,
+        }
     }
 
     async fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<()> {
-        let r = self.replica(name)?;
-        let (n, s) = (name.to_string(), snapshot.to_string());
-        Self::blocking(move || r.delete_snapshot(&s).map_err(|e| qualify(e, &n, &s))).await
+        match self.owner(name)? {
+            Owner::Here(r) => {
+                let (n, s) = (name.to_string(), snapshot.to_string());
+                Self::blocking(move || r.delete_snapshot(&s).map_err(|e| qualify(e, &n, &s))).await
+            }
+            Owner::Remote(c) => c
+                .delete_snapshot(snapshot)
+                .await
+                .map_err(|e| qualify(e, name, snapshot)),
+        }
     }
 
     async fn revert(&self, name: &str, snapshot: &str) -> Result<()> {
@@ -354,7 +395,20 @@ impl VolumeBackend for LocalVolumeBackend {
         if dest.exists() {
             return Err(Error::already_exists("volume", new_name));
         }
-        let r = self.replica(name)?;
+        let r = match self.owner(name)? {
+            Owner::Here(r) => r,
+            Owner::Remote(c) => {
+                // The owner writes the clone and lets go of it.
+                let info = c
+                    .clone_snapshot(snapshot, &dest)
+                    .await
+                    .map_err(|e| qualify(e, name, snapshot))?;
+                return Ok(VolumeInfo {
+                    name: new_name.to_string(),
+                    ..info
+                });
+            }
+        };
         let (n, s) = (name.to_string(), snapshot.to_string());
         let clone =
             Self::blocking(move || r.clone_snapshot(&s, &dest).map_err(|e| qualify(e, &n, &s)))
@@ -364,9 +418,13 @@ impl VolumeBackend for LocalVolumeBackend {
     }
 
     async fn expand(&self, name: &str, new_size: u64) -> Result<VolumeInfo> {
-        let r = self.replica(name)?;
-        r.expand(new_size)?;
-        r.info(name)
+        match self.owner(name)? {
+            Owner::Here(r) => {
+                r.expand(new_size)?;
+                r.info(name)
+            }
+            Owner::Remote(c) => c.expand(new_size).await,
+        }
     }
 
     async fn changed_blocks(
@@ -375,8 +433,11 @@ impl VolumeBackend for LocalVolumeBackend {
         from: Option<&str>,
         to: &str,
     ) -> Result<Vec<ByteRange>> {
-        let r = self.replica(name)?;
-        r.changed_blocks(from, to).map_err(|e| match e {
+        match self.owner(name)? {
+            Owner::Here(r) => r.changed_blocks(from, to),
+            Owner::Remote(c) => c.changed_blocks(from, to).await,
+        }
+        .map_err(|e| match e {
             Error::NotFound {
                 kind: "snapshot",
                 name: s,

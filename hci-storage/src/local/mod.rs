@@ -34,6 +34,7 @@
 //! less than a hop through `spawn_blocking`.
 
 mod backend;
+pub mod control;
 mod crypt;
 mod file;
 mod import;
