@@ -264,6 +264,25 @@ async fn an_attached_volume_is_snapshotted_online_through_its_owner() {
         }]
     );
     assert_eq!(pool.info("root").await.expect("info").snapshots, 1);
+    // Its data is readable while the VM runs (a backup of a running VM).
+    let snap_dev = pool
+        .open_snapshot(
+            "root",
+            "s1",
+            hci_core::volume::OpenVolume {
+                read_only: true,
+                encryption_key: None,
+            },
+        )
+        .await
+        .expect("open the snapshot of an owned volume");
+    let mut buf = vec![0u8; 4096];
+    snap_dev.read_at(&mut buf, 4096).await.expect("read");
+    assert!(
+        buf.iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i as u32 * 31 + 7) as u8)
+    );
     assert_eq!(
         pool.expand("root", 32 << 20).await.expect("expand").size,
         32 << 20

@@ -315,10 +315,20 @@ impl VolumeBackend for LocalVolumeBackend {
         snapshot: &str,
         options: OpenVolume,
     ) -> Result<Arc<dyn BlockDevice>> {
-        let r = self.unlocked(name, options.encryption_key.as_ref())?;
-        let view = r
-            .open_snapshot(snapshot)
-            .map_err(|e| qualify(e, name, snapshot))?;
+        let view = match self.owner(name)? {
+            Owner::Here(_) => {
+                let r = self.unlocked(name, options.encryption_key.as_ref())?;
+                r.open_snapshot(snapshot)
+            }
+            // Another process owns the volume: snapshots are immutable, read
+            // them without its lock.
+            Owner::Remote(_) => Replica::open_snapshot_shared(
+                &self.dir(name)?,
+                snapshot,
+                options.encryption_key.as_ref(),
+            ),
+        }
+        .map_err(|e| qualify(e, name, snapshot))?;
         Ok(Arc::new(SnapshotDevice { view }))
     }
 

@@ -389,7 +389,21 @@ mod tests {
             .await
             .expect("test");
         assert_eq!(info.name, "copy");
+        // Snapshot data is readable without the owner's lock.
+        let view = Replica::open_snapshot_shared(&vol, "s2", None).expect("test");
+        let mut buf = vec![0u8; 4096];
+        view.read(&mut buf, 8192).expect("test");
+        assert_eq!(buf, vec![9u8; 4096]);
+        view.read(&mut buf, 0).expect("test");
+        assert_eq!(buf, vec![7u8; 4096]);
+        assert!(matches!(
+            Replica::open_snapshot_shared(&vol, "nope", None),
+            Err(Error::NotFound { .. })
+        ));
         c.delete_snapshot("s1").await.expect("test");
+        // s2 sat on s1: the merge copied s1's blocks up, the view still reads them.
+        view.read(&mut buf, 0).expect("test");
+        assert_eq!(buf, vec![7u8; 4096]);
         assert!(matches!(
             c.delete_snapshot("nope").await,
             Err(Error::NotFound { .. })

@@ -90,8 +90,9 @@ pub struct Replica {
     /// Per-block locks for copy-on-write and merges (hashed by block index).
     stripes: Vec<Mutex<()>>,
     cipher: OnceLock<Cipher>,
-    /// Held open for its exclusive lock: one process owns a replica at a time.
-    _lock: File,
+    /// Held open for its exclusive lock: one process owns a replica at a time
+    /// (`None` for the lock-free observer behind [`Replica::open_snapshot_shared`]).
+    _lock: Option<File>,
 }
 
 /// Locks a replica directory for this process.
@@ -195,7 +196,7 @@ impl Replica {
             ops: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             cipher: OnceLock::new(),
-            _lock: lock,
+            _lock: Some(lock),
         };
         if let Some(k) = key {
             r.unlock(k)?;
@@ -853,6 +854,65 @@ impl Replica {
         }
         Ok(SnapshotView {
             replica: self.clone(),
+            files,
+            map,
+            size,
+        })
+    }
+
+    /// A read-only view of snapshot `name` of the replica in `dir` without
+    /// taking its lock: works while another process owns the replica (a VMM
+    /// serving it), e.g. for a backup of a running VM's snapshot.
+    ///
+    /// A snapshot's layers never change while it exists (writes go to the
+    /// head; deleting an older snapshot only copies identical blocks up into
+    /// this one), and open descriptors keep a layer's data even if its file
+    /// is unlinked, so the view stays consistent. Nothing in `dir` is
+    /// modified, and the layer files are opened read-only.
+    pub fn open_snapshot_shared(
+        dir: &Path,
+        name: &str,
+        key: Option<&EncryptionKey>,
+    ) -> Result<SnapshotView> {
+        let m = meta::load(dir)?;
+        let s = m
+            .snapshot(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found("snapshot", name))?;
+        let size = s.snapshot.as_ref().map(|x| x.size).unwrap_or(m.size);
+        let path = m.path_to(s.id)?;
+        let mut files = HashMap::new();
+        for id in &path {
+            let p = layer_path(dir, *id);
+            let f = File::open(&p).map_err(|e| io_err("open", &p, e))?;
+            files.insert(*id, Arc::new(f));
+        }
+        let map = build_map(dir, &files, &path, size)?;
+        let encrypted = m.key_check.is_some();
+        let observer = Replica {
+            dir: dir.to_path_buf(),
+            chain: RwLock::new(Chain {
+                meta: m,
+                files: HashMap::new(),
+                map: Vec::new(),
+            }),
+            ops: Mutex::new(()),
+            stripes: Vec::new(),
+            cipher: OnceLock::new(),
+            _lock: None,
+        };
+        match key {
+            Some(k) => observer.unlock(k)?,
+            None if encrypted => {
+                return Err(Error::invalid(
+                    format!("replica {}", dir.display()),
+                    "is encrypted: open it with its key",
+                ));
+            }
+            None => {}
+        }
+        Ok(SnapshotView {
+            replica: Arc::new(observer),
             files,
             map,
             size,
