@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release -q -p hci-daemon --bins
+cargo build --release -q -p hci-daemon -p hci-compute --bins
 target=$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 bin="$target/release"
@@ -39,4 +39,9 @@ echo
 echo "state: $dir (daemon log: $dir/daemon.log)"
 if [ "${HCI_KEEP:-0}" = 1 ]; then
     echo "the daemon keeps running (pid $daemon): hcictl --server unix:$sock get vms"
+else
+    # The VM runs in its own hci-vmm process and would outlive the daemon:
+    # delete it and wait for its process to end.
+    ctl delete vm demo
+    for _ in $(seq 100); do [ -S "$dir/data/run/demo/api.sock" ] || break; sleep 0.1; done
 fi

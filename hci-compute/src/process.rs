@@ -45,11 +45,7 @@ pub struct ProcessHypervisor {
 
 /// The `hci-vmm` next to the current executable, else the one on `PATH`.
 fn default_vmm() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("hci-vmm")))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("hci-vmm"))
+    ProcessHypervisor::find_vmm().unwrap_or_else(|| PathBuf::from("hci-vmm"))
 }
 
 fn files(run_dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
@@ -73,6 +69,22 @@ impl ProcessHypervisor {
             vmm: default_vmm(),
             taps: TapRegistry::default(),
         }
+    }
+
+    /// The `hci-vmm` binary next to the current executable, else the first
+    /// on `PATH`; `None` if there is none.
+    pub fn find_vmm() -> Option<PathBuf> {
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("hci-vmm")));
+        let on_path = std::env::var_os("PATH")
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("hci-vmm"))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        beside.into_iter().chain(on_path).find(|p| p.is_file())
     }
 
     /// Uses the `hci-vmm` binary at `path`.

@@ -17,6 +17,30 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // VMs run in their own hci-vmm processes and outlive their daemon
+        // by design: end the ones this test started.
+        kill_vmms_under(self._dir.path());
+    }
+}
+
+/// Kills the hci-vmm processes whose command line mentions `dir`.
+fn kill_vmms_under(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("hci-vmm") && cmd.contains(&needle) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
@@ -320,7 +344,7 @@ fn pid_alive(pid: i32) -> bool {
             .contains(") Z ")
 }
 
-/// With `--vm-processes`, a VM outlives a crashed daemon: the next daemon
+/// In process mode (the default), a VM outlives a crashed daemon: the next daemon
 /// adopts it (same process, console history intact), and deleting the VM
 /// ends its process.
 #[test]

@@ -56,13 +56,18 @@ struct Args {
     /// Memory kept for the host, not offered to VMs (e.g. 1G, 512M).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     reserved_memory: u64,
-    /// Run each VM in its own hci-vmm process: VMs keep running when the
-    /// daemon stops or crashes, and the next daemon adopts them. (Online
-    /// snapshots of attached volumes wait until the VM stops.)
-    #[arg(long)]
+    /// Where VMs run. `process`: each VM in its own hci-vmm process (VMs
+    /// keep running when the daemon stops or crashes, and the next daemon
+    /// adopts them). `in-process`: inside the daemon (VMs stop with it).
+    /// `auto` (default): `process` when an hci-vmm binary is found (--vmm,
+    /// next to hci-daemon, or on PATH), else `in-process` with a warning.
+    #[arg(long, value_enum, default_value_t = VmMode::Auto)]
+    vm_mode: VmMode,
+    /// Same as `--vm-mode process` (kept for older scripts).
+    #[arg(long, hide = true)]
     vm_processes: bool,
     /// The hci-vmm binary (default: next to hci-daemon, then PATH).
-    #[arg(long, value_name = "FILE", requires = "vm_processes")]
+    #[arg(long, value_name = "FILE")]
     vmm: Option<PathBuf>,
     /// Serve the API only: run no controllers (nothing is created or started).
     #[arg(long)]
@@ -73,6 +78,17 @@ struct Args {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// Where VMs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum VmMode {
+    /// Process mode when hci-vmm is installed, else in-process.
+    Auto,
+    /// Each VM in its own hci-vmm process.
+    Process,
+    /// Inside the daemon.
+    InProcess,
 }
 
 /// How logs are written.
@@ -219,21 +235,41 @@ async fn main() -> anyhow::Result<()> {
             .context("failed to inspect this node")?;
         node.addresses = args.address.iter().map(ToString::to_string).collect();
         tracing::info!(node = name, cpus = node.allocatable.cpus, memory = %node.allocatable.memory, "starting controllers");
-        let (hypervisor, taps): (Arc<dyn hci_core::compute::Hypervisor>, _) = if args.vm_processes {
-            let hv = match &args.vmm {
-                Some(path) => ProcessHypervisor::with_vmm(path),
-                None => ProcessHypervisor::new(),
-            };
-            let taps = hv.taps().clone();
-            (Arc::new(hv), taps)
+        let mode = if args.vm_processes {
+            VmMode::Process
         } else {
-            let hv = KvmHypervisor::new();
-            let taps = hv.taps().clone();
-            (Arc::new(hv), taps)
+            args.vm_mode
         };
+        let vmm = args.vmm.clone().or_else(ProcessHypervisor::find_vmm);
+        let vm_processes = match (mode, &vmm) {
+            (VmMode::InProcess, _) => false,
+            (VmMode::Process | VmMode::Auto, Some(_)) => true,
+            (VmMode::Process, None) => {
+                anyhow::bail!(
+                    "--vm-mode process: no hci-vmm binary next to hci-daemon or on PATH (give --vmm FILE)"
+                )
+            }
+            (VmMode::Auto, None) => {
+                tracing::warn!(
+                    "no hci-vmm binary next to hci-daemon or on PATH: VMs run inside the daemon and stop with it (install hci-vmm, or give --vmm FILE)"
+                );
+                false
+            }
+        };
+        let (hypervisor, taps): (Arc<dyn hci_core::compute::Hypervisor>, _) =
+            if let (true, Some(vmm)) = (vm_processes, &vmm) {
+                tracing::info!(vmm = %vmm.display(), "VMs run in their own hci-vmm processes");
+                let hv = ProcessHypervisor::with_vmm(vmm);
+                let taps = hv.taps().clone();
+                (Arc::new(hv), taps)
+            } else {
+                let hv = KvmHypervisor::new();
+                let taps = hv.taps().clone();
+                (Arc::new(hv), taps)
+            };
         let mut rt = Runtime::new(resources, dir, node, hypervisor)
             .context("failed to prepare the storage pool")?;
-        rt.vm_processes = args.vm_processes;
+        rt.vm_processes = vm_processes;
         let networks = LinuxBridgeBackend::new(BackendOptions {
             state_dir: Some(dir.join("net")),
             ..BackendOptions::default()
