@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "hci/v1/network.proto",
     "hci/v1/backup.proto",
     "hci/v1/node.proto",
+    "hci/v1/event.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod cli;
 pub mod controllers;
+pub mod events;
 pub mod metrics;
 pub mod resources;
 pub mod store;

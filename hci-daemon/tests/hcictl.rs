@@ -432,6 +432,19 @@ fn vms_in_their_own_processes_survive_a_daemon_crash() {
     }
     // Same process, and its console history is still there.
     assert!(pid_alive(pid));
+    // The events tell the story: started in its own process, then adopted.
+    let described = ok(&hcictl(&socket, &["describe", "vm", "demo"]));
+    assert!(described.contains("Events:"), "{described}");
+    assert!(
+        described.contains("Started") && described.contains("in its own hci-vmm process"),
+        "{described}"
+    );
+    assert!(described.contains("Adopted"), "{described}");
+    let all = ok(&hcictl(&socket, &["events"]));
+    assert!(all.contains("VirtualMachine/demo"), "{all}");
+    assert!(all.contains("Volume/demo-disk"), "{all}");
+    let none = ok(&hcictl(&socket, &["events", "image", "nope"]));
+    assert!(none.contains("No events"), "{none}");
     // The VMM process owns the running VM's volume; the daemon snapshots,
     // clones and grows it online through the volume's control socket.
     ok(&hcictl(

@@ -24,6 +24,7 @@
 pub mod auth;
 mod console;
 pub mod crud;
+mod events;
 mod services;
 pub mod status;
 
@@ -46,6 +47,7 @@ use crate::metrics::{ApiLatency, LatencyLayer};
 use crate::proto;
 use crate::proto::backup_service_server::BackupServiceServer;
 use crate::proto::backup_target_service_server::BackupTargetServiceServer;
+use crate::proto::event_service_server::EventServiceServer;
 use crate::proto::image_service_server::ImageServiceServer;
 use crate::proto::network_service_server::NetworkServiceServer;
 use crate::proto::node_service_server::NodeServiceServer;
@@ -181,6 +183,7 @@ async fn build(
         .await;
     reporter.set_serving::<ScheduleServiceServer<Api>>().await;
     reporter.set_serving::<NodeServiceServer<Api>>().await;
+    reporter.set_serving::<EventServiceServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -198,6 +201,7 @@ async fn build(
         .add_service(VirtualMachineServiceServer::new(api.clone()))
         .add_service(VolumeServiceServer::new(api.clone()))
         .add_service(ImageServiceServer::new(api.clone()))
+        .add_service(EventServiceServer::new(api.clone()))
         .add_service(SnapshotServiceServer::new(api.clone()))
         .add_service(NetworkServiceServer::new(api.clone()))
         .add_service(BackupServiceServer::new(api.clone()))

@@ -51,7 +51,18 @@ enum Command {
         /// One resource's name (all when omitted).
         name: Option<String>,
     },
-    /// Show one resource in detail, conditions included.
+    /// What the controllers did recently (kept an hour): all, one kind's,
+    /// or one resource's.
+    Events {
+        /// Only this kind.
+        kind: Option<Kind>,
+        /// Only this resource (needs the kind).
+        name: Option<String>,
+        /// Keep following new events.
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// Show one resource in detail, conditions and recent events included.
     Describe {
         /// The kind.
         kind: Kind,
@@ -164,6 +175,9 @@ async fn run(args: Args) -> Result<(), CliError> {
     let out = match args.command {
         Command::Get { kind, name } => cli::get(&c, kind, name.as_deref(), args.output).await?,
         Command::Describe { kind, name } => cli::describe(&c, kind, &name).await?,
+        Command::Events { kind, name, watch } => {
+            cli::events(&c, kind, name.as_deref(), watch).await?
+        }
         Command::Apply { file } => {
             let text = cli::read_input(&file)?;
             cli::apply(&c, &text, &file.display().to_string()).await?

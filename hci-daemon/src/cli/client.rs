@@ -13,6 +13,7 @@ use tonic::{Status, Streaming};
 use crate::proto;
 use crate::proto::backup_service_client::BackupServiceClient;
 use crate::proto::backup_target_service_client::BackupTargetServiceClient;
+use crate::proto::event_service_client::EventServiceClient;
 use crate::proto::image_service_client::ImageServiceClient;
 use crate::proto::network_service_client::NetworkServiceClient;
 use crate::proto::node_service_client::NodeServiceClient;
@@ -378,6 +379,35 @@ impl Client {
             name: name.unwrap_or_default().to_string(),
         };
         with_client!(self, kind, |c| c.watch(req).await.map(|r| r.into_inner()))
+    }
+
+    /// Kept events of `kind` (all kinds if `None`) and `name`, oldest first.
+    pub async fn events(
+        &self,
+        kind: Option<Kind>,
+        name: Option<&str>,
+    ) -> Result<Vec<proto::Event>, Status> {
+        let req = proto::ListEventsRequest {
+            kind: kind.map(|k| k.name().to_string()).unwrap_or_default(),
+            name: name.unwrap_or_default().to_string(),
+        };
+        let mut c = EventServiceClient::new(self.channel.clone());
+        Ok(c.list(req).await?.into_inner().events)
+    }
+
+    /// Follows new events of `kind` and `name`.
+    pub async fn watch_events(
+        &self,
+        kind: Option<Kind>,
+        name: Option<&str>,
+    ) -> Result<Streaming<proto::Event>, Status> {
+        let req = proto::WatchEventsRequest {
+            kind: kind.map(|k| k.name().to_string()).unwrap_or_default(),
+            name: name.unwrap_or_default().to_string(),
+            from_now: true,
+        };
+        let mut c = EventServiceClient::new(self.channel.clone());
+        Ok(c.watch(req).await?.into_inner())
     }
 
     /// The VM service.

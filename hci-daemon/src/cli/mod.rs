@@ -91,13 +91,72 @@ pub async fn get(
     }
 }
 
-/// `hcictl describe KIND NAME`.
+/// `hcictl describe KIND NAME`: the resource, then its recent events.
 pub async fn describe(c: &Client, kind: Kind, name: &str) -> Result<String, CliError> {
     let r = c
         .get(kind, name)
         .await
         .map_err(|s| explain(&format!("{kind}/{name}"), &s))?;
-    Ok(output::describe(kind, &doc(&r)?, Utc::now()))
+    let now = Utc::now();
+    let mut out = output::describe(kind, &doc(&r)?, now);
+    // An older daemon without the event service still describes.
+    let events = c.events(Some(kind), Some(name)).await.unwrap_or_default();
+    out.push_str("Events:\n");
+    if events.is_empty() {
+        out.push_str("  <none>\n");
+    } else {
+        out.push_str(&indent(&output::events(&events, false, now)));
+    }
+    Ok(out)
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// `hcictl events [KIND [NAME]] [--watch]`.
+pub async fn events(
+    c: &Client,
+    kind: Option<Kind>,
+    name: Option<&str>,
+    watch: bool,
+) -> Result<String, CliError> {
+    let what = match (kind, name) {
+        (Some(k), Some(n)) => format!("events of {k}/{n}"),
+        (Some(k), None) => format!("events of {k}"),
+        _ => "events".to_string(),
+    };
+    let events = c.events(kind, name).await.map_err(|s| explain(&what, &s))?;
+    let text = if events.is_empty() {
+        format!("No {what} in the last hour.\n")
+    } else {
+        output::events(&events, kind.is_none() || name.is_none(), Utc::now())
+    };
+    if !watch {
+        return Ok(text);
+    }
+    let mut stdout = std::io::stdout();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+    let mut stream = c
+        .watch_events(kind, name)
+        .await
+        .map_err(|s| explain(&what, &s))?;
+    while let Some(e) = stream.next().await {
+        let e = e.map_err(|s| explain(&what, &s))?;
+        let table = output::events(&[e], true, Utc::now());
+        // Only the row: the header came with the list.
+        let row: String = table.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        if stdout
+            .write_all(row.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(String::new())
 }
 
 /// Reads a file argument (`-` is standard input).

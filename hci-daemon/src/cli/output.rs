@@ -214,6 +214,43 @@ pub fn describe(kind: Kind, doc: &Value, now: DateTime<Utc>) -> String {
     out
 }
 
+/// Events as a table (`with_object`: with a KIND/NAME column), ages against `now`.
+pub fn events(events: &[crate::proto::Event], with_object: bool, now: DateTime<Utc>) -> String {
+    let mut rows: Vec<Vec<String>> = Vec::with_capacity(events.len() + 1);
+    let mut header = vec!["AGE", "TYPE", "REASON"];
+    if with_object {
+        header.push("OBJECT");
+    }
+    header.push("MESSAGE");
+    rows.push(header.into_iter().map(str::to_string).collect());
+    for e in events {
+        let mut row = vec![age(&e.time, now), e.r#type.clone(), e.reason.clone()];
+        if with_object {
+            row.push(format!("{}/{}", e.kind, e.name));
+        }
+        row.push(e.message.clone());
+        rows.push(row);
+    }
+    let cols = rows[0].len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == cols {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

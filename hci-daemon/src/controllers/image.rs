@@ -230,6 +230,10 @@ impl Reconcile for ImageController {
         match self.import(&img).await {
             Ok(size) => {
                 tracing::info!(image = name, size, "image imported");
+                self.rt
+                    .events
+                    .normal("Image", name, "Imported", format!("{size} bytes"))
+                    .await;
                 // The next pass reports it Ready.
                 Ok(Some(Duration::ZERO))
             }
@@ -237,6 +241,10 @@ impl Reconcile for ImageController {
                 if pool.info(name).await.is_ok() {
                     let _ = pool.delete(name).await;
                 }
+                self.rt
+                    .events
+                    .warning("Image", name, "ImportFailed", e.to_string())
+                    .await;
                 self.progress(name, ImagePhase::Failed, 0, e.to_string())
                     .await?;
                 Err(e)

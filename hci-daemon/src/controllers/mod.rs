@@ -33,6 +33,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::events::EventRecorder;
 use async_trait::async_trait;
 use futures::StreamExt;
 use hci_compute::TapRegistry;
@@ -236,6 +237,8 @@ pub struct Runtime {
     /// over by path and released by the daemon while attached, and VMs
     /// survive a daemon restart.
     pub vm_processes: bool,
+    /// Where controllers record what they did ([`crate::events`]).
+    pub events: EventRecorder,
 }
 
 impl Runtime {
@@ -250,8 +253,6 @@ impl Runtime {
         let volumes = Arc::new(LocalVolumeBackend::new(data_dir.join("volumes"))?);
         let images = Arc::new(LocalVolumeBackend::new(data_dir.join("images"))?);
         Ok(Runtime {
-            resources,
-            node,
             volumes,
             images,
             hypervisor,
@@ -261,6 +262,9 @@ impl Runtime {
             networks: None,
             taps: None,
             vm_processes: false,
+            events: EventRecorder::new(resources.state_store().clone(), node.name.clone()),
+            resources,
+            node,
         })
     }
 }

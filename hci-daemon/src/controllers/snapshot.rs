@@ -81,10 +81,18 @@ impl Reconcile for SnapshotController {
             None => match self.rt.volumes.snapshot(volume, name).await {
                 Ok(info) => {
                     tracing::info!(volume, snapshot = name, "snapshot taken");
+                    self.rt
+                        .events
+                        .normal("Snapshot", name, "Taken", format!("of volume {volume}"))
+                        .await;
                     info
                 }
                 Err(e) => {
                     let message = e.to_string();
+                    self.rt
+                        .events
+                        .warning("Snapshot", name, "Failed", &message)
+                        .await;
                     set_status(&self.rt.resources, name, |s: &mut Snapshot| {
                         s.status_mut().phase = SnapshotPhase::Failed;
                         s.status_mut().message = message.clone();

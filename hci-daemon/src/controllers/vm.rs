@@ -45,6 +45,8 @@ use super::volume::encryption_key;
 use super::{Kick, Reconcile, Runtime, join_err, set_status};
 use crate::api::{ConsoleIo, ConsoleProvider, REQUESTED_ACTION, REQUESTED_AT};
 
+/// The kind events are recorded under.
+const KIND: &str = "VirtualMachine";
 /// A VM that ran at least this long before stopping restarts at once.
 const STABLE_RUN: Duration = Duration::from_secs(10);
 /// vCPUs per host CPU that admission allows in total.
@@ -233,6 +235,7 @@ impl VmController {
     }
 
     async fn waiting(&self, name: &str, reason: &str, message: String) -> Result<()> {
+        self.rt.events.warning(KIND, name, reason, &message).await;
         self.status(name, |vm| {
             let status = vm.status_mut();
             status.phase = VmPhase::Pending;
@@ -561,6 +564,17 @@ impl VmController {
         })
         .await?;
         tracing::info!(vm = name, "VM started");
+        let how = if self.rt.vm_processes {
+            "in its own hci-vmm process"
+        } else {
+            "in the daemon"
+        };
+        let message = if restart {
+            format!("restarted on node {node} {how}")
+        } else {
+            format!("started on node {node} {how}")
+        };
+        self.rt.events.normal(KIND, name, "Started", message).await;
         Ok(None)
     }
 
@@ -630,11 +644,24 @@ impl VmController {
         })
         .await?;
         tracing::info!(vm = name, "VM re-adopted");
+        self.rt
+            .events
+            .normal(
+                KIND,
+                name,
+                "Adopted",
+                "still running after a daemon restart: taken over",
+            )
+            .await;
         Ok(true)
     }
 
     async fn start_failed(&self, name: &str, e: &Error) -> Result<()> {
         let message = format!("cannot start: {e}");
+        self.rt
+            .events
+            .warning(KIND, name, "StartFailed", &message)
+            .await;
         self.status(name, |v| {
             let status = v.status_mut();
             status.phase = VmPhase::Failed;
@@ -657,6 +684,18 @@ impl VmController {
         }
         self.status(name, |v| v.status_mut().phase = VmPhase::Stopping)
             .await?;
+        let timeout = self.rt.stop_timeout;
+        self.rt
+            .events
+            .normal(
+                KIND,
+                name,
+                "Stopping",
+                format!(
+                    "asked the guest to shut down (Ctrl-Alt-Del); killing it after {timeout:?}"
+                ),
+            )
+            .await;
         let handle = inst.handle.clone();
         let vm = name.to_string();
         let timeout = self.rt.stop_timeout;
@@ -684,6 +723,20 @@ impl VmController {
         let asked = inst.stopping.load(Ordering::SeqCst);
         let phase = phase_after(reason, vm.spec.run_strategy, asked);
         let message = describe(reason);
+        match reason {
+            ExitReason::Crashed(_) | ExitReason::VmmError(_) => {
+                self.rt
+                    .events
+                    .warning(KIND, vm.name(), "Crashed", &message)
+                    .await
+            }
+            _ => {
+                self.rt
+                    .events
+                    .normal(KIND, vm.name(), "Stopped", &message)
+                    .await
+            }
+        }
         let volumes: Vec<String> = vm.spec.disks.iter().map(|d| d.volume.clone()).collect();
         self.detach_ports(&inst.ports, &inst.nics).await;
         self.mark_volumes(&volumes, None).await?;

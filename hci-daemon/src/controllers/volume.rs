@@ -149,6 +149,10 @@ impl Reconcile for VolumeController {
                     match self.create(&vol).await {
                         Ok(info) => {
                             tracing::info!(volume = name, size = info.size, "created");
+                            self.rt
+                                .events
+                                .normal("Volume", name, "Created", format!("{} bytes", info.size))
+                                .await;
                             info
                         }
                         Err(Error::Unavailable { what, .. }) => {
@@ -169,6 +173,10 @@ impl Reconcile for VolumeController {
                         }
                         Err(e) => {
                             let message = e.to_string();
+                            self.rt
+                                .events
+                                .warning("Volume", name, "CreateFailed", &message)
+                                .await;
                             set_status(&self.rt.resources, name, |v: &mut Volume| {
                                 v.status_mut().phase = VolumePhase::Failed;
                                 set_condition(
@@ -193,6 +201,20 @@ impl Reconcile for VolumeController {
                 None => pool.expand(name, vol.spec.size.0).await?,
             };
             tracing::info!(volume = name, size = grown.size, "expanded");
+            let online = if owner.is_some() {
+                " online, through the VM process that owns it"
+            } else {
+                ""
+            };
+            self.rt
+                .events
+                .normal(
+                    "Volume",
+                    name,
+                    "Expanded",
+                    format!("to {} bytes{online}", grown.size),
+                )
+                .await;
             grown
         } else {
             info
