@@ -333,10 +333,9 @@ impl LinuxBridgeBackend {
         st.nets.clear();
         st.ports.clear();
         let links = self.nl.links().await?;
-        let ours = |l: &&Link, prefix: &str| l.name.starts_with(prefix);
         let mut n = 0;
-        for prefix in ["hci-tp-", "hci-vx-", "hci-vl-", "hci-br-"] {
-            for l in links.iter().filter(|l| ours(l, prefix)) {
+        for role in names::ROLES {
+            for l in links.iter().filter(|l| l.name.starts_with(role.prefix())) {
                 self.nl.delete(l).await?;
                 n += 1;
             }
@@ -347,6 +346,34 @@ impl LinuxBridgeBackend {
         }
         tracing::info!(devices = n, "removed every hci network device");
         Ok(n)
+    }
+
+    /// Whether this kernel can run VLAN networks, which need bridge VLAN
+    /// filtering (`CONFIG_BRIDGE_VLAN_FILTERING`): creates a scratch bridge
+    /// with filtering on, reads the setting back and deletes the bridge.
+    pub async fn supports_vlan_networks(&self) -> Result<bool> {
+        let _st = self.state.lock().await;
+        let key = format!("probe-{}", std::process::id());
+        let Slot::Free(name) = self.slot(Role::Trunk, &key, |_| false).await? else {
+            return Err(Error::already_exists("device", key));
+        };
+        match self.nl.add(crate::link::trunk_bridge_message(&name)).await {
+            Ok(()) => {}
+            Err(e) if crate::link::errno(&e) == Some(libc::EOPNOTSUPP) => return Ok(false),
+            Err(e) => {
+                return Err(crate::link::nl_error(
+                    format!("create probe bridge {name}"),
+                    e,
+                ));
+            }
+        }
+        let link = self.nl.link(&name).await?;
+        let on = link.as_ref().and_then(|l| l.vlan_filtering) == Some(true);
+        if let Some(l) = &link {
+            self.nl.delete(l).await?;
+        }
+        tracing::debug!(supported = on, "bridge VLAN filtering probed");
+        Ok(on)
     }
 
     /// Runs an nft script in the namespace off the async threads.
@@ -484,12 +511,13 @@ impl LinuxBridgeBackend {
             self.nl.delete(&tap).await?;
             found = true;
         }
-        for role in [Role::Vxlan, Role::Vlan, Role::Bridge] {
+        for role in [Role::Vxlan, Role::Vlan, Role::VlanPeer, Role::Bridge] {
             if let Some(l) = self.device_of(role, network).await? {
                 self.nl.delete(&l).await?;
                 found = true;
             }
         }
+        self.collect_trunks().await?;
         // Unknown history (adopted network): try, and tolerate a node without nft.
         if was_management == Some(true) || (found && was_management.is_none()) {
             match self.nft(nat::remove_script(network)).await {

@@ -336,16 +336,23 @@ fn errors_are_clear() {
         "  kind: { type: vlan, id: 100 }\n  uplink: trunk0\n",
     );
     if node.try_exec(&[
-        "ip", "link", "add", "link", "trunk0", "name", "probe.7", "type", "vlan", "id", "7",
+        "ip",
+        "link",
+        "add",
+        "probe-br",
+        "type",
+        "bridge",
+        "vlan_filtering",
+        "1",
     ]) {
-        node.ip(&["link", "del", "probe.7"]);
+        node.ip(&["link", "del", "probe-br"]);
         eprintln!(
-            "NOTE: this kernel has 802.1Q VLAN devices, so the unsupported-VLAN error is not exercised here"
+            "NOTE: this kernel has bridge VLAN filtering, so the unsupported-VLAN error is not exercised here"
         );
     } else {
         let err = cli_err(&node, &state, &["up", "-f", path_str(&vlan)]);
         assert!(
-            err.contains("8021q") && err.contains("CONFIG_VLAN_8021Q"),
+            err.contains("bridge VLAN filtering") && err.contains("CONFIG_BRIDGE_VLAN_FILTERING"),
             "{err}"
         );
         assert!(node.hci_links().is_empty(), "left: {:?}", node.hci_links());
