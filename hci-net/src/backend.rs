@@ -9,7 +9,7 @@ use hci_core::net::{NetworkBackend, NetworkConfig, NetworkStatus, PortConfig, Ta
 use hci_core::{Error, Result};
 use tokio::sync::Mutex;
 
-use crate::dhcp::{DhcpServer, Lease};
+use crate::dhcp::{DhcpNames, DhcpServer, Lease};
 use crate::link::{Link, Netlink};
 use crate::names::{self, Owner, Role};
 use crate::netns::NetNs;
@@ -82,6 +82,8 @@ pub(crate) struct State {
     pub nets: BTreeMap<String, NetState>,
     /// Keyed by port name (unique on the node).
     pub ports: HashMap<String, PortState>,
+    /// Names the DHCP server of each network hands out (set by the caller).
+    pub dhcp_names: BTreeMap<String, DhcpNames>,
 }
 
 /// Result of looking for a device by its derived name.
@@ -205,6 +207,23 @@ impl LinuxBridgeBackend {
         server
             .map(DhcpServer::leases)
             .ok_or_else(|| Error::not_found("DHCP server", network))
+    }
+
+    /// Sets the names `network`'s DHCP server hands out: the domain (option
+    /// 15) and host names by MAC (option 12, e.g. the VM's name for its NIC).
+    /// Applied at once to a running server and kept for later
+    /// [`ensure_network`](NetworkBackend::ensure_network) calls; set them
+    /// before the network's first `ensure_network` so that no client is
+    /// answered without them. Forgotten when the network is removed.
+    pub async fn set_dhcp_names(&self, network: &str, dhcp: DhcpNames) -> Result<()> {
+        names::validate_network_name(network)?;
+        dhcp.validate()?;
+        let mut st = self.state.lock().await;
+        if let Some(srv) = st.nets.get(network).and_then(|n| n.dhcp.as_ref()) {
+            srv.reconfigure(srv.settings().with_names(&dhcp)?);
+        }
+        st.dhcp_names.insert(network.to_string(), dhcp);
+        Ok(())
     }
 
     /// Counters of a port.
@@ -551,6 +570,7 @@ impl NetworkBackend for LinuxBridgeBackend {
         let mut st = self.state.lock().await;
         let known = st.nets.remove(name);
         st.ports.retain(|_, p| p.network != name);
+        st.dhcp_names.remove(name);
         let was_management = known
             .as_ref()
             .map(|n| matches!(n.config.kind, hci_core::net::NetworkKind::Management { .. }));

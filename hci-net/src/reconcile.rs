@@ -137,7 +137,13 @@ impl LinuxBridgeBackend {
     ) -> Result<NetworkStatus> {
         let name = cfg.name.as_str();
         let mtu = self.effective_mtu(cfg).await?;
-        let dhcp_settings = dhcp_settings(cfg, mtu)?;
+        let dhcp_settings = match dhcp_settings(cfg, mtu)? {
+            Some(s) => Some(match st.dhcp_names.get(name) {
+                Some(n) => s.with_names(n)?,
+                None => s,
+            }),
+            None => None,
+        };
         let vlan = match &cfg.kind {
             NetworkKind::Vlan { id, uplink } => {
                 Some(self.ensure_vlan(name, *id, uplink, mtu).await?)

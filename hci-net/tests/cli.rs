@@ -153,7 +153,9 @@ fn up_serves_dhcp_to_an_attached_veth_and_down_removes_everything() {
             "-f",
             path_str(&file),
             "--reserve",
-            "02:68:63:00:61:09=10.61.0.9",
+            "02:68:63:00:61:09=10.61.0.9,web-9",
+            "--domain",
+            "cli.example",
         ],
     );
 
@@ -161,7 +163,19 @@ fn up_serves_dhcp_to_an_attached_veth_and_down_removes_everything() {
     let out = cli_ok(&node, &state, &["port", "add", &net, "--ifname", &port]);
     assert!(out.contains("attached"), "{out}");
 
-    // A real client with a host name gets its reservation.
+    // A real client with a host name gets its reservation, and the reserved
+    // host name and the domain from the server.
+    let names = dir.path().join("names");
+    let script = dir.path().join("names.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = bound ] && echo \"$hostname $domain\" > {}\nexit 0\n",
+            names.display()
+        ),
+    )
+    .expect("write script");
+    common::run(&["chmod", "+x", path_str(&script)]);
     let ok = vm.try_exec(&[
         "busybox",
         "udhcpc",
@@ -177,9 +191,13 @@ fn up_serves_dhcp_to_an_attached_veth_and_down_removes_everything() {
         "-x",
         "hostname:vm-cli",
         "-s",
-        "/bin/true",
+        path_str(&script),
     ]);
     assert!(ok, "udhcpc got no lease through hci-net up");
+    assert_eq!(
+        std::fs::read_to_string(&names).expect("names").trim(),
+        "web-9 cli.example"
+    );
     let table = cli_ok(&node, &state, &["leases", &net]);
     let row = table
         .lines()
