@@ -72,7 +72,7 @@ mod netns;
 mod reconcile;
 mod tap;
 
-pub use backend::{BackendOptions, LinuxBridgeBackend, PortStats};
+pub use backend::{BackendOptions, LinuxBridgeBackend, PortCounters, PortStats, TapOptions};
 pub use names::{DEVICE_PREFIX, MAX_IFNAME_LEN};
 pub use netns::NetNs;
 

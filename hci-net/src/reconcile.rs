@@ -250,15 +250,25 @@ impl LinuxBridgeBackend {
 
         let links = self.nl.links().await?;
         let taps = self.taps_of(&links, name).await;
-        for (_, tap) in &taps {
+        // Each port at the network's MTU, or below it where asked.
+        let port_mtu = |st: &State, port: &str| {
+            st.ports
+                .get(port)
+                .filter(|p| p.network == cfg.name)
+                .and_then(|p| p.mtu)
+                .map_or(mtu, |m| m.min(mtu))
+        };
+        for (port, tap) in &taps {
             self.nl
-                .reconcile(tap, Some(u32::from(mtu)), None, None)
+                .reconcile(tap, Some(u32::from(port_mtu(st, port))), None, None)
                 .await?;
             self.nl.set_master(tap, bridge.index).await?;
         }
-
+        if taps.iter().any(|(port, _)| port_mtu(st, port) < mtu) {
+            self.pin_bridge_mtu(&bridge.name, mtu).await?;
+        }
         for p in st.ports.values_mut().filter(|p| p.network == cfg.name) {
-            p.handle.mtu = mtu;
+            p.handle.mtu = p.mtu.map_or(mtu, |m| m.min(mtu));
         }
         let entry = st.nets.entry(cfg.name.clone()).or_insert_with(|| NetState {
             config: cfg.clone(),

@@ -208,6 +208,19 @@ fn up_serves_dhcp_to_an_attached_veth_and_down_removes_everything() {
     let v: serde_json::Value = serde_json::from_str(&json).expect("leases json");
     assert_eq!(v[0]["ip"], "10.61.0.9", "{json}");
 
+    let stats = cli_ok(&node, &state, &["stats", &net]);
+    let row = stats
+        .lines()
+        .find(|l| l.starts_with(&port))
+        .unwrap_or_else(|| panic!("no stats row for {port}:\n{stats}"));
+    assert!(row.contains("interface"), "{row}");
+    let json = cli_ok(&node, &state, &["stats", &net, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("stats json");
+    assert!(
+        v[0]["rxPackets"].as_u64().is_some_and(|n| n > 0),
+        "the DHCP exchange crossed the port: {json}"
+    );
+
     let ls = cli_ok(&node, &state, &["ls"]);
     assert!(
         ls.lines()

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::{Netns, Node, Vm};
 use hci_core::Error;
 use hci_core::net::{NetworkBackend, NetworkConfig, NetworkKind, PortConfig};
+use hci_net::TapOptions;
 
 fn bridge_net(name: &str) -> NetworkConfig {
     NetworkConfig {
@@ -567,4 +568,121 @@ async fn port_counters_count_traffic_and_drops() {
         matches!(missing, Err(Error::NotFound { .. })),
         "{missing:?}"
     );
+}
+
+/// TAP options: fd-owned TAPs go away with their last descriptor, persistent
+/// ones stay; multi-queue, vnet header, port MTU below the network's (kept
+/// across reconciles) and the host-side MAC are what was asked.
+#[tokio::test]
+async fn tap_options_are_applied() {
+    let node = Node::new("tapo").await;
+    let st = node
+        .ensure_network(&bridge_net("lab"))
+        .await
+        .expect("ensure");
+    let backend = backend_in(&node.ns).await;
+    let opts = |persistent, mtu| TapOptions {
+        persistent,
+        vnet_hdr: true,
+        mtu,
+    };
+    let owned = backend
+        .attach_port_with("lab", &port("owned", 1, 2), opts(false, Some(1400)))
+        .await
+        .expect("fd-owned port");
+    let kept = backend
+        .attach_port_with("lab", &port("kept", 2, 1), opts(true, None))
+        .await
+        .expect("persistent port");
+    assert_eq!((owned.fds.len(), owned.mtu), (2, 1400));
+    assert_eq!(kept.mtu, 1500);
+    let d = detail(&node.ns, &owned.ifname);
+    assert!(
+        d.contains("mtu 1400")
+            && d.contains("vnet_hdr on")
+            && d.contains("multi_queue numqueues 2")
+            && d.contains("persist off")
+            && d.contains(&format!("master {}", st.bridge)),
+        "{d}"
+    );
+    let host_mac = "fe:68:63:00:00:01"; // mac::host_side: first octet 0xfe
+    assert!(d.contains(&format!("link/ether {host_mac}")), "{d}");
+    assert!(detail(&node.ns, &kept.ifname).contains("persist on"));
+    // A reconcile of the network keeps the port's own MTU.
+    backend
+        .ensure_network(&bridge_net("lab"))
+        .await
+        .expect("again");
+    assert!(detail(&node.ns, &owned.ifname).contains("mtu 1400"));
+    // A port MTU above the network's is refused.
+    let r = backend
+        .attach_port_with("lab", &port("big", 3, 1), opts(true, Some(1600)))
+        .await;
+    assert!(matches!(r, Err(Error::Invalid { .. })), "{r:?}");
+    // The process holding the queues goes away: the fd-owned TAP goes with it.
+    drop((owned, kept));
+    drop(backend);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let names = loop {
+        let names = node.ns.hci_links();
+        if names.len() == 2 || Instant::now() > deadline {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        names.len(),
+        2,
+        "bridge and the persistent TAP left: {names:?}"
+    );
+    node.remove_network("lab").await.expect("remove");
+    assert!(node.ns.hci_links().is_empty());
+}
+
+/// Counters of every device on a bridge, in one call.
+#[tokio::test]
+async fn network_stats_list_every_port() {
+    let node = Node::new("nst").await;
+    let st = node
+        .ensure_network(&bridge_net("lab"))
+        .await
+        .expect("ensure");
+    let a = node.attach_port("lab", &port("a", 1, 1)).await.expect("a");
+    node.attach_port("lab", &port("b", 2, 1)).await.expect("b");
+    node.ns.ip(&[
+        "link", "add", "ext0", "type", "veth", "peer", "name", "ext0p",
+    ]);
+    node.attach_interface("lab", "ext0", None)
+        .await
+        .expect("attach ext0");
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&[0x02, 0x68, 0x63, 0, 0, 1]);
+    frame.extend_from_slice(&[0x88, 0xb5]);
+    frame.extend_from_slice(&[0x5a; 100]);
+    let mut file_a = std::fs::File::from(a.fds[0].try_clone().expect("dup"));
+    for _ in 0..10 {
+        file_a.write_all(&frame).expect("write frame");
+    }
+    let all = node.network_stats("lab").await.expect("stats");
+    let summary: Vec<(&str, &str)> = all.iter().map(|c| (c.port.as_str(), c.kind)).collect();
+    assert_eq!(
+        summary,
+        [("a", "tap"), ("b", "tap"), ("ext0", "interface")],
+        "{all:?}"
+    );
+    assert_eq!(all[0].ifname, a.ifname);
+    assert!(all[0].stats.rx_packets >= 10, "{all:?}");
+    assert_eq!(
+        all[0].stats.rx_packets,
+        node.port_stats("lab", "a").await.expect("a").rx_packets
+    );
+    assert!(
+        matches!(
+            node.network_stats("nope").await,
+            Err(Error::NotFound { .. })
+        ),
+        "unknown network"
+    );
+    drop(st);
 }

@@ -33,6 +33,7 @@ Examples:
   # Plug the host end of a veth (or an existing TAP) into network lab:
   hci-net port add lab --ifname veth-vm1
   hci-net leases lab
+  hci-net stats lab
   hci-net ls -o json
   hci-net down lab";
 
@@ -104,6 +105,12 @@ enum Cmd {
     },
     /// Show the DHCP leases of a network (MAC, IP, host name, expiry).
     Leases {
+        /// Network name.
+        name: String,
+    },
+    /// Show traffic counters of every port of a network (rx/tx bytes,
+    /// packets, drops; rx = from the VM or wire into the bridge).
+    Stats {
         /// Network name.
         name: String,
     },
@@ -234,6 +241,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Leases { name } => leases(&cli.state_dir, &name, cli.output),
+        Cmd::Stats { name } => stats(&name, cli.output).await,
         Cmd::Down { name } => down(&cli.state_dir, &name).await,
         Cmd::Ls => ls(&cli.state_dir, cli.output).await,
     }
@@ -464,6 +472,53 @@ async fn down(state_dir: &Path, name: &str) -> Result<()> {
         Err(e) => return Err(e.into()),
     }
     println!("network {name} removed");
+    Ok(())
+}
+
+async fn stats(name: &str, output: Output) -> Result<()> {
+    sys::require_net_admin("stats")?;
+    let ports = backend(None).await?.network_stats(name).await?;
+    let text = match output {
+        Output::Json => {
+            let rows: Vec<serde_json::Value> = ports
+                .iter()
+                .map(|p| {
+                    let s = &p.stats;
+                    serde_json::json!({
+                        "port": p.port, "ifname": p.ifname, "kind": p.kind,
+                        "rxBytes": s.rx_bytes, "rxPackets": s.rx_packets, "rxDropped": s.rx_dropped,
+                        "txBytes": s.tx_bytes, "txPackets": s.tx_packets, "txDropped": s.tx_dropped,
+                    })
+                })
+                .collect();
+            format!("{}\n", serde_json::to_string_pretty(&rows)?)
+        }
+        Output::Table => {
+            let mut rows = vec![
+                [
+                    "PORT", "IFNAME", "KIND", "RX-BYTES", "RX-PKTS", "RX-DROP", "TX-BYTES",
+                    "TX-PKTS", "TX-DROP",
+                ]
+                .map(String::from),
+            ];
+            for p in &ports {
+                let s = &p.stats;
+                rows.push([
+                    p.port.clone(),
+                    p.ifname.clone(),
+                    p.kind.to_string(),
+                    s.rx_bytes.to_string(),
+                    s.rx_packets.to_string(),
+                    s.rx_dropped.to_string(),
+                    s.tx_bytes.to_string(),
+                    s.tx_packets.to_string(),
+                    s.tx_dropped.to_string(),
+                ]);
+            }
+            table(&rows)
+        }
+    };
+    print!("{text}");
     Ok(())
 }
 
