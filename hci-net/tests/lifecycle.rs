@@ -363,7 +363,7 @@ async fn bridge_name(n: &Node, network: &str) -> String {
 /// address in the same subnet is unreachable from VLAN 10; the trunk carries
 /// exactly the VLANs in use and disappears with the last VLAN network.
 #[tokio::test]
-#[ignore = "needs bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING), which the reference machines lack; run with --run-ignored all where the kernel has it"]
+#[ignore = "needs bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING), which the reference machines lack; hci-net/tests/vm/run-in-vm.sh runs it in a VM with Debian's kernel"]
 async fn vlans_are_isolated_across_a_trunk() {
     let a = Node::new("vta").await;
     assert!(
