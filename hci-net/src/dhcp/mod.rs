@@ -161,6 +161,7 @@ impl DhcpSettings {
                 ));
             }
         }
+        let router = gateway.map(|g| v4("gateway", g)).transpose()?;
         let mut reservations = Vec::new();
         for (mac, ip) in &config.reservations {
             let ip = v4("reservation", *ip)?;
@@ -168,6 +169,19 @@ impl DhcpSettings {
                 return Err(Error::invalid(
                     "DHCP reservation",
                     format!("{ip} is outside {subnet}"),
+                ));
+            }
+            if ip == subnet.network()
+                || ip == subnet.broadcast()
+                || ip == server
+                || Some(ip) == router
+            {
+                return Err(Error::invalid(
+                    "DHCP reservation",
+                    format!(
+                        "{ip} for {} is the network, broadcast, gateway or DHCP server address",
+                        crate::mac::format(*mac)
+                    ),
                 ));
             }
             if reservations.iter().any(|(m, a)| m == mac || *a == ip) {
@@ -186,7 +200,7 @@ impl DhcpSettings {
             server,
             range_start,
             range_end,
-            router: gateway.map(|g| v4("gateway", g)).transpose()?,
+            router,
             dns: config
                 .dns
                 .iter()

@@ -357,6 +357,14 @@ fn settings_are_validated() {
         )
         .is_err()
     );
+    // A reservation on an infrastructure address would hand it to a VM.
+    for infra in ["10.7.0.0", "10.7.0.255", "10.7.0.1", "10.7.0.254"] {
+        let mut c = config();
+        c.reservations = vec![([2, 0, 0, 0, 0, 0x98], infra.parse().expect("ip"))];
+        let gw: IpAddr = "10.7.0.1".parse().expect("ip");
+        let r = DhcpSettings::from_config(&c, cidr, Ipv4Addr::new(10, 7, 0, 254), Some(gw), None);
+        assert!(r.is_err(), "reservation on {infra}");
+    }
     // The server address avoids the gateway, the pool and reservations.
     let subnet = "10.7.0.0/24".parse().expect("cidr");
     assert_eq!(
