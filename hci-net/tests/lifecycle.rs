@@ -397,6 +397,24 @@ async fn vlans_are_isolated_across_a_trunk() {
         !a10.can_ping("10.10.0.3", Duration::from_secs(2)),
         "VLAN 20 is not reachable from VLAN 10"
     );
+    // Ensuring again, and from a restarted backend, changes nothing.
+    let before = a.ns.hci_links();
+    a.ensure_network(&vlan_net("v10", 10, "up0", "10.10.0.0/24"))
+        .await
+        .expect("v10 again");
+    backend_in(&a.ns)
+        .await
+        .ensure_network(&vlan_net("v20", 20, "up0", "10.10.0.0/24"))
+        .await
+        .expect("v20 adopted");
+    assert_eq!(a.ns.hci_links(), before);
+    // The same VLAN id on the same uplink for another network is refused.
+    let dup = a
+        .ensure_network(&vlan_net("v10b", 10, "up0", "10.11.0.0/24"))
+        .await;
+    assert!(matches!(dup, Err(Error::Busy { .. })), "{dup:?}");
+    assert_eq!(a.ns.hci_links(), before, "the refused network left nothing");
+    assert!(a10.can_ping("10.10.0.2", Duration::from_secs(5)));
     let vlans = a.ns.exec(&["bridge", "-d", "vlan", "show", "dev", "up0"]);
     assert!(vlans.contains("10") && vlans.contains("20"), "{vlans}");
     assert!(
