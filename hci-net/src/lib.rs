@@ -20,9 +20,13 @@
 //! refuse VLAN networks with [`hci_core::Error::Unsupported`] naming it,
 //! leaving nothing behind; [`LinuxBridgeBackend::supports_vlan_networks`]
 //! asks in advance.
+//! - TAP ports persistent or fd-owned, multi-queue, with a vnet header and
+//!   a port MTU ([`LinuxBridgeBackend::attach_port_with`]); counters of every
+//!   port for metrics ([`LinuxBridgeBackend::network_stats`]).
 //! - [`dhcp`]: a built-in DHCPv4 server per network (packets by `dhcproto`,
 //!   server logic and lease database here), started and stopped with the
-//!   network.
+//!   network; router, DNS, MTU, domain and per-MAC host name options
+//!   ([`LinuxBridgeBackend::set_dhcp_names`]).
 //! - [`NetNs`]: run the backend against another network namespace (tests use
 //!   namespaces as fake nodes).
 //!
@@ -32,7 +36,8 @@
 //! SIGINT/SIGTERM, `hci-net port add NAME --ifname IF [--mac MAC]` plugs an
 //! existing TAP or veth into it
 //! ([`LinuxBridgeBackend::attach_interface`]), `hci-net leases NAME`,
-//! `hci-net down NAME` and `hci-net ls` show and remove what exists.
+//! `hci-net stats NAME`, `hci-net down NAME` and `hci-net ls` show and
+//! remove what exists.
 //!
 //! Every device the backend creates has a name with a fixed prefix (`hci-br-`,
 //! `hci-tp-`, `hci-vx-`, `hci-vl-`/`hci-vp-` for VLAN patches, `hci-tk-` for
