@@ -284,8 +284,8 @@ impl LinuxBridgeBackend {
     }
 
     /// Counters of every device on `network`'s bridge (VM TAPs, attached
-    /// interfaces, uplink, VXLAN device, VLAN patch), sorted by port name —
-    /// one netlink dump, for metrics.
+    /// interfaces, uplink, VXLAN device, VLAN patch), sorted by port name,
+    /// read from one dump of the namespace's links — for metrics.
     pub async fn network_stats(&self, network: &str) -> Result<Vec<PortCounters>> {
         names::validate_network_name(network)?;
         let bridge = self
