@@ -9,7 +9,7 @@ use hci_core::net::{NetworkBackend, NetworkConfig, NetworkStatus, PortConfig, Ta
 use hci_core::{Error, Result};
 use tokio::sync::Mutex;
 
-use crate::dhcp::{DhcpServer, Lease};
+use crate::dhcp::{DhcpNames, DhcpServer, Lease};
 use crate::link::{Link, Netlink};
 use crate::names::{self, Owner, Role};
 use crate::netns::NetNs;
@@ -28,6 +28,23 @@ pub struct BackendOptions {
     pub vnet_hdr: bool,
     /// MTU of networks that set none and have no uplink to inherit it from.
     pub default_mtu: u16,
+    /// Make TAP ports persistent (they outlive the backend's descriptors, and
+    /// a restarted backend or a VMM process reopens them by name) rather
+    /// than fd-owned (deleted by the kernel with the last queue descriptor,
+    /// so a crashed process leaks nothing). On by default; per port with
+    /// [`LinuxBridgeBackend::attach_port_with`].
+    pub persistent_taps: bool,
+}
+
+/// How a TAP port is made (see [`LinuxBridgeBackend::attach_port_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapOptions {
+    /// Persistent (survives its descriptors) or fd-owned.
+    pub persistent: bool,
+    /// Queues carry a 12-byte virtio-net header (`IFF_VNET_HDR`).
+    pub vnet_hdr: bool,
+    /// MTU of this port, at most the network's (the network's when `None`).
+    pub mtu: Option<u16>,
 }
 
 impl Default for BackendOptions {
@@ -37,11 +54,12 @@ impl Default for BackendOptions {
             state_dir: None,
             vnet_hdr: true,
             default_mtu: 1500,
+            persistent_taps: true,
         }
     }
 }
 
-/// Traffic counters of a port, as seen by the host side of its TAP (host
+/// Traffic counters of a port, as seen by the host side of its device (host
 /// receive = guest transmit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PortStats {
@@ -59,6 +77,34 @@ pub struct PortStats {
     pub tx_dropped: u64,
 }
 
+/// Counters of one device on a network's bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortCounters {
+    /// Port name for VM TAPs; the interface name otherwise.
+    pub port: String,
+    /// Interface name.
+    pub ifname: String,
+    /// `tap` (a VM port made by the backend), `vxlan` (the overlay device),
+    /// `vlan` (the patch to the VLAN trunk) or `interface` (an uplink or an
+    /// interface attached with [`LinuxBridgeBackend::attach_interface`]).
+    pub kind: &'static str,
+    /// Its counters.
+    pub stats: PortStats,
+}
+
+impl From<&rtnetlink::packet_route::link::Stats64> for PortStats {
+    fn from(s: &rtnetlink::packet_route::link::Stats64) -> Self {
+        PortStats {
+            rx_bytes: s.rx_bytes,
+            rx_packets: s.rx_packets,
+            rx_dropped: s.rx_dropped,
+            tx_bytes: s.tx_bytes,
+            tx_packets: s.tx_packets,
+            tx_dropped: s.tx_dropped,
+        }
+    }
+}
+
 /// What the backend remembers about a network it reconciled.
 #[derive(Debug)]
 pub(crate) struct NetState {
@@ -72,6 +118,8 @@ pub(crate) struct NetState {
 pub(crate) struct PortState {
     pub network: String,
     pub handle: TapHandle,
+    /// MTU asked for this port, if below the network's.
+    pub mtu: Option<u16>,
 }
 
 /// Everything the backend remembers (the kernel is the source of truth for
@@ -82,6 +130,8 @@ pub(crate) struct State {
     pub nets: BTreeMap<String, NetState>,
     /// Keyed by port name (unique on the node).
     pub ports: HashMap<String, PortState>,
+    /// Names the DHCP server of each network hands out (set by the caller).
+    pub dhcp_names: BTreeMap<String, DhcpNames>,
 }
 
 /// Result of looking for a device by its derived name.
@@ -207,21 +257,63 @@ impl LinuxBridgeBackend {
             .ok_or_else(|| Error::not_found("DHCP server", network))
     }
 
+    /// Sets the names `network`'s DHCP server hands out: the domain (option
+    /// 15) and host names by MAC (option 12, e.g. the VM's name for its NIC).
+    /// Applied at once to a running server and kept for later
+    /// [`ensure_network`](NetworkBackend::ensure_network) calls; set them
+    /// before the network's first `ensure_network` so that no client is
+    /// answered without them. Forgotten when the network is removed.
+    pub async fn set_dhcp_names(&self, network: &str, dhcp: DhcpNames) -> Result<()> {
+        names::validate_network_name(network)?;
+        dhcp.validate()?;
+        let mut st = self.state.lock().await;
+        if let Some(srv) = st.nets.get(network).and_then(|n| n.dhcp.as_ref()) {
+            srv.reconfigure(srv.settings().with_names(&dhcp)?);
+        }
+        st.dhcp_names.insert(network.to_string(), dhcp);
+        Ok(())
+    }
+
     /// Counters of a port.
     pub async fn port_stats(&self, network: &str, port: &str) -> Result<PortStats> {
         let link = self
             .port_link(network, port)
             .await?
             .ok_or_else(|| Error::not_found("port", port))?;
-        let s = link.stats.unwrap_or_default();
-        Ok(PortStats {
-            rx_bytes: s.rx_bytes,
-            rx_packets: s.rx_packets,
-            rx_dropped: s.rx_dropped,
-            tx_bytes: s.tx_bytes,
-            tx_packets: s.tx_packets,
-            tx_dropped: s.tx_dropped,
-        })
+        Ok(link.stats.as_ref().map(PortStats::from).unwrap_or_default())
+    }
+
+    /// Counters of every device on `network`'s bridge (VM TAPs, attached
+    /// interfaces, uplink, VXLAN device, VLAN patch), sorted by port name,
+    /// read from one dump of the namespace's links — for metrics.
+    pub async fn network_stats(&self, network: &str) -> Result<Vec<PortCounters>> {
+        names::validate_network_name(network)?;
+        let bridge = self
+            .bridge_of(network)
+            .await?
+            .ok_or_else(|| Error::not_found("network", network))?;
+        let links = self.nl.links().await?;
+        let mut out: Vec<PortCounters> = links
+            .iter()
+            .filter(|l| l.master == Some(bridge.index))
+            .map(|l| {
+                let owner = l.alias.as_deref().and_then(names::parse_alias);
+                let (port, kind) = match owner {
+                    Some(o) if o.role == "tap" => (o.port.unwrap_or_else(|| l.name.clone()), "tap"),
+                    Some(o) if o.role == "vxlan" => (l.name.clone(), "vxlan"),
+                    Some(o) if o.role == "vlanpeer" => (l.name.clone(), "vlan"),
+                    _ => (l.name.clone(), "interface"),
+                };
+                PortCounters {
+                    port,
+                    ifname: l.name.clone(),
+                    kind,
+                    stats: l.stats.as_ref().map(PortStats::from).unwrap_or_default(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.port.cmp(&b.port));
+        Ok(out)
     }
 
     async fn port_link(&self, network: &str, port: &str) -> Result<Option<Link>> {
@@ -243,6 +335,36 @@ impl LinuxBridgeBackend {
                 _ => None,
             },
         )
+    }
+
+    /// [`NetworkBackend::attach_port`] with explicit TAP options: persistent
+    /// or fd-owned (the kernel deletes an fd-owned TAP with the last queue
+    /// descriptor, e.g. when the VMM holding them exits), virtio-net header
+    /// on the queues, and a port MTU below the network's. Attaching an
+    /// existing port again returns it, with its MTU reconciled.
+    #[tracing::instrument(name = "attach_port", skip(self, port), fields(port = %port.name))]
+    pub async fn attach_port_with(
+        &self,
+        network: &str,
+        port: &PortConfig,
+        opts: TapOptions,
+    ) -> Result<TapHandle> {
+        names::validate_network_name(network)?;
+        names::validate_port_name(&port.name)?;
+        if !crate::mac::is_valid_unicast(port.mac) {
+            return Err(Error::invalid(
+                "port MAC",
+                format!("{} is not a unicast address", crate::mac::format(port.mac)),
+            ));
+        }
+        if port.queues == 0 || port.queues > 256 {
+            return Err(Error::invalid(
+                "port queues",
+                format!("{} is not in 1..=256", port.queues),
+            ));
+        }
+        let mut st = self.state.lock().await;
+        self.attach_locked(&mut st, network, port, opts).await
     }
 
     /// Plugs an existing interface `ifname` that this backend did not create
@@ -333,10 +455,9 @@ impl LinuxBridgeBackend {
         st.nets.clear();
         st.ports.clear();
         let links = self.nl.links().await?;
-        let ours = |l: &&Link, prefix: &str| l.name.starts_with(prefix);
         let mut n = 0;
-        for prefix in ["hci-tp-", "hci-vx-", "hci-vl-", "hci-br-"] {
-            for l in links.iter().filter(|l| ours(l, prefix)) {
+        for role in names::ROLES {
+            for l in links.iter().filter(|l| l.name.starts_with(role.prefix())) {
                 self.nl.delete(l).await?;
                 n += 1;
             }
@@ -347,6 +468,34 @@ impl LinuxBridgeBackend {
         }
         tracing::info!(devices = n, "removed every hci network device");
         Ok(n)
+    }
+
+    /// Whether this kernel can run VLAN networks, which need bridge VLAN
+    /// filtering (`CONFIG_BRIDGE_VLAN_FILTERING`): creates a scratch bridge
+    /// with filtering on, reads the setting back and deletes the bridge.
+    pub async fn supports_vlan_networks(&self) -> Result<bool> {
+        let _st = self.state.lock().await;
+        let key = format!("probe-{}", std::process::id());
+        let Slot::Free(name) = self.slot(Role::Trunk, &key, |_| false).await? else {
+            return Err(Error::already_exists("device", key));
+        };
+        match self.nl.add(crate::link::trunk_bridge_message(&name)).await {
+            Ok(()) => {}
+            Err(e) if crate::link::errno(&e) == Some(libc::EOPNOTSUPP) => return Ok(false),
+            Err(e) => {
+                return Err(crate::link::nl_error(
+                    format!("create probe bridge {name}"),
+                    e,
+                ));
+            }
+        }
+        let link = self.nl.link(&name).await?;
+        let on = link.as_ref().and_then(|l| l.vlan_filtering) == Some(true);
+        if let Some(l) = &link {
+            self.nl.delete(l).await?;
+        }
+        tracing::debug!(supported = on, "bridge VLAN filtering probed");
+        Ok(on)
     }
 
     /// Runs an nft script in the namespace off the async threads.
@@ -366,16 +515,18 @@ impl LinuxBridgeBackend {
         ifname: &str,
         queues: u16,
         exclusive: bool,
+        opts: TapOptions,
     ) -> Result<Vec<Arc<std::os::fd::OwnedFd>>> {
-        let (ns, name, vnet_hdr) = (self.ns.clone(), ifname.to_string(), self.opts.vnet_hdr);
+        let (ns, name) = (self.ns.clone(), ifname.to_string());
         let fds = tokio::task::spawn_blocking(move || {
             tap::open(
                 &ns,
                 &tap::TapSpec {
                     name: &name,
                     queues,
-                    vnet_hdr,
+                    vnet_hdr: opts.vnet_hdr,
                     exclusive,
+                    persistent: opts.persistent,
                 },
             )
         })
@@ -394,16 +545,27 @@ impl LinuxBridgeBackend {
         st: &mut State,
         network: &str,
         port: &PortConfig,
+        opts: TapOptions,
     ) -> Result<TapHandle> {
         let bridge = self
             .bridge_of(network)
             .await?
             .ok_or_else(|| Error::not_found("network", network))?;
-        let mtu = st
+        let net_mtu = st
             .nets
             .get(network)
             .map(|n| n.mtu)
             .unwrap_or(u16::try_from(bridge.mtu).unwrap_or(1500));
+        let mtu = match opts.mtu {
+            Some(m) if !(68..=net_mtu).contains(&m) => {
+                return Err(Error::invalid(
+                    "port MTU",
+                    format!("{m} is not in 68..={net_mtu} (the network's MTU)"),
+                ));
+            }
+            Some(m) => m,
+            None => net_mtu,
+        };
         let alias = names::port_alias(network, &port.name, port.mac);
         let owns = |o: &Owner| o.role == "tap" && o.port.as_deref() == Some(port.name.as_str());
         let (link, fds) = match self.slot(Role::Tap, &port.name, owns).await? {
@@ -415,27 +577,28 @@ impl LinuxBridgeBackend {
                 {
                     return Err(Error::already_exists("port", port.name.clone()));
                 }
-                if let Some(h) = st
+                if let Some(p) = st
                     .ports
-                    .get(&port.name)
+                    .get_mut(&port.name)
                     .filter(|p| p.network == network)
-                    .map(|p| &p.handle)
                 {
-                    if h.fds.len() != usize::from(port.queues) {
+                    if p.handle.fds.len() != usize::from(port.queues) {
                         return Err(Error::already_exists("port", port.name.clone()));
                     }
                     self.nl
                         .reconcile(&link, Some(u32::from(mtu)), None, None)
                         .await?;
                     self.nl.set_master(&link, bridge.index).await?;
-                    return Ok(h.clone());
+                    p.handle.mtu = mtu;
+                    p.mtu = opts.mtu;
+                    return Ok(p.handle.clone());
                 }
                 // Adopting a port of an earlier run: reattach queues to the persistent TAP.
-                let fds = self.open_tap(&link.name, port.queues, false).await?;
+                let fds = self.open_tap(&link.name, port.queues, false, opts).await?;
                 (*link, fds)
             }
             Slot::Free(ifname) => {
-                let fds = self.open_tap(&ifname, port.queues, true).await?;
+                let fds = self.open_tap(&ifname, port.queues, true, opts).await?;
                 let link = self
                     .nl
                     .link(&ifname)
@@ -449,7 +612,11 @@ impl LinuxBridgeBackend {
             self.nl
                 .reconcile(&link, Some(u32::from(mtu)), Some(mac), Some(&alias))
                 .await?;
-            self.nl.set_master(&link, bridge.index).await
+            self.nl.set_master(&link, bridge.index).await?;
+            if mtu < net_mtu {
+                self.pin_bridge_mtu(&bridge.name, net_mtu).await?;
+            }
+            Ok::<(), Error>(())
         };
         if let Err(e) = configured.await {
             let _ = self.nl.delete(&link).await;
@@ -466,10 +633,23 @@ impl LinuxBridgeBackend {
             PortState {
                 network: network.to_string(),
                 handle: handle.clone(),
+                mtu: opts.mtu,
             },
         );
         tracing::info!(network, port = %port.name, ifname = %link.name, "port attached");
         Ok(handle)
+    }
+
+    /// Puts bridge `name` back at `mtu` after a port below it joined: a bridge
+    /// whose MTU was never set explicitly follows its smallest port, and
+    /// setting it once pins it.
+    pub(crate) async fn pin_bridge_mtu(&self, name: &str, mtu: u16) -> Result<()> {
+        if let Some(b) = self.nl.link(name).await? {
+            self.nl
+                .reconcile(&b, Some(u32::from(mtu)), None, None)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Deletes everything of `network` in the kernel; true if anything existed.
@@ -484,12 +664,13 @@ impl LinuxBridgeBackend {
             self.nl.delete(&tap).await?;
             found = true;
         }
-        for role in [Role::Vxlan, Role::Vlan, Role::Bridge] {
+        for role in [Role::Vxlan, Role::Vlan, Role::VlanPeer, Role::Bridge] {
             if let Some(l) = self.device_of(role, network).await? {
                 self.nl.delete(&l).await?;
                 found = true;
             }
         }
+        self.collect_trunks().await?;
         // Unknown history (adopted network): try, and tolerate a node without nft.
         if was_management == Some(true) || (found && was_management.is_none()) {
             match self.nft(nat::remove_script(network)).await {
@@ -523,6 +704,7 @@ impl NetworkBackend for LinuxBridgeBackend {
         let mut st = self.state.lock().await;
         let known = st.nets.remove(name);
         st.ports.retain(|_, p| p.network != name);
+        st.dhcp_names.remove(name);
         let was_management = known
             .as_ref()
             .map(|n| matches!(n.config.kind, hci_core::net::NetworkKind::Management { .. }));
@@ -578,24 +760,13 @@ impl NetworkBackend for LinuxBridgeBackend {
         Ok(out)
     }
 
-    #[tracing::instrument(name = "attach_port", skip(self, port), fields(port = %port.name))]
     async fn attach_port(&self, network: &str, port: &PortConfig) -> Result<TapHandle> {
-        names::validate_network_name(network)?;
-        names::validate_port_name(&port.name)?;
-        if !crate::mac::is_valid_unicast(port.mac) {
-            return Err(Error::invalid(
-                "port MAC",
-                format!("{} is not a unicast address", crate::mac::format(port.mac)),
-            ));
-        }
-        if port.queues == 0 || port.queues > 256 {
-            return Err(Error::invalid(
-                "port queues",
-                format!("{} is not in 1..=256", port.queues),
-            ));
-        }
-        let mut st = self.state.lock().await;
-        self.attach_locked(&mut st, network, port).await
+        let opts = TapOptions {
+            persistent: self.opts.persistent_taps,
+            vnet_hdr: self.opts.vnet_hdr,
+            mtu: None,
+        };
+        self.attach_port_with(network, port, opts).await
     }
 
     #[tracing::instrument(name = "detach_port", skip(self))]

@@ -4,13 +4,29 @@
 //! [`NetworkBackend`](hci_core::net::NetworkBackend):
 //!
 //! - [`LinuxBridgeBackend`]: one Linux bridge per network, TAP ports for VM
-//!   NICs, an uplink NIC, 802.1Q VLAN sub-interfaces, VXLAN overlays with
-//!   static flood entries per peer node, and masquerade NAT for management
-//!   networks — all through netlink (`rtnetlink`), except NAT which goes
-//!   through one tightly scoped `nft -f -` call per change.
+//!   NICs, an uplink NIC, VLAN networks on a VLAN-filtering trunk bridge per
+//!   uplink, VXLAN overlays with static flood entries per peer node, and
+//!   masquerade NAT for management networks — all through netlink
+//!   (`rtnetlink`), except NAT which goes through one tightly scoped
+//!   `nft -f -` call per change.
+//!
+//! VLAN networks: the uplink NIC is the trunk port of a bridge with VLAN
+//! filtering on (`IFLA_BR_VLAN_FILTERING`, one such bridge per uplink, shared
+//! by its VLAN networks), carrying each network's VLAN id tagged. Each VLAN
+//! network keeps its own bridge (TAP ports, DHCP, counters as for every other
+//! kind), joined to the trunk bridge by a veth patch whose trunk end is an
+//! access port: PVID = the VLAN id, egress untagged (`IFLA_AF_SPEC` /
+//! `IFLA_BRIDGE_VLAN_INFO`). Kernels without `CONFIG_BRIDGE_VLAN_FILTERING`
+//! refuse VLAN networks with [`hci_core::Error::Unsupported`] naming it,
+//! leaving nothing behind; [`LinuxBridgeBackend::supports_vlan_networks`]
+//! asks in advance.
+//! - TAP ports persistent or fd-owned, multi-queue, with a vnet header and
+//!   a port MTU ([`LinuxBridgeBackend::attach_port_with`]); counters of every
+//!   port for metrics ([`LinuxBridgeBackend::network_stats`]).
 //! - [`dhcp`]: a built-in DHCPv4 server per network (packets by `dhcproto`,
 //!   server logic and lease database here), started and stopped with the
-//!   network.
+//!   network; router, DNS, MTU, domain and per-MAC host name options
+//!   ([`LinuxBridgeBackend::set_dhcp_names`]).
 //! - [`NetNs`]: run the backend against another network namespace (tests use
 //!   namespaces as fake nodes).
 //!
@@ -20,11 +36,12 @@
 //! SIGINT/SIGTERM, `hci-net port add NAME --ifname IF [--mac MAC]` plugs an
 //! existing TAP or veth into it
 //! ([`LinuxBridgeBackend::attach_interface`]), `hci-net leases NAME`,
-//! `hci-net down NAME` and `hci-net ls` show and remove what exists.
+//! `hci-net stats NAME`, `hci-net down NAME` and `hci-net ls` show and
+//! remove what exists.
 //!
 //! Every device the backend creates has a name with a fixed prefix (`hci-br-`,
-//! `hci-tp-`, `hci-vx-`, `hci-vl-`) followed by a hash of the network or port
-//! name, and carries an interface alias recording what it belongs to, so a
+//! `hci-tp-`, `hci-vx-`, `hci-vl-`/`hci-vp-` for VLAN patches, `hci-tk-` for
+//! trunk bridges) followed by a hash of the network, port or uplink name, and carries an interface alias recording what it belongs to, so a
 //! restarted backend adopts what exists and [`LinuxBridgeBackend::cleanup_all`]
 //! removes everything it ever made.
 //!
@@ -60,7 +77,7 @@ mod netns;
 mod reconcile;
 mod tap;
 
-pub use backend::{BackendOptions, LinuxBridgeBackend, PortStats};
+pub use backend::{BackendOptions, LinuxBridgeBackend, PortCounters, PortStats, TapOptions};
 pub use names::{DEVICE_PREFIX, MAX_IFNAME_LEN};
 pub use netns::NetNs;
 

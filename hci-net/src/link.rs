@@ -15,14 +15,14 @@ use rtnetlink::packet_core::{
 };
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVlan, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-    Stats64,
+    AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoData, InfoKind, InfoVlan,
+    InfoVxlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage, Stats64,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{Handle, LinkUnspec};
+use rtnetlink::{Handle, LinkBridge, LinkBridgeVlan, LinkUnspec};
 
 use crate::netns::NetNs;
 
@@ -70,6 +70,8 @@ pub(crate) struct Link {
     pub parent: Option<u32>,
     pub vxlan: Option<VxlanParams>,
     pub vlan_id: Option<u16>,
+    /// `IFLA_BR_VLAN_FILTERING` of a bridge, as the kernel reports it.
+    pub vlan_filtering: Option<bool>,
     pub stats: Option<Stats64>,
 }
 
@@ -87,6 +89,7 @@ impl Link {
             parent: None,
             vxlan: None,
             vlan_id: None,
+            vlan_filtering: None,
             stats: None,
         };
         for a in m.attributes {
@@ -103,6 +106,12 @@ impl Link {
                         match i {
                             LinkInfo::Kind(k) => l.kind = Some(k),
                             LinkInfo::Data(InfoData::Vxlan(v)) => l.vxlan = Some(vxlan_params(v)),
+                            LinkInfo::Data(InfoData::Bridge(b)) => {
+                                l.vlan_filtering = b.iter().find_map(|x| match x {
+                                    InfoBridge::VlanFiltering(on) => Some(*on),
+                                    _ => None,
+                                })
+                            }
                             LinkInfo::Data(InfoData::Vlan(v)) => {
                                 l.vlan_id = v.iter().find_map(|x| match x {
                                     InfoVlan::Id(id) => Some(*id),
@@ -134,6 +143,52 @@ fn vxlan_params(infos: Vec<InfoVxlan>) -> VxlanParams {
         }
     }
     p
+}
+
+/// `RTM_NEWLINK` for a bridge with VLAN filtering on
+/// (`IFLA_BR_VLAN_FILTERING` = 1) and no default PVID
+/// (`IFLA_BR_VLAN_DEFAULT_PVID` = 0, so a new port carries no VLAN until one
+/// is given to it).
+pub(crate) fn trunk_bridge_message(name: &str) -> LinkMessage {
+    LinkBridge::new(name)
+        .vlan_filtering(true)
+        .vlan_default_pvid(0)
+        .build()
+}
+
+/// `RTM_SETLINK`/`RTM_DELLINK` body for one VLAN of a bridge port: family
+/// `AF_BRIDGE`, the port's index, and `IFLA_AF_SPEC` holding one
+/// `IFLA_BRIDGE_VLAN_INFO { flags, vid }`.
+pub(crate) fn port_vlan_message(port: u32, vid: u16, flags: BridgeVlanInfoFlags) -> LinkMessage {
+    LinkBridgeVlan::new(port).vlan(vid, flags).build()
+}
+
+/// The `IFLA_BRIDGE_VLAN_INFO` entries of an `AF_BRIDGE` link message,
+/// ranges expanded.
+pub(crate) fn vlans_of(m: &LinkMessage) -> Vec<BridgeVlanInfo> {
+    let mut out = Vec::new();
+    let mut range_start: Option<u16> = None;
+    for a in &m.attributes {
+        let LinkAttribute::AfSpecBridge(specs) = a else {
+            continue;
+        };
+        for spec in specs {
+            let AfSpecBridge::VlanInfo(v) = spec else {
+                continue;
+            };
+            if v.flags.contains(BridgeVlanInfoFlags::RangeBegin) {
+                range_start = Some(v.vid);
+            } else if v.flags.contains(BridgeVlanInfoFlags::RangeEnd) {
+                let flags = v.flags - BridgeVlanInfoFlags::RangeEnd;
+                for vid in range_start.take().unwrap_or(v.vid)..=v.vid {
+                    out.push(BridgeVlanInfo { vid, flags });
+                }
+            } else {
+                out.push(*v);
+            }
+        }
+    }
+    out
 }
 
 /// A netlink route connection inside one namespace.
@@ -204,6 +259,17 @@ impl Netlink {
         self.handle
             .link()
             .set(msg)
+            .execute()
+            .await
+            .map_err(|e| nl_error(format!("configure {what}"), e))
+    }
+
+    /// Changes a link's kind-specific settings (`RTM_NEWLINK` on an existing
+    /// link: `ip link set DEV type KIND …`).
+    pub(crate) async fn change(&self, what: &str, msg: LinkMessage) -> Result<()> {
+        self.handle
+            .link()
+            .change(msg)
             .execute()
             .await
             .map_err(|e| nl_error(format!("configure {what}"), e))
@@ -357,6 +423,53 @@ impl Netlink {
         }
     }
 
+    /// Adds VLAN `vid` with `flags` to bridge port `port`
+    /// (`bridge vlan add dev PORT vid VID [pvid] [untagged]`).
+    pub(crate) async fn add_port_vlan(
+        &self,
+        port: &Link,
+        vid: u16,
+        flags: BridgeVlanInfoFlags,
+    ) -> Result<()> {
+        self.handle
+            .link()
+            .set(port_vlan_message(port.index, vid, flags))
+            .execute()
+            .await
+            .map_err(|e| nl_error(format!("add VLAN {vid} to bridge port {}", port.name), e))
+    }
+
+    /// Removes VLAN `vid` from bridge port `port`; an absent VLAN is fine.
+    pub(crate) async fn del_port_vlan(&self, port: &Link, vid: u16) -> Result<()> {
+        let msg = port_vlan_message(port.index, vid, BridgeVlanInfoFlags::empty());
+        match self.handle.link().del_with_message(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), Some(libc::ENOENT) | Some(libc::ENODEV)) => Ok(()),
+            Err(e) => Err(nl_error(
+                format!("remove VLAN {vid} from bridge port {}", port.name),
+                e,
+            )),
+        }
+    }
+
+    /// VLANs of every bridge port in the namespace, by port index
+    /// (`bridge vlan show`: an `AF_BRIDGE` dump with `RTEXT_FILTER_BRVLAN`).
+    pub(crate) async fn port_vlans(&self) -> Result<Vec<(u32, Vec<BridgeVlanInfo>)>> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .set_filter_mask(AddressFamily::Bridge, vec![LinkExtentMask::Brvlan])
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| nl_error("list bridge port VLANs", e))?;
+        Ok(msgs
+            .into_iter()
+            .map(|m| (m.header.index, vlans_of(&m)))
+            .collect())
+    }
+
     fn flood_entry(index: u32, peer: IpAddr) -> NeighbourMessage {
         let mut m = NeighbourMessage::default();
         m.header.family = AddressFamily::Bridge;
@@ -441,5 +554,91 @@ impl Netlink {
             Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(()),
             Err(e) => Err(nl_error(format!("remove flood entry to {peer}"), e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_core::{Emitable, Parseable};
+
+    use super::*;
+
+    fn emit(m: &LinkMessage) -> Vec<u8> {
+        let mut buf = vec![0; m.buffer_len()];
+        m.emit(&mut buf);
+        buf
+    }
+
+    #[test]
+    fn port_vlan_message_is_an_af_bridge_vlan_info() {
+        let flags = BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged;
+        let m = port_vlan_message(7, 42, flags);
+        assert_eq!(m.header.interface_family, AddressFamily::Bridge);
+        assert_eq!(m.header.index, 7);
+        assert_eq!(
+            m.attributes,
+            vec![LinkAttribute::AfSpecBridge(vec![AfSpecBridge::VlanInfo(
+                BridgeVlanInfo { flags, vid: 42 }
+            )])]
+        );
+        // ifinfomsg (AF_BRIDGE = 7, index 7), then IFLA_AF_SPEC (26) nesting
+        // IFLA_BRIDGE_VLAN_INFO (2) = { flags: PVID|UNTAGGED = 6, vid: 42 }.
+        #[rustfmt::skip]
+        let want: Vec<u8> = vec![
+            7, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            12, 0, 26, 0,
+            8, 0, 2, 0, 6, 0, 42, 0,
+        ];
+        assert_eq!(emit(&m), want);
+        // Tagged trunk membership: no flags.
+        let t = emit(&port_vlan_message(3, 4094, BridgeVlanInfoFlags::empty()));
+        assert_eq!(&t[t.len() - 4..], &[0, 0, 0xfe, 0x0f]);
+    }
+
+    #[test]
+    fn trunk_bridge_message_turns_filtering_on_without_a_default_pvid() {
+        let m = trunk_bridge_message("hci-tk-01234567");
+        let bytes = emit(&m);
+        let parsed = LinkMessage::parse(bytes.as_slice()).expect("parses");
+        assert_eq!(parsed.header, m.header);
+        let l = Link::from_message(parsed.clone());
+        assert_eq!(l.name, "hci-tk-01234567");
+        assert_eq!(l.kind, Some(InfoKind::Bridge));
+        assert_eq!(l.vlan_filtering, Some(true));
+        let data = parsed.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(i) => i.iter().find_map(|x| match x {
+                LinkInfo::Data(InfoData::Bridge(b)) => Some(b.clone()),
+                _ => None,
+            }),
+            _ => None,
+        });
+        let data = data.expect("IFLA_INFO_DATA of a bridge");
+        assert!(data.contains(&InfoBridge::VlanFiltering(true)), "{data:?}");
+        assert!(data.contains(&InfoBridge::VlanDefaultPvid(0)), "{data:?}");
+    }
+
+    #[test]
+    fn vlan_dumps_expand_ranges() {
+        let mut m = LinkMessage::default();
+        m.header.interface_family = AddressFamily::Bridge;
+        m.attributes.push(LinkAttribute::AfSpecBridge(vec![
+            AfSpecBridge::VlanInfo(BridgeVlanInfo {
+                flags: BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged,
+                vid: 10,
+            }),
+            AfSpecBridge::VlanInfo(BridgeVlanInfo {
+                flags: BridgeVlanInfoFlags::RangeBegin,
+                vid: 20,
+            }),
+            AfSpecBridge::VlanInfo(BridgeVlanInfo {
+                flags: BridgeVlanInfoFlags::RangeEnd,
+                vid: 22,
+            }),
+        ]));
+        let v = vlans_of(&m);
+        let vids: Vec<u16> = v.iter().map(|x| x.vid).collect();
+        assert_eq!(vids, [10, 20, 21, 22]);
+        assert!(v[0].flags.contains(BridgeVlanInfoFlags::Pvid));
+        assert!(v[1..].iter().all(|x| x.flags.is_empty()));
     }
 }

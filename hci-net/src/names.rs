@@ -24,16 +24,34 @@ pub(crate) enum Role {
     Bridge,
     Tap,
     Vxlan,
+    /// The access end of a VLAN network's patch (a veth in the uplink's trunk bridge).
     Vlan,
+    /// The other end of that patch, a port of the network's own bridge.
+    VlanPeer,
+    /// The VLAN-filtering bridge of an uplink, shared by its VLAN networks.
+    Trunk,
 }
 
+/// Every role, in the order devices are deleted (ports before bridges).
+pub(crate) const ROLES: [Role; 6] = [
+    Role::Tap,
+    Role::Vxlan,
+    Role::Vlan,
+    Role::VlanPeer,
+    Role::Bridge,
+    Role::Trunk,
+];
+
 impl Role {
-    fn prefix(self) -> &'static str {
+    /// Name prefix of this role's devices.
+    pub(crate) fn prefix(self) -> &'static str {
         match self {
             Role::Bridge => "hci-br-",
             Role::Tap => "hci-tp-",
             Role::Vxlan => "hci-vx-",
             Role::Vlan => "hci-vl-",
+            Role::VlanPeer => "hci-vp-",
+            Role::Trunk => "hci-tk-",
         }
     }
 
@@ -43,6 +61,8 @@ impl Role {
             Role::Tap => "tap",
             Role::Vxlan => "vxlan",
             Role::Vlan => "vlan",
+            Role::VlanPeer => "vlanpeer",
+            Role::Trunk => "trunk",
         }
     }
 }
@@ -72,7 +92,10 @@ pub(crate) fn device_name(role: Role, owner: &str, salt: u32) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Owner {
     pub role: &'static str,
+    /// The owning network; empty for a trunk bridge (shared by networks).
     pub network: String,
+    /// The uplink NIC of a trunk bridge.
+    pub uplink: Option<String>,
     pub port: Option<String>,
     pub mac: Option<[u8; 6]>,
 }
@@ -80,6 +103,11 @@ pub(crate) struct Owner {
 /// Alias for a network-level device.
 pub(crate) fn network_alias(role: Role, network: &str) -> String {
     format!("hci role={} network={network}", role.tag())
+}
+
+/// Alias for the trunk bridge of `uplink`.
+pub(crate) fn trunk_alias(uplink: &str) -> String {
+    format!("hci role={} uplink={uplink}", Role::Trunk.tag())
 }
 
 /// Alias for a TAP port.
@@ -96,25 +124,28 @@ pub(crate) fn parse_alias(alias: &str) -> Option<Owner> {
     if words.next() != Some("hci") {
         return None;
     }
-    let (mut role, mut network, mut port, mut mac) = (None, None, None, None);
+    let (mut role, mut network, mut port, mut mac, mut uplink) = (None, None, None, None, None);
     for w in words {
         let (k, v) = w.split_once('=')?;
         match k {
-            "role" => {
-                role = [Role::Bridge, Role::Tap, Role::Vxlan, Role::Vlan]
-                    .into_iter()
-                    .map(Role::tag)
-                    .find(|t| *t == v)
-            }
+            "role" => role = ROLES.into_iter().map(Role::tag).find(|t| *t == v),
             "network" => network = Some(v.to_string()),
             "port" => port = Some(v.to_string()),
             "mac" => mac = crate::mac::parse(v),
+            "uplink" => uplink = Some(v.to_string()),
             _ => {}
         }
     }
+    let role = role?;
+    let network = match network {
+        Some(n) => n,
+        None if role == Role::Trunk.tag() && uplink.is_some() => String::new(),
+        None => return None,
+    };
     Some(Owner {
-        role: role?,
-        network: network?,
+        role,
+        network,
+        uplink,
         port,
         mac,
     })
@@ -123,6 +154,11 @@ pub(crate) fn parse_alias(alias: &str) -> Option<Owner> {
 impl Owner {
     pub(crate) fn is(&self, role: Role, network: &str) -> bool {
         self.role == role.tag() && self.network == network
+    }
+
+    /// Is this the trunk bridge of `uplink`?
+    pub(crate) fn is_trunk_of(&self, uplink: &str) -> bool {
+        self.role == Role::Trunk.tag() && self.uplink.as_deref() == Some(uplink)
     }
 }
 
@@ -212,6 +248,10 @@ mod tests {
         let b = parse_alias(&network_alias(Role::Bridge, "lab")).expect("parses");
         assert!(b.is(Role::Bridge, "lab"));
         assert!(!b.is(Role::Vxlan, "lab"));
+        let t = parse_alias(&trunk_alias("eth1")).expect("parses");
+        assert!(t.is_trunk_of("eth1") && !t.is_trunk_of("eth2"));
+        assert!(!t.is(Role::Bridge, ""));
+        assert_eq!(parse_alias("hci role=bridge uplink=eth1"), None);
         assert_eq!(parse_alias("uplink to the rack switch"), None);
         assert_eq!(parse_alias("hci role=nope network=x"), None);
     }

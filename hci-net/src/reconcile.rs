@@ -1,7 +1,7 @@
 //! `ensure_network`: validate, then reconcile the kernel with the config.
 //!
 //! Order matters for "never leak": whatever may be refused by this kernel
-//! (the VLAN device) is created before the bridge, and a network that did not
+//! (the VLAN-filtering trunk bridge) is created before the network's bridge, and a network that did not
 //! exist before a failed `ensure_network` is removed again completely.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -9,11 +9,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use hci_core::net::{NetworkConfig, NetworkKind, NetworkStatus};
 use hci_core::{Error, Result};
 use ipnet::IpNet;
-use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkVlan, LinkVxlan};
+use rtnetlink::packet_route::link::{BridgeVlanInfo, BridgeVlanInfoFlags, InfoKind};
+use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkVeth, LinkVxlan};
 
 use crate::backend::{LinuxBridgeBackend, NetState, Slot, State};
 use crate::dhcp::{self, DhcpServer, DhcpSettings};
-use crate::link::{Link, VxlanParams, errno, nl_error};
+use crate::link::{Link, VxlanParams, errno, nl_error, trunk_bridge_message};
 use crate::names::{self, Role};
 use crate::{VXLAN_OVERHEAD_V4, VXLAN_OVERHEAD_V6, nat};
 
@@ -136,7 +137,13 @@ impl LinuxBridgeBackend {
     ) -> Result<NetworkStatus> {
         let name = cfg.name.as_str();
         let mtu = self.effective_mtu(cfg).await?;
-        let dhcp_settings = dhcp_settings(cfg, mtu)?;
+        let dhcp_settings = match dhcp_settings(cfg, mtu)? {
+            Some(s) => Some(match st.dhcp_names.get(name) {
+                Some(n) => s.with_names(n)?,
+                None => s,
+            }),
+            None => None,
+        };
         let vlan = match &cfg.kind {
             NetworkKind::Vlan { id, uplink } => {
                 Some(self.ensure_vlan(name, *id, uplink, mtu).await?)
@@ -227,11 +234,15 @@ impl LinuxBridgeBackend {
         {
             self.nl.delete(&l).await?;
         }
-        if !matches!(cfg.kind, NetworkKind::Vlan { .. })
-            && let Some(l) = self.device_of(Role::Vlan, name).await?
-        {
-            self.nl.delete(&l).await?;
+        if !matches!(cfg.kind, NetworkKind::Vlan { .. }) {
+            for role in [Role::Vlan, Role::VlanPeer] {
+                if let Some(l) = self.device_of(role, name).await? {
+                    self.nl.delete(&l).await?;
+                }
+            }
         }
+        // A VLAN network that left a trunk (other uplink, other kind, other id).
+        self.collect_trunks().await?;
         let was_mgmt = prev.is_some_and(|p| matches!(p.kind, NetworkKind::Management { .. }));
         if was_mgmt && !matches!(cfg.kind, NetworkKind::Management { .. }) {
             self.nft(nat::remove_script(name)).await?;
@@ -239,15 +250,25 @@ impl LinuxBridgeBackend {
 
         let links = self.nl.links().await?;
         let taps = self.taps_of(&links, name).await;
-        for (_, tap) in &taps {
+        // Each port at the network's MTU, or below it where asked.
+        let port_mtu = |st: &State, port: &str| {
+            st.ports
+                .get(port)
+                .filter(|p| p.network == cfg.name)
+                .and_then(|p| p.mtu)
+                .map_or(mtu, |m| m.min(mtu))
+        };
+        for (port, tap) in &taps {
             self.nl
-                .reconcile(tap, Some(u32::from(mtu)), None, None)
+                .reconcile(tap, Some(u32::from(port_mtu(st, port))), None, None)
                 .await?;
             self.nl.set_master(tap, bridge.index).await?;
         }
-
+        if taps.iter().any(|(port, _)| port_mtu(st, port) < mtu) {
+            self.pin_bridge_mtu(&bridge.name, mtu).await?;
+        }
         for p in st.ports.values_mut().filter(|p| p.network == cfg.name) {
-            p.handle.mtu = mtu;
+            p.handle.mtu = p.mtu.map_or(mtu, |m| m.min(mtu));
         }
         let entry = st.nets.entry(cfg.name.clone()).or_insert_with(|| NetState {
             config: cfg.clone(),
@@ -408,47 +429,203 @@ impl LinuxBridgeBackend {
         Ok(())
     }
 
+    /// A VLAN network: the uplink's VLAN-filtering trunk bridge (created on
+    /// first use, the uplink its trunk port carrying VLAN `id` tagged) and a
+    /// veth patch between it and the network's bridge, whose trunk end is an
+    /// access port (PVID `id`, egress untagged). Returns the other end, to be
+    /// plugged into the network's bridge.
     async fn ensure_vlan(&self, network: &str, id: u16, uplink: &str, mtu: u16) -> Result<Link> {
         let up = self
             .nl
             .link(uplink)
             .await?
             .ok_or_else(|| Error::not_found("uplink interface", uplink))?;
-        let alias = names::network_alias(Role::Vlan, network);
-        let name = match self
-            .slot(Role::Vlan, network, |o| o.is(Role::Vlan, network))
+        let trunk = self.ensure_trunk(network, id, uplink).await?;
+        if let Some(m) = up.master.filter(|m| *m != trunk.index) {
+            let own_bridge = self.bridge_of(network).await?.map(|b| b.index);
+            if own_bridge != Some(m) {
+                return Err(Error::Busy {
+                    kind: "interface",
+                    name: uplink.to_string(),
+                    reason: "it is a port of another bridge".into(),
+                });
+            }
+            // This network used the uplink untagged before.
+            self.nl.release(&up).await?;
+        }
+        self.nl.set_master(&up, trunk.index).await?;
+        self.nl.reconcile(&up, None, None, None).await?;
+
+        let vlans = self.nl.port_vlans().await?;
+        let links = self.nl.links().await?;
+        for (other, pvid) in trunk_patches(&links, &vlans, trunk.index) {
+            if other != network && pvid == Some(id) {
+                return Err(Error::Busy {
+                    kind: "VLAN",
+                    name: format!("{id} on {uplink}"),
+                    reason: format!("network {other:?} already uses it"),
+                });
+            }
+        }
+
+        let (patch, peer) = self.ensure_patch(network, mtu).await?;
+        self.nl.set_master(&patch, trunk.index).await?;
+        // Access port: exactly VLAN `id`, as PVID and untagged.
+        let have = port_vlans_of(&vlans, patch.index);
+        for v in have.iter().filter(|v| v.vid != id) {
+            self.nl.del_port_vlan(&patch, v.vid).await?;
+        }
+        let access = BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged;
+        if !have.iter().any(|v| v.vid == id && v.flags.contains(access)) {
+            self.nl.add_port_vlan(&patch, id, access).await?;
+        }
+        // Trunk port: VLAN `id` tagged.
+        if !port_vlans_of(&vlans, up.index)
+            .iter()
+            .any(|v| v.vid == id && !v.flags.contains(BridgeVlanInfoFlags::Untagged))
+        {
+            self.nl
+                .add_port_vlan(&up, id, BridgeVlanInfoFlags::empty())
+                .await?;
+        }
+        Ok(peer)
+    }
+
+    /// The VLAN-filtering bridge of `uplink`, created if needed; the clear
+    /// "unsupported" error when this kernel cannot filter VLANs on bridges.
+    async fn ensure_trunk(&self, network: &str, id: u16, uplink: &str) -> Result<Link> {
+        let unsupported = || {
+            Error::unsupported(
+                format!("VLAN network {network:?} (VLAN {id} on {uplink})"),
+                VLAN_FILTERING_MISSING,
+            )
+        };
+        let link = match self
+            .slot(Role::Trunk, uplink, |o| o.is_trunk_of(uplink))
             .await?
         {
-            Slot::Owned(l) if l.parent == Some(up.index) && l.vlan_id == Some(id) => {
-                self.nl
-                    .reconcile(&l, Some(u32::from(mtu)), None, Some(&alias))
-                    .await?;
-                self.nl.reconcile(&up, None, None, None).await?;
-                return Ok(*l);
+            Slot::Owned(l) => *l,
+            Slot::Free(n) => {
+                let alias = names::trunk_alias(uplink);
+                self.create_owned(&n, trunk_bridge_message(&n), &alias, |e| match errno(&e) {
+                    Some(libc::EOPNOTSUPP) => unsupported(),
+                    _ => nl_error(format!("create trunk bridge {n} for {uplink}"), e),
+                })
+                .await?
             }
-            Slot::Owned(l) => {
-                self.nl.delete(&l).await?;
-                l.name
+        };
+        if link.vlan_filtering != Some(true) {
+            // Created or adopted without filtering: turn it on, or give up
+            // cleanly when the kernel ignores or refuses it.
+            let mut msg = trunk_bridge_message(&link.name);
+            msg.header.index = link.index;
+            let set = self.nl.change(&link.name, msg).await;
+            let now = self.nl.link(&link.name).await?;
+            if set.is_err() || now.as_ref().and_then(|l| l.vlan_filtering) != Some(true) {
+                self.nl.delete(&link).await?;
+                return Err(unsupported());
             }
-            Slot::Free(n) => n,
-        };
-        let msg = LinkVlan::new(&name, up.index, id).build();
-        let refused = |e: rtnetlink::Error| match errno(&e) {
-            Some(libc::EOPNOTSUPP) => Error::unsupported(
-                format!("VLAN network {network:?} (802.1Q VLAN {id} on {uplink})"),
-                "this kernel: it has no 802.1Q VLAN devices (CONFIG_VLAN_8021Q, module 8021q)",
-            ),
-            _ => nl_error(
-                format!("create VLAN device {name} (VLAN {id} on {uplink})"),
-                e,
-            ),
-        };
-        let l = self.create_owned(&name, msg, &alias, refused).await?;
-        self.nl
-            .reconcile(&l, Some(u32::from(mtu)), None, None)
+        }
+        self.nl.reconcile(&link, None, None, None).await?;
+        Ok(link)
+    }
+
+    /// The veth patch of a VLAN network: (trunk end, bridge end).
+    async fn ensure_patch(&self, network: &str, mtu: u16) -> Result<(Link, Link)> {
+        let end = self
+            .slot(Role::Vlan, network, |o| o.is(Role::Vlan, network))
             .await?;
-        self.nl.reconcile(&up, None, None, None).await?;
-        Ok(l)
+        let peer = self
+            .slot(Role::VlanPeer, network, |o| o.is(Role::VlanPeer, network))
+            .await?;
+        let (end, peer) = match (end, peer) {
+            (Slot::Owned(e), Slot::Owned(p))
+                if e.kind == Some(InfoKind::Veth) && e.parent == Some(p.index) =>
+            {
+                (*e, *p)
+            }
+            (end, peer) => {
+                // Missing, half of it, or an 802.1Q device of an older version.
+                for s in [end, peer] {
+                    if let Slot::Owned(l) = s {
+                        self.nl.delete(&l).await?;
+                    }
+                }
+                let Slot::Free(en) = self
+                    .slot(Role::Vlan, network, |o| o.is(Role::Vlan, network))
+                    .await?
+                else {
+                    return Err(Error::already_exists("VLAN patch", network));
+                };
+                let Slot::Free(pn) = self
+                    .slot(Role::VlanPeer, network, |o| o.is(Role::VlanPeer, network))
+                    .await?
+                else {
+                    return Err(Error::already_exists("VLAN patch", network));
+                };
+                let msg = LinkVeth::new(&en, &pn).mtu(u32::from(mtu)).build();
+                let alias = names::network_alias(Role::Vlan, network);
+                let e = self
+                    .create_owned(&en, msg, &alias, |e| {
+                        nl_error(format!("create VLAN patch {en}/{pn}"), e)
+                    })
+                    .await?;
+                let p = self
+                    .nl
+                    .link(&pn)
+                    .await?
+                    .ok_or_else(|| Error::not_found("device", pn.clone()))?;
+                (e, p)
+            }
+        };
+        let peer_alias = names::network_alias(Role::VlanPeer, network);
+        self.nl
+            .reconcile(&end, Some(u32::from(mtu)), None, None)
+            .await?;
+        self.nl
+            .reconcile(&peer, Some(u32::from(mtu)), None, Some(&peer_alias))
+            .await?;
+        Ok((end, peer))
+    }
+
+    /// Deletes trunk bridges no VLAN network patches into any more, and takes
+    /// VLANs nobody uses off the remaining trunks' uplinks.
+    pub(crate) async fn collect_trunks(&self) -> Result<()> {
+        let links = self.nl.links().await?;
+        let trunks: Vec<&Link> = links
+            .iter()
+            .filter(|l| {
+                l.alias
+                    .as_deref()
+                    .and_then(names::parse_alias)
+                    .is_some_and(|o| o.role == "trunk")
+            })
+            .collect();
+        if trunks.is_empty() {
+            return Ok(());
+        }
+        let vlans = self.nl.port_vlans().await?;
+        for trunk in trunks {
+            let patches = trunk_patches(&links, &vlans, trunk.index);
+            if patches.is_empty() {
+                // Deleting the bridge releases the uplink.
+                self.nl.delete(trunk).await?;
+                tracing::info!(trunk = %trunk.name, "trunk bridge removed: no VLAN network left on it");
+                continue;
+            }
+            let used: Vec<u16> = patches.iter().filter_map(|(_, v)| *v).collect();
+            for up in links.iter().filter(|l| {
+                l.master == Some(trunk.index)
+                    && l.alias.as_deref().and_then(names::parse_alias).is_none()
+            }) {
+                for v in port_vlans_of(&vlans, up.index) {
+                    if !used.contains(&v.vid) {
+                        self.nl.del_port_vlan(up, v.vid).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn ensure_vxlan(&self, cfg: &NetworkConfig, bridge: &Link, mtu: u16) -> Result<()> {
@@ -536,6 +713,39 @@ impl LinuxBridgeBackend {
         tracing::debug!(vxlan = %link.name, peers = ?want_peers, "overlay flood entries reconciled");
         Ok(())
     }
+}
+
+/// What an `Unsupported` error says this kernel lacks for VLAN networks.
+pub(crate) const VLAN_FILTERING_MISSING: &str = "this kernel: it has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING), which VLAN networks need";
+
+fn port_vlans_of(vlans: &[(u32, Vec<BridgeVlanInfo>)], index: u32) -> Vec<BridgeVlanInfo> {
+    vlans
+        .iter()
+        .filter(|(i, _)| *i == index)
+        .flat_map(|(_, v)| v.iter().copied())
+        .collect()
+}
+
+/// VLAN patches plugged into trunk `trunk`: (network, PVID).
+fn trunk_patches(
+    links: &[Link],
+    vlans: &[(u32, Vec<BridgeVlanInfo>)],
+    trunk: u32,
+) -> Vec<(String, Option<u16>)> {
+    links
+        .iter()
+        .filter(|l| l.master == Some(trunk))
+        .filter_map(|l| {
+            let o = names::parse_alias(l.alias.as_deref()?)?;
+            (o.role == "vlan").then(|| {
+                let pvid = port_vlans_of(vlans, l.index)
+                    .iter()
+                    .find(|v| v.flags.contains(BridgeVlanInfoFlags::Pvid))
+                    .map(|v| v.vid);
+                (o.network, pvid)
+            })
+        })
+        .collect()
 }
 
 fn dhcp_settings(cfg: &NetworkConfig, mtu: u16) -> Result<Option<DhcpSettings>> {

@@ -42,6 +42,9 @@ pub(crate) struct TapSpec<'a> {
     pub vnet_hdr: bool,
     /// Fail if the device exists (used at creation, to detect foreign devices).
     pub exclusive: bool,
+    /// Keep the device after the last queue descriptor closes (`TUNSETPERSIST`);
+    /// otherwise the kernel deletes it with the last descriptor (fd-owned).
+    pub persistent: bool,
 }
 
 fn ifreq(name: &str, flags: libc::c_short) -> io::Result<IfReq> {
@@ -106,9 +109,9 @@ fn open_queue(spec: &TapSpec<'_>, first: bool) -> io::Result<OwnedFd> {
 }
 
 /// Opens (creating if needed) the TAP `spec.name` in `ns`, one descriptor per
-/// queue, and marks it persistent so it outlives the descriptors (the VMM
-/// process reopens it by name). The device lives in the namespace where
-/// `/dev/net/tun` was opened.
+/// queue. A persistent TAP outlives the descriptors (a VMM process reopens it
+/// by name); an fd-owned one goes away with the last of them. The device lives
+/// in the namespace where `/dev/net/tun` was opened.
 pub(crate) fn open(ns: &NetNs, spec: &TapSpec<'_>) -> io::Result<Vec<OwnedFd>> {
     ns.run(|| -> io::Result<Vec<OwnedFd>> {
         let queues = spec.queues.max(1);
@@ -119,7 +122,13 @@ pub(crate) fn open(ns: &NetNs, spec: &TapSpec<'_>) -> io::Result<Vec<OwnedFd>> {
         if let Some(first) = fds.first() {
             // SAFETY: TUNSETPERSIST takes its argument by value (an int flag);
             // the descriptor is an attached tun queue owned by `fds`.
-            let rc = unsafe { libc::ioctl(first.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
+            let rc = unsafe {
+                libc::ioctl(
+                    first.as_raw_fd(),
+                    TUNSETPERSIST,
+                    libc::c_ulong::from(spec.persistent),
+                )
+            };
             if rc < 0 {
                 return Err(io::Error::last_os_error());
             }

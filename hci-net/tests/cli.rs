@@ -153,7 +153,9 @@ fn up_serves_dhcp_to_an_attached_veth_and_down_removes_everything() {
             "-f",
             path_str(&file),
             "--reserve",
-            "02:68:63:00:61:09=10.61.0.9",
+            "02:68:63:00:61:09=10.61.0.9,web-9",
+            "--domain",
+            "cli.example",
         ],
     );
 
@@ -161,7 +163,19 @@ fn up_serves_dhcp_to_an_attached_veth_and_down_removes_everything() {
     let out = cli_ok(&node, &state, &["port", "add", &net, "--ifname", &port]);
     assert!(out.contains("attached"), "{out}");
 
-    // A real client with a host name gets its reservation.
+    // A real client with a host name gets its reservation, and the reserved
+    // host name and the domain from the server.
+    let names = dir.path().join("names");
+    let script = dir.path().join("names.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = bound ] && echo \"$hostname $domain\" > {}\nexit 0\n",
+            names.display()
+        ),
+    )
+    .expect("write script");
+    common::run(&["chmod", "+x", path_str(&script)]);
     let ok = vm.try_exec(&[
         "busybox",
         "udhcpc",
@@ -177,9 +191,13 @@ fn up_serves_dhcp_to_an_attached_veth_and_down_removes_everything() {
         "-x",
         "hostname:vm-cli",
         "-s",
-        "/bin/true",
+        path_str(&script),
     ]);
     assert!(ok, "udhcpc got no lease through hci-net up");
+    assert_eq!(
+        std::fs::read_to_string(&names).expect("names").trim(),
+        "web-9 cli.example"
+    );
     let table = cli_ok(&node, &state, &["leases", &net]);
     let row = table
         .lines()
@@ -189,6 +207,19 @@ fn up_serves_dhcp_to_an_attached_veth_and_down_removes_everything() {
     let json = cli_ok(&node, &state, &["leases", &net, "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&json).expect("leases json");
     assert_eq!(v[0]["ip"], "10.61.0.9", "{json}");
+
+    let stats = cli_ok(&node, &state, &["stats", &net]);
+    let row = stats
+        .lines()
+        .find(|l| l.starts_with(&port))
+        .unwrap_or_else(|| panic!("no stats row for {port}:\n{stats}"));
+    assert!(row.contains("interface"), "{row}");
+    let json = cli_ok(&node, &state, &["stats", &net, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("stats json");
+    assert!(
+        v[0]["rxPackets"].as_u64().is_some_and(|n| n > 0),
+        "the DHCP exchange crossed the port: {json}"
+    );
 
     let ls = cli_ok(&node, &state, &["ls"]);
     assert!(
@@ -336,16 +367,23 @@ fn errors_are_clear() {
         "  kind: { type: vlan, id: 100 }\n  uplink: trunk0\n",
     );
     if node.try_exec(&[
-        "ip", "link", "add", "link", "trunk0", "name", "probe.7", "type", "vlan", "id", "7",
+        "ip",
+        "link",
+        "add",
+        "probe-br",
+        "type",
+        "bridge",
+        "vlan_filtering",
+        "1",
     ]) {
-        node.ip(&["link", "del", "probe.7"]);
+        node.ip(&["link", "del", "probe-br"]);
         eprintln!(
-            "NOTE: this kernel has 802.1Q VLAN devices, so the unsupported-VLAN error is not exercised here"
+            "NOTE: this kernel has bridge VLAN filtering, so the unsupported-VLAN error is not exercised here"
         );
     } else {
         let err = cli_err(&node, &state, &["up", "-f", path_str(&vlan)]);
         assert!(
-            err.contains("8021q") && err.contains("CONFIG_VLAN_8021Q"),
+            err.contains("bridge VLAN filtering") && err.contains("CONFIG_BRIDGE_VLAN_FILTERING"),
             "{err}"
         );
         assert!(node.hci_links().is_empty(), "left: {:?}", node.hci_links());

@@ -36,6 +36,16 @@ async fn udhcpc_gets_a_stable_lease_with_router_dns_and_mtu() {
         "10.60.0",
         Some(1400),
     );
+    // Names first, so that no client is answered without them.
+    node.set_dhcp_names(
+        "lab",
+        hci_net::dhcp::DhcpNames {
+            domain: Some("lab.example".into()),
+            hostnames: vec![([0x02, 0x68, 0x63, 0, 0x10, 0x02], "db-1".into())],
+        },
+    )
+    .await
+    .expect("names");
     let st = node.ensure_network(&cfg).await.expect("ensure");
     assert!(st.dhcp_running);
     // Not a management network: the server answers from the highest free address.
@@ -73,14 +83,20 @@ async fn udhcpc_gets_a_stable_lease_with_router_dns_and_mtu() {
             "10.60.0.254"
         ),
     );
+    assert_eq!(
+        (lease.domain.as_str(), lease.hostname.as_str()),
+        ("lab.example", ""),
+        "the domain for everyone, no host name for an unknown MAC"
+    );
     // A new client run (new xid, no memory) gets the same address.
     assert_eq!(udhcpc(&vm.ns).expect("second lease").ip, lease.ip);
 
     // A reservation wins over the pool.
     let reserved = Vm::attach(&node.ns, &st.bridge, Some("02:68:63:00:10:02"), 1400);
+    let r = udhcpc(&reserved.ns).expect("reserved lease");
     assert_eq!(
-        udhcpc(&reserved.ns).expect("reserved lease").ip,
-        "10.60.0.42"
+        (r.ip.as_str(), r.hostname.as_str(), r.domain.as_str()),
+        ("10.60.0.42", "db-1", "lab.example")
     );
     let leases = node.leases("lab").await.expect("leases");
     assert_eq!(leases.iter().filter(|l| l.bound).count(), 2, "{leases:?}");

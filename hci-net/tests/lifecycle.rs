@@ -7,9 +7,10 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Netns, Node};
+use common::{Netns, Node, Vm};
 use hci_core::Error;
 use hci_core::net::{NetworkBackend, NetworkConfig, NetworkKind, PortConfig};
+use hci_net::TapOptions;
 
 fn bridge_net(name: &str) -> NetworkConfig {
     NetworkConfig {
@@ -273,8 +274,19 @@ async fn uplink_is_enslaved_and_released() {
     );
 }
 
+fn vlan_net(name: &str, id: u16, uplink: &str, cidr: &str) -> NetworkConfig {
+    NetworkConfig {
+        kind: NetworkKind::Vlan {
+            id,
+            uplink: uplink.into(),
+        },
+        cidr: Some(cidr.parse().expect("cidr")),
+        ..bridge_net(name)
+    }
+}
+
 #[tokio::test]
-async fn vlan_needs_8021q_and_leaks_nothing_without_it() {
+async fn vlan_networks_need_bridge_vlan_filtering_and_leak_nothing_without_it() {
     let node = Node::new("vlan").await;
     node.ns.ip(&[
         "link",
@@ -286,36 +298,40 @@ async fn vlan_needs_8021q_and_leaks_nothing_without_it() {
         "name",
         "trunk0-peer",
     ]);
-    let cfg = NetworkConfig {
-        kind: NetworkKind::Vlan {
-            id: 42,
-            uplink: "trunk0".into(),
-        },
-        ..bridge_net("v42")
-    };
+    let supported = node.supports_vlan_networks().await.expect("probe");
+    assert!(
+        node.ns.hci_links().is_empty(),
+        "the probe leaves nothing: {:?}",
+        node.ns.hci_links()
+    );
+    let cfg = vlan_net("v42", 42, "trunk0", "10.42.0.0/24");
     match node.ensure_network(&cfg).await {
-        Ok(st) => {
-            // A kernel with 802.1Q: the VLAN device is a port of the bridge.
-            let vlan_dev = node
-                .ns
-                .hci_links()
-                .into_iter()
-                .find(|l| l.starts_with("hci-vl-"))
-                .expect("vlan device");
-            let d = detail(&node.ns, &vlan_dev);
-            assert!(
-                d.contains("vlan protocol 802.1Q id 42")
-                    && d.contains(&format!("master {}", st.bridge)),
-                "{d}"
+        Ok(_) => {
+            assert!(supported, "the probe said no, but the VLAN network came up");
+            eprintln!(
+                "bridge VLAN filtering is available: see vlans_are_isolated_across_a_trunk for traffic"
             );
             node.remove_network("v42").await.expect("remove");
         }
         Err(Error::Unsupported { operation, backend }) => {
-            assert!(backend.contains("802.1Q"), "{backend}");
+            assert!(!supported, "the probe said yes, but ensure_network refused");
+            let msg = Error::Unsupported {
+                operation: operation.clone(),
+                backend: backend.clone(),
+            }
+            .to_string();
             assert!(
-                operation.contains("v42") && operation.contains("42"),
-                "{operation}"
+                backend.contains("bridge VLAN filtering")
+                    && backend.contains("CONFIG_BRIDGE_VLAN_FILTERING"),
+                "{msg}"
             );
+            assert!(
+                operation.contains("\"v42\"")
+                    && operation.contains("VLAN 42")
+                    && operation.contains("trunk0"),
+                "{msg}"
+            );
+            eprintln!("as expected on this kernel: {msg}");
         }
         Err(e) => panic!("unexpected error {e}"),
     }
@@ -324,10 +340,98 @@ async fn vlan_needs_8021q_and_leaks_nothing_without_it() {
         "nothing left: {:?}",
         node.ns.hci_links()
     );
+    let up = detail(&node.ns, "trunk0");
+    assert!(!up.contains("master"), "the uplink is released: {up}");
     assert!(matches!(
         node.remove_network("v42").await,
         Err(Error::NotFound { .. })
     ));
+}
+
+async fn bridge_name(n: &Node, network: &str) -> String {
+    n.list_networks()
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|s| s.name == network)
+        .expect("listed")
+        .bridge
+}
+
+/// Two nodes joined by a trunk (a veth pair, `up0` on each side), VLANs 10
+/// and 20 on both: VLAN 10 VMs talk across the trunk, a VLAN 20 VM with an
+/// address in the same subnet is unreachable from VLAN 10; the trunk carries
+/// exactly the VLANs in use and disappears with the last VLAN network.
+#[tokio::test]
+#[ignore = "needs bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING), which the reference machines lack; hci-net/tests/vm/run-in-vm.sh runs it in a VM with Debian's kernel"]
+async fn vlans_are_isolated_across_a_trunk() {
+    let a = Node::new("vta").await;
+    assert!(
+        a.supports_vlan_networks().await.expect("probe"),
+        "this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING): VLAN traffic cannot be tested here"
+    );
+    let b = Node::new("vtb").await;
+    a.ns.ip(&[
+        "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns", &b.ns.name,
+    ]);
+    for n in [&a, &b] {
+        n.ensure_network(&vlan_net("v10", 10, "up0", "10.10.0.0/24"))
+            .await
+            .expect("v10");
+        n.ensure_network(&vlan_net("v20", 20, "up0", "10.10.0.0/24"))
+            .await
+            .expect("v20");
+    }
+    let a10 =
+        Vm::attach(&a.ns, &bridge_name(&a, "v10").await, None, 1500).with_address("10.10.0.1/24");
+    let b10 =
+        Vm::attach(&b.ns, &bridge_name(&b, "v10").await, None, 1500).with_address("10.10.0.2/24");
+    let b20 =
+        Vm::attach(&b.ns, &bridge_name(&b, "v20").await, None, 1500).with_address("10.10.0.3/24");
+    assert!(
+        a10.can_ping("10.10.0.2", Duration::from_secs(5)),
+        "same VLAN across the trunk"
+    );
+    assert!(b10.can_ping("10.10.0.1", Duration::from_secs(5)));
+    assert!(
+        !a10.can_ping("10.10.0.3", Duration::from_secs(2)),
+        "VLAN 20 is not reachable from VLAN 10"
+    );
+    // Ensuring again, and from a restarted backend, changes nothing.
+    let before = a.ns.hci_links();
+    a.ensure_network(&vlan_net("v10", 10, "up0", "10.10.0.0/24"))
+        .await
+        .expect("v10 again");
+    backend_in(&a.ns)
+        .await
+        .ensure_network(&vlan_net("v20", 20, "up0", "10.10.0.0/24"))
+        .await
+        .expect("v20 adopted");
+    assert_eq!(a.ns.hci_links(), before);
+    // The same VLAN id on the same uplink for another network is refused.
+    let dup = a
+        .ensure_network(&vlan_net("v10b", 10, "up0", "10.11.0.0/24"))
+        .await;
+    assert!(matches!(dup, Err(Error::Busy { .. })), "{dup:?}");
+    assert_eq!(a.ns.hci_links(), before, "the refused network left nothing");
+    assert!(a10.can_ping("10.10.0.2", Duration::from_secs(5)));
+    let vlans = a.ns.exec(&["bridge", "-d", "vlan", "show", "dev", "up0"]);
+    assert!(vlans.contains("10") && vlans.contains("20"), "{vlans}");
+    assert!(
+        !vlans.contains("PVID"),
+        "the uplink is a trunk (tagged only): {vlans}"
+    );
+    a.remove_network("v20").await.expect("remove v20");
+    let vlans = a.ns.exec(&["bridge", "vlan", "show", "dev", "up0"]);
+    assert!(!vlans.contains("20"), "VLAN 20 left the trunk: {vlans}");
+    assert!(
+        a10.can_ping("10.10.0.2", Duration::from_secs(5)),
+        "VLAN 10 unaffected"
+    );
+    a.remove_network("v10").await.expect("remove v10");
+    assert!(a.ns.hci_links().is_empty(), "{:?}", a.ns.hci_links());
+    assert!(!detail(&a.ns, "up0").contains("master"));
+    drop((a10, b10, b20));
 }
 
 #[tokio::test]
@@ -482,4 +586,121 @@ async fn port_counters_count_traffic_and_drops() {
         matches!(missing, Err(Error::NotFound { .. })),
         "{missing:?}"
     );
+}
+
+/// TAP options: fd-owned TAPs go away with their last descriptor, persistent
+/// ones stay; multi-queue, vnet header, port MTU below the network's (kept
+/// across reconciles) and the host-side MAC are what was asked.
+#[tokio::test]
+async fn tap_options_are_applied() {
+    let node = Node::new("tapo").await;
+    let st = node
+        .ensure_network(&bridge_net("lab"))
+        .await
+        .expect("ensure");
+    let backend = backend_in(&node.ns).await;
+    let opts = |persistent, mtu| TapOptions {
+        persistent,
+        vnet_hdr: true,
+        mtu,
+    };
+    let owned = backend
+        .attach_port_with("lab", &port("owned", 1, 2), opts(false, Some(1400)))
+        .await
+        .expect("fd-owned port");
+    let kept = backend
+        .attach_port_with("lab", &port("kept", 2, 1), opts(true, None))
+        .await
+        .expect("persistent port");
+    assert_eq!((owned.fds.len(), owned.mtu), (2, 1400));
+    assert_eq!(kept.mtu, 1500);
+    let d = detail(&node.ns, &owned.ifname);
+    assert!(
+        d.contains("mtu 1400")
+            && d.contains("vnet_hdr on")
+            && d.contains("multi_queue numqueues 2")
+            && d.contains("persist off")
+            && d.contains(&format!("master {}", st.bridge)),
+        "{d}"
+    );
+    let host_mac = "fe:68:63:00:00:01"; // mac::host_side: first octet 0xfe
+    assert!(d.contains(&format!("link/ether {host_mac}")), "{d}");
+    assert!(detail(&node.ns, &kept.ifname).contains("persist on"));
+    // A reconcile of the network keeps the port's own MTU.
+    backend
+        .ensure_network(&bridge_net("lab"))
+        .await
+        .expect("again");
+    assert!(detail(&node.ns, &owned.ifname).contains("mtu 1400"));
+    // A port MTU above the network's is refused.
+    let r = backend
+        .attach_port_with("lab", &port("big", 3, 1), opts(true, Some(1600)))
+        .await;
+    assert!(matches!(r, Err(Error::Invalid { .. })), "{r:?}");
+    // The process holding the queues goes away: the fd-owned TAP goes with it.
+    drop((owned, kept));
+    drop(backend);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let names = loop {
+        let names = node.ns.hci_links();
+        if names.len() == 2 || Instant::now() > deadline {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        names.len(),
+        2,
+        "bridge and the persistent TAP left: {names:?}"
+    );
+    node.remove_network("lab").await.expect("remove");
+    assert!(node.ns.hci_links().is_empty());
+}
+
+/// Counters of every device on a bridge, in one call.
+#[tokio::test]
+async fn network_stats_list_every_port() {
+    let node = Node::new("nst").await;
+    let st = node
+        .ensure_network(&bridge_net("lab"))
+        .await
+        .expect("ensure");
+    let a = node.attach_port("lab", &port("a", 1, 1)).await.expect("a");
+    node.attach_port("lab", &port("b", 2, 1)).await.expect("b");
+    node.ns.ip(&[
+        "link", "add", "ext0", "type", "veth", "peer", "name", "ext0p",
+    ]);
+    node.attach_interface("lab", "ext0", None)
+        .await
+        .expect("attach ext0");
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&[0x02, 0x68, 0x63, 0, 0, 1]);
+    frame.extend_from_slice(&[0x88, 0xb5]);
+    frame.extend_from_slice(&[0x5a; 100]);
+    let mut file_a = std::fs::File::from(a.fds[0].try_clone().expect("dup"));
+    for _ in 0..10 {
+        file_a.write_all(&frame).expect("write frame");
+    }
+    let all = node.network_stats("lab").await.expect("stats");
+    let summary: Vec<(&str, &str)> = all.iter().map(|c| (c.port.as_str(), c.kind)).collect();
+    assert_eq!(
+        summary,
+        [("a", "tap"), ("b", "tap"), ("ext0", "interface")],
+        "{all:?}"
+    );
+    assert_eq!(all[0].ifname, a.ifname);
+    assert!(all[0].stats.rx_packets >= 10, "{all:?}");
+    assert_eq!(
+        all[0].stats.rx_packets,
+        node.port_stats("lab", "a").await.expect("a").rx_packets
+    );
+    assert!(
+        matches!(
+            node.network_stats("nope").await,
+            Err(Error::NotFound { .. })
+        ),
+        "unknown network"
+    );
+    drop(st);
 }

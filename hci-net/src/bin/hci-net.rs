@@ -18,7 +18,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use hci_core::model::{Network, NetworkKind as ModelKind, Resource};
 use hci_core::net::{DhcpConfig, NetworkBackend, NetworkConfig, NetworkKind};
-use hci_net::dhcp::{Lease, read_lease_file};
+use hci_net::dhcp::{DhcpNames, Lease, read_lease_file};
 use hci_net::{BackendOptions, LinuxBridgeBackend};
 
 const EXAMPLES: &str = "\
@@ -28,11 +28,12 @@ Examples:
   # An overlay between this node and two others (this node's underlay
   # address is taken from the route to the first peer unless --local):
   hci-net up -f ovl.yaml --peer 192.0.2.11 --peer 192.0.2.12
-  # A fixed address for a VM NIC:
-  hci-net up -f lab.yaml --reserve 02:68:63:00:00:01=10.42.0.50
+  # A fixed address and host name for a VM NIC, and the network's domain:
+  hci-net up -f lab.yaml --reserve 02:68:63:00:00:01=10.42.0.50,web-1 --domain lab.example
   # Plug the host end of a veth (or an existing TAP) into network lab:
   hci-net port add lab --ifname veth-vm1
   hci-net leases lab
+  hci-net stats lab
   hci-net ls -o json
   hci-net down lab";
 
@@ -80,9 +81,13 @@ enum Cmd {
         /// VXLAN UDP port (overlay networks).
         #[arg(long, default_value_t = 4789)]
         vxlan_port: u16,
-        /// A fixed DHCP address for a MAC; repeatable.
-        #[arg(long = "reserve", value_name = "MAC=IP")]
+        /// A fixed DHCP address for a MAC, optionally with the host name DHCP
+        /// gives it; repeatable.
+        #[arg(long = "reserve", value_name = "MAC=IP[,HOSTNAME]")]
         reservations: Vec<String>,
+        /// DNS domain announced by DHCP (option 15).
+        #[arg(long, value_name = "DOMAIN")]
+        domain: Option<String>,
         /// DNS server announced by DHCP; repeatable.
         #[arg(long = "dns", value_name = "IP")]
         dns: Vec<Ipv4Addr>,
@@ -100,6 +105,12 @@ enum Cmd {
     },
     /// Show the DHCP leases of a network (MAC, IP, host name, expiry).
     Leases {
+        /// Network name.
+        name: String,
+    },
+    /// Show traffic counters of every port of a network (rx/tx bytes,
+    /// packets, drops; rx = from the VM or wire into the bridge).
+    Stats {
         /// Network name.
         name: String,
     },
@@ -171,24 +182,36 @@ async fn run(cli: Cli) -> Result<()> {
             local,
             vxlan_port,
             reservations,
+            domain,
             dns,
             lease_time,
             keep,
         } => {
             let net = load_network(&file)?;
+            let parsed = reservations
+                .iter()
+                .map(|r| parse_reservation(r))
+                .collect::<Result<Vec<_>>>()?;
             let facts = NodeFacts {
                 peers,
                 local,
                 vxlan_port,
-                reservations: reservations
-                    .iter()
-                    .map(|r| parse_reservation(r))
-                    .collect::<Result<_>>()?,
+                reservations: parsed.iter().map(|(m, ip, _)| (*m, *ip)).collect(),
+                hostnames: parsed
+                    .into_iter()
+                    .filter_map(|(m, _, h)| Some((m, h?)))
+                    .collect(),
+                domain,
                 dns,
                 lease_time: Duration::from_secs(lease_time),
             };
             let config = network_config(&net, &facts)?;
-            up(&cli.state_dir, config, keep).await
+            let names = DhcpNames {
+                domain: facts.domain,
+                hostnames: facts.hostnames,
+            };
+            names.validate()?;
+            up(&cli.state_dir, config, names, keep).await
         }
         Cmd::Port {
             cmd: PortCmd::Add { name, ifname, mac },
@@ -218,6 +241,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Leases { name } => leases(&cli.state_dir, &name, cli.output),
+        Cmd::Stats { name } => stats(&name, cli.output).await,
         Cmd::Down { name } => down(&cli.state_dir, &name).await,
         Cmd::Ls => ls(&cli.state_dir, cli.output).await,
     }
@@ -249,21 +273,29 @@ struct NodeFacts {
     local: Option<IpAddr>,
     vxlan_port: u16,
     reservations: Vec<([u8; 6], IpAddr)>,
+    /// Host names of reserved MACs.
+    hostnames: Vec<([u8; 6], String)>,
+    domain: Option<String>,
     dns: Vec<Ipv4Addr>,
     lease_time: Duration,
 }
 
-fn parse_reservation(s: &str) -> Result<([u8; 6], IpAddr)> {
-    let (mac, ip) = s
+/// `MAC=IP[,HOSTNAME]`.
+fn parse_reservation(s: &str) -> Result<([u8; 6], IpAddr, Option<String>)> {
+    let (mac, rest) = s
         .split_once('=')
-        .ok_or_else(|| anyhow!("--reserve {s:?} is not MAC=IP"))?;
+        .ok_or_else(|| anyhow!("--reserve {s:?} is not MAC=IP[,HOSTNAME]"))?;
+    let (ip, host) = match rest.split_once(',') {
+        Some((ip, h)) => (ip, Some(h.trim().to_string())),
+        None => (rest, None),
+    };
     let mac = hci_net::mac::parse(mac.trim())
         .ok_or_else(|| anyhow!("--reserve {s:?}: {mac:?} is not a MAC address"))?;
     let ip: Ipv4Addr = ip
         .trim()
         .parse()
         .map_err(|_| anyhow!("--reserve {s:?}: {ip:?} is not an IPv4 address"))?;
-    Ok((mac, IpAddr::V4(ip)))
+    Ok((mac, IpAddr::V4(ip), host))
 }
 
 /// This node's address towards `peer`: the source the kernel would pick
@@ -332,8 +364,11 @@ fn network_config(net: &Network, facts: &NodeFacts) -> Result<NetworkConfig> {
             dns: facts.dns.iter().copied().map(IpAddr::V4).collect(),
             reservations: facts.reservations.clone(),
         }),
-        None if !facts.reservations.is_empty() || !facts.dns.is_empty() => {
-            bail!("--reserve and --dns need spec.dhcp in the network")
+        None if !facts.reservations.is_empty()
+            || !facts.dns.is_empty()
+            || facts.domain.is_some() =>
+        {
+            bail!("--reserve, --dns and --domain need spec.dhcp in the network")
         }
         None => None,
     };
@@ -361,7 +396,7 @@ fn running_up(state_dir: &Path, network: &str) -> Option<u32> {
     sys::is_hci_net_process(pid).then_some(pid)
 }
 
-async fn up(state_dir: &Path, config: NetworkConfig, keep: bool) -> Result<()> {
+async fn up(state_dir: &Path, config: NetworkConfig, names: DhcpNames, keep: bool) -> Result<()> {
     sys::require_net_admin("up")?;
     let mut signals = sys::StopSignals::catch()?;
     let name = config.name.clone();
@@ -374,6 +409,7 @@ async fn up(state_dir: &Path, config: NetworkConfig, keep: bool) -> Result<()> {
         .await?
         .iter()
         .any(|n| n.name == name);
+    backend.set_dhcp_names(&name, names).await?;
     let status = backend.ensure_network(&config).await?;
     let pidf = pid_file(state_dir, &name);
     let recorded = std::fs::create_dir_all(state_dir)
@@ -436,6 +472,53 @@ async fn down(state_dir: &Path, name: &str) -> Result<()> {
         Err(e) => return Err(e.into()),
     }
     println!("network {name} removed");
+    Ok(())
+}
+
+async fn stats(name: &str, output: Output) -> Result<()> {
+    sys::require_net_admin("stats")?;
+    let ports = backend(None).await?.network_stats(name).await?;
+    let text = match output {
+        Output::Json => {
+            let rows: Vec<serde_json::Value> = ports
+                .iter()
+                .map(|p| {
+                    let s = &p.stats;
+                    serde_json::json!({
+                        "port": p.port, "ifname": p.ifname, "kind": p.kind,
+                        "rxBytes": s.rx_bytes, "rxPackets": s.rx_packets, "rxDropped": s.rx_dropped,
+                        "txBytes": s.tx_bytes, "txPackets": s.tx_packets, "txDropped": s.tx_dropped,
+                    })
+                })
+                .collect();
+            format!("{}\n", serde_json::to_string_pretty(&rows)?)
+        }
+        Output::Table => {
+            let mut rows = vec![
+                [
+                    "PORT", "IFNAME", "KIND", "RX-BYTES", "RX-PKTS", "RX-DROP", "TX-BYTES",
+                    "TX-PKTS", "TX-DROP",
+                ]
+                .map(String::from),
+            ];
+            for p in &ports {
+                let s = &p.stats;
+                rows.push([
+                    p.port.clone(),
+                    p.ifname.clone(),
+                    p.kind.to_string(),
+                    s.rx_bytes.to_string(),
+                    s.rx_packets.to_string(),
+                    s.rx_dropped.to_string(),
+                    s.tx_bytes.to_string(),
+                    s.tx_packets.to_string(),
+                    s.tx_dropped.to_string(),
+                ]);
+            }
+            table(&rows)
+        }
+    };
+    print!("{text}");
     Ok(())
 }
 
@@ -658,7 +741,11 @@ mod tests {
             "  kind: { type: management }\n  cidr: 10.9.0.0/24\n  gateway: 10.9.0.1\n  dhcp: { start: 10.9.0.10, end: 10.9.0.20 }\n  mtu: 1400\n",
         );
         let facts = NodeFacts {
-            reservations: vec![parse_reservation("02:00:00:00:00:01=10.9.0.5").expect("res")],
+            reservations: vec![{
+                let (m, ip, h) = parse_reservation("02:00:00:00:00:01=10.9.0.5").expect("res");
+                assert_eq!(h, None);
+                (m, ip)
+            }],
             lease_time: Duration::from_secs(600),
             ..Default::default()
         };
@@ -704,6 +791,11 @@ mod tests {
         ] {
             assert!(parse_reservation(bad).is_err(), "{bad}");
         }
+        let (_, ip, host) = parse_reservation("02:00:00:00:00:01=10.0.0.9,web-1").expect("ok");
+        assert_eq!(
+            (ip.to_string(), host.as_deref()),
+            ("10.0.0.9".into(), Some("web-1"))
+        );
     }
 
     #[test]

@@ -241,6 +241,17 @@ fn reply(
     if let Some(mtu) = s.mtu.filter(|m| *m >= 68) {
         o.insert(DhcpOption::InterfaceMtu(mtu));
     }
+    if let Some(d) = &s.domain {
+        o.insert(DhcpOption::DomainName(d.clone()));
+    }
+    if let Some(h) = req
+        .chaddr()
+        .get(..6)
+        .and_then(|m| <[u8; 6]>::try_from(m).ok())
+        .and_then(|m| s.hostname_for(m))
+    {
+        o.insert(DhcpOption::Hostname(h.to_string()));
+    }
     let ciaddr = req.ciaddr();
     let to = if kind == MessageType::Ack && !ciaddr.is_unspecified() {
         Destination::Unicast(ciaddr)

@@ -49,6 +49,74 @@ pub struct DhcpSettings {
     pub mtu: Option<u16>,
     /// Fixed MAC → address assignments.
     pub reservations: Vec<([u8; 6], Ipv4Addr)>,
+    /// Domain name option (15), if any.
+    pub domain: Option<String>,
+    /// Host name option (12) for clients whose name is known (reservations,
+    /// VM NICs), by MAC.
+    pub hostnames: Vec<([u8; 6], String)>,
+}
+
+/// Names a network's DHCP server hands out besides addresses: the domain
+/// (option 15) to every client and a host name (option 12) to each known
+/// MAC — the VM's name for a VM NIC, the host of a reservation.
+///
+/// ```
+/// use hci_net::dhcp::DhcpNames;
+/// let names = DhcpNames {
+///     domain: Some("lab.example".into()),
+///     hostnames: vec![([0x02, 0x68, 0x63, 0, 0, 1], "web-1".into())],
+/// };
+/// names.validate().unwrap();
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DhcpNames {
+    /// DNS domain of the network (`lab.example`).
+    pub domain: Option<String>,
+    /// Host names by MAC: single DNS labels (`web-1`).
+    pub hostnames: Vec<([u8; 6], String)>,
+}
+
+/// Is `s` a DNS label (RFC 1123: 1-63 of a-z, A-Z, 0-9, '-', alphanumeric at both ends)?
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+impl DhcpNames {
+    /// Checks the domain (dot-separated DNS labels, at most 253 bytes) and the
+    /// host names (one DNS label each, one name per MAC).
+    pub fn validate(&self) -> Result<()> {
+        if let Some(d) = &self.domain
+            && (d.len() > 253 || !d.split('.').all(is_dns_label))
+        {
+            return Err(Error::invalid(
+                "DHCP domain",
+                format!("{d:?} is not a DNS name (dot-separated labels of a-z, 0-9, '-')"),
+            ));
+        }
+        for (i, (mac, h)) in self.hostnames.iter().enumerate() {
+            if !is_dns_label(h) {
+                return Err(Error::invalid(
+                    "DHCP host name",
+                    format!(
+                        "{h:?} (for {}) is not a DNS label (1-63 of a-z, 0-9, '-')",
+                        crate::mac::format(*mac)
+                    ),
+                ));
+            }
+            if self.hostnames[..i].iter().any(|(m, _)| m == mac) {
+                return Err(Error::invalid(
+                    "DHCP host name",
+                    format!("{} has two host names", crate::mac::format(*mac)),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn v4(what: &str, ip: IpAddr) -> Result<Ipv4Addr> {
@@ -93,6 +161,7 @@ impl DhcpSettings {
                 ));
             }
         }
+        let router = gateway.map(|g| v4("gateway", g)).transpose()?;
         let mut reservations = Vec::new();
         for (mac, ip) in &config.reservations {
             let ip = v4("reservation", *ip)?;
@@ -100,6 +169,19 @@ impl DhcpSettings {
                 return Err(Error::invalid(
                     "DHCP reservation",
                     format!("{ip} is outside {subnet}"),
+                ));
+            }
+            if ip == subnet.network()
+                || ip == subnet.broadcast()
+                || ip == server
+                || Some(ip) == router
+            {
+                return Err(Error::invalid(
+                    "DHCP reservation",
+                    format!(
+                        "{ip} for {} is the network, broadcast, gateway or DHCP server address",
+                        crate::mac::format(*mac)
+                    ),
                 ));
             }
             if reservations.iter().any(|(m, a)| m == mac || *a == ip) {
@@ -118,7 +200,7 @@ impl DhcpSettings {
             server,
             range_start,
             range_end,
-            router: gateway.map(|g| v4("gateway", g)).transpose()?,
+            router,
             dns: config
                 .dns
                 .iter()
@@ -127,7 +209,24 @@ impl DhcpSettings {
             lease_time: config.lease_time,
             mtu,
             reservations,
+            domain: None,
+            hostnames: Vec::new(),
         })
+    }
+
+    /// These settings announcing `names` (validated).
+    pub fn with_names(mut self, names: &DhcpNames) -> Result<Self> {
+        names.validate()?;
+        self.domain = names.domain.clone();
+        self.hostnames = names.hostnames.clone();
+        Ok(self)
+    }
+
+    pub(crate) fn hostname_for(&self, mac: [u8; 6]) -> Option<&str> {
+        self.hostnames
+            .iter()
+            .find(|(m, _)| *m == mac)
+            .map(|(_, h)| h.as_str())
     }
 
     pub(crate) fn lease_secs(&self) -> u64 {

@@ -127,10 +127,22 @@ async fn serve(socket: UdpSocket, db: Arc<Mutex<LeaseDb>>) {
                 continue;
             }
         };
-        let Some(packet) = buf.get(..len) else {
+        let Some(packet) = buf.get(..len).map(<[u8]>::to_vec) else {
             continue;
         };
-        let reply = handle_packet(&mut lock(&db), packet, now_unix());
+        // Off the async threads: a lease change writes and syncs the lease file.
+        let db2 = db.clone();
+        let handled = tokio::task::spawn_blocking(move || {
+            handle_packet(&mut lock(&db2), &packet, now_unix())
+        })
+        .await;
+        let reply = match handled {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "DHCP request handling failed");
+                None
+            }
+        };
         let Some(reply) = reply else { continue };
         let to = match reply.to {
             Destination::Broadcast => Ipv4Addr::BROADCAST,

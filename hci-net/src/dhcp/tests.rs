@@ -357,6 +357,14 @@ fn settings_are_validated() {
         )
         .is_err()
     );
+    // A reservation on an infrastructure address would hand it to a VM.
+    for infra in ["10.7.0.0", "10.7.0.255", "10.7.0.1", "10.7.0.254"] {
+        let mut c = config();
+        c.reservations = vec![([2, 0, 0, 0, 0, 0x98], infra.parse().expect("ip"))];
+        let gw: IpAddr = "10.7.0.1".parse().expect("ip");
+        let r = DhcpSettings::from_config(&c, cidr, Ipv4Addr::new(10, 7, 0, 254), Some(gw), None);
+        assert!(r.is_err(), "reservation on {infra}");
+    }
     // The server address avoids the gateway, the pool and reservations.
     let subnet = "10.7.0.0/24".parse().expect("cidr");
     assert_eq!(
@@ -370,13 +378,278 @@ fn settings_are_validated() {
     );
 }
 
+fn named_settings() -> DhcpSettings {
+    settings()
+        .with_names(&DhcpNames {
+            domain: Some("lab.example".into()),
+            hostnames: vec![
+                ([2, 0, 0, 0, 0, 0x99], "db-1".into()),
+                ([2, 0x68, 0x63, 0, 0, 1], "web-1".into()),
+            ],
+        })
+        .expect("valid names")
+}
+
+fn option(r: &Reply, code: OptionCode) -> Option<DhcpOption> {
+    decode(r).opts().get(code).cloned()
+}
+
+#[test]
+fn hostname_and_domain_are_announced_to_known_clients() {
+    let mut db = LeaseDb::open(named_settings(), None).expect("db");
+    let web = [2, 0x68, 0x63, 0, 0, 1];
+    let offer = handle_packet(
+        &mut db,
+        &request(MessageType::Discover, web, &[], Ipv4Addr::UNSPECIFIED),
+        NOW,
+    )
+    .expect("offer");
+    assert_eq!(
+        option(&offer, OptionCode::Hostname),
+        Some(DhcpOption::Hostname("web-1".into()))
+    );
+    assert_eq!(
+        option(&offer, OptionCode::DomainName),
+        Some(DhcpOption::DomainName("lab.example".into()))
+    );
+    let ip = decode(&offer).yiaddr();
+    let ack = handle_packet(
+        &mut db,
+        &request(
+            MessageType::Request,
+            web,
+            &[
+                DhcpOption::RequestedIpAddress(ip),
+                DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 7, 0, 1)),
+            ],
+            Ipv4Addr::UNSPECIFIED,
+        ),
+        NOW,
+    )
+    .expect("ack");
+    assert_eq!(ack.kind, MessageType::Ack);
+    assert_eq!(
+        option(&ack, OptionCode::Hostname),
+        Some(DhcpOption::Hostname("web-1".into()))
+    );
+    // The reservation's host gets its own name with its fixed address.
+    let db_mac = [2, 0, 0, 0, 0, 0x99];
+    let offer = handle_packet(
+        &mut db,
+        &request(MessageType::Discover, db_mac, &[], Ipv4Addr::UNSPECIFIED),
+        NOW,
+    )
+    .expect("offer");
+    assert_eq!(decode(&offer).yiaddr(), Ipv4Addr::new(10, 7, 0, 50));
+    assert_eq!(
+        option(&offer, OptionCode::Hostname),
+        Some(DhcpOption::Hostname("db-1".into()))
+    );
+    // An unknown client gets the domain but no host name.
+    let other = handle_packet(
+        &mut db,
+        &request(
+            MessageType::Discover,
+            [2, 0, 0, 0, 7, 7],
+            &[],
+            Ipv4Addr::UNSPECIFIED,
+        ),
+        NOW,
+    )
+    .expect("offer");
+    assert_eq!(option(&other, OptionCode::Hostname), None);
+    assert!(option(&other, OptionCode::DomainName).is_some());
+    // INFORM carries them too.
+    let inform = handle_packet(
+        &mut db,
+        &request(MessageType::Inform, web, &[], Ipv4Addr::new(10, 7, 0, 33)),
+        NOW,
+    )
+    .expect("ack");
+    assert!(option(&inform, OptionCode::Hostname).is_some());
+    assert!(option(&inform, OptionCode::DomainName).is_some());
+    // Without names, neither option.
+    let mut plain = LeaseDb::open(settings(), None).expect("db");
+    let r = handle_packet(
+        &mut plain,
+        &request(MessageType::Discover, web, &[], Ipv4Addr::UNSPECIFIED),
+        NOW,
+    )
+    .expect("offer");
+    assert_eq!(option(&r, OptionCode::Hostname), None);
+    assert_eq!(option(&r, OptionCode::DomainName), None);
+}
+
+#[test]
+fn names_are_validated() {
+    let mac = [2, 0, 0, 0, 0, 1];
+    let ok = |domain: Option<&str>, host: &str| {
+        DhcpNames {
+            domain: domain.map(Into::into),
+            hostnames: vec![(mac, host.into())],
+        }
+        .validate()
+        .is_ok()
+    };
+    assert!(ok(Some("lab.example"), "web-1"));
+    assert!(ok(None, "A1"));
+    for bad in ["", "a..b", "-a.b", "a-.b", "a b", "a.b.", &"x".repeat(64)] {
+        assert!(!ok(Some(bad), "web-1"), "domain {bad:?}");
+    }
+    for bad in [
+        "",
+        "web.1",
+        "-web",
+        "web-",
+        "we b",
+        "web\n",
+        &"x".repeat(64),
+    ] {
+        assert!(!ok(None, bad), "host name {bad:?}");
+    }
+    let twice = DhcpNames {
+        domain: None,
+        hostnames: vec![(mac, "a".into()), (mac, "b".into())],
+    };
+    assert!(twice.validate().is_err());
+    assert!(settings().with_names(&twice).is_err());
+}
+
+#[test]
+fn release_is_honoured_only_from_the_holder_and_this_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("leases.json");
+    let mut db = LeaseDb::open(settings(), Some(path.clone())).expect("db");
+    let (a, b) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let ip = lease(&mut db, a, NOW);
+    // Another server's RELEASE, a RELEASE of another address, and another
+    // client releasing a's address: all ignored, no reply.
+    for (mac, opts, ciaddr) in [
+        (
+            a,
+            vec![DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 7, 0, 2))],
+            ip,
+        ),
+        (a, vec![], Ipv4Addr::new(10, 7, 0, 109)),
+        (b, vec![], ip),
+    ] {
+        let rel = request(MessageType::Release, mac, &opts, ciaddr);
+        assert!(handle_packet(&mut db, &rel, NOW + 1).is_none());
+        assert!(db.lease(a).expect("kept").bound, "{mac:?} {ciaddr}");
+    }
+    assert_eq!(read_lease_file(&path).expect("file").len(), 1);
+    // The holder's RELEASE ends the lease now, on disk too.
+    let rel = request(MessageType::Release, a, &[], ip);
+    assert!(handle_packet(&mut db, &rel, NOW + 2).is_none());
+    let l = db.lease(a).expect("claim kept");
+    assert!(!l.bound && l.expires == NOW + 2);
+    assert!(read_lease_file(&path).expect("file").is_empty());
+    // a comes back to its address.
+    assert_eq!(lease(&mut db, a, NOW + 3), ip);
+}
+
+#[test]
+fn decline_is_honoured_only_from_the_holder_and_expires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("leases.json");
+    let mut db = LeaseDb::open(settings(), Some(path.clone())).expect("db");
+    let (a, b) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let ip = lease(&mut db, a, NOW);
+    let decline = |mac: [u8; 6], sid: Ipv4Addr| {
+        request(
+            MessageType::Decline,
+            mac,
+            &[
+                DhcpOption::RequestedIpAddress(ip),
+                DhcpOption::ServerIdentifier(sid),
+            ],
+            Ipv4Addr::UNSPECIFIED,
+        )
+    };
+    let ours = Ipv4Addr::new(10, 7, 0, 1);
+    // Not addressed to us, or not the holder: nothing happens.
+    assert!(handle_packet(&mut db, &decline(a, Ipv4Addr::new(10, 7, 0, 2)), NOW).is_none());
+    assert!(handle_packet(&mut db, &decline(b, ours), NOW).is_none());
+    assert!(db.lease(a).expect("kept").bound);
+    // The holder declines: lease gone (on disk too), address held back.
+    assert!(handle_packet(&mut db, &decline(a, ours), NOW).is_none());
+    assert!(db.lease(a).is_none());
+    assert!(read_lease_file(&path).expect("file").is_empty());
+    let req = request(
+        MessageType::Request,
+        b,
+        &[DhcpOption::RequestedIpAddress(ip)],
+        Ipv4Addr::UNSPECIFIED,
+    );
+    assert_eq!(
+        handle_packet(&mut db, &req, NOW + 1).expect("nak").kind,
+        MessageType::Nak
+    );
+    // After the hold, the address is usable again.
+    let later = NOW + leases::DECLINE_HOLD_SECS + 1;
+    assert_eq!(
+        handle_packet(&mut db, &req, later).expect("ack").kind,
+        MessageType::Ack
+    );
+}
+
+#[test]
+fn foreign_and_conflicting_packets_are_ignored() {
+    let mut db = LeaseDb::open(settings(), None).expect("db");
+    let a = [2, 0, 0, 0, 0, 1];
+    let discover = request(MessageType::Discover, a, &[], Ipv4Addr::UNSPECIFIED);
+    // Another server's OFFER seen on the bridge (BOOTREPLY).
+    let mut reply = discover.clone();
+    reply[0] = 2;
+    assert!(handle_packet(&mut db, &reply, NOW).is_none());
+    // Relayed (giaddr set), non-Ethernet, multicast chaddr, no message type.
+    let mut relayed = discover.clone();
+    relayed[24..28].copy_from_slice(&[10, 9, 9, 9]);
+    let mut token_ring = discover.clone();
+    token_ring[1] = 6;
+    let multicast = request(
+        MessageType::Discover,
+        [3, 0, 0, 0, 0, 1],
+        &[],
+        Ipv4Addr::UNSPECIFIED,
+    );
+    let mut bootp = discover.clone();
+    bootp.truncate(240);
+    bootp.push(255);
+    for p in [&relayed, &token_ring, &multicast, &bootp] {
+        assert!(handle_packet(&mut db, p, NOW).is_none());
+    }
+    // Server-to-client message types sent to the server.
+    for kind in [MessageType::Offer, MessageType::Ack, MessageType::Nak] {
+        assert!(
+            handle_packet(&mut db, &request(kind, a, &[], Ipv4Addr::UNSPECIFIED), NOW).is_none()
+        );
+    }
+    assert!(db.leases().is_empty(), "{:?}", db.leases());
+    // A REQUEST naming an address and a different ciaddr: the requested one
+    // is what gets checked (and it is someone else's here).
+    let ip = lease(&mut db, a, NOW);
+    let b = [2, 0, 0, 0, 0, 2];
+    let req = request(
+        MessageType::Request,
+        b,
+        &[DhcpOption::RequestedIpAddress(ip)],
+        Ipv4Addr::new(10, 7, 0, 105),
+    );
+    assert_eq!(
+        handle_packet(&mut db, &req, NOW).expect("nak").kind,
+        MessageType::Nak
+    );
+    assert_eq!(db.lease(a).expect("a keeps it").ip, ip);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     /// Random bytes never panic and never produce a reply.
     #[test]
     fn random_bytes_are_harmless(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-        let mut db = LeaseDb::open(settings(), None).expect("db");
+        let mut db = LeaseDb::open(named_settings(), None).expect("db");
         let _ = handle_packet(&mut db, &bytes, NOW);
     }
 
@@ -390,7 +663,11 @@ proptest! {
         for (kind, mac_low, ip, with_req, with_sid) in ops {
             let kinds = [MessageType::Discover, MessageType::Request, MessageType::Decline, MessageType::Release,
                 MessageType::Inform, MessageType::Offer, MessageType::Ack, MessageType::Nak];
-            let mac = [2, 0x68, 0x63, 0, 0, mac_low % 16];
+            // MACs 0..16; 0x99 is the reservation's.
+            let mac = match mac_low % 17 {
+                16 => [2, 0, 0, 0, 0, 0x99],
+                n => [2, 0x68, 0x63, 0, 0, n],
+            };
             let ip = Ipv4Addr::from(ip);
             let mut opts = Vec::new();
             if with_req { opts.push(DhcpOption::RequestedIpAddress(ip)); }
@@ -404,6 +681,15 @@ proptest! {
                 }
             }
             let leases = db.leases();
+            let s = settings();
+            for l in &leases {
+                // Reserved addresses only to their MAC; never the server, router,
+                // network or broadcast address; nothing outside the pool otherwise.
+                match s.reservation_for(l.mac) {
+                    Some(r) => prop_assert_eq!(l.ip, r),
+                    None => prop_assert!(s.in_range(l.ip) && !s.is_reserved(l.ip) && !s.is_infrastructure(l.ip), "{:?}", l),
+                }
+            }
             let mut ips: Vec<_> = leases.iter().filter(|l| l.expires > NOW).map(|l| l.ip).collect();
             let n = ips.len();
             ips.sort();
@@ -426,6 +712,45 @@ proptest! {
         pkt.extend_from_slice(&opts);
         let mut db = LeaseDb::open(settings(), None).expect("db");
         let _ = handle_packet(&mut db, &pkt, NOW);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Valid packets of every kind, truncated and with random bytes
+    /// overwritten: never a panic, and any reply decodes and goes to the
+    /// client port's broadcast or to a unicast address.
+    #[test]
+    fn mutated_packets_are_harmless(
+        kind in 0usize..5,
+        cut in any::<prop::sample::Index>(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..12),
+    ) {
+        let kinds = [MessageType::Discover, MessageType::Request, MessageType::Decline,
+            MessageType::Release, MessageType::Inform];
+        let mut pkt = request(
+            kinds[kind],
+            [2, 0x68, 0x63, 0, 0, 1],
+            &[
+                DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 7, 0, 101)),
+                DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 7, 0, 1)),
+                DhcpOption::Hostname("web-1".into()),
+                DhcpOption::ClientIdentifier(vec![1, 2, 0x68, 0x63, 0, 0, 1]),
+                DhcpOption::ParameterRequestList(vec![OptionCode::Hostname, OptionCode::DomainName]),
+            ],
+            Ipv4Addr::UNSPECIFIED,
+        );
+        for (at, byte) in flips {
+            let i = at.index(pkt.len());
+            pkt[i] = byte;
+        }
+        pkt.truncate(cut.index(pkt.len() + 1));
+        let mut db = LeaseDb::open(named_settings(), None).expect("db");
+        if let Some(r) = handle_packet(&mut db, &pkt, NOW) {
+            let m = Message::decode(&mut Decoder::new(&r.packet));
+            prop_assert!(m.is_ok(), "undecodable reply {:?}", r);
+        }
     }
 }
 

@@ -225,6 +225,8 @@ pub struct DhcpResult {
     pub dns: String,
     pub mtu: String,
     pub serverid: String,
+    pub hostname: String,
+    pub domain: String,
 }
 
 /// Runs busybox `udhcpc` once in `vm` and returns what the server offered.
@@ -236,8 +238,8 @@ pub fn udhcpc(vm: &Netns) -> Option<DhcpResult> {
         &script,
         format!(
             "#!/bin/sh\n[ \"$1\" = bound ] || [ \"$1\" = renew ] || exit 0\n\
-             printf 'ip=%s\\nsubnet=%s\\nrouter=%s\\ndns=%s\\nmtu=%s\\nserverid=%s\\n' \
-             \"$ip\" \"$subnet\" \"$router\" \"$dns\" \"$mtu\" \"$serverid\" > {}\n",
+             printf 'ip=%s\\nsubnet=%s\\nrouter=%s\\ndns=%s\\nmtu=%s\\nserverid=%s\\nhostname=%s\\ndomain=%s\\n' \
+             \"$ip\" \"$subnet\" \"$router\" \"$dns\" \"$mtu\" \"$serverid\" \"$hostname\" \"$domain\" > {}\n",
             out.display()
         ),
     )
@@ -265,5 +267,7 @@ pub fn udhcpc(vm: &Netns) -> Option<DhcpResult> {
         dns: get("dns"),
         mtu: get("mtu"),
         serverid: get("serverid"),
+        hostname: get("hostname"),
+        domain: get("domain"),
     })
 }
