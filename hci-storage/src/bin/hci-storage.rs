@@ -74,6 +74,10 @@ enum Cmd {
         /// Unix socket for `hci-storage replicas …` (list, add, remove).
         #[arg(long)]
         control: Option<PathBuf>,
+        /// Threads serving I/O (0: one per CPU); 1 runs everything on one
+        /// thread, which avoids cross-thread wake-ups when CPUs are dedicated.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
         /// HOST:PORT or unix:PATH; repeat to listen on several.
         #[arg(long, default_value = "127.0.0.1:10809")]
         listen: Vec<String>,
@@ -151,6 +155,10 @@ enum Cmd {
         /// File holding the auth token clients must present.
         #[arg(long)]
         token_file: PathBuf,
+        /// Threads serving connections (0: one per CPU; each connection is
+        /// served by one task).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// List, add or remove the replicas of a running `serve --replica …`
     /// through its control socket.
@@ -280,6 +288,7 @@ struct ServeReplicated {
     keepalive: Option<std::time::Duration>,
     rebuild_rate: Option<u64>,
     control: Option<PathBuf>,
+    threads: usize,
     listen: Vec<String>,
     export: String,
     read_only: bool,
@@ -307,9 +316,7 @@ fn serve_replicated(o: ServeReplicated) -> Res<()> {
         .iter()
         .map(|l| l.parse::<Listen>())
         .collect::<Result<Vec<_>, _>>()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime(o.threads)?;
     rt.block_on(async move {
         let options = EngineOptions {
             timeout: o.timeout,
@@ -542,6 +549,25 @@ fn replicas(cmd: ReplicasCmd) -> Res<()> {
     Ok(())
 }
 
+/// The async runtime: a worker per CPU (`threads` 0), one thread (1: the data
+/// path needs no cross-thread wake-ups), or a pool of `threads` workers.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 0 {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
 fn human(n: u64) -> String {
     ByteSize(n).to_string()
 }
@@ -582,11 +608,10 @@ fn run(cli: Cli) -> Res<()> {
             listen,
             root,
             token_file,
+            threads,
         } => {
             let token = token(&token_file)?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = runtime(threads)?;
             rt.block_on(async move {
                 let server = ReplicaServer::new(&root, token)?;
                 let (l, addr) = server.bind(&listen).await?;
@@ -604,6 +629,7 @@ fn run(cli: Cli) -> Res<()> {
             keepalive_ms,
             rebuild_rate,
             control,
+            threads,
             listen,
             export,
             read_only,
@@ -621,6 +647,7 @@ fn run(cli: Cli) -> Res<()> {
                     .then(|| std::time::Duration::from_millis(keepalive_ms)),
                 rebuild_rate: rebuild_rate.as_deref().map(crate::size).transpose()?,
                 control,
+                threads,
                 listen,
                 export,
                 read_only,
@@ -633,6 +660,7 @@ fn run(cli: Cli) -> Res<()> {
             export,
             read_only,
             encrypt_key_file,
+            threads,
             ..
         } => {
             let k = key(encrypt_key_file.as_deref())?;
@@ -641,9 +669,7 @@ fn run(cli: Cli) -> Res<()> {
                 .map(|l| l.parse::<Listen>())
                 .collect::<Result<Vec<_>, _>>()?;
             let r = Replica::open(&dir, k.as_ref())?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = runtime(threads)?;
             rt.block_on(async move {
                 let server = Arc::new(NbdServer::new());
                 let dev = Arc::new(ReplicaDevice::new(r.clone(), read_only));
