@@ -225,6 +225,9 @@ fn replicas_list_add_remove_through_the_control_socket() {
         "1000".into(),
         "--keepalive-ms".into(),
         "200".into(),
+        // The rebuild below goes through the rate limiter (5 MiB at 64 MiB/s).
+        "--rebuild-rate".into(),
+        "64M".into(),
         "--control".into(),
         p(&control).into(),
         "--listen".into(),

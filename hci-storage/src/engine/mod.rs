@@ -14,7 +14,17 @@
 //!   never served from (it is reported [`ReplicaState::Stale`]).
 //! * Snapshots are taken on every replica with writes quiesced.
 //! * [`ReplicatedVolume::add_replica`] rebuilds a new or stale replica while
-//!   the volume stays in use (see [`rebuild`]).
+//!   the volume stays in use (see [`rebuild`]), at most
+//!   [`EngineOptions::rebuild_rate`] bytes per second.
+//! * Reads go to a healthy in-process replica when there is one (no network
+//!   hop), else round-robin over the healthy ones.
+//! * Keepalive: remote replicas are pinged every [`EngineOptions::keepalive`];
+//!   one that does not answer within the timeout is failed even while idle.
+//! * Crash consistency: opening marks the replicas in use; a clean
+//!   [`ReplicatedVolume::close`] marks them clean. Opening after an unclean
+//!   shutdown copies the differences between the healthy replicas from one of
+//!   them (local first) to the others before any I/O, so writes that were in
+//!   flight at the crash end up on all replicas or on none.
 
 mod backend;
 pub mod rebuild;
