@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Replicated volume benchmark: fio's nbd engine against `hci-storage serve`
-# exporting (a) a single local replica and (b) a replicated volume on 1, 2 and 3
-# `hci-storage replica-server`s, all RAM-backed (/dev/shm) on loopback, plus
-# nbdkit file as the outside anchor, in one run. Prints IOPS per job and the
-# ratio to the single local replica. (Rebuild timing is not scripted yet: the
-# CLI has no `replicas add` command.)
+# exporting (a) a single local replica directory and (b) replicated volumes
+# whose engine holds one replica in-process (as a VMM or NBD server on the
+# node with a replica does) plus 0, 1 or 2 replicas on `hci-storage
+# replica-server`s, and (c) 3 replicas all on replica servers (no local one),
+# all RAM-backed (/dev/shm) on loopback, plus nbdkit file as the outside
+# anchor, in one run. Prints IOPS per job and the ratio to the single local
+# replica.
+#
+# Then (unless REBUILD=0) the rebuild benchmark: a REBUILD_SIZE volume (4G)
+# with REBUILD_DATA (1G) allocated in 1 MiB extents spread over the volume is
+# served from one replica server, and `hci-storage replicas add --wait` adds
+# an empty replica on another: time, MiB/s and bytes sent.
 #
 # Usage: scripts/bench-repl.sh            (DURATION=10 seconds per job)
 #        DURATION=3 SIZE=256M scripts/bench-repl.sh
@@ -17,6 +24,9 @@ for t in fio nbdkit python3; do
 done
 cargo build --release -q -p hci-storage --bin hci-storage
 HS=${CARGO_TARGET_DIR:-target}/release/hci-storage
+REBUILD=${REBUILD:-1}
+REBUILD_SIZE=${REBUILD_SIZE:-4G}
+REBUILD_DATA=${REBUILD_DATA:-1G}
 
 W=$(mktemp -d /dev/shm/hci-bench-repl.XXXXXX)
 PIDS=()
@@ -31,21 +41,24 @@ for i in 1 2 3; do
   "$HS" replica-server --listen 127.0.0.1:1092$i --root "$W/node$i" --token-file "$W/token" >/dev/null 2>&1 & PIDS+=($!)
   wait_port 1092$i
 done
-# Exports: local replica, and replicated volumes with 1, 2, 3 replicas.
+# Exports: local replica; replicated volumes with an in-process replica plus
+# 0, 1, 2 remote ones; 3 remote replicas.
 "$HS" create "$W/local" --size "$SIZE" >/dev/null
 "$HS" serve "$W/local" --listen 127.0.0.1:10930 >/dev/null 2>&1 & PIDS+=($!)
-"$HS" serve --replica 127.0.0.1:10921/r1 --token-file "$W/token" --size "$SIZE" --listen 127.0.0.1:10931 >/dev/null 2>&1 & PIDS+=($!)
-"$HS" serve --replica 127.0.0.1:10921/r2 --replica 127.0.0.1:10922/r2 --token-file "$W/token" --size "$SIZE" \
+"$HS" serve --replica "$W/engine1/r1" --size "$SIZE" --listen 127.0.0.1:10931 >/dev/null 2>&1 & PIDS+=($!)
+"$HS" serve --replica "$W/engine2/r2" --replica 127.0.0.1:10921/r2 --token-file "$W/token" --size "$SIZE" \
   --listen 127.0.0.1:10932 >/dev/null 2>&1 & PIDS+=($!)
-"$HS" serve --replica 127.0.0.1:10921/r3 --replica 127.0.0.1:10922/r3 --replica 127.0.0.1:10923/r3 \
+"$HS" serve --replica "$W/engine3/r3" --replica 127.0.0.1:10921/r3 --replica 127.0.0.1:10922/r3 \
   --token-file "$W/token" --size "$SIZE" --listen 127.0.0.1:10933 >/dev/null 2>&1 & PIDS+=($!)
+"$HS" serve --replica 127.0.0.1:10921/r3r --replica 127.0.0.1:10922/r3r --replica 127.0.0.1:10923/r3r \
+  --token-file "$W/token" --size "$SIZE" --listen 127.0.0.1:10935 >/dev/null 2>&1 & PIDS+=($!)
 truncate -s "$SIZE" "$W/nbdkit.img"
 nbdkit -f -p 10934 file file="$W/nbdkit.img" & PIDS+=($!)
-for p in 10930 10931 10932 10933 10934; do wait_port $p; done
+for p in 10930 10931 10932 10933 10934 10935; do wait_port $p; done
 
 declare -A URI=([local]=nbd://127.0.0.1:10930/ [repl1]=nbd://127.0.0.1:10931/ [repl2]=nbd://127.0.0.1:10932/
-                [repl3]=nbd://127.0.0.1:10933/ [nbdkit]=nbd://127.0.0.1:10934/)
-SERVERS=(local repl1 repl2 repl3 nbdkit)
+                [repl3]=nbd://127.0.0.1:10933/ [nbdkit]=nbd://127.0.0.1:10934/ [repl3r]=nbd://127.0.0.1:10935/)
+SERVERS=(local repl1 repl2 repl3 repl3r nbdkit)
 for s in "${SERVERS[@]}"; do
   fio --name=fill --ioengine=nbd --uri="${URI[$s]}" --rw=write --bs=1M --iodepth=8 --size="$SIZE" \
       --output-format=terse >/dev/null
@@ -75,11 +88,36 @@ import sys
 rows = [l.split() for l in open(sys.argv[1])]
 res = {(s, j): (int(i), float(b)) for s, j, i, b in rows}
 jobs = list(dict.fromkeys(j for _, j, _, _ in rows))
-print(f"\nReplicated volumes over loopback, fio nbd engine, {sys.argv[3]} RAM-backed, {sys.argv[2]} s per job\n")
-print("| job | local IOPS | 1 replica | 2 replicas | 3 replicas | nbdkit | 3 replicas / local |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+print(f"\nReplicated volumes over loopback, fio nbd engine, {sys.argv[3]} RAM-backed, {sys.argv[2]} s per job")
+print("(N replicas = one in the serving process + N-1 on replica servers; 3 remote = all on replica servers)\n")
+print("| job | local IOPS | 1 replica | 2 replicas | 3 replicas | 3 remote | nbdkit | 3 replicas / local | 3 remote / local |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for j in jobs:
     g = lambda s: res.get((s, j), (0, 0))[0]
     l = g("local")
-    print(f"| {j} | {l} | {g('repl1')} | {g('repl2')} | {g('repl3')} | {g('nbdkit')} | {g('repl3') / l if l else float('nan'):.2f}x |")
+    r = lambda s: f"{g(s) / l:.2f}x" if l else "n/a"
+    print(f"| {j} | {l} | {g('repl1')} | {g('repl2')} | {g('repl3')} | {g('repl3r')} | {g('nbdkit')} | {r('repl3')} | {r('repl3r')} |")
 PY
+
+[ "$REBUILD" = 1 ] || exit 0
+# Rebuild: stop the I/O benchmark's servers first (CPU and RAM for the copy).
+for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+PIDS=()
+rm -rf "$W"/node* "$W"/engine* "$W"/local "$W/nbdkit.img"
+for i in 1 2; do
+  "$HS" replica-server --listen 127.0.0.1:1094$i --root "$W/rb$i" --token-file "$W/token" >/dev/null 2>&1 & PIDS+=($!)
+  wait_port 1094$i
+done
+"$HS" serve --replica 127.0.0.1:10941/rb --token-file "$W/token" --size "$REBUILD_SIZE" --control "$W/ctl.sock" \
+  ${REBUILD_RATE:+--rebuild-rate "$REBUILD_RATE"} --listen 127.0.0.1:10940 >/dev/null 2>&1 & PIDS+=($!)
+wait_port 10940
+# 1 MiB of random data in every REBUILD_SIZE/REBUILD_DATA MiB (1 in 4 by default).
+to_mib() { python3 -c 'import sys; s=sys.argv[1]; u={"K":1/1024,"M":1,"G":1024,"T":1<<20}; print(int(float(s[:-1])*u[s[-1]]) if s[-1] in u else int(s)>>20)' "$1"; }
+STRIDE=$(( $(to_mib "$REBUILD_SIZE") / $(to_mib "$REBUILD_DATA") ))
+fio --name=populate --ioengine=nbd --uri=nbd://127.0.0.1:10940/ --rw=write:$(( STRIDE - 1 ))M --bs=1M --iodepth=8 \
+    --size="$REBUILD_SIZE" --refill_buffers --output-format=terse >/dev/null
+echo
+echo "Rebuild: $REBUILD_SIZE volume, $REBUILD_DATA allocated (1 MiB in every $STRIDE MiB), one replica server to an empty one${REBUILD_RATE:+, rate limit $REBUILD_RATE/s}"
+"$HS" replicas add --control "$W/ctl.sock" 127.0.0.1:10942/rb --wait
+"$HS" replicas list --control "$W/ctl.sock"

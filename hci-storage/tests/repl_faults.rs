@@ -131,6 +131,7 @@ fn setup(n: usize) -> Setup {
 fn opts(ms: u64) -> EngineOptions {
     EngineOptions {
         timeout: Duration::from_millis(ms),
+        ..EngineOptions::default()
     }
 }
 

@@ -65,6 +65,13 @@ impl ReplicaNode for Flaky {
         self.check()?;
         self.inner.set_epoch(volume, generation, epoch).await
     }
+    async fn mark_clean(&self, volume: &str, generation: u64) -> Result<()> {
+        self.check()?;
+        self.inner.mark_clean(volume, generation).await
+    }
+    async fn ping(&self) -> Result<()> {
+        self.check()
+    }
     async fn open_fenced(
         &self,
         volume: &str,
@@ -186,9 +193,17 @@ async fn run(ops: Vec<Op>) {
             .expect("create");
     }
     let open = || async {
-        ReplicatedVolume::open("v", &nodes, OpenVolume::default(), EngineOptions::default())
-            .await
-            .expect("open")
+        ReplicatedVolume::open(
+            "v",
+            &nodes,
+            OpenVolume::default(),
+            EngineOptions {
+                keepalive: None,
+                ..EngineOptions::default()
+            },
+        )
+        .await
+        .expect("open")
     };
     let mut vol = open().await;
     let mut model: HashMap<u64, u8> = HashMap::new();

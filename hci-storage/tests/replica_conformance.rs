@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use hci_core::block::BlockDevice;
 use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
+use hci_storage::replica::ReplicaNode;
 use hci_storage::replica::client::{RemoteNode, ServerAddr};
 use hci_storage::replica::server::ReplicaServer;
 

@@ -7,16 +7,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use hci_core::block::BlockDevice;
 use hci_core::model::ByteSize;
 use hci_core::volume::EncryptionKey;
 use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
+use hci_storage::control::{self, ControlRequest, Controller, StatusView};
 use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
 use hci_storage::local::{Replica, ReplicaDevice, import_image};
 use hci_storage::nbd::{ExportOptions, Listen, NbdServer};
-use hci_storage::replica::ReplicaNode;
 use hci_storage::replica::client::{RemoteNode, ServerAddr};
 use hci_storage::replica::server::ReplicaServer;
+use hci_storage::replica::{LocalNode, ReplicaNode};
 
 #[derive(Parser)]
 #[command(
@@ -50,7 +50,9 @@ enum Cmd {
     Serve {
         /// Replica directory (omit with --replica).
         dir: Option<PathBuf>,
-        /// A replica as HOST:PORT/VOLUME on a replica server; repeat per replica.
+        /// A replica as HOST:PORT/VOLUME on a replica server, or ROOT/VOLUME
+        /// (an absolute or ./relative directory) held in this process, which
+        /// then serves reads; repeat per replica.
         #[arg(long)]
         replica: Vec<String>,
         /// File holding the replica servers' auth token.
@@ -59,9 +61,23 @@ enum Cmd {
         /// Create the replicated volume with this size when it does not exist yet.
         #[arg(long)]
         size: Option<String>,
-        /// Per-replica timeout in milliseconds: a slower replica is failed.
+        /// Per-replica timeout in milliseconds: a slower replica (hung, or
+        /// behind a cut link) is failed, so I/O stalls at most this long.
         #[arg(long, default_value_t = 3000)]
         replica_timeout_ms: u64,
+        /// Keepalive ping interval to remote replicas in milliseconds (0: off).
+        #[arg(long, default_value_t = 1000)]
+        keepalive_ms: u64,
+        /// Rebuild rate limit in bytes per second, e.g. 200M (default: unlimited).
+        #[arg(long)]
+        rebuild_rate: Option<String>,
+        /// Unix socket for `hci-storage replicas …` (list, add, remove).
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Threads serving I/O (0: one per CPU); 1 runs everything on one
+        /// thread, which avoids cross-thread wake-ups when CPUs are dedicated.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
         /// HOST:PORT or unix:PATH; repeat to listen on several.
         #[arg(long, default_value = "127.0.0.1:10809")]
         listen: Vec<String>,
@@ -139,11 +155,57 @@ enum Cmd {
         /// File holding the auth token clients must present.
         #[arg(long)]
         token_file: PathBuf,
+        /// Threads serving connections (0: one per CPU; each connection is
+        /// served by one task).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// List, add or remove the replicas of a running `serve --replica …`
+    /// through its control socket.
+    ///
+    /// Examples: `hci-storage replicas list --control /run/vm1.sock`;
+    /// `hci-storage replicas add --control /run/vm1.sock 10.0.0.3:7000/vm1 --wait`;
+    /// `hci-storage replicas remove --control /run/vm1.sock 10.0.0.2:7000/vm1`
+    Replicas {
+        #[command(subcommand)]
+        cmd: ReplicasCmd,
     },
     /// Show size, allocation, revision and snapshots.
     Info {
         /// Replica directory.
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicasCmd {
+    /// Robustness (healthy, degraded, faulted) and every replica's state.
+    List {
+        /// The serve process's --control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// Output format: table or json.
+        #[arg(short, long, default_value = "table")]
+        output: String,
+    },
+    /// Add a replica (HOST:PORT/VOLUME or ROOT/VOLUME) and start its rebuild.
+    Add {
+        /// The serve process's --control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// Where the new replica lives.
+        replica: String,
+        /// Wait until the rebuild ends, then report time, rate and bytes sent.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Remove a replica from the set (its data stays on its node).
+    Remove {
+        /// The serve process's --control socket.
+        #[arg(long)]
+        control: PathBuf,
+        /// The replica, as given to --replica/add, or its node label.
+        replica: String,
     },
 }
 
@@ -194,11 +256,39 @@ fn token(p: &Path) -> Res<Vec<u8>> {
     Ok(t)
 }
 
+/// True if a replica's location is a local directory rather than HOST:PORT.
+fn is_local_path(at: &str) -> bool {
+    at.starts_with('/') || at.starts_with("./") || at.starts_with("../")
+}
+
+/// The node behind a replica location: an in-process [`LocalNode`] over a
+/// directory (reads are served from it, without a network hop), or a replica
+/// server at HOST:PORT.
+fn replica_node(
+    at: &str,
+    token: &Option<Vec<u8>>,
+    timeout: std::time::Duration,
+) -> Res<Arc<dyn ReplicaNode>> {
+    if is_local_path(at) {
+        return Ok(Arc::new(LocalNode::new(at)?));
+    }
+    let token = token
+        .clone()
+        .ok_or_else(|| format!("replica server {at} needs --token-file"))?;
+    let mut sa = ServerAddr::new(at, token);
+    sa.timeout = timeout;
+    Ok(Arc::new(RemoteNode::new(sa)))
+}
+
 struct ServeReplicated {
     replicas: Vec<String>,
-    token: Vec<u8>,
+    token: Option<Vec<u8>>,
     size: Option<u64>,
     timeout: std::time::Duration,
+    keepalive: Option<std::time::Duration>,
+    rebuild_rate: Option<u64>,
+    control: Option<PathBuf>,
+    threads: usize,
     listen: Vec<String>,
     export: String,
     read_only: bool,
@@ -218,9 +308,7 @@ fn serve_replicated(o: ServeReplicated) -> Res<()> {
             }
             _ => volume = Some(vol.to_string()),
         }
-        let mut sa = ServerAddr::new(addr, o.token.clone());
-        sa.timeout = o.timeout;
-        nodes.push(Arc::new(RemoteNode::new(sa)));
+        nodes.push(replica_node(addr, &o.token, o.timeout)?);
     }
     let volume = volume.ok_or("give a replica directory or at least one --replica")?;
     let listen = o
@@ -228,11 +316,14 @@ fn serve_replicated(o: ServeReplicated) -> Res<()> {
         .iter()
         .map(|l| l.parse::<Listen>())
         .collect::<Result<Vec<_>, _>>()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime(o.threads)?;
     rt.block_on(async move {
-        let backend = ReplicatedVolumeBackend::new(nodes, EngineOptions { timeout: o.timeout })?;
+        let options = EngineOptions {
+            timeout: o.timeout,
+            keepalive: o.keepalive,
+            rebuild_rate: o.rebuild_rate,
+        };
+        let backend = ReplicatedVolumeBackend::new(nodes, options)?;
         if let Some(size) = o.size {
             match backend.info(&volume).await {
                 Ok(_) => {}
@@ -273,6 +364,33 @@ fn serve_replicated(o: ServeReplicated) -> Res<()> {
                 description: format!("replicated volume {volume}"),
             },
         )?;
+        let control = match &o.control {
+            Some(path) => {
+                let (token, timeout, vol) = (o.token.clone(), o.timeout, volume.clone());
+                let resolve = move |r: &str| -> hci_core::Result<Arc<dyn ReplicaNode>> {
+                    let (at, v) = r.rsplit_once('/').ok_or_else(|| {
+                        hci_core::Error::invalid(
+                            format!("replica {r:?}"),
+                            "must be HOST:PORT/VOLUME or ROOT/VOLUME",
+                        )
+                    })?;
+                    if v != vol {
+                        return Err(hci_core::Error::invalid(
+                            format!("replica {r:?}"),
+                            format!("names volume {v}, this engine serves {vol}"),
+                        ));
+                    }
+                    replica_node(at, &token, timeout).map_err(|e| {
+                        hci_core::Error::invalid(format!("replica {r:?}"), e.to_string())
+                    })
+                };
+                let c = Controller::new(engine.clone(), Box::new(resolve));
+                let task = c.serve(path)?;
+                println!("control socket {}", path.display());
+                Some(task)
+            }
+            None => None,
+        };
         let mut handles = Vec::new();
         for l in listen {
             let h = server.serve(l).await?;
@@ -287,7 +405,13 @@ fn serve_replicated(o: ServeReplicated) -> Res<()> {
         for h in &handles {
             h.shutdown();
         }
-        engine.flush().await?;
+        if let Some(t) = control {
+            t.abort();
+            if let Some(p) = &o.control {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        engine.close().await?;
         let st = engine.status().await;
         println!("stopped; data flushed; robustness {:?}", st.robustness);
         for r in st.replicas {
@@ -295,6 +419,153 @@ fn serve_replicated(o: ServeReplicated) -> Res<()> {
         }
         Ok::<(), Box<dyn std::error::Error>>(())
     })
+}
+
+fn control_call(path: &Path, req: &ControlRequest) -> Res<StatusView> {
+    let reply = control::call(path, req)?;
+    if !reply.ok {
+        return Err(reply
+            .error
+            .unwrap_or_else(|| "the engine refused the request".into())
+            .into());
+    }
+    reply
+        .status
+        .ok_or_else(|| "the engine sent no status".into())
+}
+
+fn print_status(st: &StatusView) {
+    println!(
+        "volume {} ({}): {}, generation {}, epoch {}",
+        st.volume,
+        human(st.size),
+        st.robustness,
+        st.generation,
+        st.epoch
+    );
+    println!("{:<40} {:<11} DETAIL", "REPLICA", "STATE");
+    for r in &st.replicas {
+        let detail = match (&r.reason, &r.rebuild) {
+            (Some(why), _) => why.clone(),
+            (None, Some(b)) if !b.finished => format!(
+                "rebuild {:.1}% ({} of {} compared, {} sent)",
+                if b.total > 0 {
+                    b.done as f64 * 100.0 / b.total as f64
+                } else {
+                    0.0
+                },
+                human(b.done),
+                human(b.total),
+                human(b.sent)
+            ),
+            (None, Some(b)) => match &b.error {
+                Some(e) => format!("last rebuild failed: {e}"),
+                None => format!(
+                    "rebuilt in {:.1} s, {} sent",
+                    b.elapsed_ms as f64 / 1000.0,
+                    human(b.sent)
+                ),
+            },
+            (None, None) => String::new(),
+        };
+        println!("{:<40} {:<11} {detail}", r.node, r.state);
+    }
+}
+
+fn replicas(cmd: ReplicasCmd) -> Res<()> {
+    match cmd {
+        ReplicasCmd::List { control, output } => {
+            let st = control_call(&control, &ControlRequest::Status)?;
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&st)?),
+                "table" => print_status(&st),
+                other => {
+                    return Err(format!("unknown output format {other:?} (table, json)").into());
+                }
+            }
+        }
+        ReplicasCmd::Add {
+            control,
+            replica,
+            wait,
+        } => {
+            let st = control_call(
+                &control,
+                &ControlRequest::Add {
+                    replica: replica.clone(),
+                },
+            )?;
+            println!(
+                "adding {replica}: rebuild started (volume {})",
+                st.robustness
+            );
+            if wait {
+                // The node label is how the engine names the replica.
+                let label = replica
+                    .rsplit_once('/')
+                    .map(|(at, _)| at.to_string())
+                    .unwrap_or_default();
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    let st = control_call(&control, &ControlRequest::Status)?;
+                    let Some(r) = st.replicas.iter().find(|r| {
+                        r.node == label
+                            || r.node.trim_end_matches('/') == label.trim_end_matches('/')
+                    }) else {
+                        return Err(format!("replica {label} is not in the set").into());
+                    };
+                    let Some(b) = &r.rebuild else { continue };
+                    if !b.finished {
+                        continue;
+                    }
+                    if let Some(e) = &b.error {
+                        return Err(format!("rebuild of {replica} failed: {e}").into());
+                    }
+                    let secs = b.elapsed_ms as f64 / 1000.0;
+                    let mib_s = |n: u64| n as f64 / (1 << 20) as f64 / secs.max(0.001);
+                    println!(
+                        "rebuilt {replica} in {secs:.2} s: {} sent ({} bytes, {:.1} MiB/s), {} compared ({:.1} MiB/s); volume {}",
+                        human(b.sent),
+                        b.sent,
+                        mib_s(b.sent),
+                        human(b.done),
+                        mib_s(b.done),
+                        st.robustness
+                    );
+                    break;
+                }
+            }
+        }
+        ReplicasCmd::Remove { control, replica } => {
+            let st = control_call(
+                &control,
+                &ControlRequest::Remove {
+                    replica: replica.clone(),
+                },
+            )?;
+            println!("removed {replica}; volume {}", st.robustness);
+        }
+    }
+    Ok(())
+}
+
+/// The async runtime: a worker per CPU (`threads` 0), one thread (1: the data
+/// path needs no cross-thread wake-ups), or a pool of `threads` workers.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 0 {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
 }
 
 fn human(n: u64) -> String {
@@ -337,11 +608,10 @@ fn run(cli: Cli) -> Res<()> {
             listen,
             root,
             token_file,
+            threads,
         } => {
             let token = token(&token_file)?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = runtime(threads)?;
             rt.block_on(async move {
                 let server = ReplicaServer::new(&root, token)?;
                 let (l, addr) = server.bind(&listen).await?;
@@ -356,23 +626,28 @@ fn run(cli: Cli) -> Res<()> {
             token_file,
             size: s,
             replica_timeout_ms,
+            keepalive_ms,
+            rebuild_rate,
+            control,
+            threads,
             listen,
             export,
             read_only,
             encrypt_key_file,
         } => {
             let k = key(encrypt_key_file.as_deref())?;
-            let token = token(
-                token_file
-                    .as_deref()
-                    .ok_or("--replica needs --token-file")?,
-            )?;
+            let token = token_file.as_deref().map(token).transpose()?;
             let size = s.as_deref().map(size).transpose()?;
             serve_replicated(ServeReplicated {
                 replicas: replica,
                 token,
                 size,
                 timeout: std::time::Duration::from_millis(replica_timeout_ms),
+                keepalive: (keepalive_ms > 0)
+                    .then(|| std::time::Duration::from_millis(keepalive_ms)),
+                rebuild_rate: rebuild_rate.as_deref().map(crate::size).transpose()?,
+                control,
+                threads,
                 listen,
                 export,
                 read_only,
@@ -385,6 +660,7 @@ fn run(cli: Cli) -> Res<()> {
             export,
             read_only,
             encrypt_key_file,
+            threads,
             ..
         } => {
             let k = key(encrypt_key_file.as_deref())?;
@@ -393,9 +669,7 @@ fn run(cli: Cli) -> Res<()> {
                 .map(|l| l.parse::<Listen>())
                 .collect::<Result<Vec<_>, _>>()?;
             let r = Replica::open(&dir, k.as_ref())?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = runtime(threads)?;
             rt.block_on(async move {
                 let server = Arc::new(NbdServer::new());
                 let dev = Arc::new(ReplicaDevice::new(r.clone(), read_only));
@@ -427,6 +701,7 @@ fn run(cli: Cli) -> Res<()> {
                 Ok::<(), Box<dyn std::error::Error>>(())
             })?;
         }
+        Cmd::Replicas { cmd } => replicas(cmd)?,
         Cmd::Snapshot { dir, name } => {
             let r = Replica::open(&dir, None)?;
             let t = std::time::Instant::now();

@@ -14,7 +14,17 @@
 //!   never served from (it is reported [`ReplicaState::Stale`]).
 //! * Snapshots are taken on every replica with writes quiesced.
 //! * [`ReplicatedVolume::add_replica`] rebuilds a new or stale replica while
-//!   the volume stays in use (see [`rebuild`]).
+//!   the volume stays in use (see [`rebuild`]), at most
+//!   [`EngineOptions::rebuild_rate`] bytes per second.
+//! * Reads go to a healthy in-process replica when there is one (no network
+//!   hop), else round-robin over the healthy ones.
+//! * Keepalive: remote replicas are pinged every [`EngineOptions::keepalive`];
+//!   one that does not answer within the timeout is failed even while idle.
+//! * Crash consistency: opening marks the replicas in use; a clean
+//!   [`ReplicatedVolume::close`] marks them clean. Opening after an unclean
+//!   shutdown copies the differences between the healthy replicas from one of
+//!   them (local first) to the others before any I/O, so writes that were in
+//!   flight at the crash end up on all replicas or on none.
 
 mod backend;
 pub mod rebuild;
@@ -38,13 +48,23 @@ use crate::replica::ReplicaNode;
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Bound on any replica request; a replica slower than this is failed.
+    /// A hung replica (or one whose link is cut) stalls I/O at most this long.
     pub timeout: Duration,
+    /// Interval of keepalive pings to remote replicas (`None`: no pings). A
+    /// replica that does not answer a ping within `timeout` is failed, so a
+    /// dead link is noticed even while the volume is idle.
+    pub keepalive: Option<Duration>,
+    /// Most bytes per second a rebuild copies to the new replica (`None`:
+    /// as fast as it goes).
+    pub rebuild_rate: Option<u64>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             timeout: Duration::from_secs(3),
+            keepalive: Some(Duration::from_secs(1)),
+            rebuild_rate: None,
         }
     }
 }
@@ -130,6 +150,7 @@ pub struct ReplicatedVolume {
     quiesce: tokio::sync::RwLock<()>,
     epoch: tokio::sync::Mutex<u64>,
     fenced: AtomicBool,
+    closed: AtomicBool,
     next_read: AtomicUsize,
 }
 
@@ -257,6 +278,7 @@ impl ReplicatedVolume {
             quiesce: tokio::sync::RwLock::new(()),
             epoch: tokio::sync::Mutex::new(max_epoch),
             fenced: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
         });
         if !options.read_only {
@@ -269,9 +291,108 @@ impl ReplicatedVolume {
                 }
             }
             vol.new_epoch().await?;
+            let unclean = nodes
+                .iter()
+                .zip(&states)
+                .any(|(_, s)| s.as_ref().is_ok_and(|s| !s.clean));
+            if unclean {
+                vol.reconcile().await?;
+            }
+            if let Some(every) = vol.options.keepalive {
+                tokio::spawn(keepalive(Arc::downgrade(&vol), every));
+            }
         }
         tracing::info!(volume = name, generation, "replicated volume opened");
         Ok(vol)
+    }
+
+    /// After an unclean shutdown (an engine crash), writes that were in flight
+    /// may have reached some healthy replicas and not others. None of them was
+    /// acknowledged as durable, so either version is correct, but every replica
+    /// must hold the same one: copy the differences from one healthy replica
+    /// (local first) to the others. Only allocated data is compared.
+    async fn reconcile(&self) -> Result<()> {
+        let mut healthy: Vec<_> = self
+            .healthy()
+            .into_iter()
+            .filter_map(|m| m.dev().map(|d| (m, d)))
+            .collect();
+        healthy.sort_by_key(|(m, _)| !m.node.is_local());
+        let Some(((src_m, src), rest)) = healthy.split_first() else {
+            return Err(faulted(&self.name));
+        };
+        let progress = rebuild::RebuildProgress::default();
+        let mut dropped = false;
+        for (m, d) in rest {
+            let r = rebuild::sync(&**src, &**d, self.size(), None, &progress, None).await;
+            if let Err(e) = r {
+                self.fail(m, format!("reconcile after an unclean shutdown: {e}"));
+                dropped = true;
+            }
+        }
+        if dropped {
+            self.new_epoch().await?;
+        }
+        tracing::info!(
+            volume = %self.name,
+            source = %src_m.node.label(),
+            copied = progress.sent.load(Ordering::Relaxed),
+            "replicas reconciled after an unclean shutdown"
+        );
+        Ok(())
+    }
+
+    /// Flushes every replica, records a clean shutdown on them (so the next
+    /// open need not reconcile) and refuses further I/O.
+    pub async fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _q = self.quiesce.write().await;
+        self.fan_out(|d| async move { d.flush().await }).await?;
+        self.closed.store(true, Ordering::SeqCst);
+        let t = self.options.timeout;
+        let healthy = self.healthy();
+        let rs = futures::future::join_all(healthy.iter().map(|m| async move {
+            tokio::time::timeout(t, m.node.mark_clean(&self.name, self.generation)).await
+        }))
+        .await;
+        for (m, r) in healthy.iter().zip(rs) {
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::warn!(volume = %self.name, replica = %m.node.label(), "could not record a clean shutdown");
+            }
+        }
+        Ok(())
+    }
+
+    /// Pings every remote replica once; one that does not answer in time is failed.
+    async fn ping_replicas(&self) {
+        let t = self.options.timeout;
+        let targets: Vec<_> = self
+            .all()
+            .into_iter()
+            .filter(|m| !m.node.is_local())
+            .filter(|m| matches!(m.state(), ReplicaState::Healthy | ReplicaState::Rebuilding))
+            .collect();
+        let rs = futures::future::join_all(
+            targets
+                .iter()
+                .map(|m| async move { tokio::time::timeout(t, m.node.ping()).await }),
+        )
+        .await;
+        let mut dropped_healthy = false;
+        for (m, r) in targets.iter().zip(rs) {
+            let why = match r {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => format!("keepalive: {e}"),
+                Err(_) => format!("keepalive: no answer within {t:?}"),
+            };
+            dropped_healthy |= m.state() == ReplicaState::Healthy;
+            self.fail(m, why);
+        }
+        if dropped_healthy {
+            let _ = self.new_epoch().await;
+        }
     }
 
     /// The volume's name.
@@ -395,6 +516,12 @@ impl ReplicatedVolume {
     }
 
     fn check_fenced(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                what: format!("volume {}", self.name),
+                source: Some("the engine was closed".into()),
+            });
+        }
         if self.fenced.load(Ordering::SeqCst) {
             return Err(Error::Fenced {
                 what: format!("volume {}", self.name),
@@ -427,6 +554,10 @@ impl ReplicatedVolume {
             .filter(|m| matches!(m.state(), ReplicaState::Healthy | ReplicaState::Rebuilding))
             .filter_map(|m| m.dev().map(|d| (m, d)))
             .collect();
+        // Remote replicas first: their requests are queued for sending before
+        // a local replica does its (synchronous) part.
+        let mut targets = targets;
+        targets.sort_by_key(|(m, _)| m.node.is_local());
         if !targets
             .iter()
             .any(|(m, _)| m.state() == ReplicaState::Healthy)
@@ -477,6 +608,30 @@ impl ReplicatedVolume {
         Ok(())
     }
 
+    /// The replica to read from: a healthy local one if there is one (no
+    /// network hop), else the healthy ones in turn.
+    fn pick_reader(&self) -> Result<(Arc<Member>, Arc<dyn BlockDevice>)> {
+        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let healthy = || {
+            members
+                .iter()
+                .filter(|m| m.state() == ReplicaState::Healthy)
+                .filter_map(|m| m.dev().map(|d| (m, d)))
+        };
+        if let Some((m, d)) = healthy().find(|(m, _)| m.node.is_local()) {
+            return Ok((m.clone(), d));
+        }
+        let n = healthy().count();
+        if n == 0 {
+            return Err(faulted(&self.name));
+        }
+        let i = self.next_read.fetch_add(1, Ordering::Relaxed) % n;
+        healthy()
+            .nth(i)
+            .map(|(m, d)| (m.clone(), d))
+            .ok_or_else(|| faulted(&self.name))
+    }
+
     /// Runs a read-type request on one healthy replica (local first, then
     /// round-robin), failing over to the next on replica errors.
     async fn read_one<T, F, Fut>(&self, f: F) -> Result<T>
@@ -486,19 +641,7 @@ impl ReplicatedVolume {
     {
         self.check_fenced()?;
         loop {
-            let mut healthy: Vec<_> = self
-                .healthy()
-                .into_iter()
-                .filter_map(|m| m.dev().map(|d| (m, d)))
-                .collect();
-            if healthy.is_empty() {
-                return Err(faulted(&self.name));
-            }
-            let pick = match healthy.iter().position(|(m, _)| m.node.is_local()) {
-                Some(i) => i,
-                None => self.next_read.fetch_add(1, Ordering::Relaxed) % healthy.len(),
-            };
-            let (m, d) = healthy.swap_remove(pick);
+            let (m, d) = self.pick_reader()?;
             let t = self.options.timeout;
             match tokio::time::timeout(t, f(d)).await {
                 Ok(Ok(v)) => return Ok(v),
@@ -572,6 +715,18 @@ impl ReplicatedVolume {
     }
 }
 
+/// Pings the remote replicas of `vol` every `every` until it is dropped or closed.
+async fn keepalive(vol: std::sync::Weak<ReplicatedVolume>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(v) = vol.upgrade() else { return };
+        if v.closed.load(Ordering::SeqCst) || v.fenced.load(Ordering::SeqCst) {
+            return;
+        }
+        v.ping_replicas().await;
+    }
+}
+
 #[async_trait]
 impl BlockDevice for ReplicatedVolume {
     fn size(&self) -> u64 {
@@ -593,15 +748,25 @@ impl BlockDevice for ReplicatedVolume {
 
     async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size())?;
-        let len = buf.len();
-        let data = self
-            .read_one(|d| async move {
-                let mut v = vec![0u8; len];
-                d.read_at(&mut v, offset).await.map(|()| v)
-            })
-            .await?;
-        buf.copy_from_slice(&data);
-        Ok(())
+        self.check_fenced()?;
+        loop {
+            let (m, d) = self.pick_reader()?;
+            let t = self.options.timeout;
+            // Straight into the caller's buffer: a failed attempt is simply
+            // overwritten by the next replica's answer.
+            match tokio::time::timeout(t, d.read_at(buf, offset)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) if is_request_error(&e) => {
+                    if matches!(e, Error::Fenced { .. }) {
+                        self.fenced.store(true, Ordering::SeqCst);
+                    }
+                    return Err(e);
+                }
+                Ok(Err(e)) => self.fail(&m, e.to_string()),
+                Err(_) => self.fail(&m, format!("no answer within {t:?}")),
+            }
+            self.new_epoch().await?;
+        }
     }
 
     async fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> Result<()> {

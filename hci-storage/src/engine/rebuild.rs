@@ -73,16 +73,28 @@ async fn has_data(dev: &dyn BlockDevice, off: u64, len: u64) -> Result<bool> {
     Ok(false)
 }
 
-/// Makes `dst` read like `src` over `[0, size)`.
-async fn sync(
+/// Makes `dst` read like `src` over `[0, size)`, sending at most `rate`
+/// bytes per second (the limit paces between chunks, never while writes are
+/// quiesced).
+pub(crate) async fn sync(
     src: &dyn BlockDevice,
     dst: &dyn BlockDevice,
     size: u64,
     quiesce: Option<&tokio::sync::RwLock<()>>,
     progress: &RebuildProgress,
+    rate: Option<u64>,
 ) -> Result<()> {
+    let started = std::time::Instant::now();
+    let sent_before = progress.sent.load(Ordering::Relaxed);
     let mut off = 0;
     while off < size {
+        if let Some(rate) = rate.filter(|&r| r > 0) {
+            let sent = progress.sent.load(Ordering::Relaxed) - sent_before;
+            let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
         let n = CHUNK.min(size - off);
         let _g = match quiesce {
             Some(q) => Some(q.write().await),
@@ -214,7 +226,15 @@ impl ReplicatedVolume {
                     .backend()
                     .open_snapshot(&name, &s.name, open_opts(self, true))
                     .await?;
-                sync(&*view, &*target, s.size.min(view.size()), None, &progress).await?;
+                sync(
+                    &*view,
+                    &*target,
+                    s.size.min(view.size()),
+                    None,
+                    &progress,
+                    self.options().rebuild_rate,
+                )
+                .await?;
                 node.backend().snapshot(&name, &s.name).await?;
                 have.push(s.name);
                 copied += 1;
@@ -248,6 +268,7 @@ impl ReplicatedVolume {
             self.size(),
             Some(&self.quiesce),
             &progress,
+            self.options().rebuild_rate,
         )
         .await;
         let member = self

@@ -614,13 +614,72 @@ fn errno(e: &Error, write: bool) -> u32 {
     }
 }
 
+/// The write side of a connection, shared by the requests in flight. A reply
+/// finding the socket free is written at once, without a copy; one finding a
+/// write in progress is queued, and the writer sends everything queued before
+/// it lets go. A burst of completions thus goes out in one system call.
+struct Replies<W> {
+    out: Mutex<W>,
+    /// Replies queued behind the current writer, and whether there is one.
+    queued: std::sync::Mutex<(Vec<u8>, bool)>,
+}
+
+impl<W: AsyncWrite + Unpin> Replies<W> {
+    fn new(w: W) -> Self {
+        Replies {
+            out: Mutex::new(w),
+            queued: std::sync::Mutex::new((Vec::new(), false)),
+        }
+    }
+
+    fn queued(&self) -> std::sync::MutexGuard<'_, (Vec<u8>, bool)> {
+        self.queued.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn send(&self, reply: &[u8]) -> io::Result<()> {
+        {
+            let mut q = self.queued();
+            if q.1 {
+                q.0.extend_from_slice(reply);
+                return Ok(());
+            }
+            q.1 = true;
+        }
+        // Clears the writer flag however this future ends (error or drop),
+        // so queued replies are never stranded behind a writer that is gone.
+        struct Release<'a>(&'a std::sync::Mutex<(Vec<u8>, bool)>);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).1 = false;
+            }
+        }
+        let release = Release(&self.queued);
+        let mut w = self.out.lock().await;
+        w.write_all(reply).await?;
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut q = self.queued();
+                if q.0.is_empty() {
+                    q.1 = false;
+                    std::mem::forget(release);
+                    return Ok(());
+                }
+                std::mem::swap(&mut q.0, &mut batch);
+            }
+            w.write_all(&batch).await?;
+            batch.clear();
+        }
+    }
+}
+
 async fn transmission<R, W>(rd: R, wr: W, session: Session) -> io::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut rd = BufReader::with_capacity(256 << 10, rd);
-    let wr = Arc::new(Mutex::new(wr));
+    let wr = Arc::new(Replies::new(wr));
     let session = Arc::new(session);
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut tasks = JoinSet::new();
@@ -663,7 +722,7 @@ where
         // Large requests go to a task so the socket keeps being read meanwhile.
         if tasks.is_empty() && rd.buffer().is_empty() && req.length <= INLINE_MAX {
             let reply = handle(&session, req, payload).await;
-            let r = wr.lock().await.write_all(&reply).await;
+            let r = wr.send(&reply).await;
             session.pool.give(reply);
             if let Err(e) = r {
                 break Err(e);
@@ -677,15 +736,13 @@ where
         tasks.spawn(async move {
             let reply = handle(&session, req, payload).await;
             drop(permit);
-            let mut w = wr.lock().await;
             // A failed write means the client is gone; the read side notices.
-            let _ = w.write_all(&reply).await;
-            drop(w);
+            let _ = wr.send(&reply).await;
             session.pool.give(reply);
         });
     };
     while tasks.join_next().await.is_some() {}
-    let _ = wr.lock().await.shutdown().await;
+    let _ = wr.out.lock().await.shutdown().await;
     result
 }
 

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::oneshot;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, oneshot};
 
 use hci_core::block::{BlockDevice, ByteRange, DeviceCaps, Extent, WriteFlags, ZeroFlags};
 use hci_core::volume::{CreateVolume, OpenVolume, SnapshotInfo, VolumeBackend, VolumeInfo};
@@ -51,19 +51,52 @@ impl ServerAddr {
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>>>>>;
 
+/// Frames waiting to be sent: requests append here and the connection's writer
+/// task sends everything queued in one `write`, so concurrent requests share
+/// system calls instead of each taking a lock and a syscall of its own.
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+}
+
 struct Shared {
     pending: Pending,
     dead: AtomicBool,
+    why: Mutex<Option<String>>,
+    outbox: Mutex<Outbox>,
+    wake: Notify,
+}
+
+impl Shared {
+    /// Marks the connection dead and fails every waiting request.
+    fn kill(&self, addr: &str, why: String) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.why
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| why.clone());
+        let waiting: Vec<_> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        for (_, tx) in waiting {
+            let _ = tx.send(Err(unavailable(addr, why.clone())));
+        }
+        // Let the writer notice and exit.
+        self.wake.notify_one();
+    }
 }
 
 /// One pipelined connection.
 struct Conn {
     addr: String,
     timeout: Duration,
-    wr: tokio::sync::Mutex<OwnedWriteHalf>,
     shared: Arc<Shared>,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -75,6 +108,7 @@ impl std::fmt::Debug for Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.abort();
     }
 }
 
@@ -83,6 +117,35 @@ fn unavailable(addr: &str, why: impl Into<String>) -> Error {
         what: format!("replica server {addr}"),
         source: Some(why.into().into()),
     }
+}
+
+/// Socket buffers of replica connections: a few MiB in flight without
+/// waiting for the peer's window.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Opens a TCP connection with `TCP_NODELAY`, large buffers and keepalive
+/// probes (so a silently dead peer is noticed even with no request pending).
+async fn tcp_connect(addr: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let s = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        let _ = s.set_send_buffer_size(SOCKET_BUFFER as u32);
+        let _ = s.set_recv_buffer_size(SOCKET_BUFFER as u32);
+        match s.connect(a).await {
+            Ok(sock) => {
+                sock.set_nodelay(true)?;
+                return Ok(sock);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "address resolves to nothing")
+    }))
 }
 
 impl Conn {
@@ -94,12 +157,11 @@ impl Conn {
 
     async fn connect_inner(sa: &ServerAddr) -> Result<Conn> {
         let addr = sa.addr.clone();
-        let sock = TcpStream::connect(&addr)
+        let sock = tcp_connect(&addr)
             .await
             .map_err(|e| unavailable(&addr, format!("connect: {e}")))?;
-        sock.set_nodelay(true)
-            .map_err(|e| Error::io("set TCP_NODELAY", e))?;
-        let (mut rd, mut wr) = sock.into_split();
+        let (rd, mut wr) = sock.into_split();
+        let mut rd = BufReader::with_capacity(256 << 10, rd);
         wr.write_all(&proto::encode_hello(&sa.token)?)
             .await
             .map_err(|e| unavailable(&addr, format!("hello: {e}")))?;
@@ -126,34 +188,46 @@ impl Conn {
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
+            why: Mutex::new(None),
+            outbox: Mutex::new(Outbox::default()),
+            wake: Notify::new(),
         });
         let sh = shared.clone();
         let a2 = addr.clone();
         let reader = tokio::spawn(async move {
             let why = read_replies(&mut rd, &sh).await;
-            sh.dead.store(true, Ordering::SeqCst);
-            let waiting: Vec<_> = sh
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drain()
-                .collect();
-            for (_, tx) in waiting {
-                let _ = tx.send(Err(unavailable(&a2, why.clone())));
-            }
+            sh.kill(&a2, why);
+        });
+        let sh = shared.clone();
+        let a2 = addr.clone();
+        let writer = tokio::spawn(async move {
+            let why = write_frames(&mut wr, &sh).await;
+            sh.kill(&a2, why);
+            let _ = wr.shutdown().await;
         });
         Ok(Conn {
             addr,
             timeout: sa.timeout,
-            wr: tokio::sync::Mutex::new(wr),
             shared,
             next_id: AtomicU64::new(1),
             reader,
+            writer,
         })
     }
 
     fn is_dead(&self) -> bool {
         self.shared.dead.load(Ordering::SeqCst)
+    }
+
+    fn lost(&self) -> Error {
+        let why = self
+            .shared
+            .why
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| "connection lost".into());
+        unavailable(&self.addr, why)
     }
 
     async fn request(
@@ -165,7 +239,7 @@ impl Conn {
         payload: &[u8],
     ) -> Result<Vec<u8>> {
         if self.is_dead() {
-            return Err(unavailable(&self.addr, "connection lost"));
+            return Err(self.lost());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let h = RequestHeader {
@@ -177,36 +251,36 @@ impl Conn {
             payload_len: payload.len() as u32,
             crc: crc32c::crc32c(payload),
         };
-        let mut frame = Vec::with_capacity(proto::REQUEST_LEN + payload.len());
-        frame.extend_from_slice(&h.encode());
-        frame.extend_from_slice(payload);
         let (tx, rx) = oneshot::channel();
         self.shared
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
-        let fut = async {
-            {
-                let mut wr = self.wr.lock().await;
-                wr.write_all(&frame)
-                    .await
-                    .map_err(|e| unavailable(&self.addr, format!("send: {e}")))?;
-            }
-            rx.await
-                .map_err(|_| unavailable(&self.addr, "connection lost"))?
+        let was_empty = {
+            let mut o = self.shared.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            let was_empty = o.buf.is_empty();
+            o.buf.extend_from_slice(&h.encode());
+            o.buf.extend_from_slice(payload);
+            was_empty
         };
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => {
-                if r.is_err() {
-                    self.forget(id);
-                }
-                r
-            }
+        if was_empty {
+            self.shared.wake.notify_one();
+        }
+        // The connection may have died between the check and the insert.
+        if self.is_dead() {
+            self.forget(id);
+            return Err(self.lost());
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(self.lost()),
             Err(_) => {
                 self.forget(id);
-                // The request may have been cut mid-frame: never reuse this stream.
-                self.shared.dead.store(true, Ordering::SeqCst);
+                // A server that misses the bound is treated as gone: never
+                // reuse this stream (its replies would arrive out of date).
+                self.shared
+                    .kill(&self.addr, format!("no reply within {:?}", self.timeout));
                 Err(unavailable(
                     &self.addr,
                     format!("no reply within {:?}", self.timeout),
@@ -231,7 +305,34 @@ impl Conn {
     }
 }
 
-async fn read_replies(rd: &mut tokio::net::tcp::OwnedReadHalf, sh: &Shared) -> String {
+/// Sends queued frames until the connection dies; returns why.
+async fn write_frames(wr: &mut OwnedWriteHalf, sh: &Shared) -> String {
+    let mut spare = Vec::new();
+    loop {
+        if sh.dead.load(Ordering::SeqCst) {
+            return "connection closed".into();
+        }
+        {
+            let mut o = sh.outbox.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut o.buf, &mut spare);
+        }
+        if spare.is_empty() {
+            sh.wake.notified().await;
+            continue;
+        }
+        if let Err(e) = wr.write_all(&spare).await {
+            return format!("send: {e}");
+        }
+        // Keep a moderate buffer for reuse; drop a huge one.
+        if spare.capacity() > 8 << 20 {
+            spare = Vec::new();
+        } else {
+            spare.clear();
+        }
+    }
+}
+
+async fn read_replies(rd: &mut BufReader<OwnedReadHalf>, sh: &Shared) -> String {
     let mut hb = [0u8; proto::REPLY_LEN];
     loop {
         if let Err(e) = rd.read_exact(&mut hb).await {
@@ -299,15 +400,6 @@ impl RemoteNode {
 
     async fn call<T: for<'de> serde::Deserialize<'de>>(&self, call: Call) -> Result<T> {
         self.conn().await?.call(&call).await
-    }
-
-    /// Round-trips a ping.
-    pub async fn ping(&self) -> Result<()> {
-        self.conn()
-            .await?
-            .request(Op::Ping, 0, 0, 0, &[])
-            .await
-            .map(|_| ())
     }
 
     async fn open_device(&self, call: Call, read_only: bool) -> Result<Arc<dyn BlockDevice>> {
@@ -494,6 +586,23 @@ impl ReplicaNode for RemoteNode {
             epoch,
         })
         .await
+    }
+
+    async fn mark_clean(&self, volume: &str, generation: u64) -> Result<()> {
+        self.call(Call::MarkClean {
+            volume: volume.into(),
+            generation,
+        })
+        .await
+    }
+
+    /// Round-trips a ping on the control connection (reconnecting if needed).
+    async fn ping(&self) -> Result<()> {
+        self.conn()
+            .await?
+            .request(Op::Ping, 0, 0, 0, &[])
+            .await
+            .map(|_| ())
     }
 
     async fn open_fenced(

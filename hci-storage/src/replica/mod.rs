@@ -33,6 +33,10 @@ pub struct FenceState {
     pub generation: u64,
     /// Membership epoch: replicas with the highest epoch hold every acknowledged write.
     pub epoch: u64,
+    /// True if the last writable engine closed cleanly (flushed, nothing in
+    /// flight), so the replicas of this epoch are known to be identical.
+    #[serde(default)]
+    pub clean: bool,
 }
 
 /// A place holding replicas: the engine's view of one node.
@@ -54,8 +58,17 @@ pub trait ReplicaNode: Send + Sync + std::fmt::Debug {
     /// [`Error::Fenced`] if a newer one was seen. Returns the state afterwards.
     async fn fence(&self, volume: &str, generation: u64) -> Result<FenceState>;
 
-    /// Sets the membership epoch of `volume` on behalf of engine `generation`.
+    /// Sets the membership epoch of `volume` on behalf of engine `generation`
+    /// (and marks it in use: not clean).
     async fn set_epoch(&self, volume: &str, generation: u64, epoch: u64) -> Result<()>;
+
+    /// Records that engine `generation` closed `volume` cleanly.
+    async fn mark_clean(&self, volume: &str, generation: u64) -> Result<()>;
+
+    /// Checks that the node answers (keepalive); in-process nodes always do.
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Opens the head of `volume` for engine `generation`: every later request
     /// through the handle is refused once a newer generation fenced the volume.
@@ -168,6 +181,17 @@ impl LocalNode {
         }
         st.generation = generation;
         st.epoch = epoch;
+        st.clean = false;
+        self.store(volume, st)
+    }
+
+    fn mark_clean_sync(&self, volume: &str, generation: u64) -> Result<()> {
+        let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.load(volume)?;
+        if generation < st.generation {
+            return Err(fenced(volume, generation, st.generation));
+        }
+        st.clean = true;
         self.store(volume, st)
     }
 
@@ -225,6 +249,10 @@ impl ReplicaNode for LocalNode {
 
     async fn set_epoch(&self, volume: &str, generation: u64, epoch: u64) -> Result<()> {
         self.set_epoch_sync(volume, generation, epoch)
+    }
+
+    async fn mark_clean(&self, volume: &str, generation: u64) -> Result<()> {
+        self.mark_clean_sync(volume, generation)
     }
 
     async fn open_fenced(

@@ -439,6 +439,13 @@ pub enum Call {
         /// New epoch.
         epoch: u64,
     },
+    /// Record a clean shutdown of engine `generation`.
+    MarkClean {
+        /// Volume.
+        volume: String,
+        /// Engine generation.
+        generation: u64,
+    },
 }
 
 /// [`VolumeInfo`] on the wire.
