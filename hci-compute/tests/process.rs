@@ -429,22 +429,39 @@ async fn vms_outlive_their_hypervisor_and_are_adopted() {
     let mut buf = vec![0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(10), async {
         use tokio::io::AsyncReadExt;
-        console.output.read(&mut buf).await
+        // The history may arrive in pieces.
+        let mut n = 0;
+        while n < 8 {
+            match console.output.read(&mut buf[n..]).await {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
     })
     .await
     .expect("console output in time")
     .expect("read");
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("spinning"));
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("spinning"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     vm.kill().await.expect("kill");
     assert_eq!(vm.wait().await.expect("wait"), ExitReason::Killed);
-    // Gone now: adoption finds nothing, and the exit was recorded.
-    assert!(
-        adopter
-            .adopt("adopt", &run_dir)
-            .await
-            .expect("adopt")
-            .is_none()
-    );
+    // Gone once the process has exited: adoption finds nothing, and the
+    // exit was recorded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while adopter
+        .adopt("adopt", &run_dir)
+        .await
+        .expect("adopt")
+        .is_some()
+    {
+        assert!(std::time::Instant::now() < deadline, "the VMM never exited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(
         hci_compute::vmm_api::read_exit_file(&run_dir.join("exit.json")),
         Some(ExitReason::Killed)

@@ -247,9 +247,14 @@ fn parse_net(i: usize, spec: &str) -> Result<(NicConfig, Option<i32>), String> {
 }
 
 /// Copies guest serial output to stdout or a file, and stdin to the guest.
-async fn pump_serial(vm: Arc<dyn VmHandle>, target: &str) -> Result<(), String> {
+/// Returns the output pump, which ends (flushed) once the VM stopped and its
+/// last bytes are out: wait for it before exiting, or the tail is lost.
+async fn pump_serial(
+    vm: Arc<dyn VmHandle>,
+    target: &str,
+) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
     if target == "none" {
-        return Ok(());
+        return Ok(None);
     }
     let console = vm.console().await.map_err(|e| e.to_string())?;
     let mut output = console.output;
@@ -257,25 +262,25 @@ async fn pump_serial(vm: Arc<dyn VmHandle>, target: &str) -> Result<(), String> 
         let mut file = tokio::fs::File::create(path)
             .await
             .map_err(|e| format!("--serial {target}: {e}"))?;
-        tokio::spawn(async move {
+        return Ok(Some(tokio::spawn(async move {
             let _ = tokio::io::copy(&mut output, &mut file).await;
             let _ = file.flush().await;
-        });
-        return Ok(());
+        })));
     }
     if target != "stdio" {
         return Err(format!("--serial {target:?}: use stdio, file=PATH or none"));
     }
     let mut input = console.input;
-    tokio::spawn(async move {
+    let pump = tokio::spawn(async move {
         let mut stdout = tokio::io::stdout();
         let _ = tokio::io::copy(&mut output, &mut stdout).await;
+        let _ = stdout.flush().await;
     });
     tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
         let _ = tokio::io::copy(&mut stdin, &mut input).await;
     });
-    Ok(())
+    Ok(Some(pump))
 }
 
 async fn run(args: Args) -> Result<ExitReason, String> {
@@ -338,7 +343,7 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         run_dir: PathBuf::new(),
     };
     let vm: Arc<dyn VmHandle> = Arc::new(hv.create_vm(config).await.map_err(|e| e.to_string())?);
-    pump_serial(vm.clone(), &args.serial).await?;
+    let serial = pump_serial(vm.clone(), &args.serial).await?;
     if let Some(path) = &args.api_socket {
         let listener = vmm_api::bind(path).map_err(|e| e.to_string())?;
         tokio::spawn(vmm_api::serve(vm.clone(), listener));
@@ -358,6 +363,10 @@ async fn run(args: Args) -> Result<ExitReason, String> {
             vm.wait().await.map_err(|e| e.to_string())?
         }
     };
+    // The console ends with the VM: let its last bytes out.
+    if let Some(pump) = serial {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pump).await;
+    }
     if let Some(path) = &args.exit_file
         && let Err(e) = vmm_api::write_exit_file(path, &reason)
     {
