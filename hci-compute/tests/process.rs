@@ -426,7 +426,7 @@ async fn vms_outlive_their_hypervisor_and_are_adopted() {
     vm.resume().await.expect("resume");
     // Console history survived: the guest printed before we adopted it.
     let mut console = vm.console().await.expect("console");
-    let mut buf = vec![0u8; 64];
+    let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(10), async {
         use tokio::io::AsyncReadExt;
         // The history may arrive in pieces.
