@@ -3,6 +3,7 @@ list, verify, delete, encryption."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -97,3 +98,24 @@ def test_encrypted_repositories_refuse_a_wrong_key(
         hci.BackupRepository.open(url, key=b"short")
     with pytest.raises(hci.InvalidSpec):
         hci.BackupRepository.init("ftp://nowhere/x")
+
+
+def test_asyncio_backups_run_concurrently(store: hci.VolumeStore, tmp_path: Path) -> None:
+    repo = hci.BackupRepository.init((tmp_path / "t").as_uri())
+    for name in ("a", "b", "c"):
+        store.create(name, 4 * MiB)
+        with store.open(name) as vol:
+            fill(vol, ord(name), list(range(0, 1024, 2)))
+        store.snapshot(name, "s")
+
+    async def all_backups() -> list[hci.BackupInfo]:
+        return await asyncio.gather(
+            *(hci.aio.backup(repo, store, n, "s") for n in ("a", "b", "c"))
+        )
+
+    infos = asyncio.run(all_backups())
+    assert sorted(i.volume for i in infos) == ["a", "b", "c"]
+    async def all_verified() -> list[hci.VerifyReport]:
+        return await asyncio.gather(*(hci.aio.verify(repo, i.id) for i in infos))
+
+    assert all(r.ok for r in asyncio.run(all_verified()))

@@ -43,6 +43,7 @@ from ._hci import (
     VolumeStore,
     __version__,
 )
+from . import aio
 from .client import DEFAULT_SERVER, Client, Console, Watch, WatchEvent
 from .resources import (
     API_VERSION,
@@ -64,6 +65,7 @@ from .resources import (
 
 __all__ = [
     "__version__",
+    "aio",
     # errors
     "HciError",
     "NotFound",

@@ -4,10 +4,46 @@ import builtins
 from datetime import datetime
 from os import PathLike
 from types import TracebackType
-from typing import Iterator
+from typing import Iterator, final
 
 
 __version__: str
+__all__ = [
+    "__version__",
+    "HciError",
+    "NotFound",
+    "Conflict",
+    "AlreadyExists",
+    "InvalidSpec",
+    "OutOfRange",
+    "FailedPrecondition",
+    "ReadOnly",
+    "Busy",
+    "Fenced",
+    "Unsupported",
+    "Unavailable",
+    "PermissionDenied",
+    "Corrupt",
+    "Cancelled",
+    "_raise_core_error",
+    "_raise_status",
+    "VolumeStore",
+    "VolumeHandle",
+    "VolumeInfo",
+    "SnapshotInfo",
+    "Extent",
+    "NbdExport",
+    "BackupRepository",
+    "BackupInfo",
+    "VerifyReport",
+    "RawClient",
+    "WatchStream",
+    "ConsoleStream",
+    "validate_json",
+    "parse_yaml",
+    "to_yaml",
+    "kinds",
+]
 
 # -- errors -----------------------------------------------------------------
 
@@ -78,6 +114,7 @@ def kinds() -> list[str]:
 
 # -- volumes ----------------------------------------------------------------
 
+@final
 class VolumeInfo:
     """What the store knows about one volume."""
 
@@ -100,6 +137,7 @@ class VolumeInfo:
     def revision(self) -> int:
         """Revision bumped by every metadata change."""
 
+@final
 class SnapshotInfo:
     """One snapshot of a volume."""
 
@@ -116,6 +154,7 @@ class SnapshotInfo:
     def allocated(self) -> int:
         """Bytes allocated in this snapshot's own layer."""
 
+@final
 class Extent:
     """A contiguous byte range with one allocation state."""
 
@@ -132,6 +171,7 @@ class Extent:
     def reads_zero(self) -> bool:
         """True if the range reads as zeroes."""
 
+@final
 class NbdExport:
     """A running NBD export of a volume."""
 
@@ -154,6 +194,7 @@ class NbdExport:
         tb: TracebackType | None,
     ) -> bool: ...
 
+@final
 class VolumeHandle:
     """An open volume (or read-only snapshot): byte-addressed block I/O."""
 
@@ -208,7 +249,7 @@ class VolumeHandle:
     ) -> NbdExport:
         """Serves the volume over NBD."""
     def _bench_rust_writes(
-        self, count: int, block_size: int = 4096, span: int = 67108864
+        self, count: int, block_size: int = 4096, span: int = ...
     ) -> float:
         """Rust-side write loop for the binding-overhead benchmark; seconds."""
     def close(self) -> None:
@@ -221,10 +262,11 @@ class VolumeHandle:
         tb: TracebackType | None,
     ) -> bool: ...
 
+@final
 class VolumeStore:
     """A directory of local thin volumes with O(1) snapshots."""
 
-    def __init__(self, root: str | PathLike[str]) -> None: ...
+    def __new__(cls, root: str | PathLike[str]) -> VolumeStore: ...
     @property
     def root(self) -> str:
         """The store's directory."""
@@ -267,6 +309,7 @@ class VolumeStore:
 
 # -- backups ----------------------------------------------------------------
 
+@final
 class BackupInfo:
     """A finished backup."""
 
@@ -295,6 +338,7 @@ class BackupInfo:
     def metadata(self) -> dict[str, str]:
         """Stored metadata."""
 
+@final
 class VerifyReport:
     """The result of verifying a backup."""
 
@@ -309,6 +353,7 @@ class VerifyReport:
         """True if every piece is intact."""
     def __bool__(self) -> bool: ...
 
+@final
 class BackupRepository:
     """A backup repository on a file:// or s3:// target."""
 
@@ -353,6 +398,7 @@ class BackupRepository:
 
 # -- daemon client ----------------------------------------------------------
 
+@final
 class WatchStream:
     """Low-level watch stream of (type, json, resource_version, revision)."""
 
@@ -363,6 +409,7 @@ class WatchStream:
     def __iter__(self) -> Iterator[tuple[str, str, int, int]]: ...
     def __next__(self) -> tuple[str, str, int, int]: ...
 
+@final
 class ConsoleStream:
     """Low-level console session."""
 
@@ -382,12 +429,13 @@ class ConsoleStream:
         tb: TracebackType | None,
     ) -> bool: ...
 
+@final
 class RawClient:
     """Low-level daemon client: resources as (json, resource_version)."""
 
-    def __init__(
-        self, server: str, *, token: str | None = None, ca_pem: bytes | None = None
-    ) -> None: ...
+    def __new__(
+        cls, server: str, *, token: str | None = None, ca_pem: bytes | None = None
+    ) -> RawClient: ...
     @property
     def server(self) -> str:
         """The server address."""
