@@ -380,16 +380,17 @@ impl RawClient {
     }
 }
 
-/// A stream of watch events: iterate to get `(type, json, revision)` tuples,
-/// `type` being `"PUT"` or `"DELETE"`.
+/// A stream of watch events: iterate to get `(type, name, json,
+/// resource_version, revision)` tuples, `type` being `"PUT"` or `"DELETE"`
+/// (whose `json` may be empty).
 #[pyclass(frozen, module = "hci._hci")]
 #[derive(Debug)]
 pub struct WatchStream {
     stream: Mutex<Option<Streaming<proto::WatchEvent>>>,
 }
 
-/// One watch event: `(type, json, resource_version, store_revision)`.
-type Event = (&'static str, String, u64, u64);
+/// One watch event: `(type, name, json, resource_version, store_revision)`.
+type Event = (&'static str, String, String, u64, u64);
 
 #[pymethods]
 impl WatchStream {
@@ -428,8 +429,10 @@ impl WatchStream {
                 Ok(proto::watch_event::Type::Delete) => "DELETE",
                 _ => "PUT",
             };
-            let (json, rv) = ev.resource.map_or((String::new(), 0), doc);
-            (t, json, rv, ev.revision)
+            let (name, json, rv) = ev.resource.map_or((String::new(), String::new(), 0), |r| {
+                (r.name, r.json, r.resource_version)
+            });
+            (t, name, json, rv, ev.revision)
         }))
     }
 

@@ -400,14 +400,14 @@ class BackupRepository:
 
 @final
 class WatchStream:
-    """Low-level watch stream of (type, json, resource_version, revision)."""
+    """Low-level watch stream of (type, name, json, resource_version, revision)."""
 
-    def next(self, timeout: float | None = None) -> tuple[str, str, int, int] | None:
+    def next(self, timeout: float | None = None) -> tuple[str, str, str, int, int] | None:
         """The next event, or None on timeout or end."""
     def close(self) -> None:
         """Ends the watch."""
-    def __iter__(self) -> Iterator[tuple[str, str, int, int]]: ...
-    def __next__(self) -> tuple[str, str, int, int]: ...
+    def __iter__(self) -> Iterator[tuple[str, str, str, int, int]]: ...
+    def __next__(self) -> tuple[str, str, str, int, int]: ...
 
 @final
 class ConsoleStream:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -66,12 +67,12 @@ class Watch(Generic[R]):
         ev = self._stream.next(timeout)
         return None if ev is None else self._event(ev)
 
-    def _event(self, ev: tuple[str, str, int, int]) -> WatchEvent[R]:
-        kind, doc, rv, revision = ev
+    def _event(self, ev: tuple[str, str, str, int, int]) -> WatchEvent[R]:
+        kind, name, doc, rv, revision = ev
         if kind == "DELETE":
-            d = json.loads(doc) if doc else {}
+            # Deletions carry the kind and name only.
             obj = self._cls.__new__(self._cls)
-            Resource.__init__(obj, str((d.get("metadata") or {}).get("name", "")))
+            Resource.__init__(obj, name)
         else:
             obj = _load(self._cls, (doc, rv))
         return WatchEvent(type=kind, resource=obj, revision=revision)
@@ -201,9 +202,30 @@ class Client:
         try:
             return self.create(resource)
         except _hci.AlreadyExists:
-            current = self.get(type(resource), resource.name)
-            resource.metadata.resource_version = current.resource_version
-            return self.update(resource)
+
+            def take(current: R) -> None:
+                current.metadata.labels = dict(resource.metadata.labels)
+                current.metadata.annotations = dict(resource.metadata.annotations)
+                current.spec = copy.deepcopy(resource.spec)
+
+            return self.modify(type(resource), resource.name, take)
+
+    def modify(
+        self, kind: type[R], name: str, mutate: Callable[[R], None], *, attempts: int = 10
+    ) -> R:
+        """Read-modify-write: reads resource ``name``, calls ``mutate`` on it
+        and updates it, retrying from a fresh read when someone else (a
+        controller updating status, another client) changed it meanwhile."""
+        for attempt in range(attempts):
+            obj = self.get(kind, name)
+            mutate(obj)
+            try:
+                return self.update(obj)
+            except _hci.Conflict:
+                if attempt + 1 == attempts:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def delete(self, kind: type[Resource], name: str, *, resource_version: int = 0) -> int:
         """Deletes resource ``name`` (only at ``resource_version`` unless 0);
