@@ -17,10 +17,12 @@ from conftest import Daemon, kvm_usable
 def test_crud_round_trip_of_every_kind(client: hci.Client, tmp_path: Path) -> None:
     target_dir = tmp_path / "backups"
     target_dir.mkdir()
+    image = tmp_path / "tiny.raw"
+    image.write_bytes(b"\xeb" * 65536)
     resources: list[hci.Resource] = [
         hci.Volume("crud-vol", {"size": "16Mi"}, labels={"suite": "crud"}),
         hci.Snapshot("crud-snap", {"volume": "crud-vol"}),
-        hci.Image("crud-img", {"url": "http://127.0.0.1:9/none.img"}),
+        hci.Image("crud-img", {"url": image.as_uri(), "format": "raw"}),
         hci.Network(
             "crud-net",
             {"kind": {"type": "management"}, "cidr": "10.98.0.0/24", "gateway": "10.98.0.1"},
