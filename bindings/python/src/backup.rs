@@ -111,8 +111,8 @@ fn target(url: &str) -> PyResult<Arc<dyn BackupTarget>> {
 /// A backup repository (deduplicated, compressed, optionally encrypted
 /// packs) on a target: `file:///path` or `s3://bucket/prefix?endpoint=…`.
 ///
-/// Create one with [`BackupRepository::init`], reopen it with
-/// [`BackupRepository::open`].
+/// Create one with `BackupRepository.init()`, reopen it with
+/// `BackupRepository.open()`.
 #[pyclass(frozen, module = "hci._hci")]
 #[derive(Debug)]
 pub struct BackupRepository {
@@ -208,7 +208,7 @@ impl BackupRepository {
         })
     }
 
-    /// Deletes backup `backup_id`; data no other backup uses is reclaimed by [`BackupRepository::gc`].
+    /// Deletes backup `backup_id`; data no other backup uses is reclaimed by `BackupRepository.gc()`.
     fn delete(&self, py: Python<'_>, backup_id: &str) -> PyResult<()> {
         let repo = self.repo.clone();
         wait(py, async move { repo.delete(backup_id).await })?.py_err()

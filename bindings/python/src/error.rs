@@ -215,7 +215,7 @@ pub fn from_connect(err: hci_daemon::cli::client::ConnectError) -> PyErr {
     }
 }
 
-/// `.py()` on results carrying [`hci_core::Error`].
+/// `.py_err()` on results carrying [`hci_core::Error`].
 pub trait CoreResultExt<T> {
     /// Maps the error with [`from_core`].
     fn py_err(self) -> PyResult<T>;

@@ -150,7 +150,7 @@ fn key(bytes: Option<PyBackedBytes>) -> Option<EncryptionKey> {
 /// (hci-storage's local replica store): one subdirectory per volume.
 ///
 /// A volume is locked by the process that opened it; call
-/// [`VolumeStore::release`] (or close its handles) before another process
+/// `VolumeStore.release()` (or close its handles) before another process
 /// (a VMM, the daemon) opens it.
 #[pyclass(frozen, module = "hci._hci")]
 #[derive(Debug)]
@@ -327,7 +327,7 @@ impl VolumeStore {
 /// An open volume (or read-only snapshot): byte-addressed block I/O.
 ///
 /// Every call releases the GIL while it runs. Use it as a context manager,
-/// or call [`VolumeHandle::close`], to drop the handle.
+/// or call `VolumeHandle.close()`, to drop the handle.
 #[pyclass(frozen, module = "hci._hci")]
 #[derive(Debug)]
 pub struct VolumeHandle {
@@ -550,7 +550,7 @@ impl VolumeHandle {
 
     /// Serves this volume over NBD at `listen` (`HOST:PORT`, port 0 picks
     /// one, or `unix:/path.sock`) under `export_name` (default: the volume
-    /// name). Stop it with [`NbdExport::stop`] or a `with` block.
+    /// name). Stop it with `NbdExport.stop()` or a `with` block.
     #[pyo3(signature = (listen = "127.0.0.1:0", *, export_name = None, read_only = false, description = ""))]
     fn export_nbd(
         &self,
