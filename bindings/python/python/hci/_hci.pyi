@@ -3,6 +3,7 @@
 import builtins
 from datetime import datetime
 from os import PathLike
+from pathlib import Path
 from types import TracebackType
 from typing import Iterator, final
 
@@ -268,7 +269,7 @@ class VolumeStore:
 
     def __new__(cls, root: str | PathLike[str]) -> VolumeStore: ...
     @property
-    def root(self) -> str:
+    def root(self) -> Path:
         """The store's directory."""
     def create(
         self, name: str, size: int, *, encryption_key: bytes | None = None
