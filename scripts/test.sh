@@ -28,4 +28,5 @@ cargo test --workspace --all-features --locked --doc
 step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked
 
+step "python package (bindings/python)" && scripts/test-python.sh
 step "done"

@@ -1,0 +1,117 @@
+"""hci: the Python SDK of the hci hyperconverged-infrastructure SDK.
+
+In-process (no daemon needed):
+
+- :class:`VolumeStore` / :class:`VolumeHandle`: local thin volumes with O(1)
+  snapshots, revert, clone, expand, block status and NBD export;
+- :class:`BackupRepository`: deduplicated, compressed, optionally encrypted
+  backups on ``file://`` or ``s3://`` targets.
+
+As a client of ``hci-daemon``: :class:`Client`, with every resource kind as
+a typed object (:class:`VirtualMachine`, :class:`Volume`, :class:`Network`,
+…), watch iterators, VM power actions and the serial console.
+
+Errors are subclasses of :class:`HciError` (:class:`NotFound`,
+:class:`Conflict`, :class:`InvalidSpec`, :class:`Unavailable`,
+:class:`PermissionDenied`, …) and carry the Rust error's message.
+"""
+
+from ._hci import (
+    AlreadyExists,
+    BackupInfo,
+    BackupRepository,
+    Busy,
+    Cancelled,
+    Conflict,
+    Corrupt,
+    Extent,
+    FailedPrecondition,
+    Fenced,
+    HciError,
+    InvalidSpec,
+    NbdExport,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ReadOnly,
+    SnapshotInfo,
+    Unavailable,
+    Unsupported,
+    VerifyReport,
+    VolumeHandle,
+    VolumeInfo,
+    VolumeStore,
+    __version__,
+)
+from . import aio
+from .client import DEFAULT_SERVER, Client, Console, Watch, WatchEvent
+from .resources import (
+    API_VERSION,
+    KINDS,
+    Backup,
+    BackupTarget,
+    Image,
+    Network,
+    Node,
+    ObjectMeta,
+    Resource,
+    Schedule,
+    Snapshot,
+    VirtualMachine,
+    Volume,
+    from_dict,
+    load_yaml,
+)
+
+__all__ = [
+    "__version__",
+    "aio",
+    # errors
+    "HciError",
+    "NotFound",
+    "Conflict",
+    "AlreadyExists",
+    "InvalidSpec",
+    "OutOfRange",
+    "FailedPrecondition",
+    "ReadOnly",
+    "Busy",
+    "Fenced",
+    "Unsupported",
+    "Unavailable",
+    "PermissionDenied",
+    "Corrupt",
+    "Cancelled",
+    # in-process
+    "VolumeStore",
+    "VolumeHandle",
+    "VolumeInfo",
+    "SnapshotInfo",
+    "Extent",
+    "NbdExport",
+    "BackupRepository",
+    "BackupInfo",
+    "VerifyReport",
+    # daemon client
+    "Client",
+    "Console",
+    "Watch",
+    "WatchEvent",
+    "DEFAULT_SERVER",
+    # resources
+    "API_VERSION",
+    "KINDS",
+    "ObjectMeta",
+    "Resource",
+    "VirtualMachine",
+    "Volume",
+    "Image",
+    "Network",
+    "Snapshot",
+    "Backup",
+    "BackupTarget",
+    "Schedule",
+    "Node",
+    "from_dict",
+    "load_yaml",
+]
