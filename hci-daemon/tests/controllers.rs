@@ -648,6 +648,16 @@ async fn images_import_over_http_with_checksums_and_volumes_clone_them() {
         bad.status_or_default().message.contains("mismatch"),
         "{bad:#?}"
     );
+    // A failed import is retried with backoff, not in a tight loop of
+    // Importing/Failed status writes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later: hci_core::model::Image = d.resources.get("tampered").await.expect("get");
+    assert!(
+        later.metadata.resource_version <= bad.metadata.resource_version + 2,
+        "the failed import kept rewriting its status: version {} → {}",
+        bad.metadata.resource_version,
+        later.metadata.resource_version
+    );
     let vol: Volume = wait_for(&d, "from-image", "ready", |v: &Volume| {
         v.status_or_default().phase == VolumePhase::Detached
     })

@@ -8,10 +8,10 @@
 //! snapshot, [`BASE_SNAPSHOT`]; an import interrupted by a crash leaves no
 //! such snapshot and is redone.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hci_core::model::{ByteSize, Image, ImagePhase};
@@ -27,7 +27,16 @@ pub const BASE_SNAPSHOT: &str = "hci.base";
 
 pub(crate) struct ImageController {
     rt: Runtime,
+    /// Imports that failed: spec (JSON) → when to try again and how many
+    /// times it failed. Without this, the controller's own status write
+    /// (phase Failed) would wake it to import again at once, forever.
+    failed: std::sync::Mutex<HashMap<String, (String, Instant, u32)>>,
 }
+
+/// First wait before retrying a failed import; doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(5);
+/// Longest wait between import attempts.
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Where an image comes from.
 #[derive(Debug, PartialEq, Eq)]
@@ -134,7 +143,14 @@ fn verify(file: &Path, expected: &str) -> Result<()> {
 
 impl ImageController {
     pub(crate) fn new(rt: Runtime) -> Self {
-        ImageController { rt }
+        ImageController {
+            rt,
+            failed: std::sync::Mutex::default(),
+        }
+    }
+
+    fn failed_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant, u32)>> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn progress(
@@ -225,6 +241,15 @@ impl Reconcile for ImageController {
             Err(Error::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
+        let spec = serde_json::to_string(&img.spec).unwrap_or_default();
+        if let Some((failed_spec, retry_at, _)) = self.failed_lock().get(name)
+            && *failed_spec == spec
+        {
+            let now = Instant::now();
+            if *retry_at > now {
+                return Ok(Some(*retry_at - now));
+            }
+        }
         self.progress(name, ImagePhase::Importing, 0, String::new())
             .await?;
         match self.import(&img).await {
@@ -234,6 +259,7 @@ impl Reconcile for ImageController {
                     .events
                     .normal("Image", name, "Imported", format!("{size} bytes"))
                     .await;
+                self.failed_lock().remove(name);
                 // The next pass reports it Ready.
                 Ok(Some(Duration::ZERO))
             }
@@ -241,9 +267,24 @@ impl Reconcile for ImageController {
                 if pool.info(name).await.is_ok() {
                     let _ = pool.delete(name).await;
                 }
+                let wait = {
+                    let mut failed = self.failed_lock();
+                    let tries = match failed.get(name) {
+                        Some((s, _, n)) if *s == spec => n + 1,
+                        _ => 1,
+                    };
+                    let wait = (RETRY_MIN * (1u32 << (tries - 1).min(10))).min(RETRY_MAX);
+                    failed.insert(name.to_string(), (spec, Instant::now() + wait, tries));
+                    wait
+                };
                 self.rt
                     .events
-                    .warning("Image", name, "ImportFailed", e.to_string())
+                    .warning(
+                        "Image",
+                        name,
+                        "ImportFailed",
+                        format!("{e} (trying again in {}s)", wait.as_secs()),
+                    )
                     .await;
                 self.progress(name, ImagePhase::Failed, 0, e.to_string())
                     .await?;
