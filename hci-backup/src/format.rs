@@ -207,8 +207,38 @@ pub fn compress(data: &[u8]) -> Result<Vec<u8>> {
     zstd::bulk::compress(data, 1).map_err(|e| Error::io("compress with zstd", e))
 }
 
+/// Compresses a piece with a reused zstd context (level 1): the context is
+/// allocated once per batch instead of once per piece.
+pub fn compress_with(c: &mut zstd::bulk::Compressor<'static>, data: &[u8]) -> Result<Vec<u8>> {
+    c.compress(data)
+        .map_err(|e| Error::io("compress with zstd", e))
+}
+
+/// A zstd compression context for [`compress_with`].
+pub fn compressor() -> Result<zstd::bulk::Compressor<'static>> {
+    zstd::bulk::Compressor::new(1).map_err(|e| Error::io("create a zstd context", e))
+}
+
+/// A zstd decompression context for [`open_piece_with`].
+pub fn decompressor() -> Result<zstd::bulk::Decompressor<'static>> {
+    zstd::bulk::Decompressor::new().map_err(|e| Error::io("create a zstd context", e))
+}
+
 /// Opens a stored piece: decrypts, decompresses and checks it against `id`.
 pub fn open_piece(
+    keys: Option<&Keys>,
+    id: &PieceId,
+    stored: &[u8],
+    raw_len: usize,
+    what: &str,
+) -> Result<Vec<u8>> {
+    open_piece_with(None, keys, id, stored, raw_len, what)
+}
+
+/// [`open_piece`] with a reused decompression context (one per group of
+/// pieces); the output can never exceed `raw_len`.
+pub fn open_piece_with(
+    dec: Option<&mut zstd::bulk::Decompressor<'static>>,
     keys: Option<&Keys>,
     id: &PieceId,
     stored: &[u8],
@@ -223,7 +253,12 @@ pub fn open_piece(
             &compressed
         }
     };
-    let plain = decompress(c, raw_len, what)?;
+    let plain = match dec {
+        Some(d) => d
+            .decompress(c, raw_len)
+            .map_err(|e| corrupt(what, format!("zstd: {e}")))?,
+        None => decompress(c, raw_len, what)?,
+    };
     if plain.len() != raw_len || piece_id(keys, &plain) != *id {
         return Err(corrupt(what, "content does not match its id"));
     }

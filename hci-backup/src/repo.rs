@@ -996,6 +996,7 @@ impl Repository {
         let first = g.entries.first().map(|e| e.id).unwrap_or([0; 32]);
         let key2 = key.clone();
         let opened = tokio::task::spawn_blocking(move || {
+            let mut dec = format::decompressor().ok();
             g.entries
                 .into_iter()
                 .map(|p| {
@@ -1003,9 +1004,14 @@ impl Repository {
                     let b = a + p.stored_len as usize;
                     let what = format!("piece {} in pack {key2}", hex(&p.id));
                     let r = match data.get(a..b) {
-                        Some(s) => {
-                            format::open_piece(keys.as_ref(), &p.id, s, p.raw_len as usize, &what)
-                        }
+                        Some(s) => format::open_piece_with(
+                            dec.as_mut(),
+                            keys.as_ref(),
+                            &p.id,
+                            s,
+                            p.raw_len as usize,
+                            &what,
+                        ),
                         None => Err(corrupt(&what, "beyond the end of the pack")),
                     };
                     (p.id, r)
@@ -1054,6 +1060,7 @@ fn process_batch(
     runs: Vec<(u64, Vec<u8>)>,
 ) -> Result<Vec<Processed>> {
     let mut out = Vec::with_capacity(batch.len());
+    let mut zc = format::compressor()?;
     let mut run = 0;
     for range in batch {
         while run < runs.len() && runs[run].0 + runs[run].1.len() as u64 <= range.offset {
@@ -1071,7 +1078,7 @@ fn process_batch(
             continue;
         }
         let id = format::piece_id(keys, b);
-        let sealed = format::seal_piece(keys, format::compress(b)?)?;
+        let sealed = format::seal_piece(keys, format::compress_with(&mut zc, b)?)?;
         out.push(Processed {
             range,
             data: Some((id, sealed)),
