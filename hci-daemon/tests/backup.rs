@@ -240,7 +240,12 @@ async fn backup_restore_and_schedules_through_the_daemon() {
     // A volume backup, then an incremental one.
     const MIB: u64 = 1 << 20;
     volume(&d, "data", "8Mi").await;
-    write(&d, "data", &pattern(6 * MIB as usize, 1), 0).await;
+    let data = pattern(6 * MIB as usize, 1);
+    write(&d, "data", &data, 0).await;
+    assert!(
+        read(&d, "data", 6 * MIB).await == data,
+        "the write did not land"
+    );
     let b1 = backup(&d, "b1", r#"{"kind":"volume","name":"data"}"#).await;
     let s1 = b1.status_or_default();
     assert_eq!(s1.progress, 100);

@@ -407,24 +407,26 @@ impl BackupController {
                     for v in &volumes {
                         drop_snapshot(&rt, v.name(), &snapshot_name(&name)).await;
                     }
-                    if let Ok(mut m) = known.lock() {
-                        m.remove(&name);
-                    }
+                    // The status first: until it says Failed, the entry
+                    // below keeps reconciles from starting the backup again.
                     let message = e.to_string();
                     let _ = set_status(&rt.resources, &name, |x: &mut Backup| {
                         x.status_mut().phase = BackupPhase::Failed;
                         x.status_mut().message = message.clone();
                     })
                     .await;
+                    if let Ok(mut m) = known.lock() {
+                        m.remove(&name);
+                    }
                     return;
                 }
             };
-            if let Ok(mut m) = known.lock()
-                && let Some(k) = m.get_mut(&name)
-            {
-                k.backup_id = Some(id.clone());
-                k.vm = vm_backup;
-                k.cancel = None;
+            // The previous backup's snapshots are no base any more (gone
+            // before the status says Completed).
+            if let Some(p) = &prev {
+                for v in &volumes {
+                    drop_snapshot(&rt, v.name(), &snapshot_name(p.name())).await;
+                }
             }
             let done = set_status(&rt.resources, &name, |x: &mut Backup| {
                 let st = x.status_mut();
@@ -440,11 +442,13 @@ impl BackupController {
             if let Err(e) = done {
                 tracing::warn!(backup = name, error = %e, "cannot record a finished backup");
             }
-            // The previous backup's snapshots are no base any more.
-            if let Some(p) = prev {
-                for v in &volumes {
-                    drop_snapshot(&rt, v.name(), &snapshot_name(p.name())).await;
-                }
+            // Only now (the status says Completed) may reconciles run again.
+            if let Ok(mut m) = known.lock()
+                && let Some(k) = m.get_mut(&name)
+            {
+                k.backup_id = Some(id.clone());
+                k.vm = vm_backup;
+                k.cancel = None;
             }
             tracing::info!(backup = name, id, added, "backup completed");
             kick.now(&name);
@@ -580,6 +584,17 @@ impl Reconcile for BackupController {
             BackupPhase::Pending | BackupPhase::InProgress => {
                 if self.running(name) {
                     return Ok(None);
+                }
+                // A run that just ended wrote its phase before it stopped
+                // counting as running: read again so it is not restarted.
+                let Some(b) = self.rt.resources.try_get::<Backup>(name).await? else {
+                    return Ok(None);
+                };
+                if !matches!(
+                    b.status_or_default().phase,
+                    BackupPhase::Pending | BackupPhase::InProgress
+                ) {
+                    return Ok(Some(Duration::ZERO));
                 }
                 if let Err(e) = self.start(name, b).await {
                     if let Ok(mut m) = self.known.lock() {
