@@ -8,8 +8,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-$(mktemp -d /tmp/bench-backup.XXXXXX)}
 mkdir -p "$W"
-for c in restic borg qemu-img; do
-  command -v "$c" >/dev/null || { echo "bench-backup: needs $c (scripts/install-deps.sh or apt-get install restic borgbackup)" >&2; exit 2; }
+# The peers come from Debian: install what is missing.
+need=()
+command -v restic >/dev/null || need+=(restic)
+command -v borg >/dev/null || need+=(borgbackup)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v bc >/dev/null || need+=(bc)
+if ((${#need[@]})); then
+  echo "bench-backup: installing ${need[*]} (Debian packages)" >&2
+  SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+for c in restic borg qemu-img bc; do
+  command -v "$c" >/dev/null || { echo "bench-backup: $c is still missing after apt-get install" >&2; exit 2; }
 done
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo build -q --release -p hci-backup --bin hci-backup --example bench-apply

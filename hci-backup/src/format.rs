@@ -2,15 +2,20 @@
 //!
 //! Every metadata object (index, manifest) is `zstd(payload)` *sealed*: in a
 //! plain repository followed by the BLAKE3 hash of the compressed bytes, in an
-//! encrypted one as `nonce(12) ‖ AES-256-GCM(compressed)`. A piece stored in a
+//! encrypted one as `nonce(12) ‖ AEAD(compressed)` with the repository's
+//! [`Cipher`] (AES-256-GCM or ChaCha20-Poly1305; both have a 12-byte nonce and
+//! a 16-byte tag). A piece stored in a
 //! pack is sealed the same way, except that a plain piece carries no trailer
 //! (its id, the hash of its content, already checks it).
 //!
 //! Parsers never panic: every length is bounds-checked and damage is an
 //! [`Error::Corrupt`] naming the object.
 
-use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng};
-use aes_gcm::{Aes256Gcm, Key, Nonce};
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::generic_array::GenericArray;
+use aes_gcm::aead::rand_core::RngCore;
+use aes_gcm::aead::{Aead, KeyInit, OsRng};
+use chacha20poly1305::ChaCha20Poly1305;
 use serde::{Deserialize, Serialize};
 
 use hci_core::{Error, Result};
@@ -38,10 +43,58 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The authenticated cipher of an encrypted repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cipher {
+    /// AES-256-GCM (fastest with AES-NI).
+    #[default]
+    #[serde(rename = "aes-256-gcm")]
+    Aes256Gcm,
+    /// ChaCha20-Poly1305 (fast without AES hardware, constant time everywhere).
+    #[serde(rename = "chacha20-poly1305")]
+    ChaCha20Poly1305,
+}
+
+impl Cipher {
+    /// The name used in the repository config and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cipher::Aes256Gcm => "aes-256-gcm",
+            Cipher::ChaCha20Poly1305 => "chacha20-poly1305",
+        }
+    }
+}
+
+impl std::fmt::Display for Cipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Cipher {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Cipher> {
+        match s {
+            "aes-256-gcm" => Ok(Cipher::Aes256Gcm),
+            "chacha20-poly1305" => Ok(Cipher::ChaCha20Poly1305),
+            _ => Err(Error::invalid(
+                "cipher",
+                format!("{s:?}: expected aes-256-gcm or chacha20-poly1305"),
+            )),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Aeads {
+    Aes(Box<Aes256Gcm>),
+    ChaCha(ChaCha20Poly1305),
+}
+
 /// Keys derived from the repository's master key.
 #[derive(Clone)]
 pub struct Keys {
-    cipher: Aes256Gcm,
+    cipher: Aeads,
     id_key: [u8; 32],
     /// Key check value stored in the repository config.
     pub check: String,
@@ -54,15 +107,34 @@ impl std::fmt::Debug for Keys {
 }
 
 impl Keys {
-    /// Derives the encryption, piece-id and check keys from a 32-byte master key.
+    /// Derives the AES-256-GCM encryption, piece-id and check keys from a
+    /// 32-byte master key.
     pub fn derive(master: &[u8; 32]) -> Keys {
+        Keys::derive_with(master, Cipher::Aes256Gcm)
+    }
+
+    /// Derives the keys for `cipher` from a 32-byte master key.
+    pub fn derive_with(master: &[u8; 32], cipher: Cipher) -> Keys {
         let enc = blake3::derive_key("hci-backup 2026-11 data encryption", master);
         let id_key = blake3::derive_key("hci-backup 2026-11 piece id", master);
         let check = hex(&blake3::derive_key("hci-backup 2026-11 key check", master));
+        let key = GenericArray::from_slice(&enc);
+        let cipher = match cipher {
+            Cipher::Aes256Gcm => Aeads::Aes(Box::new(Aes256Gcm::new(key))),
+            Cipher::ChaCha20Poly1305 => Aeads::ChaCha(ChaCha20Poly1305::new(key)),
+        };
         Keys {
-            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&enc)),
+            cipher,
             id_key,
             check,
+        }
+    }
+
+    /// The cipher these keys use.
+    pub fn cipher(&self) -> Cipher {
+        match self.cipher {
+            Aeads::Aes(_) => Cipher::Aes256Gcm,
+            Aeads::ChaCha(_) => Cipher::ChaCha20Poly1305,
         }
     }
 }
@@ -84,8 +156,14 @@ pub fn seal_piece(keys: Option<&Keys>, compressed: Vec<u8>) -> Result<Vec<u8>> {
 }
 
 fn encrypt(k: &Keys, data: &[u8]) -> Result<Vec<u8>> {
-    let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-    let ct = k.cipher.encrypt(&nonce, data).map_err(|_| Error::Backend {
+    let mut nonce = [0u8; 12];
+    OsRng.fill_bytes(&mut nonce);
+    let n = GenericArray::from_slice(&nonce);
+    let ct = match &k.cipher {
+        Aeads::Aes(c) => c.encrypt(n, data),
+        Aeads::ChaCha(c) => c.encrypt(n, data),
+    };
+    let ct = ct.map_err(|_| Error::Backend {
         backend: "hci-backup",
         message: "encryption failed".into(),
         source: None,
@@ -101,9 +179,12 @@ fn decrypt(k: &Keys, data: &[u8], what: &str) -> Result<Vec<u8>> {
         return Err(corrupt(what, "too short for an encrypted object"));
     }
     let (nonce, ct) = data.split_at(12);
-    k.cipher
-        .decrypt(Nonce::from_slice(nonce), ct)
-        .map_err(|_| corrupt(what, "authentication failed (damaged, or wrong key)"))
+    let n = GenericArray::from_slice(nonce);
+    match &k.cipher {
+        Aeads::Aes(c) => c.decrypt(n, ct),
+        Aeads::ChaCha(c) => c.decrypt(n, ct),
+    }
+    .map_err(|_| corrupt(what, "authentication failed (damaged, or wrong key)"))
 }
 
 fn decompress(data: &[u8], max: usize, what: &str) -> Result<Vec<u8>> {
@@ -126,8 +207,38 @@ pub fn compress(data: &[u8]) -> Result<Vec<u8>> {
     zstd::bulk::compress(data, 1).map_err(|e| Error::io("compress with zstd", e))
 }
 
+/// Compresses a piece with a reused zstd context (level 1): the context is
+/// allocated once per batch instead of once per piece.
+pub fn compress_with(c: &mut zstd::bulk::Compressor<'static>, data: &[u8]) -> Result<Vec<u8>> {
+    c.compress(data)
+        .map_err(|e| Error::io("compress with zstd", e))
+}
+
+/// A zstd compression context for [`compress_with`].
+pub fn compressor() -> Result<zstd::bulk::Compressor<'static>> {
+    zstd::bulk::Compressor::new(1).map_err(|e| Error::io("create a zstd context", e))
+}
+
+/// A zstd decompression context for [`open_piece_with`].
+pub fn decompressor() -> Result<zstd::bulk::Decompressor<'static>> {
+    zstd::bulk::Decompressor::new().map_err(|e| Error::io("create a zstd context", e))
+}
+
 /// Opens a stored piece: decrypts, decompresses and checks it against `id`.
 pub fn open_piece(
+    keys: Option<&Keys>,
+    id: &PieceId,
+    stored: &[u8],
+    raw_len: usize,
+    what: &str,
+) -> Result<Vec<u8>> {
+    open_piece_with(None, keys, id, stored, raw_len, what)
+}
+
+/// [`open_piece`] with a reused decompression context (one per group of
+/// pieces); the output can never exceed `raw_len`.
+pub fn open_piece_with(
+    dec: Option<&mut zstd::bulk::Decompressor<'static>>,
     keys: Option<&Keys>,
     id: &PieceId,
     stored: &[u8],
@@ -142,7 +253,12 @@ pub fn open_piece(
             &compressed
         }
     };
-    let plain = decompress(c, raw_len, what)?;
+    let plain = match dec {
+        Some(d) => d
+            .decompress(c, raw_len)
+            .map_err(|e| corrupt(what, format!("zstd: {e}")))?,
+        None => decompress(c, raw_len, what)?,
+    };
     if plain.len() != raw_len || piece_id(keys, &plain) != *id {
         return Err(corrupt(what, "content does not match its id"));
     }
@@ -449,6 +565,12 @@ mod tests {
         }
         let s = seal_meta(Some(&k1), b"hello").expect("seal");
         assert!(open_meta(Some(&k2), &s, "x").is_err());
+        // Same master key, other cipher: refused too.
+        let c1 = Keys::derive_with(&[1; 32], Cipher::ChaCha20Poly1305);
+        assert!(open_meta(Some(&c1), &s, "x").is_err());
+        let s = seal_meta(Some(&c1), b"hello").expect("seal");
+        assert_eq!(open_meta(Some(&c1), &s, "x").expect("open"), b"hello");
+        assert!(open_meta(Some(&k1), &s, "x").is_err());
     }
 
     proptest! {

@@ -27,17 +27,13 @@
 //!
 //! ## Garbage collection
 //!
-//! `gc` marks packs that no manifest references, recording the mark; a later
-//! run (after `grace`) deletes marked packs that are still unreferenced,
-//! unless a backup that started before the mark may still be running (its
-//! lock exists and is younger than `stale_lock`). Backups take their lock
-//! before loading the index and never deduplicate against marked packs, so a
-//! concurrent backup never references a pack GC deletes.
+//! See [`crate::gc`]: dead packs are marked, then swept after a grace
+//! period; mostly dead packs are repacked. Backups take their lock before
+//! loading the index and never deduplicate against marked packs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -55,9 +51,11 @@ use hci_core::volume::{OpenVolume, VolumeBackend};
 use hci_core::{Error, Result};
 
 use crate::format::{
-    self, Extent, IndexEntry, Keys, Manifest, ManifestHeader, PieceId, corrupt, hex,
+    self, Cipher, Extent, IndexEntry, Keys, Manifest, ManifestHeader, PieceId, corrupt, hex,
 };
+use crate::job::Job;
 use crate::retention::{RetentionPolicy, select_keep};
+use crate::vm::VM_BACKUP_KEY;
 
 /// Pieces are cut at multiples of this (volume offsets).
 pub const PIECE_SIZE: u64 = 64 << 10;
@@ -75,48 +73,14 @@ struct RepoConfig {
     encrypted: bool,
     key_check: Option<String>,
     piece_size: u64,
+    /// Absent in repositories made before ChaCha20-Poly1305 was offered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cipher: Option<Cipher>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct LockFile {
-    created: DateTime<Utc>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct GcMark {
-    created: DateTime<Utc>,
-    packs: Vec<String>,
-}
-
-/// Options of a garbage collection run.
-#[derive(Debug, Clone, Copy)]
-pub struct GcOptions {
-    /// How long a pack stays marked before it may be deleted.
-    pub grace: Duration,
-    /// Locks older than this are considered left by a killed backup.
-    pub stale_lock: Duration,
-}
-
-impl Default for GcOptions {
-    fn default() -> Self {
-        GcOptions {
-            grace: Duration::from_secs(3600),
-            stale_lock: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-/// What a GC run did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GcReport {
-    /// Packs referenced by some backup.
-    pub live_packs: usize,
-    /// Unreferenced packs marked for deletion by this run.
-    pub marked_packs: usize,
-    /// Packs deleted by this run.
-    pub deleted_packs: usize,
-    /// Bytes freed.
-    pub deleted_bytes: u64,
+pub(crate) struct LockFile {
+    pub(crate) created: DateTime<Utc>,
 }
 
 /// Reads a 32-byte key file (raw bytes, or 64 hex digits).
@@ -149,9 +113,76 @@ pub fn read_key_file(path: &Path) -> Result<[u8; 32]> {
 
 /// A piece located in a pack.
 #[derive(Debug, Clone)]
-struct Located {
-    pack: String,
-    entry: IndexEntry,
+pub(crate) struct Located {
+    pub(crate) pack: String,
+    pub(crate) entry: IndexEntry,
+}
+
+/// Neighbouring pieces of one pack fetched with one ranged read.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadGroup {
+    pub(crate) pack: String,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) entries: Vec<IndexEntry>,
+}
+
+/// Largest stored span, and largest plain total, of a [`ReadGroup`]: bounds
+/// the memory of each restore/verify worker.
+const GROUP_BYTES: u64 = 8 << 20;
+
+/// Cuts pieces into [`ReadGroup`]s: per pack, by offset, neighbours at most
+/// 64 KiB apart, at most [`GROUP_BYTES`] stored and plain.
+pub(crate) fn read_groups<'a>(located: impl IntoIterator<Item = &'a Located>) -> Vec<ReadGroup> {
+    let mut by: BTreeMap<&str, Vec<IndexEntry>> = BTreeMap::new();
+    for l in located {
+        by.entry(l.pack.as_str()).or_default().push(l.entry);
+    }
+    let mut out = Vec::new();
+    for (pack, mut entries) in by {
+        entries.sort_by_key(|e| e.offset);
+        entries.dedup_by_key(|e| e.offset);
+        let mut cur: Option<(ReadGroup, u64)> = None;
+        for e in entries {
+            let e_end = e.offset + u64::from(e.stored_len);
+            if let Some((g, raw)) = &mut cur
+                && e.offset <= g.end + (64 << 10)
+                && e_end - g.start <= GROUP_BYTES
+                && *raw + u64::from(e.raw_len) <= GROUP_BYTES
+            {
+                g.end = g.end.max(e_end);
+                *raw += u64::from(e.raw_len);
+                g.entries.push(e);
+                continue;
+            }
+            if let Some((g, _)) = cur.take() {
+                out.push(g);
+            }
+            cur = Some((
+                ReadGroup {
+                    pack: pack.to_string(),
+                    start: e.offset,
+                    end: e_end,
+                    entries: vec![e],
+                },
+                u64::from(e.raw_len),
+            ));
+        }
+        if let Some((g, _)) = cur {
+            out.push(g);
+        }
+    }
+    out
+}
+
+/// Whether every byte is zero (word at a time).
+fn is_zero(b: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: any bit pattern is a valid u128; align_to only reinterprets
+        // the aligned middle of the slice.
+        unsafe { b.align_to::<u128>() }
+    };
+    head.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&x| x == 0)
 }
 
 /// An extent with its piece named directly (working form of a manifest).
@@ -171,20 +202,20 @@ pub struct Repository {
     keys: Option<Keys>,
 }
 
-fn now() -> DateTime<Utc> {
+pub(crate) fn now() -> DateTime<Utc> {
     Utc::now()
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     let u = uuid::Uuid::new_v4().simple().to_string();
     format!("{}-{}", now().format("%Y%m%dT%H%M%S%.3fZ"), &u[..8])
 }
 
-fn json_err(what: &str, e: serde_json::Error) -> Error {
+pub(crate) fn json_err(what: &str, e: serde_json::Error) -> Error {
     corrupt(what, format!("JSON: {e}"))
 }
 
-fn pack_key(pack: &str) -> String {
+pub(crate) fn pack_key(pack: &str) -> String {
     format!("packs/{}/{pack}", pack.get(..2).unwrap_or("00"))
 }
 
@@ -242,22 +273,106 @@ fn subtract(base: Vec<Ext>, cuts: &[ByteRange]) -> Vec<Ext> {
     out
 }
 
-/// Accumulates sealed pieces into packs and uploads them.
-struct Packer {
+/// Accumulates sealed pieces into packs; full packs upload in the
+/// background (at most [`UPLOADS`] at once) while pieces keep coming.
+pub(crate) struct Packer {
+    repo: Repository,
     buf: Vec<u8>,
     entries: Vec<IndexEntry>,
-    added: u64,
+    uploads: tokio::task::JoinSet<Result<u64>>,
+    /// Bytes stored by finished uploads (packs and their indexes).
+    pub(crate) added: u64,
+}
+
+/// Pack uploads in flight per backup.
+const UPLOADS: usize = 2;
+
+impl Packer {
+    pub(crate) fn new(repo: &Repository) -> Self {
+        Packer {
+            repo: repo.clone(),
+            buf: Vec::with_capacity(PACK_TARGET + PIECE_SIZE as usize * 2),
+            entries: Vec::new(),
+            uploads: tokio::task::JoinSet::new(),
+            added: 0,
+        }
+    }
+
+    /// Adds a sealed piece; uploads the pack once it is full.
+    pub(crate) async fn push(&mut self, id: PieceId, sealed: &[u8], raw_len: u32) -> Result<()> {
+        self.entries.push(IndexEntry {
+            id,
+            offset: self.buf.len() as u64,
+            stored_len: sealed.len() as u32,
+            raw_len,
+        });
+        self.buf.extend_from_slice(sealed);
+        if self.buf.len() >= PACK_TARGET {
+            self.seal_pack().await?;
+        }
+        Ok(())
+    }
+
+    async fn seal_pack(&mut self) -> Result<()> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        while self.uploads.len() >= UPLOADS {
+            self.reap_one().await?;
+        }
+        let data = std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(PACK_TARGET + PIECE_SIZE as usize * 2),
+        );
+        let entries = std::mem::take(&mut self.entries);
+        let repo = self.repo.clone();
+        self.uploads
+            .spawn(async move { repo.upload_pack(data, entries).await });
+        Ok(())
+    }
+
+    async fn reap_one(&mut self) -> Result<()> {
+        if let Some(r) = self.uploads.join_next().await {
+            self.added += r.map_err(|e| Error::Backend {
+                backend: "hci-backup",
+                message: "pack upload task failed".into(),
+                source: Some(Box::new(e)),
+            })??;
+        }
+        Ok(())
+    }
+
+    /// Uploads what is left and waits for every upload.
+    pub(crate) async fn finish(&mut self) -> Result<u64> {
+        self.seal_pack().await?;
+        while !self.uploads.is_empty() {
+            self.reap_one().await?;
+        }
+        Ok(self.added)
+    }
 }
 
 impl Repository {
-    /// Creates a new repository on `target`; encrypted if `key` is given.
+    /// Creates a new repository on `target`; encrypted with AES-256-GCM if
+    /// `key` is given.
     pub async fn init(target: Arc<dyn BackupTarget>, key: Option<&[u8; 32]>) -> Result<Self> {
-        let keys = key.map(Keys::derive);
+        Repository::init_with_cipher(target, key, Cipher::default()).await
+    }
+
+    /// Creates a new repository on `target`; encrypted with `cipher` if `key`
+    /// is given.
+    pub async fn init_with_cipher(
+        target: Arc<dyn BackupTarget>,
+        key: Option<&[u8; 32]>,
+        cipher: Cipher,
+    ) -> Result<Self> {
+        let keys = key.map(|k| Keys::derive_with(k, cipher));
         let cfg = RepoConfig {
             version: FORMAT_VERSION,
             encrypted: keys.is_some(),
             key_check: keys.as_ref().map(|k| k.check.clone()),
             piece_size: PIECE_SIZE,
+            cipher: keys.as_ref().map(|k| k.cipher()),
         };
         let data = serde_json::to_vec_pretty(&cfg).map_err(|e| json_err("config", e))?;
         target
@@ -300,7 +415,7 @@ impl Repository {
                 ));
             }
             (true, Some(k)) => {
-                let keys = Keys::derive(k);
+                let keys = Keys::derive_with(k, cfg.cipher.unwrap_or_default());
                 if cfg.key_check.as_deref() != Some(keys.check.as_str()) {
                     return Err(Error::invalid(
                         "encryption key",
@@ -318,7 +433,16 @@ impl Repository {
         &self.target
     }
 
-    async fn load_manifest(&self, id: &str) -> Result<Manifest> {
+    /// The cipher of an encrypted repository.
+    pub fn cipher(&self) -> Option<Cipher> {
+        self.keys.as_ref().map(Keys::cipher)
+    }
+
+    pub(crate) fn keys(&self) -> Option<&Keys> {
+        self.keys.as_ref()
+    }
+
+    pub(crate) async fn load_manifest(&self, id: &str) -> Result<Manifest> {
         let key = format!("backups/{id}");
         if id.is_empty() || id.contains('/') {
             return Err(Error::invalid("backup id", format!("{id:?}")));
@@ -336,7 +460,7 @@ impl Repository {
         Ok(m)
     }
 
-    async fn load_index(&self, pack: &str) -> Result<Vec<IndexEntry>> {
+    pub(crate) async fn load_index(&self, pack: &str) -> Result<Vec<IndexEntry>> {
         let key = format!("index/{pack}");
         let raw = self.target.get(&key).await?;
         let what = format!("pack index {key}");
@@ -345,7 +469,7 @@ impl Repository {
     }
 
     /// Loads every pack index (except `exclude`d packs): piece id → location.
-    async fn load_all_indexes(
+    pub(crate) async fn load_all_indexes(
         &self,
         exclude: &HashSet<String>,
     ) -> Result<HashMap<PieceId, Located>> {
@@ -384,22 +508,9 @@ impl Repository {
         Ok(map)
     }
 
-    async fn read_marks(&self) -> Result<Vec<(String, GcMark)>> {
-        let mut out = Vec::new();
-        for m in self.target.list("gc/").await? {
-            let raw = self.target.get(&m.key).await?;
-            let mark: GcMark = serde_json::from_slice(&raw).map_err(|e| json_err(&m.key, e))?;
-            out.push((m.key, mark));
-        }
-        Ok(out)
-    }
-
-    async fn flush_pack(&self, p: &mut Packer) -> Result<()> {
-        if p.entries.is_empty() {
-            return Ok(());
-        }
-        let data = std::mem::take(&mut p.buf);
-        let entries = std::mem::take(&mut p.entries);
+    /// Uploads a pack, then its index (in that order, create-only); returns
+    /// the bytes stored.
+    pub(crate) async fn upload_pack(&self, data: Vec<u8>, entries: Vec<IndexEntry>) -> Result<u64> {
         let pack = hex(blake3::hash(&data).as_bytes());
         let len = data.len() as u64;
         match self
@@ -420,8 +531,7 @@ impl Repository {
             Ok(()) | Err(Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(e),
         }
-        p.added += len + ilen;
-        Ok(())
+        Ok(len + ilen)
     }
 
     fn to_ext(m: &Manifest) -> Vec<Ext> {
@@ -463,11 +573,33 @@ impl Repository {
         }
     }
 
+    /// Backs up a volume snapshot, following and controlling it through
+    /// `job` (progress with rate, cancellation). See [`BackupEngine::backup`].
+    #[instrument(skip(self, volumes, job), fields(volume = %request.volume, snapshot = %request.snapshot))]
+    pub async fn backup_with(
+        &self,
+        volumes: Arc<dyn VolumeBackend>,
+        request: VolumeBackupRequest,
+        job: &Job,
+    ) -> Result<BackupInfo> {
+        job.cancel.check()?;
+        let id = new_id();
+        let lock_key = format!("locks/{id}");
+        let lock =
+            serde_json::to_vec(&LockFile { created: now() }).map_err(|e| json_err("lock", e))?;
+        self.target.put_new(&lock_key, Bytes::from(lock)).await?;
+        let r = self.run_backup(volumes, request, job, id).await;
+        if let Err(e) = self.target.delete(&lock_key).await {
+            warn!(lock = %lock_key, error = %e, "could not remove backup lock");
+        }
+        r
+    }
+
     async fn run_backup(
         &self,
         volumes: Arc<dyn VolumeBackend>,
         req: VolumeBackupRequest,
-        progress: Option<watch::Sender<BackupProgress>>,
+        job: &Job,
         id: String,
     ) -> Result<BackupInfo> {
         let dev = volumes
@@ -503,13 +635,7 @@ impl Repository {
         let ranges = hci_core::block::coalesce_ranges(ranges);
         let pieces = cut(&ranges, size);
         let total: u64 = pieces.iter().map(|r| r.len).sum();
-        let mut prog = BackupProgress {
-            total_bytes: total,
-            ..Default::default()
-        };
-        if let Some(p) = &progress {
-            p.send_replace(prog.clone());
-        }
+        let mut tracker = job.tracker(total);
 
         // Dedup index, without packs GC has marked.
         let marked: HashSet<String> = self
@@ -521,15 +647,13 @@ impl Repository {
         let mut known: HashSet<PieceId> =
             self.load_all_indexes(&marked).await?.into_keys().collect();
 
-        let mut packer = Packer {
-            buf: Vec::with_capacity(PACK_TARGET + PIECE_SIZE as usize * 2),
-            entries: Vec::new(),
-            added: 0,
-        };
-        let mut new_exts: Vec<Ext> = Vec::new();
+        let mut packer = Packer::new(self);
+        let mut new_exts: Vec<Ext> = Vec::with_capacity(pieces.len());
         let par = std::thread::available_parallelism().map_or(2, |n| n.get());
 
-        // Batches of pieces, read in order, hashed/compressed in parallel.
+        // Batches of pieces; each batch reads its contiguous runs with one
+        // call each and is hashed/compressed on a blocking thread, batches
+        // in parallel.
         let mut batches: Vec<Vec<ByteRange>> = Vec::new();
         let mut cur = Vec::new();
         let mut cur_len = 0;
@@ -550,13 +674,22 @@ impl Repository {
                 let dev = dev.clone();
                 let keys = keys.clone();
                 async move {
-                    let mut bufs = Vec::with_capacity(batch.len());
-                    for r in &batch {
-                        let mut b = vec![0u8; r.len as usize];
-                        dev.read_at(&mut b, r.offset).await?;
-                        bufs.push(b);
+                    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+                    let mut i = 0;
+                    while i < batch.len() {
+                        let start = batch[i].offset;
+                        let mut end = batch[i].end();
+                        let mut j = i + 1;
+                        while j < batch.len() && batch[j].offset == end {
+                            end = batch[j].end();
+                            j += 1;
+                        }
+                        let mut b = vec![0u8; (end - start) as usize];
+                        dev.read_at(&mut b, start).await?;
+                        runs.push((start, b));
+                        i = j;
                     }
-                    tokio::task::spawn_blocking(move || process_batch(keys.as_ref(), batch, bufs))
+                    tokio::task::spawn_blocking(move || process_batch(keys.as_ref(), batch, runs))
                         .await
                         .map_err(|e| Error::Backend {
                             backend: "hci-backup",
@@ -567,8 +700,11 @@ impl Repository {
             })
             .buffered(par + 1);
         while let Some(r) = results.next().await {
+            tracker.check()?;
+            let mut uploaded = 0;
+            let mut done = 0;
             for piece in r? {
-                prog.done_bytes += piece.range.len;
+                done += piece.range.len;
                 let Some((id, sealed)) = piece.data else {
                     continue; // zeroes
                 };
@@ -580,24 +716,15 @@ impl Repository {
                     piece_offset: 0,
                 });
                 if known.insert(id) {
-                    packer.entries.push(IndexEntry {
-                        id,
-                        offset: packer.buf.len() as u64,
-                        stored_len: sealed.len() as u32,
-                        raw_len: piece.range.len as u32,
-                    });
-                    packer.buf.extend_from_slice(&sealed);
-                    prog.uploaded_bytes += sealed.len() as u64;
-                    if packer.buf.len() >= PACK_TARGET {
-                        self.flush_pack(&mut packer).await?;
-                    }
+                    uploaded += sealed.len() as u64;
+                    packer.push(id, &sealed, piece.range.len as u32).await?;
                 }
             }
-            if let Some(p) = &progress {
-                p.send_replace(prog.clone());
-            }
+            tracker.add(done, uploaded);
+            tracker.publish();
         }
-        self.flush_pack(&mut packer).await?;
+        let added = packer.finish().await?;
+        tracker.check()?;
 
         let mut exts = subtract(base_exts, &ranges);
         exts.extend(new_exts);
@@ -615,7 +742,7 @@ impl Repository {
         let mut m = Self::from_ext(header, exts);
         // Account for the manifest itself (its size depends little on this field).
         let probe = format::seal_meta(self.keys.as_ref(), &format::encode_manifest(&m)?)?;
-        m.header.added_bytes = packer.added + probe.len() as u64;
+        m.header.added_bytes = added + probe.len() as u64;
         let sealed = format::seal_meta(self.keys.as_ref(), &format::encode_manifest(&m)?)?;
         self.target
             .put_new(&format!("backups/{id}"), Bytes::from(sealed))
@@ -624,322 +751,20 @@ impl Repository {
         Ok(info_of(&m.header))
     }
 
-    /// Runs garbage collection (see the module docs).
-    #[instrument(skip(self))]
-    pub async fn gc(&self, opts: GcOptions) -> Result<GcReport> {
-        let started = now();
-        // Live pieces: every manifest must load, or nothing is deleted.
-        let mut live: HashSet<PieceId> = HashSet::new();
-        for m in self.target.list("backups/").await? {
-            let id = m.key.trim_start_matches("backups/");
-            let man = self.load_manifest(id).await?;
-            live.extend(man.pieces.iter().map(|p| p.0));
-        }
-        let mut report = GcReport::default();
-        let mut candidates: HashSet<String> = HashSet::new();
-        let mut indexed: HashSet<String> = HashSet::new();
-        for m in self.target.list("index/").await? {
-            let pack = m.key.trim_start_matches("index/").to_string();
-            indexed.insert(pack.clone());
-            match self.load_index(&pack).await {
-                Ok(entries) => {
-                    if entries.iter().any(|e| live.contains(&e.id)) {
-                        report.live_packs += 1;
-                    } else {
-                        candidates.insert(pack);
-                    }
-                }
-                Err(e) => warn!(pack = %pack, error = %e, "unreadable index: pack kept"),
-            }
-        }
-        // Packs without an index (a backup killed between the two writes).
-        let mut sizes: HashMap<String, u64> = HashMap::new();
-        for m in self.target.list("packs/").await? {
-            if let Some(p) = m.key.rsplit('/').next() {
-                if !indexed.contains(p) {
-                    candidates.insert(p.to_string());
-                }
-                sizes.insert(p.to_string(), m.size);
-            }
-        }
-        // Record this run's mark before sweeping.
-        let mark_key = format!("gc/{}", new_id());
-        let mut packs: Vec<String> = candidates.iter().cloned().collect();
-        packs.sort();
-        report.marked_packs = packs.len();
-        let mark = GcMark {
-            created: started,
-            packs,
-        };
-        if !mark.packs.is_empty() {
-            let data = serde_json::to_vec(&mark).map_err(|e| json_err("gc mark", e))?;
-            self.target.put_new(&mark_key, Bytes::from(data)).await?;
-        }
-        let marks = self.read_marks().await?;
-        let mut locks: Vec<DateTime<Utc>> = Vec::new();
-        let stale = chrono::Duration::from_std(opts.stale_lock).unwrap_or(chrono::Duration::MAX);
-        for l in self.target.list("locks/").await? {
-            let Ok(raw) = self.target.get(&l.key).await else {
-                continue;
-            };
-            match serde_json::from_slice::<LockFile>(&raw) {
-                Ok(lf) if now() - lf.created < stale => locks.push(lf.created),
-                Ok(_) => {}
-                Err(e) => warn!(lock = %l.key, error = %e, "unreadable lock ignored"),
-            }
-        }
-        let grace = chrono::Duration::from_std(opts.grace).unwrap_or(chrono::Duration::MAX);
-        let cutoff = now() - grace;
-        let mut deleted: HashSet<String> = HashSet::new();
-        for (key, m) in &marks {
-            let sweepable = m.created <= cutoff && !locks.iter().any(|l| *l <= m.created);
-            if !sweepable {
-                continue;
-            }
-            for p in &m.packs {
-                if !candidates.contains(p) || deleted.contains(p) {
-                    continue;
-                }
-                // Index first: a pack nobody can find is never deduplicated against.
-                match self.target.delete(&format!("index/{p}")).await {
-                    Ok(()) | Err(Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-                match self.target.delete(&pack_key(p)).await {
-                    Ok(()) | Err(Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-                report.deleted_packs += 1;
-                report.deleted_bytes += sizes.get(p).copied().unwrap_or(0);
-                deleted.insert(p.clone());
-            }
-            match self.target.delete(key).await {
-                Ok(()) | Err(Error::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        info!(?report, "gc finished");
-        Ok(report)
-    }
-
-    /// Applies `policy` per volume: deletes backups it does not keep. Returns
-    /// the deleted ids. Space is reclaimed by [`Repository::gc`].
-    pub async fn prune(&self, policy: &RetentionPolicy) -> Result<Vec<String>> {
-        if policy.is_empty() {
-            return Err(Error::invalid(
-                "retention policy",
-                "keeps nothing; set at least one keep rule",
-            ));
-        }
-        let all = self.list_backups().await?;
-        let mut by_volume: BTreeMap<String, Vec<(String, DateTime<Utc>)>> = BTreeMap::new();
-        for b in &all {
-            by_volume
-                .entry(b.volume.clone())
-                .or_default()
-                .push((b.id.clone(), b.created));
-        }
-        let mut deleted = Vec::new();
-        for backups in by_volume.values() {
-            let keep = select_keep(backups, policy);
-            for (id, _) in backups {
-                if !keep.contains(id) {
-                    self.delete_manifest(id).await?;
-                    deleted.push(id.clone());
-                }
-            }
-        }
-        Ok(deleted)
-    }
-
-    async fn delete_manifest(&self, id: &str) -> Result<()> {
-        self.load_manifest(id)
-            .await
-            .map(|_| ())
-            .or_else(|e| match e {
-                Error::Corrupt { .. } => Ok(()),
-                e => Err(e),
-            })?;
-        self.target.delete(&format!("backups/{id}")).await
-    }
-
-    async fn list_backups(&self) -> Result<Vec<BackupInfo>> {
-        let mut out = Vec::new();
-        for m in self.target.list("backups/").await? {
-            let id = m.key.trim_start_matches("backups/");
-            out.push(info_of(&self.load_manifest(id).await?.header));
-        }
-        out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
-        Ok(out)
-    }
-
-    /// Locates every piece of `m` (missing ones are reported by id).
-    async fn locate(&self, m: &Manifest) -> Result<(HashMap<PieceId, Located>, Vec<PieceId>)> {
-        let all = self.load_all_indexes(&HashSet::new()).await?;
-        let mut found = HashMap::new();
-        let mut missing = Vec::new();
-        for (id, _) in &m.pieces {
-            match all.get(id) {
-                Some(l) => {
-                    found.insert(*id, l.clone());
-                }
-                None => missing.push(*id),
-            }
-        }
-        Ok((found, missing))
-    }
-
-    /// Fetches and opens the pieces of one pack (ranged reads, coalesced).
-    async fn fetch_pack_pieces(
-        &self,
-        pack: &str,
-        mut entries: Vec<IndexEntry>,
-    ) -> Vec<(PieceId, Result<Vec<u8>>)> {
-        entries.sort_by_key(|e| e.offset);
-        let key = pack_key(pack);
-        let mut out = Vec::with_capacity(entries.len());
-        let mut i = 0;
-        while i < entries.len() {
-            let start = entries[i].offset;
-            let mut j = i;
-            let mut end = start + u64::from(entries[i].stored_len);
-            while j + 1 < entries.len()
-                && entries[j + 1].offset <= end + (64 << 10)
-                && end - start < (32 << 20)
-            {
-                j += 1;
-                end = end.max(entries[j].offset + u64::from(entries[j].stored_len));
-            }
-            let group = entries[i..=j].to_vec();
-            i = j + 1;
-            let data = match self.target.get_range(&key, start..end).await {
-                Ok(d) => d,
-                Err(e) => {
-                    for g in group {
-                        let msg = format!("piece {} in pack {key}: {e}", hex(&g.id));
-                        out.push((g.id, Err(corrupt(&msg, "unreadable"))));
-                    }
-                    continue;
-                }
-            };
-            let keys = self.keys.clone();
-            let key2 = key.clone();
-            let opened = tokio::task::spawn_blocking(move || {
-                group
-                    .into_iter()
-                    .map(|g| {
-                        let a = (g.offset - start) as usize;
-                        let b = a + g.stored_len as usize;
-                        let what = format!("piece {} in pack {key2}", hex(&g.id));
-                        let r = match data.get(a..b) {
-                            Some(s) => format::open_piece(
-                                keys.as_ref(),
-                                &g.id,
-                                s,
-                                g.raw_len as usize,
-                                &what,
-                            ),
-                            None => Err(corrupt(&what, "beyond the end of the pack")),
-                        };
-                        (g.id, r)
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await;
-            match opened {
-                Ok(v) => out.extend(v),
-                Err(e) => {
-                    let msg = format!("pack {key}: worker failed: {e}");
-                    out.push(([0; 32], Err(corrupt(&msg, "worker failed"))));
-                }
-            }
-        }
-        out
-    }
-
-    /// Groups a manifest's located pieces by pack.
-    fn by_pack(located: &HashMap<PieceId, Located>) -> BTreeMap<String, Vec<IndexEntry>> {
-        let mut by: BTreeMap<String, Vec<IndexEntry>> = BTreeMap::new();
-        for l in located.values() {
-            by.entry(l.pack.clone()).or_default().push(l.entry);
-        }
-        by
-    }
-}
-
-fn info_of(h: &ManifestHeader) -> BackupInfo {
-    BackupInfo {
-        id: h.id.clone(),
-        volume: h.volume.clone(),
-        snapshot: h.snapshot.clone(),
-        size: h.size,
-        created: h.created,
-        base: h.base.clone(),
-        added_bytes: h.added_bytes,
-        metadata: h.metadata.clone(),
-    }
-}
-
-/// One processed piece: its range and, unless all zero, id and sealed bytes.
-struct Processed {
-    range: ByteRange,
-    data: Option<(PieceId, Vec<u8>)>,
-}
-
-fn process_batch(
-    keys: Option<&Keys>,
-    batch: Vec<ByteRange>,
-    bufs: Vec<Vec<u8>>,
-) -> Result<Vec<Processed>> {
-    batch
-        .into_iter()
-        .zip(bufs)
-        .map(|(range, b)| {
-            if b.iter().all(|&x| x == 0) {
-                return Ok(Processed { range, data: None });
-            }
-            let id = format::piece_id(keys, &b);
-            let sealed = format::seal_piece(keys, format::compress(&b)?)?;
-            Ok(Processed {
-                range,
-                data: Some((id, sealed)),
-            })
-        })
-        .collect()
-}
-
-fn missing_piece(id: &PieceId) -> String {
-    format!("piece {} (in no pack index)", hex(id))
-}
-
-#[async_trait]
-impl BackupEngine for Repository {
-    #[instrument(skip(self, volumes, progress), fields(volume = %request.volume, snapshot = %request.snapshot))]
-    async fn backup(
-        &self,
-        volumes: Arc<dyn VolumeBackend>,
-        request: VolumeBackupRequest,
-        progress: Option<watch::Sender<BackupProgress>>,
-    ) -> Result<BackupInfo> {
-        let id = new_id();
-        let lock_key = format!("locks/{id}");
-        let lock =
-            serde_json::to_vec(&LockFile { created: now() }).map_err(|e| json_err("lock", e))?;
-        self.target.put_new(&lock_key, Bytes::from(lock)).await?;
-        let r = self.run_backup(volumes, request, progress, id).await;
-        if let Err(e) = self.target.delete(&lock_key).await {
-            warn!(lock = %lock_key, error = %e, "could not remove backup lock");
-        }
-        r
-    }
-
-    #[instrument(skip(self, device, progress))]
-    async fn restore(
+    /// Restores a backup into `device`, following and controlling it
+    /// through `job`. Pieces are fetched in groups of neighbours (at most 8
+    /// MiB each, a few groups per core in flight, so memory stays bounded
+    /// whatever the volume size), decrypted, decompressed and checked
+    /// against their ids on blocking threads, and written in runs of
+    /// contiguous extents. See [`BackupEngine::restore`].
+    #[instrument(skip(self, device, job))]
+    pub async fn restore_with(
         &self,
         backup_id: &str,
         device: Arc<dyn BlockDevice>,
-        progress: Option<watch::Sender<BackupProgress>>,
+        job: &Job,
     ) -> Result<()> {
+        job.cancel.check()?;
         let m = self.load_manifest(backup_id).await?;
         if device.size() < m.header.size {
             return Err(Error::invalid(
@@ -981,47 +806,311 @@ impl BackupEngine for Repository {
                 .await?;
         }
         let total: u64 = m.extents.iter().map(|e| u64::from(e.len)).sum();
-        let prog = Arc::new(std::sync::Mutex::new(BackupProgress {
-            total_bytes: total,
-            ..Default::default()
-        }));
-        let par = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
+        let tracker = std::sync::Mutex::new(job.tracker(total));
+        let par = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
         let uses = &uses;
         let device = &device;
-        let progress = &progress;
-        let prog = &prog;
-        let results: Vec<Result<()>> = stream::iter(Self::by_pack(&located))
-            .map(|(pack, entries)| async move {
-                for (id, r) in self.fetch_pack_pieces(&pack, entries).await {
-                    let plain = r?;
-                    let mut n = 0u64;
-                    for e in uses.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
+        let tracker = &tracker;
+        let mut results = stream::iter(read_groups(located.values()))
+            .map(|g| async move {
+                job.cancel.check()?;
+                let pieces = self.fetch_group(g).await?;
+                // Every (volume offset, piece, range in piece) this group serves.
+                let mut writes: Vec<(u64, usize, usize, usize)> = Vec::new();
+                for (i, (id, _)) in pieces.iter().enumerate() {
+                    for e in uses.get(id).map(Vec::as_slice).unwrap_or(&[]) {
                         let a = e.piece_offset as usize;
-                        let b = a + e.len as usize;
-                        let slice = plain.get(a..b).ok_or_else(|| {
-                            corrupt(&format!("piece {}", hex(&id)), "shorter than its extent")
-                        })?;
-                        device
-                            .write_at(slice, e.offset, WriteFlags::default())
-                            .await?;
-                        n += u64::from(e.len);
-                    }
-                    if let Ok(mut p) = prog.lock() {
-                        p.done_bytes += n;
-                        if let Some(tx) = progress {
-                            tx.send_replace(p.clone());
-                        }
+                        writes.push((e.offset, i, a, a + e.len as usize));
                     }
                 }
-                Ok(())
+                writes.sort_unstable_by_key(|w| w.0);
+                let mut run: Vec<u8> = Vec::new();
+                let mut run_start = 0u64;
+                let mut done = 0u64;
+                for (off, i, a, b) in writes {
+                    let (id, plain) = &pieces[i];
+                    let slice = plain.get(a..b).ok_or_else(|| {
+                        corrupt(&format!("piece {}", hex(id)), "shorter than its extent")
+                    })?;
+                    if !run.is_empty()
+                        && (off != run_start + run.len() as u64
+                            || run.len() + slice.len() > GROUP_BYTES as usize)
+                    {
+                        device
+                            .write_at(&run, run_start, WriteFlags::default())
+                            .await?;
+                        done += run.len() as u64;
+                        run.clear();
+                    }
+                    if run.is_empty() {
+                        run_start = off;
+                    }
+                    run.extend_from_slice(slice);
+                }
+                if !run.is_empty() {
+                    device
+                        .write_at(&run, run_start, WriteFlags::default())
+                        .await?;
+                    done += run.len() as u64;
+                }
+                if let Ok(mut t) = tracker.lock() {
+                    t.add(done, 0);
+                    t.publish();
+                }
+                Ok::<(), Error>(())
             })
-            .buffer_unordered(par)
-            .collect()
-            .await;
-        for r in results {
+            .buffer_unordered(par);
+        while let Some(r) = results.next().await {
             r?;
         }
+        drop(results);
+        job.cancel.check()?;
         device.flush().await
+    }
+
+    /// Applies `policy` per volume, and per VM to whole-VM backups: deletes
+    /// the backups it does not keep. Returns the deleted ids. Space is
+    /// reclaimed by [`Repository::gc`].
+    pub async fn prune(&self, policy: &RetentionPolicy) -> Result<Vec<String>> {
+        if policy.is_empty() {
+            return Err(Error::invalid(
+                "retention policy",
+                "keeps nothing; set at least one keep rule",
+            ));
+        }
+        let vms = self.list_vm_backups().await?;
+        let in_vm: HashSet<&str> = vms
+            .iter()
+            .flat_map(|m| m.volumes.iter().map(|v| v.backup.as_str()))
+            .collect();
+        let all = self.list_backups().await?;
+        let mut by_volume: BTreeMap<String, Vec<(String, DateTime<Utc>)>> = BTreeMap::new();
+        for b in &all {
+            if in_vm.contains(b.id.as_str()) {
+                continue;
+            }
+            by_volume
+                .entry(b.volume.clone())
+                .or_default()
+                .push((b.id.clone(), b.created));
+        }
+        let mut deleted = Vec::new();
+        for backups in by_volume.values() {
+            let keep = select_keep(backups, policy);
+            for (id, _) in backups {
+                if !keep.contains(id) {
+                    self.delete_manifest(id).await?;
+                    deleted.push(id.clone());
+                }
+            }
+        }
+        let mut by_vm: BTreeMap<String, Vec<(String, DateTime<Utc>)>> = BTreeMap::new();
+        for m in &vms {
+            by_vm
+                .entry(m.vm_name.clone())
+                .or_default()
+                .push((m.id.clone(), m.created));
+        }
+        for backups in by_vm.values() {
+            let keep = select_keep(backups, policy);
+            for (id, _) in backups {
+                if !keep.contains(id) {
+                    self.delete_vm_backup(id).await?;
+                    deleted.push(id.clone());
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_manifest(&self, id: &str) -> Result<()> {
+        match self.load_manifest(id).await {
+            Ok(m) => {
+                let vm = m.header.metadata.iter().find(|(k, _)| k == VM_BACKUP_KEY);
+                if let Some((_, vm)) = vm {
+                    match self.target.head(&format!("vms/{vm}")).await {
+                        Ok(_) => {
+                            return Err(Error::invalid(
+                                format!("backup {id}"),
+                                format!("it is part of VM backup {vm}: delete that instead"),
+                            ));
+                        }
+                        Err(Error::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(Error::Corrupt { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        self.target.delete(&format!("backups/{id}")).await
+    }
+
+    async fn list_backups(&self) -> Result<Vec<BackupInfo>> {
+        let mut out = Vec::new();
+        for m in self.target.list("backups/").await? {
+            let id = m.key.trim_start_matches("backups/");
+            out.push(info_of(&self.load_manifest(id).await?.header));
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Locates every piece of `m` (missing ones are reported by id).
+    async fn locate(&self, m: &Manifest) -> Result<(HashMap<PieceId, Located>, Vec<PieceId>)> {
+        let all = self.load_all_indexes(&HashSet::new()).await?;
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        for (id, _) in &m.pieces {
+            match all.get(id) {
+                Some(l) => {
+                    found.insert(*id, l.clone());
+                }
+                None => missing.push(*id),
+            }
+        }
+        Ok((found, missing))
+    }
+
+    /// Fetches one group with a ranged read and opens each piece (decrypt,
+    /// decompress, check against its id) on a blocking thread.
+    pub(crate) async fn fetch_group_checked(
+        &self,
+        g: ReadGroup,
+    ) -> Vec<(PieceId, Result<Vec<u8>>)> {
+        let key = pack_key(&g.pack);
+        let data = match self.target.get_range(&key, g.start..g.end).await {
+            Ok(d) => d,
+            Err(e) => {
+                return g
+                    .entries
+                    .iter()
+                    .map(|p| {
+                        let what = format!("piece {} in pack {key}", hex(&p.id));
+                        (p.id, Err(corrupt(&what, format!("unreadable: {e}"))))
+                    })
+                    .collect();
+            }
+        };
+        let keys = self.keys.clone();
+        let first = g.entries.first().map(|e| e.id).unwrap_or([0; 32]);
+        let key2 = key.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut dec = format::decompressor().ok();
+            g.entries
+                .into_iter()
+                .map(|p| {
+                    let a = (p.offset - g.start) as usize;
+                    let b = a + p.stored_len as usize;
+                    let what = format!("piece {} in pack {key2}", hex(&p.id));
+                    let r = match data.get(a..b) {
+                        Some(s) => format::open_piece_with(
+                            dec.as_mut(),
+                            keys.as_ref(),
+                            &p.id,
+                            s,
+                            p.raw_len as usize,
+                            &what,
+                        ),
+                        None => Err(corrupt(&what, "beyond the end of the pack")),
+                    };
+                    (p.id, r)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        opened.unwrap_or_else(|e| {
+            let what = format!("pack {key}");
+            vec![(first, Err(corrupt(&what, format!("worker failed: {e}"))))]
+        })
+    }
+
+    /// [`Repository::fetch_group_checked`], failing on the first bad piece.
+    pub(crate) async fn fetch_group(&self, g: ReadGroup) -> Result<Vec<(PieceId, Vec<u8>)>> {
+        self.fetch_group_checked(g)
+            .await
+            .into_iter()
+            .map(|(id, r)| r.map(|p| (id, p)))
+            .collect()
+    }
+}
+
+pub(crate) fn info_of(h: &ManifestHeader) -> BackupInfo {
+    BackupInfo {
+        id: h.id.clone(),
+        volume: h.volume.clone(),
+        snapshot: h.snapshot.clone(),
+        size: h.size,
+        created: h.created,
+        base: h.base.clone(),
+        added_bytes: h.added_bytes,
+        metadata: h.metadata.clone(),
+    }
+}
+
+/// One processed piece: its range and, unless all zero, id and sealed bytes.
+struct Processed {
+    range: ByteRange,
+    data: Option<(PieceId, Vec<u8>)>,
+}
+
+fn process_batch(
+    keys: Option<&Keys>,
+    batch: Vec<ByteRange>,
+    runs: Vec<(u64, Vec<u8>)>,
+) -> Result<Vec<Processed>> {
+    let mut out = Vec::with_capacity(batch.len());
+    let mut zc = format::compressor()?;
+    let mut run = 0;
+    for range in batch {
+        while run < runs.len() && runs[run].0 + runs[run].1.len() as u64 <= range.offset {
+            run += 1;
+        }
+        let b = runs
+            .get(run)
+            .and_then(|(start, buf)| {
+                let a = range.offset.checked_sub(*start)? as usize;
+                buf.get(a..a + range.len as usize)
+            })
+            .ok_or_else(|| corrupt("backup read batch", "piece outside its read run"))?;
+        if is_zero(b) {
+            out.push(Processed { range, data: None });
+            continue;
+        }
+        let id = format::piece_id(keys, b);
+        let sealed = format::seal_piece(keys, format::compress_with(&mut zc, b)?)?;
+        out.push(Processed {
+            range,
+            data: Some((id, sealed)),
+        });
+    }
+    Ok(out)
+}
+
+fn missing_piece(id: &PieceId) -> String {
+    format!("piece {} (in no pack index)", hex(id))
+}
+
+#[async_trait]
+impl BackupEngine for Repository {
+    async fn backup(
+        &self,
+        volumes: Arc<dyn VolumeBackend>,
+        request: VolumeBackupRequest,
+        progress: Option<watch::Sender<BackupProgress>>,
+    ) -> Result<BackupInfo> {
+        let job = Job::new().with_backup_progress(progress);
+        self.backup_with(volumes, request, &job).await
+    }
+
+    async fn restore(
+        &self,
+        backup_id: &str,
+        device: Arc<dyn BlockDevice>,
+        progress: Option<watch::Sender<BackupProgress>>,
+    ) -> Result<()> {
+        let job = Job::new().with_backup_progress(progress);
+        self.restore_with(backup_id, device, &job).await
     }
 
     async fn list(&self) -> Result<Vec<BackupInfo>> {
@@ -1036,13 +1125,18 @@ impl BackupEngine for Repository {
             chunks_checked: m.pieces.len() as u64,
             bad_chunks: missing.iter().map(missing_piece).collect(),
         };
-        let results: Vec<Vec<(PieceId, Result<Vec<u8>>)>> = stream::iter(Self::by_pack(&located))
-            .map(|(pack, entries)| async move { self.fetch_pack_pieces(&pack, entries).await })
-            .buffer_unordered(4)
-            .collect()
-            .await;
-        for (_, r) in results.into_iter().flatten() {
-            if let Err(e) = r {
+        let par = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
+        let mut results = stream::iter(read_groups(located.values()))
+            .map(|g| async move {
+                self.fetch_group_checked(g)
+                    .await
+                    .into_iter()
+                    .filter_map(|(_, r)| r.err())
+                    .collect::<Vec<_>>()
+            })
+            .buffer_unordered(par);
+        while let Some(errors) = results.next().await {
+            for e in errors {
                 report.bad_chunks.push(match &e {
                     Error::Corrupt {
                         what,
@@ -1056,9 +1150,10 @@ impl BackupEngine for Repository {
         Ok(report)
     }
 
+    /// Deletes the backup's manifest. Its data is reclaimed by the next
+    /// [`Repository::gc`] run (deleting lists nothing).
     async fn delete(&self, backup_id: &str) -> Result<()> {
-        self.delete_manifest(backup_id).await?;
-        self.gc(GcOptions::default()).await.map(|_| ())
+        self.delete_manifest(backup_id).await
     }
 }
 

@@ -61,4 +61,17 @@ async fn s3_backup_restore_round_trip() {
     let rep = repo.verify(&b2.id).await.expect("verify");
     assert!(rep.bad_chunks.is_empty(), "{rep:?}");
     assert_eq!(repo.list().await.expect("list").len(), 2);
+    // Delete + GC (mark, repack, sweep) over S3 keeps the rest restorable.
+    repo.delete(&b1.id).await.expect("delete");
+    let report = repo
+        .gc(hci_backup::GcOptions {
+            grace: std::time::Duration::ZERO,
+            ..Default::default()
+        })
+        .await
+        .expect("gc");
+    assert!(report.live_packs >= 1, "{report:?}");
+    common::assert_restores(&repo, &v, &b2.id, "d", "s2").await;
+    let rep = repo.verify(&b2.id).await.expect("verify");
+    assert!(rep.bad_chunks.is_empty(), "{rep:?}");
 }

@@ -310,6 +310,7 @@ async fn volume_and_backup_actions() {
             backup: "b1".into(),
             volume: "restored".into(),
             size: 0,
+            vm: String::new(),
         })
         .await
         .expect("restore")

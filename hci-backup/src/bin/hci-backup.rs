@@ -9,8 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use hci_backup::{GcOptions, Repository, RetentionPolicy, open_target, read_key_file};
-use hci_core::backup::{BackupEngine, BackupProgress, BackupTarget, VolumeBackupRequest};
+use hci_backup::{
+    CancelToken, Cipher, GcOptions, Job, JobProgress, Repository, RetentionPolicy, open_target,
+    read_key_file,
+};
+use hci_core::backup::{BackupEngine, BackupTarget, VolumeBackupRequest};
 use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
 use hci_storage::local::LocalVolumeBackend;
 use tokio::sync::watch;
@@ -20,6 +23,7 @@ const EXAMPLES: &str = "Examples:
   hci-backup backup --target file:///mnt/nfs/backups --key-file /etc/hci/backup.key /var/lib/hci/volumes/vm1-disk@nightly-1
   hci-backup backup --target s3://bucket/hci?endpoint=http://127.0.0.1:9000 /var/lib/hci/volumes/vm1-disk@nightly-2 --base <ID>
   hci-backup restore --target file:///mnt/nfs/backups <ID> /var/lib/hci/volumes/vm1-restored
+  hci-backup restore-vm --target file:///mnt/nfs/backups <VM-BACKUP-ID> web2 /var/lib/hci/volumes > web2.json
   hci-backup prune --target file:///mnt/nfs/backups --keep-last 3 --keep-daily 7
 S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.";
 
@@ -49,7 +53,11 @@ enum Output {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Creates a repository on the target (encrypted with --encrypt-key-file).
-    Init,
+    Init {
+        /// Cipher of an encrypted repository: aes-256-gcm or chacha20-poly1305.
+        #[arg(long, default_value = "aes-256-gcm")]
+        cipher: Cipher,
+    },
     /// Backs up VOLUME_DIR@SNAPSHOT; prints the new backup id.
     Backup {
         /// A local volume directory and one of its snapshots.
@@ -68,7 +76,17 @@ enum Command {
         /// Directory of the new volume (must not exist).
         new_volume_dir: PathBuf,
     },
-    /// Lists backups, oldest first.
+    /// Restores a whole-VM backup as a new VM: creates its volumes
+    /// (NEW_NAME-<volume>) in VOLUMES_DIR and prints the new VM (JSON).
+    RestoreVm {
+        /// VM backup id.
+        vm_backup_id: String,
+        /// Name of the new VM.
+        new_name: String,
+        /// Directory holding volume directories.
+        volumes_dir: PathBuf,
+    },
+    /// Lists backups (volume backups, then whole-VM backups), oldest first.
     List,
     /// Re-reads and checks every piece of the given backups (default: all).
     Verify {
@@ -104,6 +122,9 @@ enum Command {
         /// Backup locks older than this many seconds are considered stale.
         #[arg(long, default_value_t = 86400)]
         stale_lock_secs: u64,
+        /// Repack packs whose live bytes are below this fraction (0 = never).
+        #[arg(long, default_value_t = 0.5)]
+        repack_below: f64,
     },
 }
 
@@ -121,16 +142,21 @@ fn split_volume_dir(dir: &Path) -> Result<(PathBuf, String)> {
     Ok((parent, name))
 }
 
-fn progress_bar(
-    what: &str,
-) -> (
-    Option<watch::Sender<BackupProgress>>,
-    Option<tokio::task::JoinHandle<()>>,
-) {
+/// A job that Ctrl-C cancels, with a progress bar on a terminal.
+fn job(what: &str) -> (Job, Option<tokio::task::JoinHandle<()>>) {
+    let cancel = CancelToken::new();
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("hci-backup: cancelling (the target stays consistent)");
+            c.cancel();
+        }
+    });
+    let job = Job::new().with_cancel(cancel);
     if !std::io::stderr().is_terminal() {
-        return (None, None);
+        return (job, None);
     }
-    let (tx, mut rx) = watch::channel(BackupProgress::default());
+    let (tx, mut rx) = watch::channel(JobProgress::default());
     let bar = indicatif::ProgressBar::new(0);
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
@@ -146,15 +172,23 @@ fn progress_bar(
         }
         bar.finish_and_clear();
     });
-    (Some(tx), Some(task))
+    (job.with_progress(tx), Some(task))
+}
+
+/// Waits for the progress bar to finish (the job, and so its sender, is gone).
+async fn finish(job: Job, bar: Option<tokio::task::JoinHandle<()>>) {
+    drop(job);
+    if let Some(b) = bar {
+        let _ = b.await;
+    }
 }
 
 async fn open_repo(cli: &Cli) -> Result<(Repository, Arc<dyn BackupTarget>)> {
     let url = cli.target.as_deref().context("--target URL is required")?;
     let target: Arc<dyn BackupTarget> = Arc::new(open_target(url)?);
     let key = cli.key_file.as_deref().map(read_key_file).transpose()?;
-    if matches!(cli.command, Command::Init) {
-        let repo = Repository::init(target.clone(), key.as_ref())
+    if let Command::Init { cipher } = &cli.command {
+        let repo = Repository::init_with_cipher(target.clone(), key.as_ref(), *cipher)
             .await
             .with_context(|| format!("initialize repository at {url}"))?;
         return Ok((repo, target));
@@ -189,7 +223,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     let (repo, _target) = open_repo(&cli).await?;
     let json = matches!(cli.output, Output::Json);
     match &cli.command {
-        Command::Init => {
+        Command::Init { .. } => {
             println!(
                 "initialized repository at {}",
                 cli.target.as_deref().unwrap_or("")
@@ -210,9 +244,9 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 let (k, v) = m.split_once('=').context("--meta must be KEY=VALUE")?;
                 meta.push((k.to_string(), v.to_string()));
             }
-            let (tx, bar) = progress_bar("backup");
-            let info = repo
-                .backup(
+            let (job, bar) = job("backup");
+            let r = repo
+                .backup_with(
                     backend,
                     VolumeBackupRequest {
                         volume,
@@ -220,13 +254,11 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                         base: base.clone(),
                         metadata: meta,
                     },
-                    tx,
+                    &job,
                 )
-                .await
-                .with_context(|| format!("back up {source}"))?;
-            if let Some(b) = bar {
-                let _ = b.await;
-            }
+                .await;
+            finish(job, bar).await;
+            let info = r.with_context(|| format!("back up {source}"))?;
             eprintln!(
                 "backup {}: {} bytes volume, {} bytes added",
                 info.id, info.size, info.added_bytes
@@ -252,30 +284,59 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 .create(&volume, CreateVolume::new(info.size))
                 .await?;
             let dev = backend.open(&volume, OpenVolume::default()).await?;
-            let (tx, bar) = progress_bar("restore");
-            let r = repo.restore(backup_id, dev, tx).await;
-            if let Some(b) = bar {
-                let _ = b.await;
-            }
+            let (job, bar) = job("restore");
+            let r = repo.restore_with(backup_id, dev, &job).await;
+            finish(job, bar).await;
             if let Err(e) = r {
                 let _ = backend.delete(&volume).await;
                 return Err(e).with_context(|| format!("restore {backup_id}"));
             }
             eprintln!("restored {backup_id} into {}", new_volume_dir.display());
         }
+        Command::RestoreVm {
+            vm_backup_id,
+            new_name,
+            volumes_dir,
+        } => {
+            let backend = Arc::new(LocalVolumeBackend::new(volumes_dir)?);
+            let (job, bar) = job("restore");
+            let r = repo.restore_vm(vm_backup_id, new_name, backend, &job).await;
+            finish(job, bar).await;
+            let plan = r.with_context(|| format!("restore VM backup {vm_backup_id}"))?;
+            println!("{}", serde_json::to_string_pretty(&plan.vm)?);
+            for (v, _) in &plan.volumes {
+                eprintln!(
+                    "restored volume {}",
+                    volumes_dir
+                        .join(hci_core::model::Resource::name(v))
+                        .display()
+                );
+            }
+        }
         Command::List => {
             let list = repo.list().await?;
+            let vms = repo.list_vm_backups().await?;
             if json {
                 let v: Vec<serde_json::Value> = list
                     .iter()
                     .map(|b| {
                         serde_json::json!({
-                            "id": b.id, "volume": b.volume, "snapshot": b.snapshot,
+                            "kind": "volume", "id": b.id, "volume": b.volume, "snapshot": b.snapshot,
                             "size": b.size, "created": b.created, "base": b.base,
                             "added_bytes": b.added_bytes, "metadata": b.metadata,
                         })
                     })
                     .collect();
+                let mut v = v;
+                v.extend(vms.iter().map(|m| {
+                    serde_json::json!({
+                        "kind": "vm", "id": m.id, "vm": m.vm_name, "created": m.created,
+                        "added_bytes": m.added_bytes,
+                        "volumes": m.volumes.iter().map(|v| serde_json::json!({
+                            "volume": v.volume, "backup": v.backup,
+                        })).collect::<Vec<_>>(),
+                    })
+                }));
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for b in list {
@@ -287,6 +348,16 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                         b.size,
                         b.added_bytes,
                         b.base.as_deref().unwrap_or("-")
+                    );
+                }
+                for m in vms {
+                    let vols: Vec<&str> = m.volumes.iter().map(|v| v.volume.as_str()).collect();
+                    println!(
+                        "{}  vm {}  volumes={} added={}",
+                        m.id,
+                        m.vm_name,
+                        vols.join(","),
+                        m.added_bytes
                     );
                 }
             }
@@ -356,16 +427,23 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Gc {
             grace_secs,
             stale_lock_secs,
+            repack_below,
         } => {
             let r = repo
                 .gc(GcOptions {
                     grace: Duration::from_secs(*grace_secs),
                     stale_lock: Duration::from_secs(*stale_lock_secs),
+                    repack_below: *repack_below,
                 })
                 .await?;
             println!(
-                "live packs {}, marked {}, deleted {} ({} bytes)",
-                r.live_packs, r.marked_packs, r.deleted_packs, r.deleted_bytes
+                "live packs {}, marked {}, repacked {} ({} bytes copied), deleted {} ({} bytes)",
+                r.live_packs,
+                r.marked_packs,
+                r.repacked_packs,
+                r.repacked_bytes,
+                r.deleted_packs,
+                r.deleted_bytes
             );
         }
     }

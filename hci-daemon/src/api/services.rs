@@ -210,9 +210,9 @@ impl Api {
     /// The volume a restore of `backup` creates.
     async fn restore_spec(&self, backup: &Backup, size: u64) -> Result<VolumeSpec> {
         let BackupSource::Volume { name: source } = &backup.spec.source else {
-            return Err(Error::unsupported(
-                "restoring a VirtualMachine backup",
-                "this daemon (restore each volume, or wait for the backup controller)",
+            return Err(Error::invalid(
+                "vm",
+                "a VirtualMachine backup restores as a VM: set vm to the new VM's name",
             ));
         };
         let source: Option<Volume> = self.resources().try_get(source).await?;
@@ -244,6 +244,20 @@ resource_service!(BackupService, Backup {
     ) -> Result<Response<proto::Resource>, Status> {
         let req = request.into_inner();
         let backup: Backup = self.resources().get(&req.backup).await.or_status()?;
+        if let BackupSource::VirtualMachine { .. } = &backup.spec.source {
+            if req.vm.is_empty() {
+                return Err(Error::invalid("vm", "is required to restore a VM backup")).or_status();
+            }
+            let (vm, volumes) =
+                crate::controllers::backup::vm_restore_plan(self.resources(), &backup, &req.vm)
+                    .await
+                    .or_status()?;
+            for v in volumes {
+                self.resources().create(v).await.or_status()?;
+            }
+            let vm = self.resources().create(vm).await.or_status()?;
+            return Ok(Response::new(to_proto(&vm)?));
+        }
         let spec = self.restore_spec(&backup, req.size).await.or_status()?;
         let volume = self.resources().create(Volume::new(req.volume, spec)).await.or_status()?;
         Ok(Response::new(to_proto(&volume)?))

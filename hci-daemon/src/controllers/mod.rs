@@ -21,9 +21,11 @@
 //! The controllers of one node share a [`Node`](hci_core::model::Node)
 //! identity and a data directory; see [`Controllers::start`].
 
+pub mod backup;
 mod image;
 mod network;
 mod node;
+pub mod schedule;
 mod snapshot;
 mod vm;
 mod volume;
@@ -239,6 +241,8 @@ pub struct Runtime {
     pub vm_processes: bool,
     /// Where controllers record what they did ([`crate::events`]).
     pub events: EventRecorder,
+    /// Open backup repositories, per `BackupTarget`.
+    pub backups: Arc<backup::BackupRepos>,
 }
 
 impl Runtime {
@@ -262,6 +266,7 @@ impl Runtime {
             networks: None,
             taps: None,
             vm_processes: false,
+            backups: Arc::default(),
             events: EventRecorder::new(resources.state_store().clone(), node.name.clone()),
             resources,
             node,
@@ -279,8 +284,8 @@ pub struct Controllers {
 }
 
 impl Controllers {
-    /// Registers the node and starts the volume, snapshot, image, network and
-    /// VM controllers.
+    /// Registers the node and starts the volume, snapshot, image, network,
+    /// VM, backup target, backup and schedule controllers.
     pub async fn start(rt: Runtime) -> Result<Self> {
         node::register(&rt).await?;
         let mut tasks = JoinSet::new();
@@ -300,6 +305,15 @@ impl Controllers {
         let vms = Arc::new(VmController::new(rt.clone(), kick.clone()));
         tasks.spawn(run(vms.clone(), rt.resources.clone(), kick, queue));
         tasks.spawn(node::heartbeat(rt.clone(), vms.clone()));
+        let (kick, queue) = channel();
+        let targets = Arc::new(backup::BackupTargetController::new(rt.clone()));
+        tasks.spawn(run(targets, rt.resources.clone(), kick, queue));
+        let (kick, queue) = channel();
+        let backups = Arc::new(backup::BackupController::new(rt.clone(), kick.clone()));
+        tasks.spawn(run(backups, rt.resources.clone(), kick, queue));
+        let (kick, queue) = channel();
+        let schedules = Arc::new(schedule::ScheduleController::new(rt.clone()));
+        tasks.spawn(run(schedules, rt.resources.clone(), kick, queue));
         let rt = rt.clone();
         Ok(Controllers { tasks, vms, rt })
     }

@@ -100,12 +100,9 @@ impl VolumeController {
                 .map_err(join_err("local"))??;
                 pool.info(name).await
             }
-            VolumeSource::Backup { name: backup } => Err(Error::invalid(
-                "spec.source",
-                format!(
-                    "restoring backup {backup:?} needs hci-backup, which is not wired into the daemon yet"
-                ),
-            )),
+            VolumeSource::Backup { name: backup } => {
+                super::backup::restore_volume(&self.rt, name, backup, vol, key).await
+            }
         }
     }
 }
