@@ -346,6 +346,8 @@ impl RawClient {
             backup: backup.to_string(),
             volume: volume.to_string(),
             size,
+            // A whole-VM restore is not offered from Python yet.
+            vm: String::new(),
         };
         let mut c = BackupServiceClient::new(self.t());
         let r = wait(py, async move { c.restore_backup(req).await })?.py_err()?;
