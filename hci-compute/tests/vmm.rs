@@ -345,9 +345,15 @@ async fn hostile_driver_cannot_crash_the_vmm() {
     );
 }
 
-/// The counts a `dirty` guest printed so far.
+/// The counts a `dirty` guest printed so far, complete lines only (a pause
+/// can land in the middle of a line: `count 6` of `count 600000`).
 fn counts(vm: &hci_compute::KvmVm) -> Vec<u64> {
-    String::from_utf8_lossy(&vm.console_hub().history())
+    let history = String::from_utf8_lossy(&vm.console_hub().history()).into_owned();
+    let complete = match history.rfind('\n') {
+        Some(end) => &history[..end],
+        None => "",
+    };
+    complete
         .lines()
         .filter_map(|l| l.strip_prefix("count ")?.parse().ok())
         .collect()
