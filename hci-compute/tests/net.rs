@@ -130,10 +130,15 @@ fn console(vm: &Vm) -> String {
     String::from_utf8_lossy(&vm.console().history()).into_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn net_guest_answers_ping_on_an_hci_net_bridge() {
-    require_kvm();
-    let ns = Netns::new("ping");
+/// An hci-net bridge network `network` in `ns` with `host_addr` on the
+/// bridge, and port `port` (a TAP whose queue the backend keeps) for `mac`.
+async fn bridge_port(
+    ns: &Netns,
+    network: &str,
+    host_addr: &str,
+    port: &str,
+    mac: [u8; 6],
+) -> (LinuxBridgeBackend, hci_core::net::TapHandle) {
     let backend = LinuxBridgeBackend::new(BackendOptions {
         netns: ns.netns(),
         ..Default::default()
@@ -142,7 +147,7 @@ async fn net_guest_answers_ping_on_an_hci_net_bridge() {
     .expect("network backend");
     let status = backend
         .ensure_network(&NetworkConfig {
-            name: "vmnet".into(),
+            name: network.into(),
             kind: NetworkKind::Bridge { uplink: None },
             cidr: None,
             gateway: None,
@@ -151,17 +156,25 @@ async fn net_guest_answers_ping_on_an_hci_net_bridge() {
         })
         .await
         .expect("ensure the network");
-    ns.ip(&["addr", "add", "10.99.0.1/24", "dev", &status.bridge]);
-    let mac = [0x02, 0x68, 0x63, 0x00, 0x00, 0x42];
+    ns.ip(&["addr", "add", host_addr, "dev", &status.bridge]);
     let port = PortConfig {
-        name: "pingvm-nic0".into(),
+        name: port.into(),
         mac,
         queues: 1,
     };
     let tap = backend
-        .attach_port("vmnet", &port)
+        .attach_port(network, &port)
         .await
         .expect("attach the VM's port");
+    (backend, tap)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn net_guest_answers_ping_on_an_hci_net_bridge() {
+    require_kvm();
+    let ns = Netns::new("ping");
+    let mac = [0x02, 0x68, 0x63, 0x00, 0x00, 0x42];
+    let (backend, tap) = bridge_port(&ns, "vmnet", "10.99.0.1/24", "pingvm-nic0", mac).await;
 
     // The backend keeps the TAP's only queue attached: hand its descriptor over.
     let hv = KvmHypervisor::new();
@@ -222,34 +235,8 @@ async fn net_guest_answers_ping_on_an_hci_net_bridge() {
 async fn a_vm_process_inherits_its_tap_queue_and_answers_ping() {
     require_kvm();
     let ns = Netns::new("procnet");
-    let backend = LinuxBridgeBackend::new(BackendOptions {
-        netns: ns.netns(),
-        ..Default::default()
-    })
-    .await
-    .expect("network backend");
-    let status = backend
-        .ensure_network(&NetworkConfig {
-            name: "procnet".into(),
-            kind: NetworkKind::Bridge { uplink: None },
-            cidr: None,
-            gateway: None,
-            dhcp: None,
-            mtu: None,
-        })
-        .await
-        .expect("ensure the network");
-    ns.ip(&["addr", "add", "10.99.3.1/24", "dev", &status.bridge]);
     let mac = [0x02, 0x68, 0x63, 0x00, 0x00, 0x43];
-    let port = PortConfig {
-        name: "procvm-nic0".into(),
-        mac,
-        queues: 1,
-    };
-    let tap = backend
-        .attach_port("procnet", &port)
-        .await
-        .expect("attach the VM's port");
+    let (backend, tap) = bridge_port(&ns, "procnet", "10.99.3.1/24", "procvm-nic0", mac).await;
     let hv = hci_compute::ProcessHypervisor::with_vmm(env!("CARGO_BIN_EXE_hci-vmm"));
     hv.register_tap(&tap);
     let mut cfg = config(
