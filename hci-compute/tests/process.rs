@@ -39,6 +39,23 @@ async fn fixture() -> HypervisorFixture {
 
 hci_core::hypervisor_conformance!(fixture);
 
+/// Waits until the console log at `log` satisfies `done`, panicking with
+/// its contents after `within`.
+async fn wait_log(log: &std::path::Path, within: Duration, done: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if done(&text) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the console log never got there:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn vmm(args: &[&str]) -> std::process::Output {
     Command::new(VMM).args(args).output().expect("run hci-vmm")
 }
@@ -237,14 +254,7 @@ async fn an_attached_volume_is_snapshotted_online_through_its_owner() {
         .expect("create");
     vm.start().await.expect("start");
     let log = run_dir.join("console.log");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("staying up")
-    {
-        assert!(std::time::Instant::now() < deadline, "guest never came up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_log(&log, Duration::from_secs(30), |l| l.contains("staying up")).await;
     let snap = pool.snapshot("root", "s1").await.expect("online snapshot");
     assert_eq!(snap.name, "s1");
     assert!(matches!(
@@ -359,17 +369,7 @@ async fn shutdown_reaches_a_guest_in_its_own_process() {
     let vm = hv.create(cfg).await.expect("create");
     vm.start().await.expect("start");
     let log = run_dir.join("console.log");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("kbd ready")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "guest never got ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_log(&log, Duration::from_secs(20), |l| l.contains("kbd ready")).await;
     // The running VMM is under its seccomp filter (mode 2: filter).
     let info = hci_compute::vmm_api::VmmClient::new(run_dir.join("api.sock"))
         .call(&hci_compute::vmm_api::Request::Info)
@@ -388,18 +388,10 @@ async fn shutdown_reaches_a_guest_in_its_own_process() {
     assert_eq!(reason, ExitReason::Reset);
     // The console pump writes the log asynchronously: its last line may land
     // just after the VM stopped.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .ends_with("ctrl-alt-del\n")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_log(&log, Duration::from_secs(10), |l| {
+        l.ends_with("ctrl-alt-del\n")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
