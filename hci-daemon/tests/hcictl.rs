@@ -495,3 +495,104 @@ fn vms_in_their_own_processes_survive_a_daemon_crash() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Reads `len` bytes at `offset` of pool volume `name` in a data directory
+/// (with the daemon stopped: a running daemon holds its volumes' locks).
+fn read_pool_volume(data: &Path, name: &str, offset: u64, len: usize) -> Vec<u8> {
+    use hci_core::volume::{OpenVolume, VolumeBackend};
+    let pool = hci_storage::local::LocalVolumeBackend::new(data.join("volumes")).expect("pool");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let dev = pool
+            .open(name, OpenVolume::default())
+            .await
+            .expect("open pool volume");
+        let mut buf = vec![0u8; len];
+        dev.read_at(&mut buf, offset).await.expect("read");
+        buf
+    })
+}
+
+#[test]
+fn backup_create_list_restore_with_progress() {
+    let mut d = daemon();
+    let s = d.socket.clone();
+    let s = &s;
+    let dir = d._dir.path().to_path_buf();
+    // Content to back up comes in through an image import.
+    let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let seed = dir.join("seed.raw");
+    std::fs::write(&seed, &data).expect("write the image");
+    let yaml = dir.join("backup.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "apiVersion: hci.dev/v1\nkind: BackupTarget\nmetadata: {{name: offsite}}\n\
+             spec: {{url: 'file://{}'}}\n---\n\
+             apiVersion: hci.dev/v1\nkind: Image\nmetadata: {{name: seed}}\n\
+             spec: {{url: 'file://{}', format: raw}}\n---\n\
+             apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {{name: data}}\n\
+             spec: {{size: 16Mi, source: {{type: image, name: seed}}}}\n",
+            dir.join("target").display(),
+            seed.display()
+        ),
+    )
+    .expect("write yaml");
+    let out = ok(&hcictl(
+        s,
+        &["apply", "-f", yaml.to_str().expect("utf-8"), "--wait"],
+    ));
+    assert!(out.contains("image/seed ready"), "{out}");
+    assert!(out.contains("volume/data detached"), "{out}");
+
+    let out = ok(&hcictl(
+        s,
+        &[
+            "backup", "create", "first", "--volume", "data", "--target", "offsite",
+        ],
+    ));
+    assert!(out.starts_with("backup/first completed: read "), "{out}");
+    let out = ok(&hcictl(s, &["backup", "list"]));
+    assert!(out.contains("first"), "{out}");
+    let out = ok(&hcictl(s, &["backup", "list", "--source", "other"]));
+    assert_eq!(out, "No Backup found.\n");
+    let out = ok(&hcictl(
+        s,
+        &["backup", "list", "--target", "offsite", "-o", "json"],
+    ));
+    let list: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{out}");
+
+    let out = ok(&hcictl(
+        s,
+        &["backup", "restore", "first", "--volume", "copy"],
+    ));
+    assert_eq!(
+        out,
+        "volume/copy created from backup/first\nvolume/copy restored\n"
+    );
+    let out = ok(&hcictl(s, &["wait", "volume", "copy", "--timeout", "30"]));
+    assert_eq!(out, "volume/copy detached\n");
+
+    // Mistakes are explained.
+    let e = err(&hcictl(
+        s,
+        &["backup", "restore", "missing", "--volume", "x"],
+    ));
+    assert!(e.contains("backup/missing: not found"), "{e}");
+    let e = err(&hcictl(
+        s,
+        &["backup", "create", "b", "--target", "offsite"],
+    ));
+    assert!(e.contains("--volume"), "{e}");
+    let e = err(&hcictl(s, &["wait", "volume", "nope", "--timeout", "5"]));
+    assert!(e.contains("volume/nope: not found"), "{e}");
+
+    // The restored volume holds what was backed up.
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let back = read_pool_volume(&dir.join("data"), "copy", 0, data.len());
+    assert!(back == data, "the restored volume differs from the backup");
+}

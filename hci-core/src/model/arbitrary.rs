@@ -274,15 +274,17 @@ pub fn volume() -> impl Strategy<Value = Volume> {
         option::of(size()),
         vec(replica, 0..3),
         option::of(name()),
+        option::of(0u8..=100),
         vec(condition(), 0..2),
     )
         .prop_map(
-            |(phase, size, allocated, replicas, attached_to, conditions)| VolumeStatus {
+            |(phase, size, allocated, replicas, attached_to, progress, conditions)| VolumeStatus {
                 phase,
                 size,
                 allocated,
                 replicas,
                 attached_to,
+                progress,
                 conditions,
             },
         );

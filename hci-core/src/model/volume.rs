@@ -133,6 +133,10 @@ pub struct VolumeStatus {
     /// VM using it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_to: Option<String>,
+    /// Percent done while the volume is being filled from its source (a
+    /// restore from a backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<u8>,
     /// Conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

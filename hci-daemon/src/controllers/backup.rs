@@ -683,6 +683,7 @@ pub(crate) async fn restore_volume(
     backup: &str,
     vol: &Volume,
     key: Option<hci_core::volume::EncryptionKey>,
+    job: Job,
 ) -> Result<VolumeInfo> {
     let b: Backup = rt.resources.get(backup).await?;
     let st = b.status_or_default();
@@ -743,7 +744,7 @@ pub(crate) async fn restore_volume(
     .await?;
     let restored = async {
         let dev = pool.open(name, OpenVolume::default()).await?;
-        repo.restore_with(&volume_backup, dev, &Job::new()).await
+        repo.restore_with(&volume_backup, dev, &job).await
     }
     .await;
     if let Err(e) = restored {

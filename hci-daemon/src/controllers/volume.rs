@@ -6,10 +6,13 @@
 //! Volumes with `replicas > 1` are created with one local replica until
 //! replicated volumes land; the status says so (condition `Replicated`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use hci_backup::job::{CancelToken, Job, JobProgress};
 use hci_core::model::{
     ByteSize, ConditionStatus, Image, ImagePhase, ReplicaStatus, Resource, Snapshot, Volume,
     VolumePhase, VolumeSource, set_condition,
@@ -17,6 +20,8 @@ use hci_core::model::{
 use hci_core::volume::{CreateVolume, EncryptionKey, VolumeBackend, VolumeInfo};
 use hci_core::{Error, Result};
 use hci_storage::local::control::ControlClient;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::{Reconcile, Runtime, join_err, set_status};
 
@@ -37,11 +42,183 @@ pub(crate) fn encryption_key(volume: &Volume) -> Result<Option<EncryptionKey>> {
 
 pub(crate) struct VolumeController {
     rt: Runtime,
+    /// Restores from backups running in the background, by volume.
+    restores: Mutex<HashMap<String, Restore>>,
+}
+
+/// A volume being filled from a backup by a task of its own, so a large
+/// restore never holds up the other volumes' reconciles.
+struct Restore {
+    task: JoinHandle<Result<VolumeInfo>>,
+    progress: watch::Receiver<JobProgress>,
+    cancel: CancelToken,
+}
+
+/// Where a restore from a backup stands.
+enum Fill {
+    /// Still copying: percent done.
+    Running(u8),
+    /// The pool volume is complete.
+    Done,
 }
 
 impl VolumeController {
     pub(crate) fn new(rt: Runtime) -> Self {
-        VolumeController { rt }
+        VolumeController {
+            rt,
+            restores: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Marker of an unfinished restore: it survives a daemon restart, so a
+    /// restore cut short starts over instead of passing as complete. (VM
+    /// names have no dots, so `.restoring` never collides with a VM's run
+    /// directory.)
+    fn restore_marker(&self, name: &str) -> PathBuf {
+        self.rt.run_dir.join(".restoring").join(name)
+    }
+
+    /// Drives the restore of `vol` from `backup`: starts it, reports its
+    /// progress, and collects its result.
+    async fn restore(&self, vol: &Volume, backup: &str) -> Result<Fill> {
+        let name = vol.name();
+        let marker = self.restore_marker(name);
+        let finished = {
+            let mut restores = self.restores.lock().unwrap_or_else(|e| e.into_inner());
+            match restores.get(name) {
+                Some(r) if !r.task.is_finished() => {
+                    let pct = (r.progress.borrow().fraction() * 100.0) as u8;
+                    return Ok(Fill::Running(pct.min(99)));
+                }
+                Some(_) => restores.remove(name),
+                None => None,
+            }
+        };
+        if let Some(r) = finished {
+            let result = r.task.await.map_err(join_err("restore"))?;
+            // Done, or failed and its partial volume deleted: either way over.
+            if let Err(e) = std::fs::remove_file(&marker)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(Error::io(format!("remove {}", marker.display()), e));
+            }
+            let info = result?;
+            self.rt
+                .events
+                .normal(
+                    "Volume",
+                    name,
+                    "Restored",
+                    format!("{} bytes from backup {backup}", info.size),
+                )
+                .await;
+            return Ok(Fill::Done);
+        }
+        let pool = &self.rt.volumes;
+        if marker.exists() {
+            // A restore cut short (the daemon stopped): start over.
+            tracing::warn!(volume = name, "restarting a restore that did not finish");
+            match pool.delete(name).await {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            let st = vol.status_or_default();
+            if st.attached_to.is_some() {
+                return Ok(Fill::Done);
+            }
+            match pool.info(name).await {
+                Ok(_) => return Ok(Fill::Done),
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let key = encryption_key(vol)?;
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
+        std::fs::write(&marker, backup)
+            .map_err(|e| Error::io(format!("write {}", marker.display()), e))?;
+        let (tx, progress) = watch::channel(JobProgress::default());
+        let cancel = CancelToken::new();
+        let job = Job::new().with_progress(tx).with_cancel(cancel.clone());
+        let (rt, vol, owned_name, backup) = (
+            self.rt.clone(),
+            vol.clone(),
+            name.to_string(),
+            backup.to_string(),
+        );
+        let task = tokio::spawn(async move {
+            super::backup::restore_volume(&rt, &owned_name, &backup, &vol, key, job).await
+        });
+        tracing::info!(volume = name, "restore from backup started");
+        self.restores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                name.to_string(),
+                Restore {
+                    task,
+                    progress,
+                    cancel,
+                },
+            );
+        Ok(Fill::Running(0))
+    }
+
+    /// Stops a running restore of `name` (its volume resource is gone).
+    async fn cancel_restore(&self, name: &str) {
+        let running = self
+            .restores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(r) = running {
+            r.cancel.cancel();
+            let _ = r.task.await;
+            tracing::info!(volume = name, "restore cancelled");
+        }
+        let _ = std::fs::remove_file(self.restore_marker(name));
+    }
+
+    /// Records a failed create: waiting for a source that is not ready
+    /// yet (retried shortly), or failed for good.
+    async fn create_failed(&self, name: &str, e: Error) -> Result<Option<Duration>> {
+        if let Error::Unavailable { what, .. } = &e {
+            // Its source is not ready yet (an image importing).
+            let message = format!("waiting for {what}");
+            set_status(&self.rt.resources, name, |v: &mut Volume| {
+                v.status_mut().phase = VolumePhase::Pending;
+                set_condition(
+                    &mut v.status_mut().conditions,
+                    "Ready",
+                    ConditionStatus::False,
+                    "WaitingForSource",
+                    &message,
+                );
+            })
+            .await?;
+            return Ok(Some(Duration::from_secs(1)));
+        }
+        let message = e.to_string();
+        self.rt
+            .events
+            .warning("Volume", name, "CreateFailed", &message)
+            .await;
+        set_status(&self.rt.resources, name, |v: &mut Volume| {
+            v.status_mut().phase = VolumePhase::Failed;
+            v.status_mut().progress = None;
+            set_condition(
+                &mut v.status_mut().conditions,
+                "Ready",
+                ConditionStatus::False,
+                "CreateFailed",
+                &message,
+            );
+        })
+        .await?;
+        Err(e)
     }
 
     /// Creates pool volume `name` from the volume's source.
@@ -100,9 +277,11 @@ impl VolumeController {
                 .map_err(join_err("local"))??;
                 pool.info(name).await
             }
-            VolumeSource::Backup { name: backup } => {
-                super::backup::restore_volume(&self.rt, name, backup, vol, key).await
-            }
+            // Restores run in the background: see `restore`.
+            VolumeSource::Backup { name: backup } => Err(Error::invalid(
+                "spec.source",
+                format!("backup {backup:?} is restored in the background, not created"),
+            )),
         }
     }
 }
@@ -114,6 +293,7 @@ impl Reconcile for VolumeController {
     async fn reconcile(&self, name: &str, current: Option<Volume>) -> Result<Option<Duration>> {
         let pool = &self.rt.volumes;
         let Some(vol) = current else {
+            self.cancel_restore(name).await;
             return match pool.delete(name).await {
                 Ok(()) => {
                     tracing::info!(volume = name, "deleted");
@@ -123,6 +303,28 @@ impl Reconcile for VolumeController {
                 Err(e) => Err(e),
             };
         };
+        if let VolumeSource::Backup { name: backup } = &vol.spec.source {
+            match self.restore(&vol, backup).await {
+                Ok(Fill::Running(pct)) => {
+                    let message = format!("{pct}% restored from backup {backup}");
+                    set_status(&self.rt.resources, name, |v: &mut Volume| {
+                        v.status_mut().phase = VolumePhase::Creating;
+                        v.status_mut().progress = Some(pct);
+                        set_condition(
+                            &mut v.status_mut().conditions,
+                            "Ready",
+                            ConditionStatus::False,
+                            "Restoring",
+                            &message,
+                        );
+                    })
+                    .await?;
+                    return Ok(Some(Duration::from_secs(1)));
+                }
+                Ok(Fill::Done) => {}
+                Err(e) => return self.create_failed(name, e).await,
+            }
+        }
         // A VMM process owns an attached volume (and its lock): talk to it
         // through the volume's control socket, never open it here (that
         // would take the lock from a VMM still starting).
@@ -152,41 +354,7 @@ impl Reconcile for VolumeController {
                                 .await;
                             info
                         }
-                        Err(Error::Unavailable { what, .. }) => {
-                            // Its source is not ready yet (an image importing).
-                            let message = format!("waiting for {what}");
-                            set_status(&self.rt.resources, name, |v: &mut Volume| {
-                                v.status_mut().phase = VolumePhase::Pending;
-                                set_condition(
-                                    &mut v.status_mut().conditions,
-                                    "Ready",
-                                    ConditionStatus::False,
-                                    "WaitingForSource",
-                                    &message,
-                                );
-                            })
-                            .await?;
-                            return Ok(Some(Duration::from_secs(1)));
-                        }
-                        Err(e) => {
-                            let message = e.to_string();
-                            self.rt
-                                .events
-                                .warning("Volume", name, "CreateFailed", &message)
-                                .await;
-                            set_status(&self.rt.resources, name, |v: &mut Volume| {
-                                v.status_mut().phase = VolumePhase::Failed;
-                                set_condition(
-                                    &mut v.status_mut().conditions,
-                                    "Ready",
-                                    ConditionStatus::False,
-                                    "CreateFailed",
-                                    &message,
-                                );
-                            })
-                            .await?;
-                            return Err(e);
-                        }
+                        Err(e) => return self.create_failed(name, e).await,
                     }
                 }
                 Err(e) => return Err(e),
@@ -223,6 +391,7 @@ impl Reconcile for VolumeController {
             let status = v.status_mut();
             status.size = Some(ByteSize(info.size));
             status.allocated = Some(ByteSize(info.allocated));
+            status.progress = None;
             status.replicas = vec![ReplicaStatus {
                 node: node.clone(),
                 healthy: true,
