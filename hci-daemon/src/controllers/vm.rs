@@ -346,6 +346,19 @@ impl VmController {
     ) -> Result<(Vec<(String, String)>, Vec<NicConfig>)> {
         let mut ports = Vec::new();
         let mut nics = Vec::new();
+        if let Some(backend) = &self.rt.networks {
+            // The guest asks for an address as soon as it boots: give its
+            // DHCP servers its name first.
+            let mut networks: Vec<&str> = vm.spec.nics.iter().map(|n| n.network.as_str()).collect();
+            networks.sort_unstable();
+            networks.dedup();
+            for net in networks {
+                let names = super::network::dhcp_names(&self.rt.resources, net).await?;
+                if let Err(e) = backend.set_dhcp_names(net, names).await {
+                    tracing::warn!(vm = vm.name(), network = net, error = %e, "cannot give the DHCP server the VM's name");
+                }
+            }
+        }
         for (i, nic) in vm.spec.nics.iter().enumerate() {
             let attached = async {
                 let backend = self.rt.networks.as_ref().ok_or_else(|| {
