@@ -596,3 +596,149 @@ fn backup_create_list_restore_with_progress() {
     let back = read_pool_volume(&dir.join("data"), "copy", 0, data.len());
     assert!(back == data, "the restored volume differs from the backup");
 }
+
+#[test]
+fn replicated_volumes_spread_over_disks_and_serve_a_vm_process() {
+    let vmm = Path::new(env!("CARGO_BIN_EXE_hci-daemon")).with_file_name("hci-vmm");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("hci.sock");
+    let disks: Vec<PathBuf> = (1..=3)
+        .map(|i| dir.path().join(format!("disk{i}")))
+        .collect();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hci-daemon"));
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .args(["--node", "repl-test"]);
+    for d in &disks {
+        cmd.arg("--replica-disk").arg(d);
+    }
+    let process = vmm.is_file() && kvm();
+    if process {
+        cmd.args(["--vm-mode", "process", "--vmm"]).arg(&vmm);
+    }
+    let child = cmd
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn hci-daemon");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "hci-daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let d = Daemon {
+        child,
+        socket,
+        _dir: dir,
+    };
+    let s = &d.socket;
+    let get = |kind: &str, name: &str| -> Value {
+        serde_json::from_str(&ok(&hcictl(s, &["get", kind, name, "-o", "json"]))).expect("json")
+    };
+    let node: Value = get("node", "repl-test");
+    let servers = node["status"]["replicaServers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(servers.len(), 3, "{node}");
+
+    let yaml = d._dir.path().join("repl.yaml");
+    let mut doc = String::from(
+        "apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {name: rep}\nspec: {size: 64Mi, replicas: 3}\n---\n\
+         apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {name: wide}\nspec: {size: 16Mi, replicas: 4}\n",
+    );
+    if process {
+        doc.push_str(
+            "---\napiVersion: hci.dev/v1\nkind: VirtualMachine\nmetadata: {name: rvm}\n\
+             spec:\n  cpus: 1\n  memory: 64Mi\n  boot: {type: kernel, path: 'guest:blk', cmdline: stay=1}\n  \
+             disks: [{name: data, volume: rep}]\n  runStrategy: Always\n",
+        );
+    }
+    std::fs::write(&yaml, doc).expect("write yaml");
+    ok(&hcictl(s, &["apply", "-f", yaml.to_str().expect("utf-8")]));
+    ok(&hcictl(s, &["wait", "volume", "rep", "--timeout", "60"]));
+    ok(&hcictl(s, &["wait", "volume", "wide", "--timeout", "60"]));
+
+    // Three replicas, one per disk; every disk holds one.
+    let rep = get("volume", "rep");
+    let replicas = rep["status"]["replicas"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let addrs: std::collections::BTreeSet<_> = replicas
+        .iter()
+        .filter_map(|r| r["address"].as_str())
+        .collect();
+    assert_eq!(addrs.len(), 3, "{rep}");
+    for disk in &disks {
+        assert!(
+            disk.join("rep").is_dir(),
+            "no replica in {}",
+            disk.display()
+        );
+    }
+    // More replicas than disks: as many as there are, and the status says so.
+    let wide = get("volume", "wide");
+    assert_eq!(
+        wide["status"]["replicas"].as_array().map(Vec::len),
+        Some(3),
+        "{wide}"
+    );
+    let replicated = wide["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Replicated"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(replicated["reason"], "NotEnoughDisks", "{wide}");
+
+    if process {
+        // The guest writes, flushes and reads back its disk through the
+        // engine in its VMM process.
+        let out = ok(&hcictl(
+            s,
+            &["vm", "console", "rvm", "--until", "virtio-blk OK"],
+        ));
+        assert!(out.contains("virtio-blk OK"), "{out}");
+        // The daemon reads the replicas' health from that engine.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let rep = get("volume", "rep");
+            let healthy = rep["status"]["replicas"]
+                .as_array()
+                .map_or(0, |r| r.iter().filter(|r| r["healthy"] == true).count());
+            if rep["status"]["phase"] == "Attached" && healthy == 3 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never attached and healthy: {rep}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let sock = d._dir.path().join("data/run/rvm/rep.engine.sock");
+        assert!(
+            sock.exists(),
+            "no engine control socket at {}",
+            sock.display()
+        );
+    } else {
+        eprintln!("skipping the VM part: no hci-vmm binary or /dev/kvm is not usable");
+    }
+
+    // Deleting the volumes removes their replicas from every disk.
+    ok(&hcictl(s, &["delete", "-f", yaml.to_str().expect("utf-8")]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while disks
+        .iter()
+        .any(|d| d.join("rep").exists() || d.join("wide").exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "replicas left behind after delete"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -153,6 +153,9 @@ pub struct ReplicaStatus {
     /// Rebuild progress in percent, while rebuilding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild_percent: Option<u8>,
+    /// The replica server holding it (`HOST:PORT`), for replicated volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 impl Resource for Volume {

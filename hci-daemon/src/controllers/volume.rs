@@ -14,15 +14,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hci_backup::job::{CancelToken, Job, JobProgress};
 use hci_core::model::{
-    ByteSize, ConditionStatus, Image, ImagePhase, ReplicaStatus, Resource, Snapshot, Volume,
+    ByteSize, ConditionStatus, Image, ImagePhase, Node, ReplicaStatus, Resource, Snapshot, Volume,
     VolumePhase, VolumeSource, set_condition,
 };
-use hci_core::volume::{CreateVolume, EncryptionKey, VolumeBackend, VolumeInfo};
+use hci_core::volume::{CreateVolume, EncryptionKey, OpenVolume, VolumeBackend, VolumeInfo};
 use hci_core::{Error, Result};
 use hci_storage::local::control::ControlClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::replicas::{self, ReplicaPool};
 use super::{Reconcile, Runtime, join_err, set_status};
 
 /// Prefix of the snapshots the controller takes for its own use (clones of
@@ -182,6 +183,285 @@ impl VolumeController {
         let _ = std::fs::remove_file(self.restore_marker(name));
     }
 
+    /// A replicated volume: places its replicas (once), creates them, and
+    /// reports their health — from the engine of the VM using it when
+    /// attached (through its control socket), by asking each replica server
+    /// otherwise.
+    async fn reconcile_replicated(
+        &self,
+        vol: &Volume,
+        pool: &ReplicaPool,
+    ) -> Result<Option<Duration>> {
+        let name = vol.name();
+        let want = usize::from(vol.spec.replicas);
+        let status = vol.status_or_default();
+        let mut placement: Vec<(String, String)> = status
+            .replicas
+            .iter()
+            .filter_map(|r| r.address.clone().map(|a| (r.node.clone(), a)))
+            .collect();
+        if placement.is_empty() {
+            let nodes = self.rt.resources.list::<Node>().await?.items;
+            let candidates = replicas::candidates(&nodes, &self.rt.node.name, &pool.addresses());
+            let mut used = std::collections::BTreeMap::new();
+            for v in self.rt.resources.list::<Volume>().await?.items {
+                for r in v.status_or_default().replicas {
+                    *used.entry(r.node).or_insert(0usize) += 1;
+                }
+            }
+            placement = replicas::place(want, &candidates, &used);
+            if placement.is_empty() {
+                return self
+                    .create_failed(
+                        name,
+                        Error::Unavailable {
+                            what: "replica servers (no node serves a replica disk)".into(),
+                            source: None,
+                        },
+                    )
+                    .await;
+            }
+            // Record where the replicas go before making them, so a crash
+            // in between never leaves replicas nobody knows about.
+            let st = replicas::statuses(&placement);
+            set_status(&self.rt.resources, name, |v: &mut Volume| {
+                v.status_mut().phase = VolumePhase::Creating;
+                v.status_mut().replicas = st.clone();
+            })
+            .await?;
+        }
+        let addresses: Vec<String> = placement.iter().map(|p| p.1.clone()).collect();
+        let backend = pool.backend(&addresses)?;
+        let attached_to = status.attached_to.clone();
+        let (size, allocated, health, robustness) = if let Some(vm) = &attached_to {
+            // The VM's engine owns the volume (opening it here would fence it).
+            let socket = engine_socket(&self.rt, vm, name);
+            let reply = tokio::task::spawn_blocking(move || {
+                hci_storage::control::call(&socket, &hci_storage::control::ControlRequest::Status)
+            })
+            .await
+            .map_err(join_err("engine control"))?;
+            let view = match reply {
+                Ok(r) => r.status,
+                // Starting or stopping: ask again shortly.
+                Err(_) => return Ok(Some(Duration::from_secs(2))),
+            };
+            let Some(view) = view else {
+                return Ok(Some(Duration::from_secs(2)));
+            };
+            let health: Vec<(String, bool, Option<u8>)> = addresses
+                .iter()
+                .map(|a| {
+                    let r = view.replicas.iter().find(|r| &r.node == a);
+                    let pct = r
+                        .and_then(|r| r.rebuild.as_ref())
+                        .filter(|b| !b.finished)
+                        .map(|b| (b.done.saturating_mul(100) / b.total.max(1)).min(99) as u8);
+                    (a.clone(), r.is_some_and(|r| r.state == "healthy"), pct)
+                })
+                .collect();
+            (
+                view.size,
+                status.allocated.map(|a| a.0),
+                health,
+                view.robustness,
+            )
+        } else {
+            let info = match backend.info(name).await {
+                Ok(info) => info,
+                Err(Error::NotFound { .. }) => match self.create_replicated(vol, &backend).await {
+                    Ok(info) => {
+                        tracing::info!(volume = name, replicas = addresses.len(), "created");
+                        self.rt
+                            .events
+                            .normal(
+                                "Volume",
+                                name,
+                                "Created",
+                                format!("{} bytes on {} replicas", info.size, addresses.len()),
+                            )
+                            .await;
+                        info
+                    }
+                    Err(e) => return self.create_failed(name, e).await,
+                },
+                Err(e) => return Err(e),
+            };
+            let info = if vol.spec.size.0 > info.size {
+                let grown = backend.expand(name, vol.spec.size.0).await?;
+                self.rt
+                    .events
+                    .normal(
+                        "Volume",
+                        name,
+                        "Expanded",
+                        format!("to {} bytes", grown.size),
+                    )
+                    .await;
+                grown
+            } else {
+                info
+            };
+            let health: Vec<(String, bool, Option<u8>)> = replicas::probe(pool, name, &addresses)
+                .await
+                .into_iter()
+                .map(|(a, ok)| (a, ok, None))
+                .collect();
+            let robustness = match health.iter().filter(|h| h.1).count() {
+                0 => "faulted",
+                n if n == health.len() => "healthy",
+                _ => "degraded",
+            };
+            (
+                info.size,
+                Some(info.allocated),
+                health,
+                robustness.to_string(),
+            )
+        };
+        let healthy = health.iter().filter(|h| h.1).count();
+        let shrink = vol.spec.size.0 < size;
+        set_status(&self.rt.resources, name, |v: &mut Volume| {
+            let st = v.status_mut();
+            st.size = Some(ByteSize(size));
+            st.allocated = allocated.map(ByteSize);
+            st.progress = None;
+            st.replicas = placement
+                .iter()
+                .zip(&health)
+                .map(|((node, address), (_, ok, pct))| ReplicaStatus {
+                    node: node.clone(),
+                    healthy: *ok,
+                    rebuild_percent: *pct,
+                    address: Some(address.clone()),
+                })
+                .collect();
+            let rebuilding = st.replicas.iter().any(|r| r.rebuild_percent.is_some());
+            st.phase = match (robustness.as_str(), &st.attached_to) {
+                ("faulted", _) => VolumePhase::Failed,
+                _ if rebuilding => VolumePhase::Rebuilding,
+                ("degraded", _) => VolumePhase::Degraded,
+                (_, Some(_)) => VolumePhase::Attached,
+                (_, None) => VolumePhase::Detached,
+            };
+            let (ready, reason, message) = if shrink {
+                (
+                    ConditionStatus::False,
+                    "ShrinkRefused",
+                    format!(
+                        "spec.size {} is below the current size {}: volumes never shrink",
+                        vol.spec.size,
+                        ByteSize(size)
+                    ),
+                )
+            } else if healthy == 0 {
+                (
+                    ConditionStatus::False,
+                    "Faulted",
+                    "no replica answers".to_string(),
+                )
+            } else {
+                (ConditionStatus::True, "Created", String::new())
+            };
+            set_condition(&mut st.conditions, "Ready", ready, reason, &message);
+            let (replicated, reason, message) = if healthy == want {
+                (
+                    ConditionStatus::True,
+                    "AllReplicasHealthy",
+                    format!("{healthy} replicas"),
+                )
+            } else if placement.len() < want {
+                (
+                    ConditionStatus::False,
+                    "NotEnoughDisks",
+                    format!(
+                        "{want} replicas requested, {} placed: too few nodes and disks serve replicas",
+                        placement.len()
+                    ),
+                )
+            } else {
+                (
+                    ConditionStatus::False,
+                    "ReplicaFailed",
+                    format!("{healthy} of {want} replicas healthy"),
+                )
+            };
+            set_condition(&mut st.conditions, "Replicated", replicated, reason, &message);
+        })
+        .await?;
+        // Watch health while the volume is in use or not whole.
+        Ok((attached_to.is_some() || healthy < want).then_some(Duration::from_secs(10)))
+    }
+
+    /// Creates a replicated volume's replicas, filled from its source.
+    async fn create_replicated(
+        &self,
+        vol: &Volume,
+        backend: &hci_storage::engine::ReplicatedVolumeBackend,
+    ) -> Result<VolumeInfo> {
+        let name = vol.name();
+        let key = encryption_key(vol)?;
+        match &vol.spec.source {
+            VolumeSource::Blank => {}
+            VolumeSource::Image { name: image } => {
+                let img: Image = self.rt.resources.get(image).await?;
+                if img.status_or_default().phase != ImagePhase::Ready {
+                    return Err(Error::Unavailable {
+                        what: format!("image {image:?} (not imported yet)"),
+                        source: None,
+                    });
+                }
+            }
+            other => {
+                return Err(Error::unsupported(
+                    format!("replicated volumes from a {}", source_kind(other)),
+                    "this daemon (replicated volumes start blank or from an image)",
+                ));
+            }
+        }
+        let info = backend
+            .create(
+                name,
+                CreateVolume {
+                    size: vol.spec.size.0,
+                    encryption_key: key.clone(),
+                },
+            )
+            .await?;
+        if let VolumeSource::Image { name: image } = &vol.spec.source {
+            let filled = async {
+                let src = self
+                    .rt
+                    .images
+                    .open_snapshot(image, super::image::BASE_SNAPSHOT, OpenVolume::default())
+                    .await?;
+                let dst = backend
+                    .open_engine(
+                        name,
+                        OpenVolume {
+                            read_only: false,
+                            encryption_key: key,
+                        },
+                    )
+                    .await?;
+                let copied = copy_allocated(&*src, &*dst).await;
+                let flushed = match copied {
+                    Ok(()) => hci_core::block::BlockDevice::flush(&*dst).await,
+                    Err(e) => Err(e),
+                };
+                // Closed cleanly, the next engine skips the crash reconcile.
+                let closed = dst.close().await;
+                flushed.and(closed)
+            }
+            .await;
+            if let Err(e) = filled {
+                let _ = backend.delete(name).await;
+                return Err(e);
+            }
+        }
+        Ok(info)
+    }
+
     /// Records a failed create: waiting for a source that is not ready
     /// yet (retried shortly), or failed for good.
     async fn create_failed(&self, name: &str, e: Error) -> Result<Option<Duration>> {
@@ -286,6 +566,54 @@ impl VolumeController {
     }
 }
 
+/// The control socket of the engine a VM's process runs for `volume`.
+pub(crate) fn engine_socket(rt: &Runtime, vm: &str, volume: &str) -> PathBuf {
+    rt.run_dir.join(vm).join(format!("{volume}.engine.sock"))
+}
+
+fn source_kind(s: &VolumeSource) -> &'static str {
+    match s {
+        VolumeSource::Blank => "blank volume",
+        VolumeSource::Image { .. } => "image",
+        VolumeSource::Snapshot { .. } => "snapshot",
+        VolumeSource::Volume { .. } => "volume",
+        VolumeSource::Backup { .. } => "backup",
+    }
+}
+
+/// Copies the allocated extents of `src` to `dst` (same size or larger),
+/// a MiB at a time.
+async fn copy_allocated(
+    src: &dyn hci_core::block::BlockDevice,
+    dst: &dyn hci_core::block::BlockDevice,
+) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let size = src.size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = 0;
+    while pos < size {
+        let extents = src.block_status(pos, size - pos).await?;
+        let next = extents.last().map_or(pos, hci_core::block::Extent::end);
+        if next <= pos {
+            return Err(Error::invalid("block status", "made no progress"));
+        }
+        for e in extents
+            .iter()
+            .filter(|e| e.kind == hci_core::block::ExtentKind::Data)
+        {
+            let mut off = e.offset;
+            while off < e.end() {
+                let n = (e.end() - off).min(CHUNK) as usize;
+                src.read_at(&mut buf[..n], off).await?;
+                dst.write_at(&buf[..n], off, Default::default()).await?;
+                off += n as u64;
+            }
+        }
+        pos = next;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Reconcile for VolumeController {
     type Kind = Volume;
@@ -293,6 +621,9 @@ impl Reconcile for VolumeController {
     async fn reconcile(&self, name: &str, current: Option<Volume>) -> Result<Option<Duration>> {
         let pool = &self.rt.volumes;
         let Some(vol) = current else {
+            if let Some(replicas) = &self.rt.replicas {
+                replicas.remove_local(name).await;
+            }
             self.cancel_restore(name).await;
             return match pool.delete(name).await {
                 Ok(()) => {
@@ -303,6 +634,21 @@ impl Reconcile for VolumeController {
                 Err(e) => Err(e),
             };
         };
+        if vol.spec.replicas > 1 {
+            return match &self.rt.replicas {
+                Some(replicas) => self.reconcile_replicated(&vol, replicas).await,
+                None => {
+                    self.create_failed(
+                        name,
+                        Error::unsupported(
+                            "replicated volumes (spec.replicas > 1)",
+                            "this daemon (it serves no replica disks)",
+                        ),
+                    )
+                    .await
+                }
+            };
+        }
         if let VolumeSource::Backup { name: backup } = &vol.spec.source {
             match self.restore(&vol, backup).await {
                 Ok(Fill::Running(pct)) => {
@@ -396,6 +742,7 @@ impl Reconcile for VolumeController {
                 node: node.clone(),
                 healthy: true,
                 rebuild_percent: None,
+                address: None,
             }];
             status.phase = if status.attached_to.is_some() {
                 VolumePhase::Attached
@@ -433,6 +780,9 @@ impl Reconcile for VolumeController {
     }
 
     async fn sweep(&self, existing: &BTreeSet<String>) -> Result<()> {
+        if let Some(replicas) = &self.rt.replicas {
+            replicas.sweep(existing).await;
+        }
         for info in self.rt.volumes.list().await? {
             if !existing.contains(&info.name) {
                 tracing::info!(
