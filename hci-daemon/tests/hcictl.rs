@@ -728,6 +728,31 @@ fn replicated_volumes_spread_over_disks_and_serve_a_vm_process() {
         eprintln!("skipping the VM part: no hci-vmm binary or /dev/kvm is not usable");
     }
 
+    // A detached replicated volume is snapshotted on every replica.
+    ok(&hcictl(s, &["volume", "snapshot", "wide", "wide-s1"]));
+    ok(&hcictl(
+        s,
+        &["wait", "snapshot", "wide-s1", "--timeout", "30"],
+    ));
+    if process {
+        // One in use is not: its engine runs in the VM's process.
+        ok(&hcictl(s, &["volume", "snapshot", "rep", "rep-s1"]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let snap = get("snapshot", "rep-s1");
+            if snap["status"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("stop the VM first"))
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no explanation: {snap}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ok(&hcictl(s, &["delete", "snapshot", "rep-s1"]));
+    }
+    ok(&hcictl(s, &["delete", "snapshot", "wide-s1"]));
+
     // Deleting the volumes removes their replicas from every disk.
     ok(&hcictl(s, &["delete", "-f", yaml.to_str().expect("utf-8")]));
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -4,10 +4,11 @@
 //! into its neighbour while the volume stays in use).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hci_core::model::{ByteSize, Snapshot, SnapshotPhase};
+use hci_core::model::{ByteSize, Snapshot, SnapshotPhase, Volume};
 use hci_core::volume::VolumeBackend;
 use hci_core::{Error, Result};
 
@@ -35,6 +36,28 @@ impl SnapshotController {
     }
 }
 
+impl SnapshotController {
+    /// Where volume `name`'s snapshots live: the local pool, or the replica
+    /// servers of a replicated volume. A replicated volume in use is
+    /// refused: its engine runs in the VM's process, and snapshotting the
+    /// replicas behind its back would not be consistent across them.
+    async fn backend_of(&self, name: &str) -> Result<Arc<dyn VolumeBackend>> {
+        let vol: Option<Volume> = self.rt.resources.try_get(name).await?;
+        match (vol, &self.rt.replicas) {
+            (Some(v), Some(pool)) if v.spec.replicas > 1 => {
+                if let Some(vm) = v.status_or_default().attached_to {
+                    return Err(Error::unsupported(
+                        format!("snapshots of replicated volume {name:?} while VM {vm:?} uses it"),
+                        "this daemon (stop the VM first)",
+                    ));
+                }
+                Ok(Arc::new(pool.backend(&super::replicas::placed(&v))?))
+            }
+            _ => Ok(self.rt.volumes.clone()),
+        }
+    }
+}
+
 /// Whether a pool snapshot belongs to a `Snapshot` resource (the
 /// controllers' own snapshots have dots in their names).
 fn is_resource_snapshot(name: &str) -> bool {
@@ -51,7 +74,20 @@ impl Reconcile for SnapshotController {
             return Ok(None);
         };
         let volume = &snap.spec.volume;
-        let existing = match self.rt.volumes.list_snapshots(volume).await {
+        let backend = match self.backend_of(volume).await {
+            Ok(b) => b,
+            Err(e @ Error::Unsupported { .. }) => {
+                let message = e.to_string();
+                set_status(&self.rt.resources, name, |s: &mut Snapshot| {
+                    s.status_mut().phase = SnapshotPhase::Pending;
+                    s.status_mut().message = message.clone();
+                })
+                .await?;
+                return Ok(Some(Duration::from_secs(10)));
+            }
+            Err(e) => return Err(e),
+        };
+        let existing = match backend.list_snapshots(volume).await {
             Ok(list) => list,
             Err(Error::NotFound { .. }) => {
                 let message = format!("volume {volume:?} does not exist (yet)");
@@ -78,7 +114,7 @@ impl Reconcile for SnapshotController {
                 .await?;
                 return Ok(None);
             }
-            None => match self.rt.volumes.snapshot(volume, name).await {
+            None => match backend.snapshot(volume, name).await {
                 Ok(info) => {
                     tracing::info!(volume, snapshot = name, "snapshot taken");
                     self.rt
