@@ -311,6 +311,20 @@ impl BackupController {
 
     /// The volumes a backup reads, with their specs.
     async fn source_volumes(&self, b: &Backup) -> Result<(Option<VirtualMachine>, Vec<Volume>)> {
+        let (vm, vols) = self.source_volumes_of(b).await?;
+        if let Some(v) = vols.iter().find(|v| v.spec.replicas > 1) {
+            return Err(Error::unsupported(
+                format!("backups of replicated volume {:?}", v.name()),
+                "this daemon (backups read local volumes only so far)",
+            ));
+        }
+        Ok((vm, vols))
+    }
+
+    async fn source_volumes_of(
+        &self,
+        b: &Backup,
+    ) -> Result<(Option<VirtualMachine>, Vec<Volume>)> {
         match &b.spec.source {
             BackupSource::Volume { name } => Ok((None, vec![self.rt.resources.get(name).await?])),
             BackupSource::VirtualMachine { name } => {
