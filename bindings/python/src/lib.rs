@@ -32,6 +32,7 @@ fn hci_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<volume::SnapshotInfo>()?;
     m.add_class::<volume::Extent>()?;
     m.add_class::<volume::NbdExport>()?;
+    m.add_class::<volume::ReplicaServer>()?;
     m.add_class::<backup::BackupRepository>()?;
     m.add_class::<backup::BackupInfo>()?;
     m.add_class::<backup::VerifyReport>()?;

@@ -321,10 +321,7 @@ impl BackupController {
         Ok((vm, vols))
     }
 
-    async fn source_volumes_of(
-        &self,
-        b: &Backup,
-    ) -> Result<(Option<VirtualMachine>, Vec<Volume>)> {
+    async fn source_volumes_of(&self, b: &Backup) -> Result<(Option<VirtualMachine>, Vec<Volume>)> {
         match &b.spec.source {
             BackupSource::Volume { name } => Ok((None, vec![self.rt.resources.get(name).await?])),
             BackupSource::VirtualMachine { name } => {
