@@ -714,7 +714,7 @@ impl VolumeHandle {
 
     /// For a replicated volume: its robustness (`"healthy"`, `"degraded"` or
     /// `"faulted"`) and each replica's `(label, state)`; `None` otherwise.
-    fn replica_status(&self, py: Python<'_>) -> PyResult<Option<(String, Vec<(String, String)>)>> {
+    fn replica_status(&self, py: Python<'_>) -> PyResult<Option<ReplicaReport>> {
         let Some(engine) = self.engine.clone() else {
             return Ok(None);
         };
@@ -823,6 +823,9 @@ impl NbdExport {
         format!("NbdExport({:?})", self.uri)
     }
 }
+
+/// A replicated volume's robustness and each replica's `(label, state)`.
+type ReplicaReport = (String, Vec<(String, String)>);
 
 /// A replica server: serves the replicas in directory `root` to engines
 /// over TCP (hci-storage's replica protocol), to clients that present
