@@ -48,6 +48,7 @@ use hci_storage::local::LocalVolumeBackend;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+pub use self::network::resolve as resolve_network;
 pub use self::node::NodeInfo;
 pub use self::vm::VmController;
 use crate::resources::ResourceStore;

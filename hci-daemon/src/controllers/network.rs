@@ -36,7 +36,7 @@ fn node_address(node: &Node) -> Option<IpAddr> {
 
 /// Resolves a `Network` for this node: `nodes` are every `Node` (for
 /// overlay peers), `this` the node's name.
-pub(crate) fn resolve(net: &Network, nodes: &[Node], this: &str) -> Result<NetworkConfig> {
+pub fn resolve(net: &Network, nodes: &[Node], this: &str) -> Result<NetworkConfig> {
     let spec = &net.spec;
     let kind = match &spec.kind {
         ModelKind::Management => NetworkKind::Management {

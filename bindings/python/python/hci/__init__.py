@@ -4,8 +4,12 @@ In-process (no daemon needed):
 
 - :class:`VolumeStore` / :class:`VolumeHandle`: local thin volumes with O(1)
   snapshots, revert, clone, expand, block status and NBD export;
+- :class:`VolumeStore.replicated` / :class:`ReplicaServer`: volumes
+  replicated synchronously over replica servers;
 - :class:`BackupRepository`: deduplicated, compressed, optionally encrypted
-  backups on ``file://`` or ``s3://`` targets.
+  backups on ``file://`` or ``s3://`` targets;
+- :class:`Networks`: this host's bridges, NAT, overlays and DHCP servers
+  (with CAP_NET_ADMIN).
 
 As a client of ``hci-daemon``: :class:`Client`, with every resource kind as
 a typed object (:class:`VirtualMachine`, :class:`Volume`, :class:`Network`,
@@ -30,6 +34,8 @@ from ._hci import (
     HciError,
     InvalidSpec,
     NbdExport,
+    NetworkInfo,
+    Networks,
     NotFound,
     OutOfRange,
     PermissionDenied,
@@ -91,6 +97,8 @@ __all__ = [
     "Extent",
     "NbdExport",
     "ReplicaServer",
+    "Networks",
+    "NetworkInfo",
     "BackupRepository",
     "BackupInfo",
     "VerifyReport",

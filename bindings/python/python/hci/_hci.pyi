@@ -35,6 +35,8 @@ __all__ = [
     "Extent",
     "NbdExport",
     "ReplicaServer",
+    "Networks",
+    "NetworkInfo",
     "BackupRepository",
     "BackupInfo",
     "VerifyReport",
@@ -172,6 +174,31 @@ class Extent:
     @property
     def reads_zero(self) -> bool:
         """True if the range reads as zeroes."""
+
+@final
+class NetworkInfo:
+    """One network as it exists on this host."""
+
+    name: str
+    bridge: str
+    ports: list[str]
+    dhcp_running: bool
+
+@final
+class Networks:
+    """This host's bridges, NAT, overlays and DHCP servers (needs CAP_NET_ADMIN)."""
+
+    def __new__(cls, state_dir: str | PathLike[str] | None = None) -> Networks: ...
+    def ensure(self, network_json: str) -> NetworkInfo:
+        """Creates or updates the network a Network resource (JSON) describes."""
+    def remove(self, name: str) -> None:
+        """Removes a network and everything made for it."""
+    def list(self) -> builtins.list[NetworkInfo]:
+        """The networks made here."""
+    def attach_port(self, network: str, port: str, mac: str) -> str:
+        """Creates a TAP port; returns its interface name."""
+    def detach_port(self, network: str, port: str) -> None:
+        """Removes a port."""
 
 @final
 class NbdExport:
