@@ -4,6 +4,7 @@
 //! into its neighbour while the volume stays in use).
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,23 +39,41 @@ impl SnapshotController {
 
 impl SnapshotController {
     /// Where volume `name`'s snapshots live: the local pool, or the replica
-    /// servers of a replicated volume. A replicated volume in use is
-    /// refused: its engine runs in the VM's process, and snapshotting the
-    /// replicas behind its back would not be consistent across them.
-    async fn backend_of(&self, name: &str) -> Result<Arc<dyn VolumeBackend>> {
+    /// servers of a replicated volume — with the control socket of the
+    /// engine that owns it while a VM uses it (a snapshot must be taken by
+    /// that engine, with writes held, to be the same on every replica).
+    async fn backend_of(&self, name: &str) -> Result<(Arc<dyn VolumeBackend>, Option<PathBuf>)> {
         let vol: Option<Volume> = self.rt.resources.try_get(name).await?;
         match (vol, &self.rt.replicas) {
             (Some(v), Some(pool)) if v.spec.replicas > 1 => {
-                if let Some(vm) = v.status_or_default().attached_to {
-                    return Err(Error::unsupported(
-                        format!("snapshots of replicated volume {name:?} while VM {vm:?} uses it"),
-                        "this daemon (stop the VM first)",
-                    ));
-                }
-                Ok(Arc::new(pool.backend(&super::replicas::placed(&v))?))
+                let backend: Arc<dyn VolumeBackend> =
+                    Arc::new(pool.backend(&super::replicas::placed(&v))?);
+                let engine = v
+                    .status_or_default()
+                    .attached_to
+                    .map(|vm| super::volume::engine_socket(&self.rt, &vm, name));
+                Ok((backend, engine))
             }
-            _ => Ok(self.rt.volumes.clone()),
+            _ => Ok((self.rt.volumes.clone(), None)),
         }
+    }
+}
+
+/// Takes snapshot `snapshot` through the engine answering on `socket`.
+async fn engine_snapshot(socket: PathBuf, volume: &str, snapshot: &str) -> Result<()> {
+    let req = hci_storage::control::ControlRequest::Snapshot {
+        name: snapshot.to_string(),
+    };
+    let reply = tokio::task::spawn_blocking(move || hci_storage::control::call(&socket, &req))
+        .await
+        .map_err(super::join_err("engine control"))??;
+    if reply.ok {
+        Ok(())
+    } else {
+        Err(Error::Unavailable {
+            what: format!("the engine of volume {volume:?}"),
+            source: Some(reply.error.unwrap_or_default().into()),
+        })
     }
 }
 
@@ -74,19 +93,7 @@ impl Reconcile for SnapshotController {
             return Ok(None);
         };
         let volume = &snap.spec.volume;
-        let backend = match self.backend_of(volume).await {
-            Ok(b) => b,
-            Err(e @ Error::Unsupported { .. }) => {
-                let message = e.to_string();
-                set_status(&self.rt.resources, name, |s: &mut Snapshot| {
-                    s.status_mut().phase = SnapshotPhase::Pending;
-                    s.status_mut().message = message.clone();
-                })
-                .await?;
-                return Ok(Some(Duration::from_secs(10)));
-            }
-            Err(e) => return Err(e),
-        };
+        let (backend, engine) = self.backend_of(volume).await?;
         let existing = match backend.list_snapshots(volume).await {
             Ok(list) => list,
             Err(Error::NotFound { .. }) => {
@@ -114,7 +121,18 @@ impl Reconcile for SnapshotController {
                 .await?;
                 return Ok(None);
             }
-            None => match backend.snapshot(volume, name).await {
+            None => match match engine {
+                Some(socket) => match engine_snapshot(socket, volume, name).await {
+                    Ok(()) => backend
+                        .list_snapshots(volume)
+                        .await?
+                        .into_iter()
+                        .find(|s| s.name == name)
+                        .ok_or_else(|| Error::not_found("snapshot", name)),
+                    Err(e) => Err(e),
+                },
+                None => backend.snapshot(volume, name).await,
+            } {
                 Ok(info) => {
                     tracing::info!(volume, snapshot = name, "snapshot taken");
                     self.rt
