@@ -312,10 +312,12 @@ impl BackupController {
     /// The volumes a backup reads, with their specs.
     async fn source_volumes(&self, b: &Backup) -> Result<(Option<VirtualMachine>, Vec<Volume>)> {
         let (vm, vols) = self.source_volumes_of(b).await?;
-        if let Some(v) = vols.iter().find(|v| v.spec.replicas > 1) {
+        if vm.is_some()
+            && let Some(v) = vols.iter().find(|v| v.spec.replicas > 1)
+        {
             return Err(Error::unsupported(
-                format!("backups of replicated volume {:?}", v.name()),
-                "this daemon (backups read local volumes only so far)",
+                format!("whole-VM backups with replicated volume {:?}", v.name()),
+                "this daemon (back up the replicated volume on its own)",
             ));
         }
         Ok((vm, vols))
@@ -363,7 +365,8 @@ impl BackupController {
             let snap = snapshot_name(p.name());
             let mut all = true;
             for v in volumes {
-                let snaps = self.rt.volumes.list_snapshots(v.name()).await?;
+                let (backend, _) = super::replicas::backend_for(&self.rt, v)?;
+                let snaps = backend.list_snapshots(v.name()).await?;
                 all &= snaps.iter().any(|s| s.name == snap);
             }
             if all {
@@ -379,9 +382,10 @@ impl BackupController {
         let prev = self.previous(&b, &volumes).await?;
         let snap = snapshot_name(name);
         for v in &volumes {
-            let snaps = self.rt.volumes.list_snapshots(v.name()).await?;
+            let (backend, _) = super::replicas::backend_for(&self.rt, v)?;
+            let snaps = backend.list_snapshots(v.name()).await?;
             if !snaps.iter().any(|s| s.name == snap) {
-                self.rt.volumes.snapshot(v.name(), &snap).await?;
+                super::replicas::take_snapshot(&self.rt, v, &snap).await?;
             }
         }
         let cancel = CancelToken::new();
@@ -469,7 +473,14 @@ impl BackupController {
 }
 
 async fn drop_snapshot(rt: &Runtime, volume: &str, snap: &str) {
-    match rt.volumes.delete_snapshot(volume, snap).await {
+    let backend = match super::replicas::backend_named(rt, volume).await {
+        Ok((b, _)) => b,
+        Err(e) => {
+            tracing::warn!(volume, snapshot = snap, error = %e, "cannot remove a backup snapshot");
+            return;
+        }
+    };
+    match backend.delete_snapshot(volume, snap).await {
         Ok(()) | Err(Error::NotFound { .. }) => {}
         Err(e) => {
             tracing::warn!(volume, snapshot = snap, error = %e, "cannot remove a backup snapshot")
@@ -511,7 +522,12 @@ async fn run_backup(
     progress: watch::Receiver<JobProgress>,
 ) -> Result<(String, Option<u64>, u64, bool)> {
     let snap = snapshot_name(b.name());
-    let pool: Arc<dyn VolumeBackend> = rt.volumes.clone();
+    // One volume: wherever it lives. A whole VM: local volumes only
+    // (refused before a replicated one gets here).
+    let pool: Arc<dyn VolumeBackend> = match (&vm, volumes) {
+        (None, [v]) => super::replicas::backend_for(rt, v)?.0,
+        _ => rt.volumes.clone(),
+    };
     let prev_id = prev.and_then(|p| p.status_or_default().backup_id);
     let metadata = vec![(RESOURCE_KEY.to_string(), b.name().to_string())];
     match vm {
@@ -695,6 +711,7 @@ pub(crate) async fn restore_volume(
     vol: &Volume,
     key: Option<hci_core::volume::EncryptionKey>,
     job: Job,
+    pool: Arc<dyn VolumeBackend>,
 ) -> Result<VolumeInfo> {
     let b: Backup = rt.resources.get(backup).await?;
     let st = b.status_or_default();
@@ -744,7 +761,6 @@ pub(crate) async fn restore_volume(
         .find(|i| i.id == volume_backup)
         .ok_or_else(|| Error::not_found("backup on the target", volume_backup.clone()))?;
     let size = vol.spec.size.0.max(info.size);
-    let pool = &rt.volumes;
     pool.create(
         name,
         CreateVolume {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hci_core::model::{Node, ReplicaStatus, Resource, Volume};
-use hci_core::volume::VolumeBackend;
+use hci_core::volume::{SnapshotInfo, VolumeBackend};
 use hci_core::{Error, Result};
 use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
 use hci_storage::replica::client::{RemoteNode, ServerAddr};
@@ -192,6 +192,69 @@ impl ReplicaPool {
             }
         }
     }
+}
+
+/// Where volume `vol`'s data lives: the local pool, or the replica servers
+/// of a replicated volume — with the control socket of the engine that owns
+/// it while a VM uses it (snapshots must go through that engine, which
+/// holds writes for the instant, to be the same on every replica).
+pub(crate) fn backend_for(
+    rt: &super::Runtime,
+    vol: &Volume,
+) -> Result<(Arc<dyn VolumeBackend>, Option<PathBuf>)> {
+    match &rt.replicas {
+        Some(pool) if vol.spec.replicas > 1 => {
+            let backend: Arc<dyn VolumeBackend> = Arc::new(pool.backend(&placed(vol))?);
+            let engine = vol
+                .status_or_default()
+                .attached_to
+                .map(|vm| super::volume::engine_socket(rt, &vm, vol.name()));
+            Ok((backend, engine))
+        }
+        _ => Ok((rt.volumes.clone(), None)),
+    }
+}
+
+/// [`backend_for`] by volume name (the local pool once the resource is gone).
+pub(crate) async fn backend_named(
+    rt: &super::Runtime,
+    name: &str,
+) -> Result<(Arc<dyn VolumeBackend>, Option<PathBuf>)> {
+    match rt.resources.try_get::<Volume>(name).await? {
+        Some(v) => backend_for(rt, &v),
+        None => Ok((rt.volumes.clone(), None)),
+    }
+}
+
+/// Takes snapshot `snapshot` of volume `vol`, through its engine while a VM
+/// uses a replicated volume.
+pub(crate) async fn take_snapshot(
+    rt: &super::Runtime,
+    vol: &Volume,
+    snapshot: &str,
+) -> Result<SnapshotInfo> {
+    let (backend, engine) = backend_for(rt, vol)?;
+    let Some(socket) = engine else {
+        return backend.snapshot(vol.name(), snapshot).await;
+    };
+    let req = hci_storage::control::ControlRequest::Snapshot {
+        name: snapshot.to_string(),
+    };
+    let reply = tokio::task::spawn_blocking(move || hci_storage::control::call(&socket, &req))
+        .await
+        .map_err(super::join_err("engine control"))??;
+    if !reply.ok {
+        return Err(Error::Unavailable {
+            what: format!("the engine of volume {:?}", vol.name()),
+            source: Some(reply.error.unwrap_or_default().into()),
+        });
+    }
+    backend
+        .list_snapshots(vol.name())
+        .await?
+        .into_iter()
+        .find(|s| s.name == snapshot)
+        .ok_or_else(|| Error::not_found("snapshot", snapshot))
 }
 
 /// Chooses where `want` replicas of a volume go among `nodes` (each with

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -81,7 +81,12 @@ impl VolumeController {
 
     /// Drives the restore of `vol` from `backup`: starts it, reports its
     /// progress, and collects its result.
-    async fn restore(&self, vol: &Volume, backup: &str) -> Result<Fill> {
+    async fn restore(
+        &self,
+        vol: &Volume,
+        backup: &str,
+        pool: Arc<dyn VolumeBackend>,
+    ) -> Result<Fill> {
         let name = vol.name();
         let marker = self.restore_marker(name);
         let finished = {
@@ -115,7 +120,6 @@ impl VolumeController {
                 .await;
             return Ok(Fill::Done);
         }
-        let pool = &self.rt.volumes;
         if marker.exists() {
             // A restore cut short (the daemon stopped): start over.
             tracing::warn!(volume = name, "restarting a restore that did not finish");
@@ -151,7 +155,7 @@ impl VolumeController {
             backup.to_string(),
         );
         let task = tokio::spawn(async move {
-            super::backup::restore_volume(&rt, &owned_name, &backup, &vol, key, job).await
+            super::backup::restore_volume(&rt, &owned_name, &backup, &vol, key, job, pool).await
         });
         tracing::info!(volume = name, "restore from backup started");
         self.restores
@@ -166,6 +170,24 @@ impl VolumeController {
                 },
             );
         Ok(Fill::Running(0))
+    }
+
+    /// Reports a restore in progress; asks to be called again shortly.
+    async fn restoring(&self, name: &str, backup: &str, pct: u8) -> Result<Option<Duration>> {
+        let message = format!("{pct}% restored from backup {backup}");
+        set_status(&self.rt.resources, name, |v: &mut Volume| {
+            v.status_mut().phase = VolumePhase::Creating;
+            v.status_mut().progress = Some(pct);
+            set_condition(
+                &mut v.status_mut().conditions,
+                "Ready",
+                ConditionStatus::False,
+                "Restoring",
+                &message,
+            );
+        })
+        .await?;
+        Ok(Some(Duration::from_secs(1)))
     }
 
     /// Stops a running restore of `name` (its volume resource is gone).
@@ -231,7 +253,14 @@ impl VolumeController {
             .await?;
         }
         let addresses: Vec<String> = placement.iter().map(|p| p.1.clone()).collect();
-        let backend = pool.backend(&addresses)?;
+        let backend = Arc::new(pool.backend(&addresses)?);
+        if let VolumeSource::Backup { name: backup } = &vol.spec.source {
+            match self.restore(vol, backup, backend.clone()).await {
+                Ok(Fill::Running(pct)) => return self.restoring(name, backup, pct).await,
+                Ok(Fill::Done) => {}
+                Err(e) => return self.create_failed(name, e).await,
+            }
+        }
         let attached_to = status.attached_to.clone();
         let (size, allocated, health, robustness) = if let Some(vm) = &attached_to {
             // The VM's engine owns the volume (opening it here would fence it).
@@ -415,7 +444,7 @@ impl VolumeController {
             other => {
                 return Err(Error::unsupported(
                     format!("replicated volumes from a {}", source_kind(other)),
-                    "this daemon (replicated volumes start blank or from an image)",
+                    "this daemon (replicated volumes start blank, from an image or from a backup)",
                 ));
             }
         }
@@ -650,23 +679,8 @@ impl Reconcile for VolumeController {
             };
         }
         if let VolumeSource::Backup { name: backup } = &vol.spec.source {
-            match self.restore(&vol, backup).await {
-                Ok(Fill::Running(pct)) => {
-                    let message = format!("{pct}% restored from backup {backup}");
-                    set_status(&self.rt.resources, name, |v: &mut Volume| {
-                        v.status_mut().phase = VolumePhase::Creating;
-                        v.status_mut().progress = Some(pct);
-                        set_condition(
-                            &mut v.status_mut().conditions,
-                            "Ready",
-                            ConditionStatus::False,
-                            "Restoring",
-                            &message,
-                        );
-                    })
-                    .await?;
-                    return Ok(Some(Duration::from_secs(1)));
-                }
+            match self.restore(&vol, backup, self.rt.volumes.clone()).await {
+                Ok(Fill::Running(pct)) => return self.restoring(name, backup, pct).await,
                 Ok(Fill::Done) => {}
                 Err(e) => return self.create_failed(name, e).await,
             }
