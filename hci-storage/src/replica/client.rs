@@ -18,7 +18,7 @@ use hci_core::volume::{CreateVolume, OpenVolume, SnapshotInfo, VolumeBackend, Vo
 use hci_core::{Error, Result};
 
 use super::proto::{self, Call, Op, ReplyHeader, RequestHeader, WireError};
-use super::{FenceState, ReplicaNode};
+use super::{DirtyRegions, DirtyUpdate, FenceState, ReplicaNode};
 
 /// Default bound on any single request (connect, I/O or control call).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -592,6 +592,22 @@ impl ReplicaNode for RemoteNode {
         self.call(Call::MarkClean {
             volume: volume.into(),
             generation,
+        })
+        .await
+    }
+
+    async fn dirty_regions(&self, volume: &str) -> Result<Option<DirtyRegions>> {
+        self.call(Call::DirtyRegions {
+            volume: volume.into(),
+        })
+        .await
+    }
+
+    async fn update_dirty(&self, volume: &str, generation: u64, update: DirtyUpdate) -> Result<()> {
+        self.call(Call::UpdateDirty {
+            volume: volume.into(),
+            generation,
+            update,
         })
         .await
     }
