@@ -23,6 +23,10 @@ SIZE=${SIZE:-256M}
 RW=${RW:-randwrite}
 BS=${BS:-4k}
 QD=${QD:-32}
+# THREADS=N passes --threads N to every serve and replica-server (0: one worker per CPU).
+THREADS=${THREADS:-}
+TH=()
+[ -n "$THREADS" ] && TH=(--threads "$THREADS")
 command -v fio >/dev/null || { echo "bench-repl-cpu: fio missing (scripts/install-deps.sh)" >&2; exit 1; }
 if [ -z "${HS:-}" ]; then
   cargo build --release -q -p hci-storage --bin hci-storage
@@ -39,7 +43,7 @@ wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 for i in 1 2 3; do
-  "$HS" replica-server --listen 127.0.0.1:1095$i --root "$W/node$i" --token-file "$W/token" >/dev/null 2>&1 & PIDS+=($!)
+  "$HS" replica-server "${TH[@]}" --listen 127.0.0.1:1095$i --root "$W/node$i" --token-file "$W/token" >/dev/null 2>&1 & PIDS+=($!)
   RS[$i]=$!
   wait_port 1095$i
 done
@@ -48,19 +52,19 @@ declare -A ARGS=(
   [local]="$W/local"
   [1]="--replica $W/e1/v --size $SIZE"
   [3-inproc]="--replica $W/e3a/v --replica $W/e3b/v --replica $W/e3c/v --size $SIZE"
-  [3]="--replica $W/e3/v --replica 127.0.0.1:10951/v3 --replica 127.0.0.1:10952/v3 --token-file $W/token --size $SIZE"
+  [3]="--replica $W/e3/v3 --replica 127.0.0.1:10951/v3 --replica 127.0.0.1:10952/v3 --token-file $W/token --size $SIZE"
   [3-remote]="--replica 127.0.0.1:10951/v3r --replica 127.0.0.1:10952/v3r --replica 127.0.0.1:10953/v3r --token-file $W/token --size $SIZE"
 )
 CONFIGS=(local 1 3-inproc 3 3-remote)
 "$HS" create "$W/local" --size "$SIZE" >/dev/null
-printf '\n%s %s QD%s, %s s, %s RAM-backed; CPU µs per I/O by process (loadavg %s)\n\n' "$RW" "$BS" "$QD" "$DURATION" "$SIZE" "$(cut -d' ' -f1 /proc/loadavg)"
+printf '\n%s %s QD%s, %s s, %s RAM-backed, threads %s; CPU µs per I/O by process (loadavg %s)\n\n' "$RW" "$BS" "$QD" "$DURATION" "$SIZE" "${THREADS:-default}" "$(cut -d' ' -f1 /proc/loadavg)"
 echo "| config | IOPS | fio | serve (engine) | replica servers | total µs/IO |"
 echo "|---|---:|---:|---:|---:|---:|"
 port=10960
 for c in "${CONFIGS[@]}"; do
   port=$((port + 1))
   # shellcheck disable=SC2086
-  "$HS" serve ${ARGS[$c]} --listen 127.0.0.1:$port >/dev/null 2>&1 & SP=$!
+  "$HS" serve "${TH[@]}" ${ARGS[$c]} --listen 127.0.0.1:$port >/dev/null 2>&1 & SP=$!
   PIDS+=($SP)
   wait_port $port
   uri=nbd://127.0.0.1:$port/
@@ -78,6 +82,7 @@ ios=r["total_ios"] or 1
 tck=int(sys.argv[2]); s=int(sys.argv[3]); rs=int(sys.argv[4])
 us=lambda ticks: ticks*1e6/tck/ios
 fio=(j["usr_cpu"]+j["sys_cpu"])/100*j["job_runtime"]/1000*1e6/ios
-print(f"| {sys.argv[1]} | {round(r[\"iops\"])} | {fio:.1f} | {us(s):.1f} | {us(rs):.1f} | {fio+us(s)+us(rs):.1f} |")' \
+iops=round(r["iops"])
+print(f"| {sys.argv[1]} | {iops} | {fio:.1f} | {us(s):.1f} | {us(rs):.1f} | {fio+us(s)+us(rs):.1f} |")' \
     "$c" "$TCK" $((s1 - s0)) $((r1 - r0)) <<<"$out"
 done

@@ -318,6 +318,11 @@ async fn write_frames(wr: &mut OwnedWriteHalf, sh: &Shared) -> String {
         }
         if spare.is_empty() {
             sh.wake.notified().await;
+            // Woken by the first request of a burst: let the other requests
+            // that are ready to run queue their frames too, so the burst
+            // leaves in one `send` (a woken task otherwise runs next, before
+            // them, and sends one frame per system call).
+            tokio::task::yield_now().await;
             continue;
         }
         if let Err(e) = wr.write_all(&spare).await {
