@@ -331,6 +331,42 @@ mod tests {
         assert_eq!(back.regions().runs, vec![(0, 4), (8, 4)]);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_file_loads_or_fails_cleanly(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), magic in proptest::prelude::any::<bool>()) {
+            let d = tempfile::tempdir().expect("tempdir");
+            let p = d.path().join("v.dirty");
+            let mut b = Vec::new();
+            if magic {
+                b.extend_from_slice(MAGIC);
+            }
+            b.extend_from_slice(&body);
+            std::fs::write(&p, &b).expect("write");
+            if let Ok(Some(l)) = DirtyLog::load(&p) {
+                let r = l.regions();
+                proptest::prop_assert!(r.region_size.is_power_of_two());
+            }
+        }
+
+        #[test]
+        fn updates_match_a_set(ops in proptest::collection::vec((0u64..200, 1u64..20, proptest::prelude::any::<bool>()), 0..30)) {
+            let d = tempfile::tempdir().expect("tempdir");
+            let p = d.path().join("v.dirty");
+            let mut log = DirtyLog::create(&p, 1 << 20).expect("create");
+            let mut model = std::collections::BTreeSet::new();
+            for (f, n, mark) in ops {
+                log.update(1 << 20, &[(f, n)], mark).expect("update");
+                for r in f..f + n {
+                    if mark { model.insert(r); } else { model.remove(&r); }
+                }
+            }
+            let want = runs_of(model.into_iter().collect());
+            proptest::prop_assert_eq!(&log.regions().runs, &want);
+            let back = DirtyLog::load(&p).expect("load").expect("some");
+            proptest::prop_assert_eq!(&back.regions().runs, &want);
+        }
+    }
+
     #[test]
     fn bad_input_is_refused() {
         let d = tempfile::tempdir().expect("tempdir");
