@@ -514,8 +514,9 @@ async fn engine_crash_reconciles_only_the_dirty_regions() {
         child: fio,
         log: None,
     };
-    // Wait until fio's writes have marked regions, then a moment more.
-    for _ in 0..100 {
+    // Wait until fio's writes have marked regions (fio may take a while to
+    // start on a loaded machine), then a moment more.
+    for _ in 0..600 {
         if !dirty_regions(&ra, "v").is_empty() {
             break;
         }
