@@ -3,6 +3,7 @@
 //! killed with SIGKILL mid-write then reopened.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -42,6 +43,17 @@ impl Drop for Kid {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A child started in its own process group, which is killed whole on drop
+/// (fio forks its jobs; killing only the parent would orphan them).
+struct Group(Kid);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group our child leads; no memory is involved.
+        unsafe { libc::kill(-(self.0.child.id() as libc::pid_t), libc::SIGKILL) };
     }
 }
 
@@ -366,12 +378,14 @@ async fn engine_killed_mid_write_keeps_flushed_data_and_reconciles_replicas() {
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .expect("spawn fio");
-    let fio = Kid {
+    // fio forks its job into a child: kill the whole group on drop.
+    let fio = Group(Kid {
         child: fio,
         log: None,
-    };
+    });
     std::thread::sleep(Duration::from_millis(300));
     // ...while more data is written and flushed; then the engine dies with
     // writes in flight.
@@ -508,12 +522,14 @@ async fn engine_crash_reconciles_only_the_dirty_regions() {
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .expect("spawn fio");
-    let fio = Kid {
+    // fio forks its job into a child: kill the whole group on drop.
+    let fio = Group(Kid {
         child: fio,
         log: None,
-    };
+    });
     // Wait until fio's writes have marked regions (fio may take a while to
     // start on a loaded machine), then a moment more.
     for _ in 0..600 {
