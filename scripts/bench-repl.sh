@@ -22,8 +22,11 @@ SIZE=${SIZE:-1G}
 for t in fio nbdkit python3; do
   command -v "$t" >/dev/null || { echo "bench-repl: $t missing (scripts/install-deps.sh)" >&2; exit 1; }
 done
-cargo build --release -q -p hci-storage --bin hci-storage
-HS=${CARGO_TARGET_DIR:-target}/release/hci-storage
+# HS=path/to/hci-storage runs another build (e.g. an older one for an A/B).
+if [ -z "${HS:-}" ]; then
+  cargo build --release -q -p hci-storage --bin hci-storage
+  HS=${CARGO_TARGET_DIR:-target}/release/hci-storage
+fi
 REBUILD=${REBUILD:-1}
 REBUILD_SIZE=${REBUILD_SIZE:-4G}
 REBUILD_DATA=${REBUILD_DATA:-1G}

@@ -97,6 +97,22 @@ pub struct StatusView {
     pub epoch: u64,
     /// Every replica.
     pub replicas: Vec<ReplicaView>,
+    /// What reconcile did at open, after an unclean shutdown.
+    #[serde(default)]
+    pub reconcile: Option<ReconcileView>,
+}
+
+/// What reconcile did at open (see [`crate::engine::ReconcileReport`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReconcileView {
+    /// True if the whole volume was compared (a replica had no dirty log).
+    pub full: bool,
+    /// Bytes in dirty regions.
+    pub dirty_bytes: u64,
+    /// Bytes compared over every replica reconciled.
+    pub bytes_scanned: u64,
+    /// Bytes copied.
+    pub bytes_copied: u64,
 }
 
 /// A reply on the control channel.
@@ -226,6 +242,12 @@ impl Controller {
             generation: st.generation,
             epoch: st.epoch,
             replicas,
+            reconcile: self.volume.last_reconcile().map(|r| ReconcileView {
+                full: r.full,
+                dirty_bytes: r.dirty_bytes,
+                bytes_scanned: r.bytes_scanned,
+                bytes_copied: r.bytes_copied,
+            }),
         }
     }
 

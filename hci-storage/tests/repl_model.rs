@@ -13,7 +13,7 @@ use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
 use hci_core::{Error, Result};
 use hci_storage::engine::rebuild::RebuildProgress;
 use hci_storage::engine::{EngineOptions, ReplicaState, ReplicatedVolume};
-use hci_storage::replica::{FenceState, LocalNode, ReplicaNode};
+use hci_storage::replica::{DirtyRegions, DirtyUpdate, FenceState, LocalNode, ReplicaNode};
 
 const BLOCKS: u64 = 32;
 const BS: usize = 4096;
@@ -71,6 +71,14 @@ impl ReplicaNode for Flaky {
     }
     async fn ping(&self) -> Result<()> {
         self.check()
+    }
+    async fn dirty_regions(&self, volume: &str) -> Result<Option<DirtyRegions>> {
+        self.check()?;
+        self.inner.dirty_regions(volume).await
+    }
+    async fn update_dirty(&self, volume: &str, generation: u64, update: DirtyUpdate) -> Result<()> {
+        self.check()?;
+        self.inner.update_dirty(volume, generation, update).await
     }
     async fn open_fenced(
         &self,
@@ -149,6 +157,9 @@ enum Op {
     Rebuild(usize),
     Snapshot,
     Reopen,
+    /// The engine crashes with a write to block `.0` in flight that reached
+    /// only one replica (`.2`, with content `.1`) after the engine wrote it.
+    Torn(u64, u8, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -159,6 +170,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0usize..3).prop_map(Op::Rebuild),
         1 => Just(Op::Snapshot),
         1 => Just(Op::Reopen),
+        1 => (0..BLOCKS, 1u8..=255, 0usize..3).prop_map(|(b, s, i)| Op::Torn(b, s, i)),
     ]
 }
 
@@ -263,6 +275,40 @@ async fn run(ops: Vec<Op>) {
                 vol.flush().await.expect("flush");
                 drop(vol);
                 vol = open().await;
+            }
+            Op::Torn(b, s, i) => {
+                let Some(&i) = healthy
+                    .iter()
+                    .find(|&&j| j >= i && !downs[j].load(Ordering::SeqCst))
+                else {
+                    continue;
+                };
+                // The engine writes (marking the region dirty everywhere)...
+                let old = s.wrapping_add(1).max(1);
+                vol.write_at(&vec![old; BS], b * BS as u64, WriteFlags::default())
+                    .await
+                    .expect("write");
+                // ...then a later write reaches replica i only, and the
+                // engine dies without a flush.
+                let dev = nodes[i]
+                    .open_fenced("v", vol.generation(), OpenVolume::default())
+                    .await
+                    .expect("open replica");
+                dev.write_at(&vec![s; BS], b * BS as u64, WriteFlags::default())
+                    .await
+                    .expect("direct write");
+                drop(dev);
+                drop(vol);
+                vol = open().await;
+                // Either version is right; every replica must hold the same.
+                let got = read_block(&*vol, b).await;
+                assert!(
+                    got == vec![s; BS] || got == vec![old; BS],
+                    "block {b} after a torn write"
+                );
+                model.insert(b, got[0]);
+                let rec = vol.last_reconcile().expect("an unclean open reconciles");
+                assert!(!rec.full, "every replica keeps a dirty-region log: {rec:?}");
             }
         }
     }

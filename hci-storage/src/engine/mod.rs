@@ -24,9 +24,13 @@
 //!   [`ReplicatedVolume::close`] marks them clean. Opening after an unclean
 //!   shutdown copies the differences between the healthy replicas from one of
 //!   them (local first) to the others before any I/O, so writes that were in
-//!   flight at the crash end up on all replicas or on none.
+//!   flight at the crash end up on all replicas or on none. Only regions in
+//!   the replicas' dirty-region logs are compared (see [`dirty`]): a region
+//!   is marked on every replica before a write to it is sent, and cleared
+//!   lazily after a flush; replicas without a log are compared whole.
 
 mod backend;
+pub mod dirty;
 pub mod rebuild;
 
 pub use backend::ReplicatedVolumeBackend;
@@ -42,7 +46,8 @@ use hci_core::block::{BlockDevice, DeviceCaps, Extent, WriteFlags, ZeroFlags, ch
 use hci_core::volume::{EncryptionKey, OpenVolume, SnapshotInfo};
 use hci_core::{Error, Result};
 
-use crate::replica::ReplicaNode;
+use crate::replica::dirty::runs_of;
+use crate::replica::{DirtyRegions, DirtyUpdate, ReplicaNode};
 
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
@@ -102,6 +107,21 @@ pub struct ReplicaStatus {
     pub state: ReplicaState,
 }
 
+/// What reconcile did when the engine opened the volume after an unclean
+/// shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReconcileReport {
+    /// True if some replica had no dirty-region log, so the whole volume was
+    /// compared.
+    pub full: bool,
+    /// Bytes of the volume in dirty regions (the volume size if `full`).
+    pub dirty_bytes: u64,
+    /// Bytes compared, over every replica reconciled.
+    pub bytes_scanned: u64,
+    /// Bytes copied to replicas that differed.
+    pub bytes_copied: u64,
+}
+
 /// The status of a volume and its replicas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeStatus {
@@ -152,6 +172,8 @@ pub struct ReplicatedVolume {
     fenced: AtomicBool,
     closed: AtomicBool,
     next_read: AtomicUsize,
+    dirty: dirty::DirtyTracker,
+    last_reconcile: Mutex<Option<ReconcileReport>>,
 }
 
 /// Errors that depend on the request, not on the replica: every replica would
@@ -280,6 +302,8 @@ impl ReplicatedVolume {
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             next_read: AtomicUsize::new(0),
+            dirty: dirty::DirtyTracker::new(size),
+            last_reconcile: Mutex::new(None),
         });
         if !options.read_only {
             for m in vol.healthy() {
@@ -298,6 +322,11 @@ impl ReplicatedVolume {
             if unclean {
                 vol.reconcile().await?;
             }
+            // A fresh, empty dirty-region log on every replica in the set.
+            vol.update_dirty_everywhere(DirtyUpdate::Reset {
+                region_size: vol.dirty.region_size(),
+            })
+            .await?;
             if let Some(every) = vol.options.keepalive {
                 tokio::spawn(keepalive(Arc::downgrade(&vol), every));
             }
@@ -310,7 +339,9 @@ impl ReplicatedVolume {
     /// may have reached some healthy replicas and not others. None of them was
     /// acknowledged as durable, so either version is correct, but every replica
     /// must hold the same one: copy the differences from one healthy replica
-    /// (local first) to the others. Only allocated data is compared.
+    /// (local first) to the others. Only the regions in the replicas'
+    /// dirty-region logs are compared (all of them if a replica has no log),
+    /// and of those only allocated data.
     async fn reconcile(&self) -> Result<()> {
         let mut healthy: Vec<_> = self
             .healthy()
@@ -321,10 +352,35 @@ impl ReplicatedVolume {
         let Some(((src_m, src), rest)) = healthy.split_first() else {
             return Err(faulted(&self.name));
         };
+        let t = self.options.timeout;
+        let logs = futures::future::join_all(
+            healthy
+                .iter()
+                .map(|(m, _)| tokio::time::timeout(t, m.node.dirty_regions(&self.name))),
+        )
+        .await;
+        let size = self.size();
+        let mut full = false;
+        let mut ranges = Vec::new();
+        for r in logs {
+            match r {
+                Ok(Ok(Some(d))) => ranges.extend(d.byte_ranges()),
+                _ => full = true,
+            }
+        }
+        let ranges: Vec<(u64, u64)> = if full {
+            vec![(0, size)]
+        } else {
+            dirty::merge_ranges(ranges)
+                .into_iter()
+                .filter(|&(o, _)| o < size)
+                .map(|(o, l)| (o, l.min(size - o)))
+                .collect()
+        };
         let progress = rebuild::RebuildProgress::default();
         let mut dropped = false;
         for (m, d) in rest {
-            let r = rebuild::sync(&**src, &**d, self.size(), None, &progress, None).await;
+            let r = rebuild::sync_ranges(&**src, &**d, &ranges, None, &progress, None).await;
             if let Err(e) = r {
                 self.fail(m, format!("reconcile after an unclean shutdown: {e}"));
                 dropped = true;
@@ -333,13 +389,154 @@ impl ReplicatedVolume {
         if dropped {
             self.new_epoch().await?;
         }
+        let report = ReconcileReport {
+            full,
+            dirty_bytes: ranges.iter().map(|&(_, l)| l).sum(),
+            bytes_scanned: progress.done.load(Ordering::Relaxed),
+            bytes_copied: progress.sent.load(Ordering::Relaxed),
+        };
+        *self
+            .last_reconcile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(report);
         tracing::info!(
             volume = %self.name,
             source = %src_m.node.label(),
-            copied = progress.sent.load(Ordering::Relaxed),
+            full,
+            dirty = report.dirty_bytes,
+            scanned = report.bytes_scanned,
+            copied = report.bytes_copied,
             "replicas reconciled after an unclean shutdown"
         );
         Ok(())
+    }
+
+    /// What reconcile did at open (`None` if the last shutdown was clean).
+    pub fn last_reconcile(&self) -> Option<ReconcileReport> {
+        *self
+            .last_reconcile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends a dirty-region log change to every writable replica (healthy or
+    /// rebuilding); one that fails is dropped, like after a failed write.
+    async fn update_dirty_everywhere(&self, update: DirtyUpdate) -> Result<()> {
+        let targets: Vec<Arc<Member>> = self
+            .all()
+            .into_iter()
+            .filter(|m| matches!(m.state(), ReplicaState::Healthy | ReplicaState::Rebuilding))
+            .collect();
+        let t = self.options.timeout;
+        let name = &self.name;
+        let generation = self.generation;
+        let rs =
+            futures::future::join_all(
+                targets.iter().map(|m| {
+                    let u = update.clone();
+                    async move {
+                        tokio::time::timeout(t, m.node.update_dirty(name, generation, u)).await
+                    }
+                }),
+            )
+            .await;
+        let mut dropped_healthy = false;
+        for (m, r) in targets.iter().zip(rs) {
+            let was_healthy = m.state() == ReplicaState::Healthy;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e @ Error::Fenced { .. })) => {
+                    self.fenced.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+                Ok(Err(e)) => {
+                    self.fail(m, format!("dirty-region log: {e}"));
+                    dropped_healthy |= was_healthy;
+                }
+                Err(_) => {
+                    self.fail(m, format!("dirty-region log: no answer within {t:?}"));
+                    dropped_healthy |= was_healthy;
+                }
+            }
+        }
+        if dropped_healthy {
+            self.new_epoch().await?;
+        }
+        if self.healthy().is_empty() {
+            return Err(faulted(&self.name));
+        }
+        Ok(())
+    }
+
+    /// Enters the regions of `[offset, offset + len)` for a mutation: marks
+    /// those not marked yet on every writable replica first (together with
+    /// any other regions waiting for a mark).
+    async fn enter_dirty(&self, offset: u64, len: u64) -> Result<dirty::DirtyGuard<'_>> {
+        self.check_fenced()?;
+        let regions = self.dirty.regions(offset, len);
+        if !self.dirty.try_enter(&regions) {
+            self.dirty.want(&regions);
+            let _log = self.dirty.log_lock.lock().await;
+            let wanted = self.dirty.take_wanted(&regions);
+            if !wanted.is_empty() {
+                self.update_dirty_everywhere(DirtyUpdate::Mark(DirtyRegions {
+                    region_size: self.dirty.region_size(),
+                    runs: runs_of(wanted.clone()),
+                }))
+                .await?;
+                self.dirty.set_marked(&wanted);
+            }
+            // No clear can run while the log lock is held.
+            if !self.dirty.try_enter(&regions) {
+                return Err(Error::Backend {
+                    backend: "replicated engine",
+                    message: "a dirty region was not marked".into(),
+                    source: None,
+                });
+            }
+        }
+        Ok(dirty::DirtyGuard {
+            tracker: &self.dirty,
+            regions,
+        })
+    }
+
+    /// After a flush that started at `point`: clears the regions it made
+    /// clean on every writable replica, at most every
+    /// [`dirty::CLEAR_EVERY`]. Best effort: a clear that does not reach a
+    /// replica leaves regions marked there (more to compare after a crash,
+    /// never less).
+    async fn clear_dirty_after_flush(&self, point: u64) {
+        if !self.dirty.clear_due() {
+            return;
+        }
+        let Ok(_log) = self.dirty.log_lock.try_lock() else {
+            return;
+        };
+        let clean = self.dirty.take_clearable(point);
+        if clean.is_empty() {
+            return;
+        }
+        let update = DirtyUpdate::Clear(DirtyRegions {
+            region_size: self.dirty.region_size(),
+            runs: runs_of(clean),
+        });
+        let t = self.options.timeout;
+        for m in self
+            .all()
+            .into_iter()
+            .filter(|m| matches!(m.state(), ReplicaState::Healthy | ReplicaState::Rebuilding))
+        {
+            let r = tokio::time::timeout(
+                t,
+                m.node
+                    .update_dirty(&self.name, self.generation, update.clone()),
+            )
+            .await;
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::warn!(volume = %self.name, replica = %m.node.label(), "could not clear dirty regions");
+            }
+        }
     }
 
     /// Flushes every replica, records a clean shutdown on them (so the next
@@ -773,6 +970,7 @@ impl BlockDevice for ReplicatedVolume {
         self.writable()?;
         check_range(offset, buf.len() as u64, self.size())?;
         let _q = self.quiesce.read().await;
+        let _d = self.enter_dirty(offset, buf.len() as u64).await?;
         self.fan_out(|d| async move { d.write_at(buf, offset, flags).await })
             .await
     }
@@ -781,13 +979,17 @@ impl BlockDevice for ReplicatedVolume {
         if self.read_only {
             return self.read_one(|d| async move { d.flush().await }).await;
         }
-        self.fan_out(|d| async move { d.flush().await }).await
+        let point = self.dirty.flush_point();
+        self.fan_out(|d| async move { d.flush().await }).await?;
+        self.clear_dirty_after_flush(point).await;
+        Ok(())
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.size())?;
         let _q = self.quiesce.read().await;
+        let _d = self.enter_dirty(offset, len).await?;
         self.fan_out(|d| async move { d.discard(offset, len).await })
             .await
     }
@@ -796,6 +998,7 @@ impl BlockDevice for ReplicatedVolume {
         self.writable()?;
         check_range(offset, len, self.size())?;
         let _q = self.quiesce.read().await;
+        let _d = self.enter_dirty(offset, len).await?;
         self.fan_out(|d| async move { d.write_zeroes(offset, len, flags).await })
             .await
     }

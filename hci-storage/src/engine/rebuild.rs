@@ -20,7 +20,8 @@ use hci_core::volume::{CreateVolume, OpenVolume};
 use hci_core::{Error, Result};
 
 use super::{Member, ReplicaState, ReplicatedVolume};
-use crate::replica::ReplicaNode;
+use crate::replica::dirty::runs_of;
+use crate::replica::{DirtyRegions, DirtyUpdate, ReplicaNode};
 
 /// Bytes compared per step (and held quiesced during the head pass).
 const CHUNK: u64 = 1 << 20;
@@ -84,9 +85,50 @@ pub(crate) async fn sync(
     progress: &RebuildProgress,
     rate: Option<u64>,
 ) -> Result<()> {
+    sync_ranges(src, dst, &[(0, size)], quiesce, progress, rate).await
+}
+
+/// Like [`sync`], over the byte ranges `(offset, len)` only.
+pub(crate) async fn sync_ranges(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    ranges: &[(u64, u64)],
+    quiesce: Option<&tokio::sync::RwLock<()>>,
+    progress: &RebuildProgress,
+    rate: Option<u64>,
+) -> Result<()> {
     let started = std::time::Instant::now();
     let sent_before = progress.sent.load(Ordering::Relaxed);
-    let mut off = 0;
+    for &(start, len) in ranges {
+        sync_range(
+            src,
+            dst,
+            start,
+            start + len,
+            quiesce,
+            progress,
+            rate,
+            started,
+            sent_before,
+        )
+        .await?;
+    }
+    dst.flush().await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn sync_range(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    start: u64,
+    size: u64,
+    quiesce: Option<&tokio::sync::RwLock<()>>,
+    progress: &RebuildProgress,
+    rate: Option<u64>,
+    started: std::time::Instant,
+    sent_before: u64,
+) -> Result<()> {
+    let mut off = start;
     while off < size {
         if let Some(rate) = rate.filter(|&r| r > 0) {
             let sent = progress.sent.load(Ordering::Relaxed) - sent_before;
@@ -142,7 +184,7 @@ pub(crate) async fn sync(
         progress.done.fetch_add(n, Ordering::Relaxed);
         off += n;
     }
-    dst.flush().await
+    Ok(())
 }
 
 impl ReplicatedVolume {
@@ -244,6 +286,21 @@ impl ReplicatedVolume {
             if source.backend().list_snapshots(&name).await?.len() != have.len() {
                 continue;
             }
+            // Its dirty-region log starts with every region marked elsewhere
+            // (no write is in flight while writes are quiesced).
+            let _log = self.dirty.log_lock.lock().await;
+            let region_size = self.dirty.region_size();
+            node.update_dirty(&name, self.generation(), DirtyUpdate::Reset { region_size })
+                .await?;
+            node.update_dirty(
+                &name,
+                self.generation(),
+                DirtyUpdate::Mark(DirtyRegions {
+                    region_size,
+                    runs: runs_of(self.dirty.marked()),
+                }),
+            )
+            .await?;
             let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
             let m = Arc::new(Member {
                 node: node.clone(),

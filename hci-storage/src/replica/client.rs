@@ -18,7 +18,7 @@ use hci_core::volume::{CreateVolume, OpenVolume, SnapshotInfo, VolumeBackend, Vo
 use hci_core::{Error, Result};
 
 use super::proto::{self, Call, Op, ReplyHeader, RequestHeader, WireError};
-use super::{FenceState, ReplicaNode};
+use super::{DirtyRegions, DirtyUpdate, FenceState, ReplicaNode};
 
 /// Default bound on any single request (connect, I/O or control call).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -318,6 +318,11 @@ async fn write_frames(wr: &mut OwnedWriteHalf, sh: &Shared) -> String {
         }
         if spare.is_empty() {
             sh.wake.notified().await;
+            // Woken by the first request of a burst: let the other requests
+            // that are ready to run queue their frames too, so the burst
+            // leaves in one `send` (a woken task otherwise runs next, before
+            // them, and sends one frame per system call).
+            tokio::task::yield_now().await;
             continue;
         }
         if let Err(e) = wr.write_all(&spare).await {
@@ -592,6 +597,22 @@ impl ReplicaNode for RemoteNode {
         self.call(Call::MarkClean {
             volume: volume.into(),
             generation,
+        })
+        .await
+    }
+
+    async fn dirty_regions(&self, volume: &str) -> Result<Option<DirtyRegions>> {
+        self.call(Call::DirtyRegions {
+            volume: volume.into(),
+        })
+        .await
+    }
+
+    async fn update_dirty(&self, volume: &str, generation: u64, update: DirtyUpdate) -> Result<()> {
+        self.call(Call::UpdateDirty {
+            volume: volume.into(),
+            generation,
+            update,
         })
         .await
     }

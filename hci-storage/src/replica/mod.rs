@@ -9,6 +9,7 @@
 //! a replica that missed writes is recognisably stale).
 
 pub mod client;
+pub mod dirty;
 pub mod proto;
 pub mod server;
 
@@ -25,6 +26,8 @@ use hci_core::volume::{OpenVolume, VolumeBackend};
 use hci_core::{Error, Result};
 
 use crate::local::LocalVolumeBackend;
+
+pub use dirty::{DirtyRegions, DirtyUpdate};
 
 /// Fencing and membership state of one volume on one node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +68,23 @@ pub trait ReplicaNode: Send + Sync + std::fmt::Debug {
     /// Records that engine `generation` closed `volume` cleanly.
     async fn mark_clean(&self, volume: &str, generation: u64) -> Result<()>;
 
+    /// The dirty-region log of `volume`: regions that may have had writes in
+    /// flight when its last engine stopped. `None` if the node keeps no log
+    /// for it (then reconcile must compare the whole volume). The default
+    /// keeps none.
+    async fn dirty_regions(&self, volume: &str) -> Result<Option<DirtyRegions>> {
+        let _ = volume;
+        Ok(None)
+    }
+
+    /// Changes the dirty-region log of `volume` on behalf of engine
+    /// `generation` (refused with [`Error::Fenced`] for an older engine);
+    /// persisted before it returns. The default keeps no log and ignores it.
+    async fn update_dirty(&self, volume: &str, generation: u64, update: DirtyUpdate) -> Result<()> {
+        let _ = (volume, generation, update);
+        Ok(())
+    }
+
     /// Checks that the node answers (keepalive); in-process nodes always do.
     async fn ping(&self) -> Result<()> {
         Ok(())
@@ -87,6 +107,8 @@ pub struct LocalNode {
     fences: Mutex<HashMap<String, Arc<AtomicU64>>>,
     /// Serialises fence-file updates.
     write_lock: Mutex<()>,
+    /// Dirty-region logs of the volumes whose log was read or written.
+    dirty: Mutex<HashMap<String, dirty::DirtyLog>>,
 }
 
 impl LocalNode {
@@ -100,6 +122,7 @@ impl LocalNode {
             backend,
             fences: Mutex::new(HashMap::new()),
             write_lock: Mutex::new(()),
+            dirty: Mutex::new(HashMap::new()),
         })
     }
 
@@ -195,6 +218,54 @@ impl LocalNode {
         self.store(volume, st)
     }
 
+    fn dirty_path(&self, volume: &str) -> Result<PathBuf> {
+        Ok(self.fence_path(volume)?.with_extension("dirty"))
+    }
+
+    fn dirty_regions_sync(&self, volume: &str) -> Result<Option<DirtyRegions>> {
+        let path = self.dirty_path(volume)?;
+        let mut logs = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = logs.get(volume) {
+            return Ok(Some(l.regions()));
+        }
+        let Some(l) = dirty::DirtyLog::load(&path)? else {
+            return Ok(None);
+        };
+        let r = l.regions();
+        logs.insert(volume.to_string(), l);
+        Ok(Some(r))
+    }
+
+    fn update_dirty_sync(&self, volume: &str, generation: u64, update: DirtyUpdate) -> Result<()> {
+        let seen = self.current(volume)?.load(Ordering::SeqCst);
+        if generation < seen {
+            return Err(fenced(volume, generation, seen));
+        }
+        let path = self.dirty_path(volume)?;
+        let mut logs = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let (region_size, runs, mark) = match update {
+            DirtyUpdate::Reset { region_size } => {
+                logs.remove(volume);
+                let l = dirty::DirtyLog::create(&path, region_size)?;
+                logs.insert(volume.to_string(), l);
+                return Ok(());
+            }
+            DirtyUpdate::Mark(r) => (r.region_size, r.runs, true),
+            DirtyUpdate::Clear(r) => (r.region_size, r.runs, false),
+        };
+        if !logs.contains_key(volume) {
+            let l = match dirty::DirtyLog::load(&path)? {
+                Some(l) => l,
+                None => dirty::DirtyLog::create(&path, region_size)?,
+            };
+            logs.insert(volume.to_string(), l);
+        }
+        match logs.get_mut(volume) {
+            Some(l) => l.update(region_size, &runs, mark),
+            None => Err(Error::Cancelled),
+        }
+    }
+
     /// Forgets the fence state of a deleted volume.
     pub fn forget(&self, volume: &str) {
         let _g = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -202,6 +273,13 @@ impl LocalNode {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(volume);
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(volume);
+        if let Ok(p) = self.dirty_path(volume) {
+            let _ = std::fs::remove_file(p);
+        }
         if let Ok(p) = self.fence_path(volume) {
             let _ = std::fs::remove_file(p);
         }
@@ -253,6 +331,14 @@ impl ReplicaNode for LocalNode {
 
     async fn mark_clean(&self, volume: &str, generation: u64) -> Result<()> {
         self.mark_clean_sync(volume, generation)
+    }
+
+    async fn dirty_regions(&self, volume: &str) -> Result<Option<DirtyRegions>> {
+        self.dirty_regions_sync(volume)
+    }
+
+    async fn update_dirty(&self, volume: &str, generation: u64, update: DirtyUpdate) -> Result<()> {
+        self.update_dirty_sync(volume, generation, update)
     }
 
     async fn open_fenced(

@@ -446,6 +446,20 @@ pub enum Call {
         /// Engine generation.
         generation: u64,
     },
+    /// The volume's dirty-region log (`null` if it has none).
+    DirtyRegions {
+        /// Volume.
+        volume: String,
+    },
+    /// Change the volume's dirty-region log for engine `generation`.
+    UpdateDirty {
+        /// Volume.
+        volume: String,
+        /// Engine generation.
+        generation: u64,
+        /// The change.
+        update: super::DirtyUpdate,
+    },
 }
 
 /// [`VolumeInfo`] on the wire.

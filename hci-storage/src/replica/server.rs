@@ -446,5 +446,14 @@ async fn handle_call(
             node.mark_clean(&volume, generation).await?;
             proto::to_json(&())
         }
+        Call::DirtyRegions { volume } => proto::to_json(&node.dirty_regions(&volume).await?),
+        Call::UpdateDirty {
+            volume,
+            generation,
+            update,
+        } => {
+            node.update_dirty(&volume, generation, update).await?;
+            proto::to_json(&())
+        }
     })
 }
