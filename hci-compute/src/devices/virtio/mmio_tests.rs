@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress};
 
 use super::*;
 use crate::devices::virtio::ActiveQueue;
@@ -55,7 +55,7 @@ impl VirtioDevice for Fake {
 
 fn transport() -> (MmioTransport, Arc<Mutex<Seen>>) {
     let mem =
-        Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        Arc::new(crate::memory::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
     let seen = Arc::new(Mutex::new(Seen::default()));
     let t = MmioTransport::new(
         Box::new(Fake(seen.clone())),
