@@ -76,6 +76,7 @@ pub mod kvm;
 pub mod memory;
 pub mod process;
 pub mod seccomp;
+pub mod snapshot;
 mod sys;
 pub mod test_guests;
 pub mod vcpu;
