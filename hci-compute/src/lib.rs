@@ -68,12 +68,14 @@
 #![deny(missing_docs)]
 
 pub mod boot;
+mod capabilities;
 pub mod console;
 pub mod devices;
 pub mod error;
 pub mod hypervisor;
 pub mod kvm;
 pub mod memory;
+pub mod migration;
 pub mod process;
 pub mod seccomp;
 pub mod snapshot;
