@@ -38,6 +38,33 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+/// Migrations whose final answer is not written yet (the process must not
+/// exit before: the migrated VM stops the moment it runs on the target).
+static ANSWERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Waits (up to `limit`) until every migration answer has been written.
+pub async fn wait_answers(limit: Duration) {
+    let start = std::time::Instant::now();
+    while ANSWERING.load(std::sync::atomic::Ordering::SeqCst) > 0 && start.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+struct Answering;
+
+impl Answering {
+    fn new() -> Self {
+        ANSWERING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Answering
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        ANSWERING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 64 << 10;
 
@@ -388,6 +415,7 @@ async fn connection(vm: Arc<dyn VmHandle>, stream: UnixStream) -> std::io::Resul
                     token,
                 };
                 let (tx, mut rx) = watch::channel(MigrationProgress::default());
+                let answering = Answering::new();
                 let migration = m.migrate(&target, options, tx);
                 tokio::pin!(migration);
                 let mut probe = [0u8; 1];
@@ -413,14 +441,17 @@ async fn connection(vm: Arc<dyn VmHandle>, stream: UnixStream) -> std::io::Resul
                         }
                     }
                 };
-                match result {
+                let resp = match result {
                     Ok(p) => Response {
                         progress: Some((&p).into()),
                         done: Some(true),
                         ..Response::ok()
                     },
                     Err(e) => Response::error(e),
-                }
+                };
+                reply(&mut w, &resp).await?;
+                drop(answering);
+                continue;
             }
             Request::Console => {
                 let console = match vm.console().await {

@@ -399,6 +399,9 @@ async fn run(args: Args) -> Result<ExitReason, String> {
             vm.wait().await.map_err(|e| e.to_string())?
         }
     };
+    // A migrated VM stops as soon as it runs on the target: let the
+    // migration's answer reach the caller first.
+    vmm_api::wait_answers(std::time::Duration::from_secs(5)).await;
     // The console ends with the VM: let its last bytes out.
     if let Some(pump) = serial {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pump).await;
