@@ -237,6 +237,7 @@ fn precopy_and_switch(
                 i += n;
                 if i % (16 * snapshot::RUN_PAGES) == 0 {
                     p.bytes_sent = pw.sent.bytes;
+                    progress.send_replace(p.clone());
                     check(&p)?;
                 }
             }

@@ -294,3 +294,272 @@ async fn target_dying_mid_migration_leaves_the_source_running() {
     assert_counts_continue(&history(&src));
     src.kill().await.unwrap();
 }
+
+// ---- Between hci-vmm processes ----
+
+const VMM: &str = env!("CARGO_BIN_EXE_hci-vmm");
+
+/// A config with a run directory of its own for a VMM process.
+fn proc_config(name: &str, memory: u64, mib: u64) -> hci_core::compute::VmConfig {
+    let mut c = config(
+        &format!("{name}-{}", std::process::id()),
+        guest(Guest::Dirty),
+        1,
+        &format!("mib={mib} every={EVERY}"),
+    );
+    c.memory = memory;
+    c
+}
+
+fn console_log(c: &hci_core::compute::VmConfig) -> String {
+    std::fs::read_to_string(c.run_dir.join("console.log")).unwrap_or_default()
+}
+
+async fn wait_log(c: &hci_core::compute::VmConfig, needle: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !console_log(c).contains(needle) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never showed {needle:?}: {:?}",
+            c.name,
+            console_log(c)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Kills a VM when dropped (a failing test leaves no VMM spinning).
+struct KillOnDrop(Option<Box<dyn VmHandle>>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(vm) = self.0.take() {
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    let _ = rt.block_on(vm.kill());
+                }
+            })
+            .join();
+        }
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = dyn VmHandle;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_deref().expect("VM")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_snapshot_restores_in_a_new_vmm_process() {
+    use hci_core::compute::{Hypervisor, RestoreVm};
+    require_kvm();
+    let hv = hci_compute::ProcessHypervisor::with_vmm(VMM);
+    let src_cfg = proc_config("psnap-src", 64 << 20, 8);
+    let src = KillOnDrop(Some(hv.create(src_cfg.clone()).await.unwrap()));
+    src.start().await.unwrap();
+    wait_log(&src_cfg, &format!("count {}\n", 3 * EVERY)).await;
+    src.pause().await.unwrap();
+    let file = src_cfg.run_dir.join("vm.snap");
+    src.as_snapshottable().unwrap().save(&file).await.unwrap();
+    src.kill().await.unwrap();
+    let before = console_log(&src_cfg);
+
+    let dst_cfg = proc_config("psnap-dst", 64 << 20, 8);
+    let dst = KillOnDrop(Some(hv.restore(dst_cfg.clone(), &file).await.unwrap()));
+    assert_eq!(dst.state().await.unwrap(), VmState::Paused);
+    dst.resume().await.unwrap();
+    wait_log(&dst_cfg, &format!("count {}\n", next_count(&before, 3))).await;
+    assert_counts_continue(&(before + &console_log(&dst_cfg)));
+}
+
+/// Migrates a dirty guest between two `ProcessHypervisor`s (`src_hv` runs
+/// the source, `dst_hv` the target listening on `listen`, reached as
+/// `connect`); checks the counter and returns the progress.
+async fn migrate_between_processes(
+    src_hv: &hci_compute::ProcessHypervisor,
+    dst_hv: &hci_compute::ProcessHypervisor,
+    listen: &str,
+    connect: &str,
+    tag: &str,
+) -> MigrationProgress {
+    use hci_core::compute::{Hypervisor, ReceiveMigration};
+    let src_cfg = proc_config(&format!("{tag}-src"), 64 << 20, 8);
+    let dst_cfg = proc_config(&format!("{tag}-dst"), 64 << 20, 8);
+    let src = KillOnDrop(Some(src_hv.create(src_cfg.clone()).await.unwrap()));
+    src.start().await.unwrap();
+    wait_log(&src_cfg, &format!("count {}\n", 2 * EVERY)).await;
+    let receiving = dst_hv.receive(dst_cfg.clone(), listen, "tok");
+    let sending = async {
+        let start = std::time::Instant::now();
+        loop {
+            let (tx, _rx) = watch::channel(MigrationProgress::default());
+            let options = MigrationOptions {
+                token: "tok".into(),
+                ..Default::default()
+            };
+            match src.as_migratable().unwrap().migrate(connect, options, tx).await {
+                Ok(p) => return p,
+                Err(e) if e.to_string().contains("connect to") && start.elapsed() < Duration::from_secs(20) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("migrate: {e}"),
+            }
+        }
+    };
+    let (dst, progress) = tokio::join!(receiving, sending);
+    let dst = KillOnDrop(Some(dst.unwrap()));
+    assert_eq!(src.wait().await.unwrap(), ExitReason::Killed);
+    let before = console_log(&src_cfg);
+    wait_log(&dst_cfg, &format!("count {}\n", next_count(&before, 3))).await;
+    assert_counts_continue(&(before + &console_log(&dst_cfg)));
+    assert_eq!(dst.state().await.unwrap(), VmState::Running);
+    eprintln!("{tag}: {progress:?}");
+    progress
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_migration_on_loopback() {
+    require_kvm();
+    let hv = hci_compute::ProcessHypervisor::with_vmm(VMM);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let p = migrate_between_processes(&hv, &hv, &addr, &addr, "ploop").await;
+    assert!(p.downtime.is_some());
+}
+
+/// Two network namespaces joined by a veth pair; removed on drop.
+struct Netns {
+    a: String,
+    b: String,
+    b_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let id = std::process::id() % 100_000;
+        let (a, b) = (format!("hcimig-a{id}"), format!("hcimig-b{id}"));
+        let (va, vb) = (format!("hma{id}"), format!("hmb{id}"));
+        let n = Netns {
+            a: a.clone(),
+            b: b.clone(),
+            b_ip: format!("10.231.{}.2", id % 250),
+        };
+        let a_ip = format!("10.231.{}.1/24", id % 250);
+        ip(&["netns", "add", &a]);
+        ip(&["netns", "add", &b]);
+        ip(&["link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b]);
+        ip(&["-n", &a, "addr", "add", &a_ip, "dev", &va]);
+        ip(&["-n", &b, "addr", "add", &format!("{}/24", n.b_ip), "dev", &vb]);
+        for (ns, dev) in [(&a, &va), (&b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        n
+    }
+
+    /// A wrapper that runs hci-vmm inside namespace `ns`.
+    fn vmm_in(&self, ns: &str) -> std::path::PathBuf {
+        let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hci-vmm-in-{ns}"));
+        std::fs::write(&path, format!("#!/bin/sh\nexec ip netns exec {ns} {VMM} \"$@\"\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_migration_between_network_namespaces() {
+    require_kvm();
+    let ns = Netns::new();
+    let src_hv = hci_compute::ProcessHypervisor::with_vmm(ns.vmm_in(&ns.a));
+    let dst_hv = hci_compute::ProcessHypervisor::with_vmm(ns.vmm_in(&ns.b));
+    let addr = format!("{}:{}", ns.b_ip, 7700 + std::process::id() % 1000);
+    let p = migrate_between_processes(&src_hv, &dst_hv, &addr, &addr, "pnetns").await;
+    assert!(p.downtime.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_target_process_mid_migration_leaves_the_source_running() {
+    use hci_core::compute::Hypervisor;
+    require_kvm();
+    let hv = hci_compute::ProcessHypervisor::with_vmm(VMM);
+    // 256 MiB dirtied continuously: the migration takes a while.
+    let src_cfg = proc_config("pkill-src", 320 << 20, 256);
+    let src = KillOnDrop(Some(hv.create(src_cfg.clone()).await.unwrap()));
+    src.start().await.unwrap();
+    wait_log(&src_cfg, &format!("count {EVERY}\n")).await;
+    let port = free_port();
+    let dst_cfg = proc_config("pkill-dst", 320 << 20, 256);
+    let target = std::process::Command::new(VMM)
+        .args(hci_compute::ProcessHypervisor::args(&dst_cfg).unwrap())
+        .args(["--incoming", &format!("127.0.0.1:{port}")])
+        .env("HCI_MIGRATION_TOKEN", "tok")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let target_pid = target.id();
+    let _reap = Reap(target);
+    let (tx, mut rx) = watch::channel(MigrationProgress::default());
+    let killer = tokio::spawn(async move {
+        // Kill the target once 32 MiB went over.
+        let _ = rx.wait_for(|p| p.bytes_sent > 32 << 20).await;
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &target_pid.to_string()])
+            .status();
+    });
+    let addr = format!("127.0.0.1:{port}");
+    let result = loop {
+        let options = MigrationOptions {
+            token: "tok".into(),
+            max_downtime: Duration::from_micros(1),
+            ..Default::default()
+        };
+        match src.as_migratable().unwrap().migrate(&addr, options, tx.clone()).await {
+            Err(e) if e.to_string().contains("connect to") => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other,
+        }
+    };
+    killer.await.unwrap();
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(src.state().await.unwrap(), VmState::Running);
+    let next = next_count(&console_log(&src_cfg), 3);
+    wait_log(&src_cfg, &format!("count {next}\n")).await;
+    assert_counts_continue(&console_log(&src_cfg));
+}
