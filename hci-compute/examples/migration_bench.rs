@@ -55,7 +55,9 @@ fn cmdline(rate: Option<u64>, tsc: u64) -> String {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn wait_file(path: &Path, needle: &str, within: Duration) -> Result<()> {
@@ -192,17 +194,31 @@ impl Drop for Children {
 
 fn qemu(guest: &Path, line: &str, dir: &Path) -> Result<Run> {
     let port = free_port()?;
-    let (src_qmp, dst_qmp, log) = (dir.join("src.qmp"), dir.join("dst.qmp"), dir.join("src.log"));
+    let (src_qmp, dst_qmp, log) = (
+        dir.join("src.qmp"),
+        dir.join("dst.qmp"),
+        dir.join("src.log"),
+    );
     let _ = std::fs::remove_file(&log);
     let base = |qmp: &Path, serial: &str| {
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-accel", "tcg", "-M", "pc", "-m", "1G", "-nodefaults", "-display", "none"])
-            .args(["-serial", serial, "-no-reboot", "-kernel"])
-            .arg(guest)
-            .args(["-append", line, "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        c.args([
+            "-accel",
+            "tcg",
+            "-M",
+            "pc",
+            "-m",
+            "1G",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .args(["-serial", serial, "-no-reboot", "-kernel"])
+        .arg(guest)
+        .args(["-append", line, "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         c
     };
     let mut kids = Children(Vec::new());
@@ -211,7 +227,8 @@ fn qemu(guest: &Path, line: &str, dir: &Path) -> Result<Run> {
             .args(["-incoming", &format!("tcp:127.0.0.1:{port}")])
             .spawn()?,
     );
-    kids.0.push(base(&src_qmp, &format!("file:{}", log.display())).spawn()?);
+    kids.0
+        .push(base(&src_qmp, &format!("file:{}", log.display())).spawn()?);
     wait_file(&log, "dirty counter at", Duration::from_secs(120))?;
     std::thread::sleep(Duration::from_secs(1));
     let mut q = Qmp::connect(&src_qmp)?;

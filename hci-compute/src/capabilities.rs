@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use hci_core::compute::{
-    MigrationOptions, MigrationProgress, Migratable, ReceiveMigration, RestoreVm, Snapshottable,
+    Migratable, MigrationOptions, MigrationProgress, ReceiveMigration, RestoreVm, Snapshottable,
     VmConfig, VmHandle,
 };
 use hci_core::{Error, Result};
@@ -33,12 +33,7 @@ impl Snapshottable for KvmVm {
     async fn save(&self, path: &Path) -> Result<()> {
         let vm = self.vm().clone();
         let path = path.to_owned();
-        blocking(move || {
-            snapshot::save(&vm, &path)
-                .map(|_| ())
-                .map_err(Error::from)
-        })
-        .await
+        blocking(move || snapshot::save(&vm, &path).map(|_| ()).map_err(Error::from)).await
     }
 }
 

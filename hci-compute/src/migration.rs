@@ -129,7 +129,9 @@ pub fn send(
         .ok_or_else(|| failed(format!("{target} resolves to no address")))?;
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|e| failed(format!("connect to {target}: {e}")))?;
-    stream.set_nodelay(true).map_err(io_failed("set TCP_NODELAY"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(io_failed("set TCP_NODELAY"))?;
     stream
         .set_write_timeout(Some(IO_TIMEOUT))
         .map_err(io_failed("set a timeout"))?;
@@ -260,7 +262,12 @@ fn precopy_and_switch(
         progress.send_replace(p.clone());
         check(&p)?;
         if estimate <= options.max_downtime || p.iteration >= MAX_PASSES {
-            info!(pass = p.iteration, dirty = remaining, ?estimate, "switching over");
+            info!(
+                pass = p.iteration,
+                dirty = remaining,
+                ?estimate,
+                "switching over"
+            );
             break;
         }
         p.iteration += 1;
@@ -361,12 +368,17 @@ pub fn receive(
         .accept()
         .map_err(io_failed("accept the migration"))?;
     let _span = info_span!("receive_migration", %peer).entered();
-    stream.set_nodelay(true).map_err(io_failed("set TCP_NODELAY"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(io_failed("set TCP_NODELAY"))?;
     stream
         .set_read_timeout(Some(IO_TIMEOUT))
         .map_err(io_failed("set a timeout"))?;
     let mut answer = stream.try_clone().map_err(io_failed("clone the socket"))?;
-    let mut r = std::io::BufReader::with_capacity(1 << 20, stream.try_clone().map_err(io_failed("clone the socket"))?);
+    let mut r = std::io::BufReader::with_capacity(
+        1 << 20,
+        stream.try_clone().map_err(io_failed("clone the socket"))?,
+    );
     let mut buf = Vec::with_capacity(snapshot::MAX_FRAME + 4);
     let first = snapshot::read_frame(&mut r, &mut buf)?;
     let checked = if first != tag::HELLO {

@@ -345,8 +345,12 @@ impl RestoreVm for ProcessHypervisor {
     /// Starts a VMM process that restores `path` (`hci-vmm --restore`); the
     /// VM comes back paused.
     async fn restore(&self, config: VmConfig, path: &Path) -> Result<Box<dyn VmHandle>> {
-        self.spawn(config, &["--restore".into(), path.display().to_string()], None)
-            .await
+        self.spawn(
+            config,
+            &["--restore".into(), path.display().to_string()],
+            None,
+        )
+        .await
     }
 }
 
@@ -361,8 +365,12 @@ impl ReceiveMigration for ProcessHypervisor {
         listen: &str,
         token: &str,
     ) -> Result<Box<dyn VmHandle>> {
-        self.spawn(config, &["--incoming".into(), listen.to_string()], Some(token))
-            .await
+        self.spawn(
+            config,
+            &["--incoming".into(), listen.to_string()],
+            Some(token),
+        )
+        .await
     }
 }
 

@@ -182,8 +182,9 @@ fn inet_sockets_only() -> Result<Vec<seccompiler::SeccompRule>> {
     [libc::AF_INET, libc::AF_INET6]
         .into_iter()
         .map(|family| {
-            let c = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, family as u64)
-                .map_err(bad)?;
+            let c =
+                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, family as u64)
+                    .map_err(bad)?;
             SeccompRule::new(vec![c]).map_err(bad)
         })
         .collect()

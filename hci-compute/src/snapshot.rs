@@ -113,7 +113,9 @@ impl Hello {
     /// Decodes and checks magic and version.
     pub fn decode(p: &[u8]) -> Result<Hello> {
         if p.len() < 26 || p[..8] != MAGIC {
-            return Err(corrupt("this is not an hci VM snapshot or migration stream"));
+            return Err(corrupt(
+                "this is not an hci VM snapshot or migration stream",
+            ));
         }
         let version = u32_at(p, 8);
         if version != FORMAT_VERSION {
@@ -356,7 +358,9 @@ pub fn apply_pages(mem: &GuestMemory, t: u8, p: &[u8]) -> Result<u64> {
             (n * PAGE, Some(vec![0u8; (n * PAGE) as usize]))
         }
     };
-    let end = gpa.checked_add(len).ok_or_else(|| corrupt("page address overflows"))?;
+    let end = gpa
+        .checked_add(len)
+        .ok_or_else(|| corrupt("page address overflows"))?;
     if !gpa.is_multiple_of(PAGE)
         || len == 0
         || !mem.address_in_range(GuestAddress(gpa))
@@ -375,8 +379,8 @@ pub fn apply_pages(mem: &GuestMemory, t: u8, p: &[u8]) -> Result<u64> {
 
 /// Writes the state frame and the end frame.
 pub fn write_state_and_end(w: &mut impl Write, state: &MachineState, pages: u64) -> Result<()> {
-    let json = serde_json::to_vec(state)
-        .map_err(|e| VmmError::invalid("machine state", e.to_string()))?;
+    let json =
+        serde_json::to_vec(state).map_err(|e| VmmError::invalid("machine state", e.to_string()))?;
     write_frame(w, tag::STATE, &[&json]).map_err(|e| VmmError::io("write the machine state", e))?;
     write_frame(w, tag::END, &[&pages.to_le_bytes()])
         .map_err(|e| VmmError::io("write the snapshot end", e))
@@ -398,8 +402,8 @@ pub fn save(vm: &crate::vm::Vm, path: &Path) -> Result<Sent> {
 fn save_quiesced(vm: &crate::vm::Vm, path: &Path) -> Result<Sent> {
     let state = vm.capture()?;
     let tmp = path.with_extension("partial");
-    let file = std::fs::File::create(&tmp)
-        .map_err(|e| VmmError::io("create the snapshot file", e))?;
+    let file =
+        std::fs::File::create(&tmp).map_err(|e| VmmError::io("create the snapshot file", e))?;
     let mut w = io::BufWriter::with_capacity(1 << 20, file);
     let hello = Hello {
         version: FORMAT_VERSION,
@@ -479,7 +483,9 @@ pub fn read_body(r: &mut impl Read, mem: &GuestMemory, buf: &mut Vec<u8>) -> Res
             tag::STATE => state = Some(decode_state(buf)?),
             tag::END => {
                 if buf.len() != 8 || u64_at(buf, 0) != pages {
-                    return Err(corrupt("the page count at the end does not match the pages read"));
+                    return Err(corrupt(
+                        "the page count at the end does not match the pages read",
+                    ));
                 }
                 return state.ok_or_else(|| corrupt("the stream has no machine state"));
             }
@@ -512,7 +518,10 @@ mod tests {
         for i in 0..v.len() {
             let mut bad = v.clone();
             bad[i] ^= 0x10;
-            assert!(read_frame(&mut bad.as_slice(), &mut buf).is_err(), "byte {i}");
+            assert!(
+                read_frame(&mut bad.as_slice(), &mut buf).is_err(),
+                "byte {i}"
+            );
         }
         assert!(read_frame(&mut &v[..v.len() - 1], &mut buf).is_err());
     }

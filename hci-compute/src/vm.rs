@@ -162,7 +162,11 @@ impl Vm {
         Self::build(spec, executor, Some(memory))
     }
 
-    fn build(spec: VmSpec, executor: Executor, restore_into: Option<Arc<GuestMemory>>) -> Result<Vm> {
+    fn build(
+        spec: VmSpec,
+        executor: Executor,
+        restore_into: Option<Arc<GuestMemory>>,
+    ) -> Result<Vm> {
         let _span = info_span!("create_vm", vm = %spec.name).entered();
         let created = Instant::now();
         if spec.cpus == 0 || spec.cpus > MAX_CPUS {

@@ -32,11 +32,11 @@ use hci_core::compute::{
     Console, ExitReason, Migratable, MigrationOptions, MigrationProgress, Snapshottable, VmHandle,
     VmState, VmStats,
 };
-use tokio::sync::watch;
 use hci_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 
 /// Migrations whose final answer is not written yet (the process must not
 /// exit before: the migrated VM stops the moment it runs on the target).
@@ -138,7 +138,9 @@ impl From<&MigrationProgress> for WireProgress {
             bytes_sent: p.bytes_sent,
             bytes_remaining: p.bytes_remaining,
             dirty_rate: p.dirty_rate,
-            downtime_us: p.downtime.map(|d| d.as_micros().min(u128::from(u64::MAX)) as u64),
+            downtime_us: p
+                .downtime
+                .map(|d| d.as_micros().min(u128::from(u64::MAX)) as u64),
         }
     }
 }
@@ -409,6 +411,11 @@ async fn connection(vm: Arc<dyn VmHandle>, stream: UnixStream) -> std::io::Resul
                 let Some(m) = vm.as_migratable() else {
                     return reply(&mut w, &Response::error("this VM cannot migrate")).await;
                 };
+                if target.parse::<std::net::SocketAddr>().is_err() {
+                    let e = format!("migration target {target:?}: give an IP address and port");
+                    reply(&mut w, &Response::error(e)).await?;
+                    continue;
+                }
                 let options = MigrationOptions {
                     max_downtime: Duration::from_millis(max_downtime_ms),
                     timeout: Duration::from_millis(timeout_ms),
@@ -737,8 +744,17 @@ impl RemoteVm {
         options: MigrationOptions,
         progress: watch::Sender<MigrationProgress>,
     ) -> Result<MigrationProgress> {
+        // Resolve names here: the VMM process runs under seccomp and only
+        // connects to addresses (a resolver would open sockets it may not).
+        let resolved = tokio::net::lookup_host(target)
+            .await
+            .map_err(|e| Error::invalid("migration target", format!("{target}: {e}")))?
+            .next()
+            .ok_or_else(|| {
+                Error::invalid("migration target", format!("{target} has no address"))
+            })?;
         let req = Request::Migrate {
-            target: target.to_string(),
+            target: resolved.to_string(),
             max_downtime_ms: options.max_downtime.as_millis().min(u128::from(u64::MAX)) as u64,
             timeout_ms: options.timeout.as_millis().min(u128::from(u64::MAX)) as u64,
             token: options.token,

@@ -83,10 +83,16 @@ async fn snapshot_restores_and_the_counter_continues() {
     src.kill().await.unwrap();
     // Sparse: only touched pages are stored (guest code + the 8 MiB area).
     let size = std::fs::metadata(&file).unwrap().len();
-    assert!(size < 16 << 20, "snapshot of a 64 MiB guest is {size} bytes");
+    assert!(
+        size < 16 << 20,
+        "snapshot of a 64 MiB guest is {size} bytes"
+    );
 
     let hv = KvmHypervisor::new();
-    let restored = hv.restore_vm(dirty_config("snap-dst"), &file).await.unwrap();
+    let restored = hv
+        .restore_vm(dirty_config("snap-dst"), &file)
+        .await
+        .unwrap();
     assert_eq!(restored.state().await.unwrap(), VmState::Paused);
     restored.resume().await.unwrap();
     let target = next_count(&before, 3);
@@ -210,7 +216,11 @@ async fn wrong_token_is_refused_and_the_source_keeps_running() {
         token: "wrong".into(),
         ..Default::default()
     };
-    let e = src.migrate(&addr, options, tx).await.unwrap_err().to_string();
+    let e = src
+        .migrate(&addr, options, tx)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("token"), "{e}");
     assert!(receiving.await.unwrap().is_err());
     assert_eq!(src.state().await.unwrap(), VmState::Running);
@@ -402,9 +412,17 @@ async fn migrate_between_processes(
                 token: "tok".into(),
                 ..Default::default()
             };
-            match src.as_migratable().unwrap().migrate(connect, options, tx).await {
+            match src
+                .as_migratable()
+                .unwrap()
+                .migrate(connect, options, tx)
+                .await
+            {
                 Ok(p) => return p,
-                Err(e) if e.to_string().contains("connect to") && start.elapsed() < Duration::from_secs(20) => {
+                Err(e)
+                    if e.to_string().contains("connect to")
+                        && start.elapsed() < Duration::from_secs(20) =>
+                {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => panic!("migrate: {e}"),
@@ -446,7 +464,10 @@ struct Netns {
 }
 
 fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip").args(args).output().expect("run ip");
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip");
     assert!(
         out.status.success(),
         "ip {args:?}: {}",
@@ -467,9 +488,19 @@ impl Netns {
         let a_ip = format!("10.231.{}.1/24", id % 250);
         ip(&["netns", "add", &a]);
         ip(&["netns", "add", &b]);
-        ip(&["link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b]);
+        ip(&[
+            "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
+        ]);
         ip(&["-n", &a, "addr", "add", &a_ip, "dev", &va]);
-        ip(&["-n", &b, "addr", "add", &format!("{}/24", n.b_ip), "dev", &vb]);
+        ip(&[
+            "-n",
+            &b,
+            "addr",
+            "add",
+            &format!("{}/24", n.b_ip),
+            "dev",
+            &vb,
+        ]);
         for (ns, dev) in [(&a, &va), (&b, &vb)] {
             ip(&["-n", ns, "link", "set", dev, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
@@ -479,8 +510,13 @@ impl Netns {
 
     /// A wrapper that runs hci-vmm inside namespace `ns`.
     fn vmm_in(&self, ns: &str) -> std::path::PathBuf {
-        let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hci-vmm-in-{ns}"));
-        std::fs::write(&path, format!("#!/bin/sh\nexec ip netns exec {ns} {VMM} \"$@\"\n")).unwrap();
+        let path =
+            std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hci-vmm-in-{ns}"));
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\nexec ip netns exec {ns} {VMM} \"$@\"\n"),
+        )
+        .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path
@@ -490,7 +526,9 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         for ns in [&self.a, &self.b] {
-            let _ = std::process::Command::new("ip").args(["netns", "del", ns]).output();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .output();
         }
     }
 }
@@ -549,7 +587,12 @@ async fn killing_the_target_process_mid_migration_leaves_the_source_running() {
             max_downtime: Duration::from_micros(1),
             ..Default::default()
         };
-        match src.as_migratable().unwrap().migrate(&addr, options, tx.clone()).await {
+        match src
+            .as_migratable()
+            .unwrap()
+            .migrate(&addr, options, tx.clone())
+            .await
+        {
             Err(e) if e.to_string().contains("connect to") => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -70,8 +70,7 @@ impl fmt::Debug for ResetTrigger {
 }
 
 /// What a controller command wants as its parameter (the next data byte).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Pending {
     None,
     /// 0x60: the new command byte.

@@ -194,11 +194,7 @@ impl Vcpu {
                 ),
             });
         }
-        Ok(msrs
-            .as_slice()
-            .iter()
-            .map(|e| (e.index, e.data))
-            .collect())
+        Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect())
     }
 
     /// Loads a state saved by [`Vcpu::save_state`] (the vCPU must not be running).
@@ -223,7 +219,13 @@ impl Vcpu {
             .map_err(|e| VmmError::invalid("MSR list", format!("{e:?}")))?;
         let set = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         if set < entries.len() {
-            warn!(vcpu = self.id, set, saved = entries.len(), first_refused = format_args!("{:#x}", entries[set].index), "KVM accepted only some saved MSRs");
+            warn!(
+                vcpu = self.id,
+                set,
+                saved = entries.len(),
+                first_refused = format_args!("{:#x}", entries[set].index),
+                "KVM accepted only some saved MSRs"
+            );
         }
         fd.set_sregs(&s.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         fd.set_regs(&s.regs).map_err(kvm_err("KVM_SET_REGS"))?;
@@ -317,7 +319,10 @@ impl Vm {
             let n = vcpu.fd.get_msrs(&mut msrs).unwrap_or(0).min(list.len());
             ok.extend_from_slice(&list[..n]);
             if n < list.len() {
-                debug!(msr = format_args!("{:#x}", list[n]), "MSR not readable; not saved");
+                debug!(
+                    msr = format_args!("{:#x}", list[n]),
+                    "MSR not readable; not saved"
+                );
                 list.drain(..=n);
             } else {
                 break;

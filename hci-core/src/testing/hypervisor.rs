@@ -259,8 +259,7 @@ pub async fn snapshot_restores_a_paused_guest_that_continues(f: &HypervisorFixtu
         .create(own(&f.spin, "snap"))
         .await
         .expect("create");
-    let (Some(saver), Some(restorer)) = (vm.as_snapshottable(), f.hypervisor.as_restorer())
-    else {
+    let (Some(saver), Some(restorer)) = (vm.as_snapshottable(), f.hypervisor.as_restorer()) else {
         eprintln!(
             "SKIPPED snapshot_restores_a_paused_guest_that_continues: the {:?} backend cannot snapshot and restore",
             f.hypervisor.kind()
@@ -269,7 +268,10 @@ pub async fn snapshot_restores_a_paused_guest_that_continues(f: &HypervisorFixtu
     };
     let out = Output::follow(&*vm).await;
     vm.start().await.expect("start");
-    assert!(out.grows_past(0, WAIT).await, "the spin guest printed nothing");
+    assert!(
+        out.grows_past(0, WAIT).await,
+        "the spin guest printed nothing"
+    );
     vm.pause().await.expect("pause");
     let file = std::env::temp_dir().join(format!(
         "hci-suite-{}-{}.snap",

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestAddress};
+use vm_memory::GuestAddress;
 
 use super::*;
 use crate::devices::virtio::ActiveQueue;
