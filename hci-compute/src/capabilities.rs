@@ -84,19 +84,37 @@ impl KvmHypervisor {
         let token = token.to_string();
         let executor = Executor::current();
         blocking(move || {
-            let incoming = migration::receive(
+            let accepted = migration::accept(
                 &listener,
                 &token,
                 config.cpus,
                 config.memory,
                 hv.memory_backing(),
             )?;
+            // Without disks the VM is built while pages arrive (it is most of
+            // the fixed downtime); disks are opened only once the source has
+            // paused and sent its state.
+            let early = if config.disks.is_empty() {
+                let spec = hv.spec(config.clone())?;
+                Some(Vm::new_for_restore(
+                    spec,
+                    executor.clone(),
+                    Some(Arc::clone(&accepted.memory)),
+                )?)
+            } else {
+                None
+            };
+            let incoming = accepted.read_state()?;
             let built = (|| -> Result<Vm> {
-                let spec = hv.spec(config)?;
-                let vm = Vm::new_for_restore(spec, executor, Some(Arc::clone(&incoming.memory)))?;
+                let vm = match early {
+                    Some(vm) => vm,
+                    None => {
+                        let spec = hv.spec(config)?;
+                        Vm::new_for_restore(spec, executor, Some(Arc::clone(&incoming.memory)))?
+                    }
+                };
                 vm.load(&incoming.state)?;
-                vm.start_paused()?;
-                vm.resume()?;
+                vm.start()?;
                 Ok(vm)
             })();
             match built {

@@ -354,16 +354,26 @@ fn token_matches(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A migration whose header was accepted: guest memory is allocated and
+/// the source is sending pages ([`Accepted::read_state`] receives them).
+#[derive(Debug)]
+pub struct Accepted {
+    /// Fresh guest memory the pages go into (a VM can be built on it now).
+    pub memory: Arc<GuestMemory>,
+    reader: std::io::BufReader<TcpStream>,
+    stream: TcpStream,
+}
+
 /// Accepts one migration on `listener` for a VM with `cpus` vCPUs and
-/// `memory` bytes (fresh memory from `backing`), checking `token`, and
-/// receives pages until the source sends the machine state.
-pub fn receive(
+/// `memory` bytes (fresh memory from `backing`), checking the format
+/// version, shape and `token`.
+pub fn accept(
     listener: &TcpListener,
     token: &str,
     cpus: u32,
     memory: u64,
     backing: &crate::memory::MemoryBacking,
-) -> Result<Incoming> {
+) -> Result<Accepted> {
     let (stream, peer) = listener
         .accept()
         .map_err(io_failed("accept the migration"))?;
@@ -375,12 +385,12 @@ pub fn receive(
         .set_read_timeout(Some(IO_TIMEOUT))
         .map_err(io_failed("set a timeout"))?;
     let mut answer = stream.try_clone().map_err(io_failed("clone the socket"))?;
-    let mut r = std::io::BufReader::with_capacity(
+    let mut reader = std::io::BufReader::with_capacity(
         1 << 20,
         stream.try_clone().map_err(io_failed("clone the socket"))?,
     );
-    let mut buf = Vec::with_capacity(snapshot::MAX_FRAME + 4);
-    let first = snapshot::read_frame(&mut r, &mut buf)?;
+    let mut buf = Vec::new();
+    let first = snapshot::read_frame(&mut reader, &mut buf)?;
     let checked = if first != tag::HELLO {
         Err(failed("the peer did not start with a migration header"))
     } else {
@@ -397,14 +407,38 @@ pub fn receive(
     }
     let mem = crate::memory::create_guest_memory_backed(memory, backing)?;
     reply(&mut answer, true, "ready").map_err(io_failed("answer the source"))?;
-    let t = Instant::now();
-    let state = snapshot::read_body(&mut r, &mem, &mut buf)?;
-    info!(elapsed = ?t.elapsed(), "migration stream received");
-    Ok(Incoming {
+    Ok(Accepted {
         memory: mem,
-        state,
+        reader,
         stream,
     })
+}
+
+impl Accepted {
+    /// Receives pages until the source sends the machine state (it is
+    /// paused then, waiting for [`Incoming::finish`]).
+    pub fn read_state(mut self) -> Result<Incoming> {
+        let mut buf = Vec::with_capacity(snapshot::MAX_FRAME + 4);
+        let t = Instant::now();
+        let state = snapshot::read_body(&mut self.reader, &self.memory, &mut buf)?;
+        info!(elapsed = ?t.elapsed(), "migration stream received");
+        Ok(Incoming {
+            memory: self.memory,
+            state,
+            stream: self.stream,
+        })
+    }
+}
+
+/// [`accept`] then [`Accepted::read_state`].
+pub fn receive(
+    listener: &TcpListener,
+    token: &str,
+    cpus: u32,
+    memory: u64,
+    backing: &crate::memory::MemoryBacking,
+) -> Result<Incoming> {
+    accept(listener, token, cpus, memory, backing)?.read_state()
 }
 
 #[cfg(test)]
