@@ -8,6 +8,9 @@
 //! migration_bench --vmm target/release/hci-vmm [--rates idle,50,200] [--no-qemu]
 //! ```
 
+// A benchmark's report is its standard output.
+#![allow(clippy::print_stdout)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

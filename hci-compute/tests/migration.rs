@@ -232,15 +232,18 @@ async fn wrong_token_is_refused_and_the_source_keeps_running() {
 /// A target that accepts the header, then reads `take` bytes and either
 /// stalls (keeps the connection open, reading nothing more) or drops it.
 fn fake_target(take: usize, stall: bool) -> (String, std::thread::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("fake target");
+    let addr = listener.local_addr().expect("fake target").to_string();
     let t = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let (mut s, _) = listener.accept().expect("fake target");
         let mut buf = Vec::new();
-        assert_eq!(snapshot::read_frame(&mut s, &mut buf).unwrap(), tag::HELLO);
+        assert_eq!(
+            snapshot::read_frame(&mut s, &mut buf).expect("fake target"),
+            tag::HELLO
+        );
         let mut ok = Vec::new();
-        snapshot::write_frame(&mut ok, tag::REPLY, &[&[0u8], b"ready"]).unwrap();
-        s.write_all(&ok).unwrap();
+        snapshot::write_frame(&mut ok, tag::REPLY, &[&[0u8], b"ready"]).expect("fake target");
+        s.write_all(&ok).expect("fake target");
         let mut left = take;
         let mut chunk = vec![0u8; 64 << 10];
         while left > 0 {
@@ -400,8 +403,13 @@ async fn migrate_between_processes(
     use hci_core::compute::{Hypervisor, ReceiveMigration};
     let src_cfg = proc_config(&format!("{tag}-src"), 64 << 20, 8);
     let dst_cfg = proc_config(&format!("{tag}-dst"), 64 << 20, 8);
-    let src = KillOnDrop(Some(src_hv.create(src_cfg.clone()).await.unwrap()));
-    src.start().await.unwrap();
+    let src = KillOnDrop(Some(
+        src_hv
+            .create(src_cfg.clone())
+            .await
+            .expect("migration step"),
+    ));
+    src.start().await.expect("migration step");
     wait_log(&src_cfg, &format!("count {}\n", 2 * EVERY)).await;
     let receiving = dst_hv.receive(dst_cfg.clone(), listen, "tok");
     let sending = async {
@@ -414,7 +422,7 @@ async fn migrate_between_processes(
             };
             match src
                 .as_migratable()
-                .unwrap()
+                .expect("migration step")
                 .migrate(connect, options, tx)
                 .await
             {
@@ -430,12 +438,15 @@ async fn migrate_between_processes(
         }
     };
     let (dst, progress) = tokio::join!(receiving, sending);
-    let dst = KillOnDrop(Some(dst.unwrap()));
-    assert_eq!(src.wait().await.unwrap(), ExitReason::Killed);
+    let dst = KillOnDrop(Some(dst.expect("migration step")));
+    assert_eq!(
+        src.wait().await.expect("migration step"),
+        ExitReason::Killed
+    );
     let before = console_log(&src_cfg);
     wait_log(&dst_cfg, &format!("count {}\n", next_count(&before, 3))).await;
     assert_counts_continue(&(before + &console_log(&dst_cfg)));
-    assert_eq!(dst.state().await.unwrap(), VmState::Running);
+    assert_eq!(dst.state().await.expect("migration step"), VmState::Running);
     eprintln!("{tag}: {progress:?}");
     progress
 }
@@ -443,7 +454,7 @@ async fn migrate_between_processes(
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .unwrap()
+        .expect("migration step")
         .port()
 }
 
@@ -516,9 +527,10 @@ impl Netns {
             &path,
             format!("#!/bin/sh\nexec ip netns exec {ns} {VMM} \"$@\"\n"),
         )
-        .unwrap();
+        .expect("wrapper script");
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("wrapper script");
         path
     }
 }
