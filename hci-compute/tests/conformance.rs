@@ -19,7 +19,12 @@ async fn fixture() -> HypervisorFixture {
         hello: config(&format!("conf-hello-{n}"), guest(Guest::Hello), 1, ""),
         hello_output: "hello from guest\n".into(),
         hello_exit: ExitReason::Reset,
-        spin: config(&format!("conf-spin-{n}"), guest(Guest::Spin), 1, "every=1000000"),
+        spin: config(
+            &format!("conf-spin-{n}"),
+            guest(Guest::Spin),
+            1,
+            "every=1000000",
+        ),
     }
 }
 

@@ -363,6 +363,21 @@ mod tests {
     }
 
     #[test]
+    fn state_survives_a_snapshot_round_trip() {
+        let (mut dev, _, _) = device();
+        dev.ctrl_alt_del().unwrap();
+        // Half-way through a command that takes a parameter.
+        dev.write(COMMAND, &[0x60]);
+        let snap = dev.snapshot();
+        let (mut other, _, _) = device();
+        other.restore(&snap);
+        assert_eq!(other.snapshot(), snap);
+        let json = serde_json::to_string(&snap).unwrap();
+        assert_eq!(serde_json::from_str::<I8042Snapshot>(&json).unwrap(), snap);
+        assert_eq!(drain(&mut other), drain(&mut dev));
+    }
+
+    #[test]
     fn fe_to_command_port_resets() {
         let (mut dev, hits, _) = device();
         dev.write(DATA, &[0xfe]);

@@ -133,4 +133,26 @@ mod tests {
         dev.lock().unwrap().read(0, &mut rx);
         assert_eq!(rx, *b"x");
     }
+
+    #[test]
+    fn state_survives_a_snapshot_round_trip() {
+        let hub = ConsoleHub::new(None);
+        let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let dev = SerialDevice::new(irq, &hub);
+        dev.lock().unwrap().write(3, &[0x03]); // LCR: 8N1
+        dev.lock().unwrap().write(7, &[0x5a]); // scratch
+        let (_r, _w) = hub.subscribe();
+        assert_eq!(hub.input(b"ab"), 2);
+        let snap = dev.lock().unwrap().snapshot();
+        assert_eq!(snap.in_buffer, b"ab");
+        let hub2 = ConsoleHub::new(None);
+        let dev2 = SerialDevice::new(IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap()), &hub2);
+        dev2.lock().unwrap().restore(&snap).unwrap();
+        assert_eq!(dev2.lock().unwrap().snapshot(), snap);
+        let mut b = [0u8];
+        dev2.lock().unwrap().read(7, &mut b);
+        assert_eq!(b, [0x5a]);
+        dev2.lock().unwrap().read(0, &mut b);
+        assert_eq!(b, *b"a");
+    }
 }
