@@ -92,6 +92,14 @@ pub enum VmmError {
     /// vCPUs did not acknowledge a pause in time.
     #[error("timed out waiting for vCPUs to {0}")]
     Timeout(&'static str),
+
+    /// A live migration failed (the source VM keeps running).
+    #[error("migration failed: {0}")]
+    Migration(String),
+
+    /// A live migration was cancelled (the source VM keeps running).
+    #[error("migration cancelled")]
+    Cancelled,
 }
 
 impl VmmError {
@@ -128,6 +136,7 @@ impl From<VmmError> for hci_core::Error {
                 what: "/dev/kvm".into(),
                 source: Some(Box::new(e)),
             },
+            VmmError::Cancelled => hci_core::Error::Cancelled,
             VmmError::BadState { op, state } => hci_core::Error::Busy {
                 kind: "vm",
                 name: String::new(),

@@ -136,6 +136,11 @@ impl KvmHypervisor {
         &self.taps
     }
 
+    /// What backs guest RAM of VMs this hypervisor creates.
+    pub(crate) fn memory_backing(&self) -> &MemoryBacking {
+        &self.memory_backing
+    }
+
     /// Turns `config` into a [`VmSpec`] with this backend's settings and TAPs.
     pub fn spec(&self, config: VmConfig) -> Result<VmSpec> {
         let mut spec = spec_from_config(config)?;
@@ -333,7 +338,9 @@ pub fn open_replica(
     Ok(replica)
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Backend {
@@ -352,6 +359,14 @@ impl Hypervisor for KvmHypervisor {
     async fn create(&self, config: VmConfig) -> Result<Box<dyn VmHandle>> {
         Ok(Box::new(self.create_vm(config).await?))
     }
+
+    fn as_restorer(&self) -> Option<&dyn hci_core::compute::RestoreVm> {
+        Some(self)
+    }
+
+    fn as_migration_receiver(&self) -> Option<&dyn hci_core::compute::ReceiveMigration> {
+        Some(self)
+    }
 }
 
 /// A VM of the KVM VMM.
@@ -361,6 +376,11 @@ pub struct KvmVm {
 }
 
 impl KvmVm {
+    /// Wraps a VM manager.
+    pub(crate) fn from_vm(vm: Vm) -> Self {
+        KvmVm { vm }
+    }
+
     /// The underlying VM manager (console hub, timings, vCPU usage).
     pub fn vm(&self) -> &Vm {
         &self.vm
@@ -381,6 +401,14 @@ impl KvmVm {
 impl VmHandle for KvmVm {
     fn name(&self) -> &str {
         self.vm.name()
+    }
+
+    fn as_snapshottable(&self) -> Option<&dyn hci_core::compute::Snapshottable> {
+        Some(self)
+    }
+
+    fn as_migratable(&self) -> Option<&dyn hci_core::compute::Migratable> {
+        Some(self)
     }
 
     async fn start(&self) -> Result<()> {

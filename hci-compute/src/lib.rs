@@ -19,6 +19,13 @@
 //! - [`vm`]: the VM manager (build, start, pause, resume, kill, wait);
 //! - [`hypervisor`]: [`KvmHypervisor`] / [`KvmVm`], the hci-core trait impls;
 //! - [`console`]: the serial console stream (history, readers, log file);
+//! - [`snapshot`]: VM snapshots (vCPU, irqchip/PIT/clock, device and queue
+//!   state, sparse guest memory) in a versioned, checksummed stream format;
+//! - [`migration`]: pre-copy live migration over TCP in that format (KVM
+//!   dirty log plus the VMM's own writes, token, downtime target, cancel);
+//!   the kvm backend implements hci-core's `Snapshottable`, `RestoreVm`,
+//!   `Migratable` and `ReceiveMigration`, in process and through `hci-vmm`
+//!   (`--restore`, `--incoming`, API `snapshot`/`migrate`);
 //! - [`vmm_api`]: the control socket of a VMM process, its client and
 //!   [`vmm_api::RemoteVm`];
 //! - [`process`]: [`ProcessHypervisor`], one `hci-vmm` process per VM (VMs
@@ -68,14 +75,17 @@
 #![deny(missing_docs)]
 
 pub mod boot;
+mod capabilities;
 pub mod console;
 pub mod devices;
 pub mod error;
 pub mod hypervisor;
 pub mod kvm;
 pub mod memory;
+pub mod migration;
 pub mod process;
 pub mod seccomp;
+pub mod snapshot;
 mod sys;
 pub mod test_guests;
 pub mod vcpu;

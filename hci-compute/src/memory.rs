@@ -14,12 +14,16 @@ use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{Result, VmmError};
 
-/// Guest memory as the VMM uses it.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory as the VMM uses it. Every write the VMM itself makes through
+/// vm-memory (virtio devices, boot loading) sets a bit per 4 KiB page in the
+/// region's [`AtomicBitmap`]; live migration adds those pages to KVM's dirty
+/// log (which only sees guest writes).
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Start of the 32-bit MMIO hole.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;

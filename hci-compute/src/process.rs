@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hci_core::compute::{
-    Adopt, BootSource, DiskBackend, DiskBus, Hypervisor, HypervisorKind, VmConfig, VmHandle,
+    Adopt, BootSource, DiskBackend, DiskBus, Hypervisor, HypervisorKind, ReceiveMigration,
+    RestoreVm, VmConfig, VmHandle,
 };
 use hci_core::{Error, Result};
 
@@ -257,7 +258,46 @@ impl Hypervisor for ProcessHypervisor {
     }
 
     async fn create(&self, config: VmConfig) -> Result<Box<dyn VmHandle>> {
-        let (args, fds) = self.command_line(&config)?;
+        self.spawn(config, &[], None).await
+    }
+
+    fn as_adopter(&self) -> Option<&dyn Adopt> {
+        Some(self)
+    }
+
+    fn as_restorer(&self) -> Option<&dyn RestoreVm> {
+        Some(self)
+    }
+
+    fn as_migration_receiver(&self) -> Option<&dyn ReceiveMigration> {
+        Some(self)
+    }
+}
+
+/// Kills a VMM process unless disarmed (a `receive` dropped while waiting).
+struct KillUnlessDisarmed(Option<u32>);
+
+impl Drop for KillUnlessDisarmed {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            crate::sys::kill_process(pid);
+        }
+    }
+}
+
+impl ProcessHypervisor {
+    /// Starts `hci-vmm` for `config` with `extra` arguments (and `token` in
+    /// its environment); waits up to `startup` (forever: `None`) for its
+    /// API socket.
+    async fn spawn(
+        &self,
+        config: VmConfig,
+        extra: &[String],
+        token: Option<&str>,
+    ) -> Result<Box<dyn VmHandle>> {
+        let (mut args, fds) = self.command_line(&config)?;
+        args.extend_from_slice(extra);
+        let startup = if token.is_some() { None } else { Some(STARTUP) };
         std::fs::create_dir_all(&config.run_dir)
             .map_err(|e| Error::io(format!("create {}", config.run_dir.display()), e))?;
         let (socket, exit, log) = files(&config.run_dir);
@@ -275,13 +315,17 @@ impl Hypervisor for ProcessHypervisor {
             .process_group(0)
             .kill_on_drop(false);
         crate::sys::inherit_fds(&mut cmd, fds);
+        if let Some(token) = token {
+            cmd.env("HCI_MIGRATION_TOKEN", token);
+        }
         let mut child = cmd.spawn().map_err(|e| {
             Error::io(
                 format!("start {} (is hci-vmm installed?)", self.vmm.display()),
                 e,
             )
         })?;
-        let deadline = Instant::now() + STARTUP;
+        let deadline = startup.map(|s| Instant::now() + s);
+        let mut guard = KillUnlessDisarmed(child.id());
         let client = VmmClient::new(&socket);
         loop {
             if socket.exists() && client.call(&Request::State).await.is_ok() {
@@ -298,7 +342,7 @@ impl Hypervisor for ProcessHypervisor {
                     source: None,
                 });
             }
-            if Instant::now() > deadline {
+            if deadline.is_some_and(|d| Instant::now() > d) {
                 let _ = child.start_kill();
                 return Err(Error::Backend {
                     backend: "hci-vmm",
@@ -308,15 +352,46 @@ impl Hypervisor for ProcessHypervisor {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        guard.0 = None;
         // Reap it when it ends (if this process is still there then).
         tokio::spawn(async move {
             let _ = child.wait().await;
         });
         Ok(Box::new(RemoteVm::new(config.name, socket, exit)))
     }
+}
 
-    fn as_adopter(&self) -> Option<&dyn Adopt> {
-        Some(self)
+#[async_trait]
+impl RestoreVm for ProcessHypervisor {
+    /// Starts a VMM process that restores `path` (`hci-vmm --restore`); the
+    /// VM comes back paused.
+    async fn restore(&self, config: VmConfig, path: &Path) -> Result<Box<dyn VmHandle>> {
+        self.spawn(
+            config,
+            &["--restore".into(), path.display().to_string()],
+            None,
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl ReceiveMigration for ProcessHypervisor {
+    /// Starts a VMM process listening on `listen` (`hci-vmm --incoming`);
+    /// returns once the migrated VM runs there. Dropping the future kills
+    /// that process.
+    async fn receive(
+        &self,
+        config: VmConfig,
+        listen: &str,
+        token: &str,
+    ) -> Result<Box<dyn VmHandle>> {
+        self.spawn(
+            config,
+            &["--incoming".into(), listen.to_string()],
+            Some(token),
+        )
+        .await
     }
 }
 

@@ -106,13 +106,14 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
     libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    // Outgoing TCP connections (`socket` is limited to AF_INET/AF_INET6 by
+    // a rule in `program`): live migration to the target, and a replicated
+    // volume's engine reconnecting to its replica servers or connecting to
+    // a replica being added.
+    libc::SYS_connect,
     libc::SYS_getsockname,
     libc::SYS_getpeername,
-    // New connections: a replicated volume's engine reconnects to its
-    // replica servers and connects to a replica being added.
-    libc::SYS_socket,
-    libc::SYS_connect,
-    libc::SYS_setsockopt,
     // Polling.
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
@@ -165,14 +166,30 @@ pub fn program(mode: Mode) -> Result<Option<BpfProgram>> {
         Mode::Trap => SeccompAction::Trap,
         Mode::Log => SeccompAction::Log,
     };
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    rules.insert(libc::SYS_socket, inet_sockets_only()?);
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| VmmError::Memory(format!("cannot build the seccomp filter: {e}")))?;
     let prog: BpfProgram = filter
         .try_into()
         .map_err(|e| VmmError::Memory(format!("cannot compile the seccomp filter: {e}")))?;
     Ok(Some(prog))
+}
+
+/// `socket(AF_INET | AF_INET6, …)` only: the migration connection.
+fn inet_sockets_only() -> Result<Vec<seccompiler::SeccompRule>> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    let bad = |e: seccompiler::BackendError| VmmError::Memory(format!("seccomp rule: {e}"));
+    [libc::AF_INET, libc::AF_INET6]
+        .into_iter()
+        .map(|family| {
+            let c =
+                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, family as u64)
+                    .map_err(bad)?;
+            SeccompRule::new(vec![c]).map_err(bad)
+        })
+        .collect()
 }
 
 /// Installs the `SIGSYS` reporter, then the filter for `mode` on every
@@ -285,8 +302,8 @@ mod tests {
             libc::SYS_execve,
             libc::SYS_execveat,
             libc::SYS_socket,
-            libc::SYS_connect,
             libc::SYS_bind,
+            libc::SYS_listen,
             libc::SYS_ptrace,
             libc::SYS_mount,
             libc::SYS_bpf,

@@ -151,6 +151,17 @@ pub fn mapping_rss(ranges: &[(u64, u64)]) -> u64 {
     resident
 }
 
+/// Sends SIGKILL to process `pid` (a VMM this process started).
+pub fn kill_process(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

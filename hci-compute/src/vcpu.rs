@@ -40,11 +40,24 @@ pub enum VmEvent {
     Shutdown,
 }
 
-#[derive(Debug)]
+/// Work for a parked vCPU's thread (reading or loading its state).
+type Job = Box<dyn FnOnce(&mut Vcpu) + Send>;
+
 struct Ctl {
     want: Want,
     parked: bool,
     exited: bool,
+    job: Option<Job>,
+}
+
+impl std::fmt::Debug for Ctl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctl")
+            .field("want", &self.want)
+            .field("parked", &self.parked)
+            .field("exited", &self.exited)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Shared between a vCPU thread and the VM manager.
@@ -118,8 +131,9 @@ impl VcpuControl {
         }
     }
 
-    /// Called on the vCPU thread at a safe point: parks while paused; returns false to stop.
-    fn checkpoint(&self) -> bool {
+    /// Called on the vCPU thread at a safe point: parks while paused (running
+    /// jobs handed to the parked vCPU); returns false to stop.
+    fn checkpoint(&self, vcpu: &mut Vcpu) -> bool {
         let mut ctl = self.lock();
         loop {
             match ctl.want {
@@ -130,10 +144,38 @@ impl VcpuControl {
                         ctl.parked = true;
                         self.changed.notify_all();
                     }
+                    if let Some(job) = ctl.job.take() {
+                        drop(ctl);
+                        job(vcpu);
+                        ctl = self.lock();
+                        continue;
+                    }
                     ctl = self.changed.wait(ctl).unwrap_or_else(|p| p.into_inner());
                 }
             }
         }
+    }
+
+    /// Runs `f` on the vCPU's own thread while it is parked (paused) and
+    /// returns its result; `None` if the vCPU is not parked or does not
+    /// answer within `timeout`.
+    pub fn run_parked<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Vcpu) -> R + Send + 'static,
+        timeout: Duration,
+    ) -> Option<R> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut ctl = self.lock();
+            if ctl.want != Want::Pause || !ctl.parked || ctl.exited {
+                return None;
+            }
+            ctl.job = Some(Box::new(move |v: &mut Vcpu| {
+                let _ = tx.send(f(v));
+            }));
+        }
+        self.changed.notify_all();
+        rx.recv_timeout(timeout).ok()
     }
 }
 
@@ -192,15 +234,26 @@ pub struct ExitHandlers {
 
 /// Starts `vcpu` on its own thread, initially running.
 pub fn spawn(vm_name: &str, vcpu: Vcpu, handlers: ExitHandlers) -> std::io::Result<VcpuThread> {
+    spawn_as(vm_name, vcpu, handlers, Want::Run)
+}
+
+/// Starts `vcpu` on its own thread, initially running or paused (`want`).
+pub fn spawn_as(
+    vm_name: &str,
+    vcpu: Vcpu,
+    handlers: ExitHandlers,
+    want: Want,
+) -> std::io::Result<VcpuThread> {
     let control = Arc::new(VcpuControl {
         id: vcpu.id(),
         ctl: Mutex::new(Ctl {
-            want: Want::Run,
+            want,
             parked: false,
             exited: false,
+            job: None,
         }),
         changed: Condvar::new(),
-        attention: AtomicBool::new(false),
+        attention: AtomicBool::new(want != Want::Run),
         kick: vcpu.kick(),
         exits: AtomicU64::new(0),
         tid: AtomicI32::new(0),
@@ -237,7 +290,7 @@ fn run_loop(mut vcpu: Vcpu, c: &VcpuControl, h: &ExitHandlers) -> Option<ExitRea
 fn run_until_exit(vcpu: &mut Vcpu, c: &VcpuControl, h: &ExitHandlers) -> Option<ExitReason> {
     loop {
         vcpu.clear_kick();
-        if c.attention.load(Ordering::SeqCst) && !c.checkpoint() {
+        if c.attention.load(Ordering::SeqCst) && !c.checkpoint(vcpu) {
             return None;
         }
         let exit = match vcpu.run() {

@@ -95,7 +95,10 @@ struct Inner {
     memory_bytes: u64,
     memory: Arc<GuestMemory>,
     // Keeps the VM, its irqchip and memory slots alive.
-    _kvm: kvm::Vm,
+    kvm: kvm::Vm,
+    // The MSRs a snapshot saves (probed at creation).
+    saved_msrs: Vec<u32>,
+    serial: Arc<Mutex<SerialDevice>>,
     pending_vcpus: Mutex<Vec<kvm::Vcpu>>,
     threads: Mutex<Vec<VcpuThread>>,
     handlers: ExitHandlers,
@@ -141,6 +144,29 @@ fn state_name(s: &VmState) -> String {
 impl Vm {
     /// Builds a VM (vCPUs created, kernel loaded, not running).
     pub fn new(spec: VmSpec, executor: Executor) -> Result<Vm> {
+        Self::build(spec, executor, None)
+    }
+
+    /// Builds a VM to load a saved state into (see
+    /// [`crate::snapshot`]): nothing is booted, and guest RAM is `memory`
+    /// (already filled, e.g. by an incoming migration) or fresh zeroed memory.
+    pub fn new_for_restore(
+        spec: VmSpec,
+        executor: Executor,
+        memory: Option<Arc<GuestMemory>>,
+    ) -> Result<Vm> {
+        let memory = match memory {
+            Some(m) => m,
+            None => memory::create_guest_memory_backed(spec.memory, &spec.memory_backing)?,
+        };
+        Self::build(spec, executor, Some(memory))
+    }
+
+    fn build(
+        spec: VmSpec,
+        executor: Executor,
+        restore_into: Option<Arc<GuestMemory>>,
+    ) -> Result<Vm> {
         let _span = info_span!("create_vm", vm = %spec.name).entered();
         let created = Instant::now();
         if spec.cpus == 0 || spec.cpus > MAX_CPUS {
@@ -159,7 +185,11 @@ impl Vm {
             ));
         }
         kvm::install_kick_handler()?;
-        let memory = memory::create_guest_memory_backed(spec.memory, &spec.memory_backing)?;
+        let booting = restore_into.is_none();
+        let memory = match restore_into {
+            Some(m) => m,
+            None => memory::create_guest_memory_backed(spec.memory, &spec.memory_backing)?,
+        };
         let system = kvm::System::open()?;
         if spec.cpus as usize > system.max_vcpus() {
             return Err(VmmError::invalid(
@@ -184,12 +214,8 @@ impl Vm {
         let mut pio = Bus::new();
         let serial_irq = eventfd()?;
         kvm_vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-        pio.insert(
-            "com1",
-            COM1_BASE,
-            COM1_LEN,
-            SerialDevice::new(IrqLine(serial_irq), &console),
-        )?;
+        let serial = SerialDevice::new(IrqLine(serial_irq), &console);
+        pio.insert("com1", COM1_BASE, COM1_LEN, serial.clone())?;
         let tx = events_tx.clone();
         let reset = ResetTrigger(Arc::new(move || {
             let _ = tx.send(VmEvent::GuestExit(ExitReason::Reset));
@@ -236,23 +262,33 @@ impl Vm {
             ..
         } = virtio;
 
-        let entry = boot::load(
-            &memory,
-            &KernelConfig {
-                kernel: &spec.kernel,
-                initrd: spec.initrd.as_deref(),
-                cmdline: cmdline.trim(),
-                cpus: spec.cpus,
-            },
-        )?;
+        let entry = if booting {
+            Some(boot::load(
+                &memory,
+                &KernelConfig {
+                    kernel: &spec.kernel,
+                    initrd: spec.initrd.as_deref(),
+                    cmdline: cmdline.trim(),
+                    cpus: spec.cpus,
+                },
+            )?)
+        } else {
+            None
+        };
         let mut vcpus = Vec::new();
         for id in 0..spec.cpus {
             let vcpu = kvm_vm.create_vcpu(id, spec.cpus)?;
-            if id == 0 {
-                vcpu.set_boot_state(&entry)?;
+            if id == 0
+                && let Some(entry) = &entry
+            {
+                vcpu.set_boot_state(entry)?;
             }
             vcpus.push(vcpu);
         }
+        let saved_msrs = vcpus
+            .first()
+            .map(|v| kvm_vm.saved_msrs(v))
+            .unwrap_or_default();
         info!(cpus = spec.cpus, memory = spec.memory, disks = spec.disks.len(), nics = spec.nics.len(), elapsed = ?created.elapsed(), "VM created");
         let (state, _) = watch::channel(VmState::Created);
         Ok(Vm {
@@ -261,7 +297,9 @@ impl Vm {
                 cpus: spec.cpus,
                 memory_bytes: spec.memory,
                 memory,
-                _kvm: kvm_vm,
+                kvm: kvm_vm,
+                saved_msrs,
+                serial,
                 pending_vcpus: Mutex::new(vcpus),
                 threads: Mutex::new(Vec::new()),
                 handlers: ExitHandlers {
@@ -403,6 +441,187 @@ impl Vm {
         drop(threads);
         inner.state.send_replace(VmState::Running);
         info!(vm = %inner.name, "VM started");
+        Ok(())
+    }
+
+    /// Starts the vCPU threads parked: the VM goes from created to paused
+    /// (a restored VM, resumed with [`Vm::resume`]).
+    pub fn start_paused(&self) -> Result<()> {
+        let inner = &self.inner;
+        let _g = inner.lock_lifecycle();
+        let state = self.state();
+        if state != VmState::Created {
+            return Err(VmmError::BadState {
+                op: "start paused",
+                state: state_name(&state),
+            });
+        }
+        let _ = inner.started.set(Instant::now());
+        let rx = inner
+            .events_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rx) = rx {
+            let weak = Arc::downgrade(inner);
+            std::thread::Builder::new()
+                .name(format!("vmm-{}", inner.name))
+                .spawn(move || control_loop(weak, rx))
+                .map_err(|e| VmmError::io("spawn the VM control thread", e))?;
+        }
+        let vcpus = std::mem::take(
+            &mut *inner
+                .pending_vcpus
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let mut threads = inner.lock_threads();
+        for vcpu in vcpus {
+            threads.push(
+                vcpu::spawn_as(&inner.name, vcpu, inner.handlers.clone(), Want::Pause)
+                    .map_err(|e| VmmError::io("spawn a vCPU thread", e))?,
+            );
+        }
+        if !threads
+            .iter()
+            .all(|t| t.drive(Want::Pause, VCPU_ACK_TIMEOUT))
+        {
+            return Err(VmmError::Timeout("start paused"));
+        }
+        drop(threads);
+        inner.state.send_replace(VmState::Paused);
+        info!(vm = %inner.name, "VM started paused");
+        Ok(())
+    }
+
+    /// The KVM VM (for dirty logging during a migration).
+    pub(crate) fn kvm(&self) -> &kvm::Vm {
+        &self.inner.kvm
+    }
+
+    /// Stops every virtio device's workers (the VM must be paused), so no
+    /// VMM thread writes guest memory until [`Vm::unquiesce_devices`].
+    pub fn quiesce_devices(&self) {
+        for t in &self.inner.transports {
+            t.lock().unwrap_or_else(|p| p.into_inner()).quiesce();
+        }
+    }
+
+    /// Restarts devices stopped by [`Vm::quiesce_devices`].
+    pub fn unquiesce_devices(&self) -> Result<()> {
+        for t in &self.inner.transports {
+            t.lock().unwrap_or_else(|p| p.into_inner()).unquiesce()?;
+        }
+        Ok(())
+    }
+
+    /// Reads the whole machine state except memory: vCPUs, irqchip, PIT,
+    /// clock and devices. The VM must be paused and its devices quiesced.
+    pub fn capture(&self) -> Result<crate::snapshot::MachineState> {
+        let inner = &self.inner;
+        let _g = inner.lock_lifecycle();
+        let state = self.state();
+        if state != VmState::Paused {
+            return Err(VmmError::BadState {
+                op: "save",
+                state: state_name(&state),
+            });
+        }
+        let xsave_fits = inner.kvm.xsave_fits();
+        let mut vcpus = Vec::new();
+        for t in inner.lock_threads().iter() {
+            let msrs = inner.saved_msrs.clone();
+            let s = t
+                .control
+                .run_parked(move |v| v.save_state(&msrs, xsave_fits), VCPU_ACK_TIMEOUT)
+                .ok_or(VmmError::Timeout("read vCPU state"))??;
+            vcpus.push(s);
+        }
+        let kvm = inner.kvm.save_state()?;
+        let serial = inner
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot();
+        let i8042 = inner
+            .i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot();
+        let transports = inner
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).snapshot())
+            .collect();
+        Ok(crate::snapshot::MachineState {
+            cpus: inner.cpus,
+            memory: inner.memory_bytes,
+            vcpus,
+            kvm,
+            serial,
+            i8042,
+            transports,
+        })
+    }
+
+    /// Loads a machine state into a VM built by [`Vm::new_for_restore`]
+    /// (not started yet); then [`Vm::start_paused`] and [`Vm::resume`].
+    pub fn load(&self, s: &crate::snapshot::MachineState) -> Result<()> {
+        let inner = &self.inner;
+        let _g = inner.lock_lifecycle();
+        let state = self.state();
+        if state != VmState::Created {
+            return Err(VmmError::BadState {
+                op: "restore",
+                state: state_name(&state),
+            });
+        }
+        if s.cpus != inner.cpus || s.memory != inner.memory_bytes {
+            return Err(VmmError::invalid(
+                "saved state",
+                format!(
+                    "it has {} vCPUs and {} bytes of memory; this VM has {} and {}",
+                    s.cpus, s.memory, inner.cpus, inner.memory_bytes
+                ),
+            ));
+        }
+        if s.transports.len() != inner.transports.len() {
+            return Err(VmmError::invalid(
+                "saved state",
+                format!(
+                    "it has {} virtio devices; this VM has {}",
+                    s.transports.len(),
+                    inner.transports.len()
+                ),
+            ));
+        }
+        inner.kvm.restore_state(&s.kvm)?;
+        {
+            let vcpus = inner
+                .pending_vcpus
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if vcpus.len() != s.vcpus.len() {
+                return Err(VmmError::invalid("saved state", "vCPU count differs"));
+            }
+            for (v, st) in vcpus.iter().zip(&s.vcpus) {
+                v.restore_state(st)?;
+            }
+        }
+        inner
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(&s.serial)
+            .map_err(|e| VmmError::io("restore the serial port", e))?;
+        inner
+            .i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(&s.i8042);
+        for (t, st) in inner.transports.iter().zip(&s.transports) {
+            t.lock().unwrap_or_else(|p| p.into_inner()).restore(st)?;
+        }
         Ok(())
     }
 

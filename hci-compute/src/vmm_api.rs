@@ -28,11 +28,42 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hci_core::compute::{Console, ExitReason, VmHandle, VmState, VmStats};
+use hci_core::compute::{
+    Console, ExitReason, Migratable, MigrationOptions, MigrationProgress, Snapshottable, VmHandle,
+    VmState, VmStats,
+};
 use hci_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+/// Migrations whose final answer is not written yet (the process must not
+/// exit before: the migrated VM stops the moment it runs on the target).
+static ANSWERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Waits (up to `limit`) until every migration answer has been written.
+pub async fn wait_answers(limit: Duration) {
+    let start = std::time::Instant::now();
+    while ANSWERING.load(std::sync::atomic::Ordering::SeqCst) > 0 && start.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+struct Answering;
+
+impl Answering {
+    fn new() -> Self {
+        ANSWERING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Answering
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        ANSWERING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 64 << 10;
@@ -64,6 +95,66 @@ pub enum Request {
     Wait,
     /// Become the serial console.
     Console,
+    /// Save the paused VM to `path` (see [`Snapshottable`]).
+    Snapshot {
+        /// Snapshot file to write.
+        path: PathBuf,
+    },
+    /// Live-migrate to the VMM listening at `target`; progress lines
+    /// (`"done":false`) precede the final answer. Closing the connection
+    /// cancels the migration.
+    Migrate {
+        /// `host:port` of the receiving VMM (`hci-vmm --incoming`).
+        target: String,
+        /// Largest acceptable pause.
+        max_downtime_ms: u64,
+        /// Give up after this long.
+        timeout_ms: u64,
+        /// Token the target checks.
+        token: String,
+    },
+}
+
+/// Migration progress on the wire.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WireProgress {
+    /// Pass number.
+    pub iteration: u32,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Dirty bytes left.
+    pub bytes_remaining: u64,
+    /// Dirty rate, bytes/s.
+    pub dirty_rate: f64,
+    /// Downtime once done, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_us: Option<u64>,
+}
+
+impl From<&MigrationProgress> for WireProgress {
+    fn from(p: &MigrationProgress) -> Self {
+        WireProgress {
+            iteration: p.iteration,
+            bytes_sent: p.bytes_sent,
+            bytes_remaining: p.bytes_remaining,
+            dirty_rate: p.dirty_rate,
+            downtime_us: p
+                .downtime
+                .map(|d| d.as_micros().min(u128::from(u64::MAX)) as u64),
+        }
+    }
+}
+
+impl From<WireProgress> for MigrationProgress {
+    fn from(p: WireProgress) -> Self {
+        MigrationProgress {
+            iteration: p.iteration,
+            bytes_sent: p.bytes_sent,
+            bytes_remaining: p.bytes_remaining,
+            dirty_rate: p.dirty_rate,
+            downtime: p.downtime_us.map(Duration::from_micros),
+        }
+    }
 }
 
 /// Why a VM stopped, on the wire.
@@ -185,6 +276,12 @@ pub struct Response {
     /// Usage (`stats`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<WireStats>,
+    /// Migration progress (`migrate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<WireProgress>,
+    /// `false` on an intermediate progress line of `migrate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<bool>,
 }
 
 impl Response {
@@ -301,6 +398,68 @@ async fn connection(vm: Arc<dyn VmHandle>, stream: UnixStream) -> std::io::Resul
                 exited(vm.shutdown(Duration::from_millis(timeout_ms)).await)
             }
             Request::Wait => exited(vm.wait().await),
+            Request::Snapshot { path } => match vm.as_snapshottable() {
+                Some(s) => done(s.save(&path).await),
+                None => Response::error("this VM cannot be saved"),
+            },
+            Request::Migrate {
+                target,
+                max_downtime_ms,
+                timeout_ms,
+                token,
+            } => {
+                let Some(m) = vm.as_migratable() else {
+                    return reply(&mut w, &Response::error("this VM cannot migrate")).await;
+                };
+                if target.parse::<std::net::SocketAddr>().is_err() {
+                    let e = format!("migration target {target:?}: give an IP address and port");
+                    reply(&mut w, &Response::error(e)).await?;
+                    continue;
+                }
+                let options = MigrationOptions {
+                    max_downtime: Duration::from_millis(max_downtime_ms),
+                    timeout: Duration::from_millis(timeout_ms),
+                    token,
+                };
+                let (tx, mut rx) = watch::channel(MigrationProgress::default());
+                let answering = Answering::new();
+                let migration = m.migrate(&target, options, tx);
+                tokio::pin!(migration);
+                let mut probe = [0u8; 1];
+                let result = loop {
+                    tokio::select! {
+                        r = &mut migration => break r,
+                        changed = rx.changed() => {
+                            if changed.is_ok() {
+                                let line = Response {
+                                    progress: Some((&*rx.borrow_and_update()).into()),
+                                    done: Some(false),
+                                    ..Response::ok()
+                                };
+                                // A client that went away cancels (drops) the migration.
+                                reply(&mut w, &line).await?;
+                            }
+                        }
+                        n = r.read(&mut probe) => {
+                            if matches!(n, Ok(0) | Err(_)) {
+                                // The client hung up: dropping `migration` cancels it.
+                                return Ok(());
+                            }
+                        }
+                    }
+                };
+                let resp = match result {
+                    Ok(p) => Response {
+                        progress: Some((&p).into()),
+                        done: Some(true),
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::error(e),
+                };
+                reply(&mut w, &resp).await?;
+                drop(answering);
+                continue;
+            }
             Request::Console => {
                 let console = match vm.console().await {
                     Ok(c) => c,
@@ -491,6 +650,14 @@ impl VmHandle for RemoteVm {
         &self.name
     }
 
+    fn as_snapshottable(&self) -> Option<&dyn Snapshottable> {
+        Some(self)
+    }
+
+    fn as_migratable(&self) -> Option<&dyn Migratable> {
+        Some(self)
+    }
+
     async fn start(&self) -> Result<()> {
         self.simple(Request::Start).await
     }
@@ -566,6 +733,92 @@ impl VmHandle for RemoteVm {
             disks: s.disks,
             nics: s.nics,
         })
+    }
+}
+
+impl RemoteVm {
+    /// Migrates the VM; see [`Migratable::migrate`].
+    async fn migrate_remote(
+        &self,
+        target: &str,
+        options: MigrationOptions,
+        progress: watch::Sender<MigrationProgress>,
+    ) -> Result<MigrationProgress> {
+        // Resolve names here: the VMM process runs under seccomp and only
+        // connects to addresses (a resolver would open sockets it may not).
+        let resolved = tokio::net::lookup_host(target)
+            .await
+            .map_err(|e| Error::invalid("migration target", format!("{target}: {e}")))?
+            .next()
+            .ok_or_else(|| {
+                Error::invalid("migration target", format!("{target} has no address"))
+            })?;
+        let req = Request::Migrate {
+            target: resolved.to_string(),
+            max_downtime_ms: options.max_downtime.as_millis().min(u128::from(u64::MAX)) as u64,
+            timeout_ms: options.timeout.as_millis().min(u128::from(u64::MAX)) as u64,
+            token: options.token,
+        };
+        // Dropping this future closes the connection, which cancels.
+        let (mut r, _w, mut resp) = self.client.open(&req).await?;
+        loop {
+            if let Some(p) = resp.progress.take() {
+                let p: MigrationProgress = p.into();
+                progress.send_replace(p.clone());
+                if resp.done != Some(false) {
+                    return Ok(p);
+                }
+            } else if resp.done != Some(false) {
+                return Err(Error::Backend {
+                    backend: "hci-vmm",
+                    message: "the migration ended without a result".into(),
+                    source: None,
+                });
+            }
+            let mut line = Vec::new();
+            let n = (&mut r)
+                .take(MAX_REQUEST as u64)
+                .read_until(b'\n', &mut line)
+                .await
+                .map_err(|e| unavailable(self.client.path(), e))?;
+            if n == 0 {
+                return Err(unavailable(
+                    self.client.path(),
+                    "it closed the connection during the migration",
+                ));
+            }
+            resp = serde_json::from_slice(&line)
+                .map_err(|e| unavailable(self.client.path(), format!("unreadable answer: {e}")))?;
+            if !resp.ok {
+                return Err(Error::Backend {
+                    backend: "hci-vmm",
+                    message: resp.error.unwrap_or_else(|| "migration failed".into()),
+                    source: None,
+                });
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Snapshottable for RemoteVm {
+    async fn save(&self, path: &Path) -> Result<()> {
+        self.simple(Request::Snapshot {
+            path: path.to_path_buf(),
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Migratable for RemoteVm {
+    async fn migrate(
+        &self,
+        target: &str,
+        options: MigrationOptions,
+        progress: watch::Sender<MigrationProgress>,
+    ) -> Result<MigrationProgress> {
+        self.migrate_remote(target, options, progress).await
     }
 }
 

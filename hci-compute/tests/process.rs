@@ -18,9 +18,12 @@ const VMM: &str = env!("CARGO_BIN_EXE_hci-vmm");
 /// A config whose run directory no other test process uses (tests run in
 /// parallel processes; `config` clears its shared run directory).
 fn unique(mut c: VmConfig) -> VmConfig {
+    // Cases of one test binary run in parallel too: a counter per fixture.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     c.run_dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("run-proc")
-        .join(format!("{}-{}", c.name, std::process::id()));
+        .join(format!("{}-{}-{n}", c.name, std::process::id()));
     let _ = std::fs::remove_dir_all(&c.run_dir);
     let _ = std::fs::create_dir_all(&c.run_dir);
     c

@@ -259,6 +259,17 @@ pub trait Hypervisor: Send + Sync + Debug {
     fn as_adopter(&self) -> Option<&dyn Adopt> {
         None
     }
+
+    /// This backend's ability to restore VMs saved by
+    /// [`Snapshottable::save`], if it has one.
+    fn as_restorer(&self) -> Option<&dyn RestoreVm> {
+        None
+    }
+
+    /// This backend's ability to receive live migrations, if it has one.
+    fn as_migration_receiver(&self) -> Option<&dyn ReceiveMigration> {
+        None
+    }
 }
 
 /// Finds VMs started earlier, by this or a previous process, so a daemon can

@@ -30,7 +30,9 @@ use tokio::io::AsyncWriteExt;
         hci-vmm --kernel guest.elf --memory 64M\n  \
         hci-vmm --kernel bzImage --initrd initrd.img --cmdline 'console=ttyS0' \\\n      \
         --cpus 2 --memory 1G --disk path=/var/lib/hci/volumes/root --net tap=tap0\n  \
-        hci-vmm --kernel guest.elf --api-socket /run/hci/vm1.sock --serial file=/tmp/vm1.log"
+        hci-vmm --kernel guest.elf --api-socket /run/hci/vm1.sock --serial file=/tmp/vm1.log\n  \
+        hci-vmm --kernel guest.elf --memory 64M --restore /var/lib/hci/vm1.snap\n  \
+        HCI_MIGRATION_TOKEN=s3cret hci-vmm --kernel guest.elf --memory 64M --incoming 0.0.0.0:7700"
 )]
 struct Args {
     /// Kernel: a PVH ELF (vmlinux, hci test guests) or a Linux bzImage.
@@ -96,6 +98,17 @@ struct Args {
     /// VM name (in logs and the API).
     #[arg(long, default_value = "vm")]
     name: String,
+    /// Restore the VM saved in FILE (by the API's `snapshot`) instead of
+    /// booting; the other options must describe the same VM. It resumes at
+    /// once, or stays paused with `--wait-start` (then `resume` it).
+    #[arg(long, value_name = "FILE", conflicts_with = "incoming")]
+    restore: Option<PathBuf>,
+    /// Receive a live migration on HOST:PORT instead of booting (the token
+    /// comes from the HCI_MIGRATION_TOKEN environment variable). The API
+    /// socket opens once the VM runs here; disks are opened only after the
+    /// source has paused and sent its state.
+    #[arg(long, value_name = "HOST:PORT")]
+    incoming: Option<String>,
 }
 
 /// Parses `256M`, `2G`, `64Mi`, `4096` (bytes).
@@ -470,7 +483,30 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         cloud_init_seed: None,
         run_dir: PathBuf::new(),
     };
-    let vm: Arc<dyn VmHandle> = Arc::new(hv.create_vm(config).await.map_err(|e| e.to_string())?);
+    let mut booted = true;
+    let vm: Arc<dyn VmHandle> = if let Some(file) = &args.restore {
+        booted = false;
+        let vm = hv
+            .restore_vm(config, file)
+            .await
+            .map_err(|e| format!("--restore {}: {e}", file.display()))?;
+        if !args.wait_start {
+            vm.resume().await.map_err(|e| e.to_string())?;
+        }
+        Arc::new(vm)
+    } else if let Some(addr) = &args.incoming {
+        booted = false;
+        let token = std::env::var("HCI_MIGRATION_TOKEN").unwrap_or_default();
+        let listener = hci_compute::migration::listen(addr).map_err(|e| e.to_string())?;
+        eprintln!("hci-vmm: waiting for a migration on {addr}");
+        Arc::new(
+            hv.receive_vm(config, listener, &token)
+                .await
+                .map_err(|e| format!("--incoming {addr}: {e}"))?,
+        )
+    } else {
+        Arc::new(hv.create_vm(config).await.map_err(|e| e.to_string())?)
+    };
     let serial = pump_serial(vm.clone(), &args.serial).await?;
     if let Some(path) = &args.api_socket {
         let listener = vmm_api::bind(path).map_err(|e| e.to_string())?;
@@ -481,7 +517,7 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     // Everything that needs a new socket, an exec or a new device is done:
     // from here on only what a running VMM does is allowed.
     seccomp::install(args.seccomp).map_err(|e| e.to_string())?;
-    if !args.wait_start {
+    if booted && !args.wait_start {
         vm.start().await.map_err(|e| e.to_string())?;
     }
     let reason = tokio::select! {
@@ -491,6 +527,9 @@ async fn run(args: Args) -> Result<ExitReason, String> {
             vm.wait().await.map_err(|e| e.to_string())?
         }
     };
+    // A migrated VM stops as soon as it runs on the target: let the
+    // migration's answer reach the caller first.
+    vmm_api::wait_answers(std::time::Duration::from_secs(5)).await;
     // The console ends with the VM: let its last bytes out.
     if let Some(pump) = serial {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pump).await;

@@ -40,6 +40,59 @@ impl SerialDevice {
     }
 }
 
+/// The UART's registers and receive FIFO, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 9],
+    /// Bytes received but not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl SerialDevice {
+    /// The UART's state.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.0.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Loads a state from [`SerialDevice::snapshot`] (raising the interrupt
+    /// it had pending).
+    pub fn restore(&mut self, snap: &SerialSnapshot) -> std::io::Result<()> {
+        let [dll, dlm, ier, iir, lcr, lsr, mcr, msr, scr] = snap.registers;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlm,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: snap.in_buffer.clone(),
+        };
+        let irq = IrqLine(self.0.interrupt_evt().0.try_clone()?);
+        let out = self.0.writer().clone();
+        self.0 = Serial::from_state(&state, irq, NoEvents, out)
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        Ok(())
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let [b] = data {
@@ -79,5 +132,27 @@ mod tests {
         let mut rx = [0u8];
         dev.lock().unwrap().read(0, &mut rx);
         assert_eq!(rx, *b"x");
+    }
+
+    #[test]
+    fn state_survives_a_snapshot_round_trip() {
+        let hub = ConsoleHub::new(None);
+        let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let dev = SerialDevice::new(irq, &hub);
+        dev.lock().unwrap().write(3, &[0x03]); // LCR: 8N1
+        dev.lock().unwrap().write(7, &[0x5a]); // scratch
+        let (_r, _w) = hub.subscribe();
+        assert_eq!(hub.input(b"ab"), 2);
+        let snap = dev.lock().unwrap().snapshot();
+        assert_eq!(snap.in_buffer, b"ab");
+        let hub2 = ConsoleHub::new(None);
+        let dev2 = SerialDevice::new(IrqLine(EventFd::new(libc::EFD_NONBLOCK).unwrap()), &hub2);
+        dev2.lock().unwrap().restore(&snap).unwrap();
+        assert_eq!(dev2.lock().unwrap().snapshot(), snap);
+        let mut b = [0u8];
+        dev2.lock().unwrap().read(7, &mut b);
+        assert_eq!(b, [0x5a]);
+        dev2.lock().unwrap().read(0, &mut b);
+        assert_eq!(b, *b"a");
     }
 }

@@ -6,6 +6,7 @@
 //! unsafe call.
 
 mod cpuid;
+mod state;
 mod vcpu;
 
 use std::io;
@@ -20,6 +21,7 @@ use tracing::debug;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use self::state::{FpuState, VcpuState, VmKvmState};
 pub use self::vcpu::{Kick, SystemEventKind, Vcpu, VmExit, install_kick_handler, kick_signal};
 use crate::error::{Result, VmmError};
 use crate::memory::{GuestMemory, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
@@ -87,7 +89,17 @@ impl System {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmmError::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
-        Ok(Vm { fd, cpuid, mem })
+        let msr_index_list = self
+            .kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
+        Ok(Vm {
+            fd,
+            cpuid,
+            mem,
+            msr_index_list,
+        })
     }
 }
 
@@ -98,6 +110,7 @@ pub struct Vm {
     fd: VmFd,
     cpuid: CpuId,
     mem: Arc<GuestMemory>,
+    msr_index_list: Vec<u32>,
 }
 
 impl Vm {

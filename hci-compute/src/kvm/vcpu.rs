@@ -115,8 +115,8 @@ impl Kick {
 /// A vCPU; owned by its thread while running.
 #[derive(Debug)]
 pub struct Vcpu {
-    fd: VcpuFd,
-    id: u32,
+    pub(super) fd: VcpuFd,
+    pub(super) id: u32,
     kick: Arc<Kick>,
 }
 

@@ -36,6 +36,8 @@ pub const HYPERVISOR_CASES: &[&str] = &[
     "shutdown_stops_a_guest_within_its_timeout",
     "stats_report_uptime_and_memory",
     "invalid_configs_are_refused",
+    "snapshot_restores_a_paused_guest_that_continues",
+    "live_migration_moves_a_running_guest",
 ];
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -85,6 +87,15 @@ impl Output {
 
 fn named(mut c: VmConfig, suffix: &str) -> VmConfig {
     c.name = format!("{}-{suffix}", c.name);
+    c
+}
+
+/// `named` plus a run directory of its own under the fixture's (cases run
+/// in parallel; a VM's sockets and logs live there).
+fn own(c: &VmConfig, suffix: &str) -> VmConfig {
+    let mut c = named(c.clone(), suffix);
+    c.run_dir = c.run_dir.join(suffix);
+    let _ = std::fs::create_dir_all(&c.run_dir);
     c
 }
 
@@ -238,6 +249,116 @@ pub async fn invalid_configs_are_refused(f: &HypervisorFixture) {
     }
 }
 
+/// A snapshot of a paused guest restores (paused) into a new VM that
+/// continues when resumed. Skipped, saying so, for backends without
+/// [`Snapshottable`](crate::compute::Snapshottable) /
+/// [`RestoreVm`](crate::compute::RestoreVm).
+pub async fn snapshot_restores_a_paused_guest_that_continues(f: &HypervisorFixture) {
+    let vm = f
+        .hypervisor
+        .create(own(&f.spin, "snap"))
+        .await
+        .expect("create");
+    let (Some(saver), Some(restorer)) = (vm.as_snapshottable(), f.hypervisor.as_restorer()) else {
+        eprintln!(
+            "SKIPPED snapshot_restores_a_paused_guest_that_continues: the {:?} backend cannot snapshot and restore",
+            f.hypervisor.kind()
+        );
+        return;
+    };
+    let out = Output::follow(&*vm).await;
+    vm.start().await.expect("start");
+    assert!(
+        out.grows_past(0, WAIT).await,
+        "the spin guest printed nothing"
+    );
+    vm.pause().await.expect("pause");
+    let file = std::env::temp_dir().join(format!(
+        "hci-suite-{}-{}.snap",
+        f.spin.name,
+        std::process::id()
+    ));
+    saver.save(&file).await.expect("save");
+    stop(&*vm).await;
+    let restored = restorer
+        .restore(own(&f.spin, "restored"), &file)
+        .await
+        .expect("restore");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(restored.state().await.expect("state"), VmState::Paused);
+    let out = Output::follow(&*restored).await;
+    let before = out.len();
+    restored.resume().await.expect("resume");
+    assert!(
+        out.grows_past(before, WAIT).await,
+        "the restored guest did not continue"
+    );
+    stop(&*restored).await;
+}
+
+/// A running guest migrates to a receiver of the same backend on loopback:
+/// the source stops, the target runs and the guest goes on printing there.
+/// Skipped, saying so, for backends without live migration.
+pub async fn live_migration_moves_a_running_guest(f: &HypervisorFixture) {
+    use crate::compute::{MigrationOptions, MigrationProgress};
+    let vm = f
+        .hypervisor
+        .create(own(&f.spin, "mig-src"))
+        .await
+        .expect("create");
+    let (Some(sender), Some(receiver)) = (vm.as_migratable(), f.hypervisor.as_migration_receiver())
+    else {
+        eprintln!(
+            "SKIPPED live_migration_moves_a_running_guest: the {:?} backend cannot live-migrate",
+            f.hypervisor.kind()
+        );
+        return;
+    };
+    vm.start().await.expect("start");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let receiving = receiver.receive(own(&f.spin, "mig-dst"), &addr, "suite-token");
+    let sending = async {
+        // The receiver may take a moment to listen.
+        let start = Instant::now();
+        loop {
+            let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+            let options = MigrationOptions {
+                token: "suite-token".into(),
+                ..MigrationOptions::default()
+            };
+            match sender.migrate(&addr, options, tx).await {
+                Ok(p) => return p,
+                Err(e) if start.elapsed() < WAIT && e.to_string().contains("connect to") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("migrate: {e}"),
+            }
+        }
+    };
+    let (target, progress) = tokio::join!(receiving, sending);
+    let target = target.expect("receive");
+    assert!(progress.downtime.is_some(), "{progress:?}");
+    assert_eq!(
+        tokio::time::timeout(WAIT, vm.wait())
+            .await
+            .expect("the source stops")
+            .expect("wait"),
+        ExitReason::Killed
+    );
+    assert_eq!(target.state().await.expect("state"), VmState::Running);
+    let out = Output::follow(&*target).await;
+    let before = out.len();
+    assert!(
+        out.grows_past(before, WAIT).await,
+        "the migrated guest does not run"
+    );
+    stop(&*target).await;
+}
+
 /// Runs every case.
 pub async fn hypervisor_suite(f: &HypervisorFixture) {
     guest_runs_to_completion_with_console_output(f).await;
@@ -246,6 +367,8 @@ pub async fn hypervisor_suite(f: &HypervisorFixture) {
     shutdown_stops_a_guest_within_its_timeout(f).await;
     stats_report_uptime_and_memory(f).await;
     invalid_configs_are_refused(f).await;
+    snapshot_restores_a_paused_guest_that_continues(f).await;
+    live_migration_moves_a_running_guest(f).await;
 }
 
 /// Generates one `#[tokio::test]` per [`Hypervisor`] conformance case;
@@ -261,6 +384,8 @@ macro_rules! hypervisor_conformance {
             shutdown_stops_a_guest_within_its_timeout,
             stats_report_uptime_and_memory,
             invalid_configs_are_refused,
+            snapshot_restores_a_paused_guest_that_continues,
+            live_migration_moves_a_running_guest,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

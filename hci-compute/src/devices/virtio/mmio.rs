@@ -50,6 +50,48 @@ mod reg {
 /// Offset of the queue-notify register (for ioeventfd registration).
 pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 
+/// One virtqueue's configuration and position, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Size the driver chose.
+    pub size: u16,
+    /// Whether the driver enabled it.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available ring address.
+    pub avail: u64,
+    /// Used ring address.
+    pub used: u64,
+    /// Next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will fill.
+    pub next_used: u16,
+}
+
+/// A virtio-mmio transport's registers and queues, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    /// Virtio device type (checked on restore).
+    pub device_type: u32,
+    /// Device status register.
+    pub status: u32,
+    /// Feature selectors.
+    pub device_features_sel: u32,
+    /// Driver feature selector.
+    pub driver_features_sel: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// Selected queue.
+    pub queue_sel: u32,
+    /// Interrupt status bits not yet acknowledged.
+    pub interrupt_status: u32,
+    /// Whether the device was serving its queues.
+    pub active: bool,
+    /// Per queue.
+    pub queues: Vec<QueueSnapshot>,
+}
+
 /// One virtio device behind the MMIO register interface.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -64,6 +106,8 @@ pub struct MmioTransport {
     queue_sel: u32,
     active: bool,
     released: bool,
+    // Stopped by `quiesce` and to be restarted by `unquiesce`.
+    quiesced: bool,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -102,6 +146,7 @@ impl MmioTransport {
             queue_sel: 0,
             active: false,
             released: false,
+            quiesced: false,
         })
     }
 
@@ -142,6 +187,7 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.driver_features = 0;
         self.queue_sel = 0;
+        self.quiesced = false;
         self.interrupt.ack(u32::MAX);
     }
 
@@ -184,7 +230,126 @@ impl MmioTransport {
         }
     }
 
+    /// Stops the device's workers so nothing touches guest memory or the
+    /// queues (the vCPUs are paused); every request a worker took is
+    /// completed first, so each queue's position is its used index.
+    pub fn quiesce(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+            self.quiesced = true;
+        }
+    }
+
+    /// Restarts a device stopped by [`MmioTransport::quiesce`], from the
+    /// positions in guest memory.
+    pub fn unquiesce(&mut self) -> Result<()> {
+        if !self.quiesced {
+            return Ok(());
+        }
+        self.quiesced = false;
+        let positions = self.positions_from_memory();
+        self.activate_at(&positions)
+    }
+
+    /// Each queue's position (next available = next used = the used ring's
+    /// index) read from guest memory; valid once the device is quiesced.
+    fn positions_from_memory(&self) -> Vec<(u16, u16)> {
+        self.queues
+            .iter()
+            .map(|q| {
+                if !q.ready() {
+                    return (0, 0);
+                }
+                let idx = q
+                    .used_idx(&*self.mem, std::sync::atomic::Ordering::Acquire)
+                    .map_or(0, |w| w.0);
+                (idx, idx)
+            })
+            .collect()
+    }
+
+    /// The transport's state. Call with the device quiesced (vCPUs paused,
+    /// [`MmioTransport::quiesce`] done) so queue positions are settled.
+    pub fn snapshot(&self) -> TransportSnapshot {
+        let positions = self.positions_from_memory();
+        TransportSnapshot {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            active: self.active || self.quiesced,
+            queues: self
+                .queues
+                .iter()
+                .zip(positions)
+                .map(|(q, (next_avail, next_used))| QueueSnapshot {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc: q.desc_table(),
+                    avail: q.avail_ring(),
+                    used: q.used_ring(),
+                    next_avail,
+                    next_used,
+                })
+                .collect(),
+        }
+    }
+
+    /// Loads a state from [`MmioTransport::snapshot`] into a fresh
+    /// transport and, if the device was live, starts it at the saved queue
+    /// positions (before the vCPUs run).
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<()> {
+        let bad = |reason: String| VmmError::Device {
+            device: format!("virtio type {}", self.device.device_type()),
+            reason,
+        };
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(bad(format!(
+                "the snapshot has a device of type {} with {} queues here",
+                s.device_type,
+                s.queues.len()
+            )));
+        }
+        self.reset();
+        for (q, snap) in self.queues.iter_mut().zip(&s.queues) {
+            q.set_size(snap.size);
+            q.set_desc_table_address(Some(snap.desc as u32), Some((snap.desc >> 32) as u32));
+            q.set_avail_ring_address(Some(snap.avail as u32), Some((snap.avail >> 32) as u32));
+            q.set_used_ring_address(Some(snap.used as u32), Some((snap.used >> 32) as u32));
+            q.set_ready(snap.ready);
+        }
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        if s.active {
+            let positions: Vec<(u16, u16)> = s
+                .queues
+                .iter()
+                .map(|q| (q.next_avail, q.next_used))
+                .collect();
+            self.activate_at(&positions)?;
+        }
+        if s.interrupt_status != 0 {
+            self.interrupt.raise(s.interrupt_status);
+        }
+        Ok(())
+    }
+
     fn activate(&mut self) -> Result<()> {
+        let zero = vec![(0, 0); self.queues.len()];
+        self.activate_at(&zero)
+    }
+
+    /// Hands the device its ready queues starting at `positions` (next
+    /// available, next used) and wakes its workers once, so requests the
+    /// guest queued meanwhile are seen.
+    fn activate_at(&mut self, positions: &[(u16, u16)]) -> Result<()> {
         let mut active = Vec::new();
         for (i, q) in self.queues.iter().enumerate() {
             if !q.ready() {
@@ -214,6 +379,10 @@ impl MmioTransport {
                 Some((q.used_ring() >> 32) as u32),
             );
             queue.set_ready(true);
+            if let Some(&(next_avail, next_used)) = positions.get(i) {
+                queue.set_next_avail(next_avail);
+                queue.set_next_used(next_used);
+            }
             let notify = self.notify[i]
                 .try_clone()
                 .map_err(|e| VmmError::io("clone a queue eventfd", e))?;
@@ -235,6 +404,11 @@ impl MmioTransport {
             Arc::clone(&self.interrupt),
         )?;
         self.active = true;
+        if positions.iter().any(|&p| p != (0, 0)) {
+            for evt in &self.notify {
+                let _ = evt.write(1);
+            }
+        }
         Ok(())
     }
 

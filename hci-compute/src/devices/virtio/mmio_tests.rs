@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::*;
 use crate::devices::virtio::ActiveQueue;
@@ -14,6 +14,7 @@ struct Seen {
     releases: usize,
     features: u64,
     queues: usize,
+    positions: Vec<(u16, u16)>,
 }
 
 struct Fake(Arc<Mutex<Seen>>);
@@ -43,6 +44,10 @@ impl VirtioDevice for Fake {
         s.activations += 1;
         s.features = features;
         s.queues = q.len();
+        s.positions = q
+            .iter()
+            .map(|a| (a.queue.next_avail(), a.queue.next_used()))
+            .collect();
         Ok(())
     }
     fn reset(&mut self) {
@@ -55,7 +60,11 @@ impl VirtioDevice for Fake {
 
 fn transport() -> (MmioTransport, Arc<Mutex<Seen>>) {
     let mem =
-        Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        Arc::new(crate::memory::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+    transport_on(mem)
+}
+
+fn transport_on(mem: Arc<GuestMemory>) -> (MmioTransport, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let t = MmioTransport::new(
         Box::new(Fake(seen.clone())),
@@ -213,4 +222,53 @@ fn garbage_accesses_never_panic() {
             t.read(off, &mut b);
         }
     }
+}
+
+#[test]
+fn quiesce_snapshot_and_restore_keep_queue_positions() {
+    use vm_memory::Bytes;
+    let mem =
+        Arc::new(crate::memory::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+    let (mut t, seen) = transport_on(Arc::clone(&mem));
+    negotiate(&mut t, 1);
+    set_up_queue(&mut t, 16);
+    w32(
+        &mut t,
+        reg::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
+    assert_eq!(seen.lock().unwrap().activations, 1);
+    // The device completed 5 requests: the used ring's idx (at used + 2) is 5.
+    mem.write_obj(5u16, GuestAddress(0x3002)).unwrap();
+    t.quiesce();
+    assert_eq!(seen.lock().unwrap().resets, 1);
+    let snap = t.snapshot();
+    assert!(snap.active);
+    assert_eq!(
+        (
+            snap.queues[0].next_avail,
+            snap.queues[0].next_used,
+            snap.queues[0].size
+        ),
+        (5, 5, 16)
+    );
+    // The source carries on from where it stopped.
+    t.unquiesce().unwrap();
+    assert_eq!(seen.lock().unwrap().activations, 2);
+    assert_eq!(seen.lock().unwrap().positions, vec![(5, 5)]);
+
+    // A fresh transport (the restore side) goes live at the same positions.
+    let (mut t2, seen2) = transport();
+    let json = serde_json::to_vec(&snap).unwrap();
+    t2.restore(&serde_json::from_slice(&json).unwrap()).unwrap();
+    assert_eq!(seen2.lock().unwrap().activations, 1);
+    assert_eq!(seen2.lock().unwrap().positions, vec![(5, 5)]);
+    assert_eq!(r32(&mut t2, reg::STATUS), r32(&mut t, reg::STATUS));
+    assert_eq!(r32(&mut t2, reg::QUEUE_NUM_MAX), 16);
+
+    // Another device type is refused.
+    let mut other = snap.clone();
+    other.device_type = 7;
+    let (mut t3, _) = transport();
+    assert!(t3.restore(&other).is_err());
 }

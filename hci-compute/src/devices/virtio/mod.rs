@@ -76,6 +76,12 @@ impl Interrupt {
         let _ = self.line.write(1);
     }
 
+    /// Sets status `bits` and raises the line (a restored pending interrupt).
+    pub fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        let _ = self.line.write(1);
+    }
+
     /// The interrupt status register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)

@@ -77,7 +77,7 @@ impl<R: Read> RngHandler<R> {
         Ok(any)
     }
 
-    fn fill(&mut self, writer: &mut Writer<'_>) -> u32 {
+    fn fill<B: vm_memory::bitmap::BitmapSlice>(&mut self, writer: &mut Writer<'_, B>) -> u32 {
         let n = writer.available_bytes().min(MAX_REQUEST_BYTES);
         let buf = &mut self.bounce[..n];
         if let Err(e) = self.source.read_exact(buf) {
@@ -225,7 +225,7 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
 
@@ -244,7 +244,7 @@ mod tests {
 
     /// Submits one chain of (address, length, device-writable); returns the used length.
     fn submit(
-        mem: &GuestMemoryMmap<()>,
+        mem: &crate::memory::GuestMemory,
         handler: &mut RngHandler<impl Read>,
         descs: &[(u64, u32, bool)],
     ) -> u32 {
@@ -266,8 +266,8 @@ mod tests {
         vq.used().ring().ref_at(0).unwrap().load().len()
     }
 
-    fn mem() -> GuestMemoryMmap<()> {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    fn mem() -> crate::memory::GuestMemory {
+        crate::memory::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
     #[test]

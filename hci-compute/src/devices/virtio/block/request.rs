@@ -229,11 +229,11 @@ impl RequestHandler {
         }
     }
 
-    fn execute(
+    fn execute<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
         rt: &Runner,
-        reader: &mut Reader<'_>,
-        writer: &mut Writer<'_>,
+        reader: &mut Reader<'_, B>,
+        writer: &mut Writer<'_, B>,
     ) -> Result<(), Failed> {
         let mut raw = [0u8; 16];
         reader.read_exact(&mut raw).map_err(|_| Failed(S_IOERR))?;

@@ -8,7 +8,7 @@ use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRI
 use virtio_queue::Queue;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::devices::virtio::block::{BlockCounters, Executor};
@@ -19,7 +19,7 @@ const DATA: u64 = 0x20000;
 const STATUS: u64 = 0x40000;
 
 struct Rig {
-    mem: GuestMemoryMmap<()>,
+    mem: crate::memory::GuestMemory,
     disk: Arc<MemBlockDevice>,
     handler: RequestHandler,
     rt: Runner,
@@ -31,7 +31,7 @@ type Desc = (u64, u32, bool);
 
 impl Rig {
     fn new(read_only: bool) -> Rig {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = crate::memory::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let disk = Arc::new(MemBlockDevice::new(DISK));
         let counters = Arc::new(BlockCounters::default());
         let mut serial = [0u8; 20];

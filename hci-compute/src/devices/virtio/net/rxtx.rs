@@ -202,7 +202,7 @@ impl<T: FrameIo> NetHandler<T> {
         Ok(used)
     }
 
-    fn send_one(&mut self, reader: &mut Reader<'_>) {
+    fn send_one<B: vm_memory::bitmap::BitmapSlice>(&mut self, reader: &mut Reader<'_, B>) {
         let len = reader.available_bytes();
         if !(HDR_LEN + 14..=HDR_LEN + MAX_FRAME).contains(&len) {
             self.counters.tx_errors.fetch_add(1, Ordering::Relaxed);

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 
@@ -51,20 +51,20 @@ impl FrameIo for Fake {
 type Desc = (u64, u32, bool);
 
 struct Rig<'a> {
-    mem: &'a GuestMemoryMmap<()>,
-    vq: MockSplitQueue<'a, GuestMemoryMmap<()>>,
+    mem: &'a crate::memory::GuestMemory,
+    vq: MockSplitQueue<'a, crate::memory::GuestMemory>,
     queue: Queue,
     next_desc: u16,
     handler: NetHandler<Fake>,
     counters: Arc<NetCounters>,
 }
 
-fn mem() -> GuestMemoryMmap<()> {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+fn mem() -> crate::memory::GuestMemory {
+    crate::memory::GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
 }
 
 impl<'a> Rig<'a> {
-    fn new(mem: &'a GuestMemoryMmap<()>, vnet_hdr: bool) -> Self {
+    fn new(mem: &'a crate::memory::GuestMemory, vnet_hdr: bool) -> Self {
         let vq = MockSplitQueue::create(mem, GuestAddress(0), 64);
         let queue = vq.create_queue().unwrap();
         let counters = Arc::new(NetCounters::default());

@@ -1,0 +1,157 @@
+//! Snapshot, restore and live migration for the in-process KVM backend:
+//! hci-core's [`Snapshottable`], [`Migratable`], [`RestoreVm`] and
+//! [`ReceiveMigration`] over [`crate::snapshot`] and [`crate::migration`].
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use hci_core::compute::{
+    Migratable, MigrationOptions, MigrationProgress, ReceiveMigration, RestoreVm, Snapshottable,
+    VmConfig, VmHandle,
+};
+use hci_core::{Error, Result};
+use tokio::sync::watch;
+
+use crate::devices::virtio::block::Executor;
+use crate::hypervisor::{KvmHypervisor, KvmVm, blocking};
+use crate::vm::Vm;
+use crate::{migration, snapshot};
+
+/// Sets the flag when dropped: a dropped `migrate` future cancels the migration.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl Snapshottable for KvmVm {
+    async fn save(&self, path: &Path) -> Result<()> {
+        let vm = self.vm().clone();
+        let path = path.to_owned();
+        blocking(move || snapshot::save(&vm, &path).map(|_| ()).map_err(Error::from)).await
+    }
+}
+
+#[async_trait]
+impl Migratable for KvmVm {
+    async fn migrate(
+        &self,
+        target: &str,
+        options: MigrationOptions,
+        progress: watch::Sender<MigrationProgress>,
+    ) -> Result<MigrationProgress> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(Arc::clone(&cancel));
+        let vm = self.vm().clone();
+        let target = target.to_string();
+        blocking(move || {
+            migration::send(&vm, &target, &options, &progress, &cancel).map_err(Error::from)
+        })
+        .await
+    }
+}
+
+impl KvmHypervisor {
+    /// Restores the VM saved in `path` (see [`Snapshottable::save`]) with
+    /// `config` (the same shape as when it was saved); it comes back paused.
+    pub async fn restore_vm(&self, config: VmConfig, path: &Path) -> Result<KvmVm> {
+        let spec = self.spec(config)?;
+        let executor = Executor::current();
+        let path = path.to_owned();
+        blocking(move || {
+            let vm = Vm::new_for_restore(spec, executor, None)?;
+            snapshot::restore(&vm, &path)?;
+            Ok(KvmVm::from_vm(vm))
+        })
+        .await
+    }
+
+    /// Receives one migration on `listener` (see [`migration::receive`]) and
+    /// returns the VM running here. The VM's disks are opened only once the
+    /// source has paused and sent its state.
+    pub async fn receive_vm(
+        &self,
+        config: VmConfig,
+        listener: std::net::TcpListener,
+        token: &str,
+    ) -> Result<KvmVm> {
+        let hv = self.clone();
+        let token = token.to_string();
+        let executor = Executor::current();
+        blocking(move || {
+            let accepted = migration::accept(
+                &listener,
+                &token,
+                config.cpus,
+                config.memory,
+                hv.memory_backing(),
+            )?;
+            // Without disks the VM is built while pages arrive (it is most of
+            // the fixed downtime); disks are opened only once the source has
+            // paused and sent its state.
+            let early = if config.disks.is_empty() {
+                let spec = hv.spec(config.clone())?;
+                Some(Vm::new_for_restore(
+                    spec,
+                    executor.clone(),
+                    Some(Arc::clone(&accepted.memory)),
+                )?)
+            } else {
+                None
+            };
+            let incoming = accepted.read_state()?;
+            let built = (|| -> Result<Vm> {
+                let vm = match early {
+                    Some(vm) => vm,
+                    None => {
+                        let spec = hv.spec(config)?;
+                        Vm::new_for_restore(spec, executor, Some(Arc::clone(&incoming.memory)))?
+                    }
+                };
+                vm.load(&incoming.state)?;
+                vm.start()?;
+                Ok(vm)
+            })();
+            match built {
+                Ok(vm) => {
+                    if let Err(e) = incoming.finish(Ok(())) {
+                        // The source may resume too: never run two copies.
+                        vm.kill();
+                        return Err(e.into());
+                    }
+                    Ok(KvmVm::from_vm(vm))
+                }
+                Err(e) => {
+                    let _ = incoming.finish(Err(e.to_string()));
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl RestoreVm for KvmHypervisor {
+    async fn restore(&self, config: VmConfig, path: &Path) -> Result<Box<dyn VmHandle>> {
+        Ok(Box::new(self.restore_vm(config, path).await?))
+    }
+}
+
+#[async_trait]
+impl ReceiveMigration for KvmHypervisor {
+    async fn receive(
+        &self,
+        config: VmConfig,
+        listen: &str,
+        token: &str,
+    ) -> Result<Box<dyn VmHandle>> {
+        let listener = migration::listen(listen)?;
+        Ok(Box::new(self.receive_vm(config, listener, token).await?))
+    }
+}
