@@ -26,6 +26,7 @@ mod image;
 mod network;
 mod node;
 pub mod schedule;
+pub mod scheduler;
 mod snapshot;
 mod vm;
 mod volume;
@@ -47,7 +48,7 @@ use hci_storage::local::LocalVolumeBackend;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-pub use self::node::NodeInfo;
+pub use self::node::{ClusterOptions, NodeInfo};
 pub use self::vm::VmController;
 use crate::resources::ResourceStore;
 
@@ -243,6 +244,10 @@ pub struct Runtime {
     pub events: EventRecorder,
     /// Open backup repositories, per `BackupTarget`.
     pub backups: Arc<backup::BackupRepos>,
+    /// Cluster mode (a shared etcd store): liveness lease, leader election,
+    /// scheduling; VMs run only where the scheduler placed them. `None`
+    /// (the default) runs every VM on this node.
+    pub cluster: Option<ClusterOptions>,
 }
 
 impl Runtime {
@@ -267,6 +272,7 @@ impl Runtime {
             taps: None,
             vm_processes: false,
             backups: Arc::default(),
+            cluster: None,
             events: EventRecorder::new(resources.state_store().clone(), node.name.clone()),
             resources,
             node,
@@ -305,6 +311,12 @@ impl Controllers {
         let vms = Arc::new(VmController::new(rt.clone(), kick.clone()));
         tasks.spawn(run(vms.clone(), rt.resources.clone(), kick, queue));
         tasks.spawn(node::heartbeat(rt.clone(), vms.clone()));
+        if let Some(options) = rt.cluster {
+            let (lease, lease_cell) = tokio::sync::watch::channel(None);
+            tasks.spawn(node::liveness(rt.clone(), vms.clone(), options, lease));
+            tasks.spawn(node::drainer(rt.clone(), vms.clone(), options));
+            tasks.spawn(scheduler::lead(rt.clone(), options, lease_cell));
+        }
         let (kick, queue) = channel();
         let targets = Arc::new(backup::BackupTargetController::new(rt.clone()));
         tasks.spawn(run(targets, rt.resources.clone(), kick, queue));
