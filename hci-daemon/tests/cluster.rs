@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hci_core::model::{
     BootSpec, ByteSize, ConditionStatus, EvictionStrategy, Node, Resource, RunStrategy,
-    VirtualMachine, VmPhase,
+    VirtualMachine, VmPhase, Volume,
 };
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::{EtcdServer, EtcdStateStore};
@@ -333,6 +333,61 @@ async fn failover_drain_and_node_commands() {
         .daemon(&first)
         .hcictl(&["node", "maintenance", "off", &third]);
     assert!(ok, "{out}");
+
+    // A VM on a local volume cannot move: when its node dies it stays
+    // there with a condition saying why, and runs again when the node is back.
+    c.resources
+        .create(Volume::blank("data", ByteSize::mib(64)))
+        .await
+        .expect("create volume");
+    let mut pinned = vm("pinned", RunStrategy::Always);
+    pinned.spec.disks = VirtualMachine::builder("x")
+        .disk("data", "data")
+        .build()
+        .spec
+        .disks;
+    c.resources.create(pinned).await.expect("create VM");
+    let home = c
+        .wait_running("pinned", None, Duration::from_secs(120))
+        .await;
+    let vol: Volume = c.resources.get("data").await.expect("volume");
+    assert_eq!(vol.status_or_default().replicas[0].node, home);
+    c.daemon_mut(&home).kill();
+    c.wait_ready(&home, false, Duration::from_secs(30)).await;
+    let start = Instant::now();
+    let reason = loop {
+        let v: VirtualMachine = c.resources.get("pinned").await.expect("get");
+        let s = v.status_or_default();
+        if let Some(cond) = s.conditions.iter().find(|c| c.reason == "NodeLost") {
+            assert_eq!(s.node.as_deref(), Some(home.as_str()), "moved: {v:?}");
+            break cond.message.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{v:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("VM pinned on a local volume of {home}: {reason}");
+    assert!(reason.contains("cannot move"), "{reason}");
+    let restarted = chrono::Utc::now();
+    c.daemon_mut(&home).spawn();
+    let start = Instant::now();
+    loop {
+        let v: VirtualMachine = c.resources.get("pinned").await.expect("get");
+        let s = v.status_or_default();
+        if s.phase == VmPhase::Running && s.started_at.is_some_and(|t| t > restarted) {
+            assert_eq!(s.node.as_deref(), Some(home.as_str()));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{v:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let _ = &c.etcd;
 }
 

@@ -35,6 +35,7 @@ use hci_core::{Error, Result};
 use super::node::{ALIVE_PREFIX, ClusterOptions, LEADER_KEY, LeaseCell};
 use super::{Runtime, set_status};
 use crate::api::REQUESTED_ACTION;
+use crate::resources::ResourceStore;
 
 /// vCPUs per allocatable CPU a node takes in total (as the VM controller's
 /// admission allows).
@@ -276,7 +277,7 @@ async fn failover(
         ),
         None => format!("node {on} was removed"),
     };
-    if restart && let Some(blocker) = fence(rt, vm, on).await? {
+    if restart && let Some(blocker) = fence(&rt.resources, vm, on).await? {
         let message = format!("{down}; not restarted elsewhere: {blocker}");
         let before = status
             .conditions
@@ -352,9 +353,13 @@ async fn failover(
 ///   not run replicated engines yet, so such volumes are refused here with
 ///   a message saying so.
 /// - A volume that lives only on other nodes needs nothing.
-pub async fn fence(rt: &Runtime, vm: &VirtualMachine, dead: &str) -> Result<Option<String>> {
+pub async fn fence(
+    resources: &ResourceStore,
+    vm: &VirtualMachine,
+    dead: &str,
+) -> Result<Option<String>> {
     for disk in &vm.spec.disks {
-        let Some(vol) = rt.resources.try_get::<Volume>(&disk.volume).await? else {
+        let Some(vol) = resources.try_get::<Volume>(&disk.volume).await? else {
             continue;
         };
         let status = vol.status_or_default();
@@ -694,6 +699,49 @@ mod tests {
         assert_eq!(
             choose(&want, &nodes, &alive, &BTreeMap::new(), None),
             Ok("d".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn fence_keeps_vms_with_volumes_on_the_lost_node() {
+        use hci_core::model::{ReplicaStatus, VolumeSpec};
+        let resources =
+            ResourceStore::new(std::sync::Arc::new(hci_core::memory::MemStateStore::new()));
+        let replica = |node: &str| ReplicaStatus {
+            node: node.to_string(),
+            healthy: true,
+            rebuild_percent: None,
+        };
+        for (name, on) in [("local", vec!["a"]), ("remote", vec!["b"])] {
+            let mut v = Volume::new(name.to_string(), VolumeSpec::blank(ByteSize::mib(64)));
+            v.status_mut().replicas = on.into_iter().map(replica).collect();
+            resources.create(v).await.expect("create volume");
+        }
+        let diskless = vm(64);
+        assert_eq!(
+            fence(&resources, &diskless, "a").await.expect("fence"),
+            None
+        );
+        let mut remote = vm(64);
+        remote.spec.disks = VirtualMachine::builder("x")
+            .disk("d", "remote")
+            .build()
+            .spec
+            .disks;
+        assert_eq!(fence(&resources, &remote, "a").await.expect("fence"), None);
+        let mut local = vm(64);
+        local.spec.disks = VirtualMachine::builder("x")
+            .disk("d", "local")
+            .build()
+            .spec
+            .disks;
+        let why = fence(&resources, &local, "a")
+            .await
+            .expect("fence")
+            .expect("a local volume on the lost node blocks");
+        assert!(
+            why.contains("volume \"local\" has no healthy replica outside node a"),
+            "{why}"
         );
     }
 

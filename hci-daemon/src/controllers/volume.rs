@@ -123,6 +123,15 @@ impl Reconcile for VolumeController {
                 Err(e) => Err(e),
             };
         };
+        // Cluster mode: a volume lives on the node that took it first (the
+        // first replica); the others leave it alone. Replicas across nodes
+        // are not placed yet.
+        if self.rt.cluster.is_some()
+            && let Some(first) = vol.status_or_default().replicas.first()
+            && first.node != self.rt.node.name
+        {
+            return Ok(None);
+        }
         // A VMM process owns an attached volume (and its lock): talk to it
         // through the volume's control socket, never open it here (that
         // would take the lock from a VMM still starting).
