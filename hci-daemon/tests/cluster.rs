@@ -18,8 +18,15 @@ use hci_core::model::{
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::{EtcdServer, EtcdStateStore};
 
-const LEASE: &str = "2s";
-const GRACE: &str = "2s";
+/// Lease TTL and failover grace of the test daemons: short, so the tests
+/// are quick; `HCI_TEST_LEASE=10s HCI_TEST_GRACE=10s` measures the defaults.
+fn lease() -> String {
+    std::env::var("HCI_TEST_LEASE").unwrap_or_else(|_| "2s".into())
+}
+
+fn grace() -> String {
+    std::env::var("HCI_TEST_GRACE").unwrap_or_else(|_| "2s".into())
+}
 
 /// One hci-daemon, killed (with SIGKILL) on drop.
 struct Daemon {
@@ -55,7 +62,7 @@ impl Daemon {
             .arg("--listen")
             .arg(format!("unix:{}", self.socket().display()))
             .args(["--node", &self.name, "--store", &self.store_url])
-            .args(["--node-lease-ttl", LEASE, "--failover-grace", GRACE])
+            .args(["--node-lease-ttl", &lease(), "--failover-grace", &grace()])
             .args(["--vm-mode", "in-process"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -256,8 +263,10 @@ async fn failover_drain_and_node_commands() {
         .await;
     let moved = killed.elapsed();
     eprintln!(
-        "failover (lease {LEASE}, grace {GRACE}): {first} NotReady {:.1} s after kill -9; \
+        "failover (lease {}, grace {}): {first} NotReady {:.1} s after kill -9; \
          guest output on {second} {:.1} s after kill -9",
+        lease(),
+        grace(),
         not_ready.as_secs_f64(),
         moved.as_secs_f64()
     );
