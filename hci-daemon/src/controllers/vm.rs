@@ -167,6 +167,16 @@ impl VmController {
                     .await;
             }
             self.detach_ports(&inst.ports, &inst.nics).await;
+        } else if let Some(adopter) = self.rt.hypervisor.as_adopter() {
+            // A VMM process left running across a daemon restart while the
+            // VM was placed elsewhere (failover): end it.
+            let run_dir = self.rt.run_dir.join(name);
+            if run_dir.is_dir()
+                && let Ok(Some(handle)) = adopter.adopt(name, &run_dir).await
+            {
+                tracing::warn!(vm = name, "VMM process of a VM placed elsewhere: killed");
+                handle.kill().await?;
+            }
         }
         Ok(None)
     }
