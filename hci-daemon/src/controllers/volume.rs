@@ -228,15 +228,19 @@ impl Reconcile for VolumeController {
         let shrink = vol.spec.size.0 < info.size;
         let node = self.rt.node.name.clone();
         let wanted_replicas = vol.spec.replicas;
+        let cluster = self.rt.cluster.is_some();
         set_status(&self.rt.resources, name, |v: &mut Volume| {
             let status = v.status_mut();
             status.size = Some(ByteSize(info.size));
             status.allocated = Some(ByteSize(info.allocated));
-            status.replicas = vec![ReplicaStatus {
-                node: node.clone(),
-                healthy: true,
-                rebuild_percent: None,
-            }];
+            // Cluster mode: another node took the volume first; keep its claim.
+            if !cluster || status.replicas.first().is_none_or(|r| r.node == node) {
+                status.replicas = vec![ReplicaStatus {
+                    node: node.clone(),
+                    healthy: true,
+                    rebuild_percent: None,
+                }];
+            }
             status.phase = if status.attached_to.is_some() {
                 VolumePhase::Attached
             } else {
