@@ -147,7 +147,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let [(a, ra), (b, rb)] = results.as_slice() {
         println!(
-            "# {b} vs {a}: creates/s {:.2}x, p99 {:.2}x (>1 = {b} slower)",
+            "# {b} vs {a}: creates/s {:.2}x (>1: {b} faster), p99 {:.2}x (>1: {b} slower)",
             rb.0 / ra.0,
             rb.1.as_secs_f64() / ra.1.as_secs_f64().max(1e-9)
         );
