@@ -254,6 +254,11 @@ async fn failover_drain_and_node_commands() {
     eprintln!("VM ha runs on {first}");
 
     // kill -9 the node's daemon (its in-process VM dies with it).
+    let store = c.resources.state_store().clone();
+    let leader = hci_daemon::controllers::scheduler::leader(&*store)
+        .await
+        .expect("leader");
+    eprintln!("leader before the kill: {leader:?}");
     let killed = Instant::now();
     c.daemon_mut(&first).kill();
     c.wait_ready(&first, false, Duration::from_secs(30)).await;
@@ -270,6 +275,11 @@ async fn failover_drain_and_node_commands() {
         not_ready.as_secs_f64(),
         moved.as_secs_f64()
     );
+    let leader_after = hci_daemon::controllers::scheduler::leader(&*store)
+        .await
+        .expect("leader");
+    eprintln!("leader after the failover: {leader_after:?}");
+    assert!(leader_after.is_some_and(|l| l != first));
     let v: VirtualMachine = c.resources.get("ha").await.expect("get");
     assert!(
         v.status_or_default()
