@@ -1,5 +1,5 @@
 //! Cluster-wide controllers, run by one daemon at a time: the leader,
-//! elected on an etcd lease (the key [`LEADER_KEY`] on the leader's
+//! elected on an etcd lease (the key `/hci/cluster/leader` on the leader's
 //! liveness lease, so a dead leader is replaced within a lease TTL).
 //!
 //! Every [`ClusterOptions::tick`] the leader:
