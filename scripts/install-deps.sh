@@ -15,12 +15,17 @@ declare -A PKGS=(
   [ping]=iputils-ping
   [iperf3]=iperf3
   [ip]=iproute2
+  [etcd]=etcd-server
+  [protoc]=protobuf-compiler
 )
 
 missing=()
 for cmd in "${!PKGS[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKGS[$cmd]}")
 done
+# etcd-client's build script runs protoc on protos that import Google's
+# well-known types (descriptor.proto, struct.proto).
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || missing+=(libprotobuf-dev)
 
 if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}" >&2

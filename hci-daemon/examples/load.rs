@@ -1,13 +1,17 @@
 //! Load benchmark of the daemon's API: creates N VM definitions through gRPC
-//! over a Unix socket (redb store on disk, every write durable), reports
-//! p50/p99 latency and throughput, then measures watch fan-out: W watchers
-//! follow VMs while M more are created, and the delay from each create's
-//! acknowledgement to its arrival at every watcher is reported.
+//! over a Unix socket (every write durable), reports p50/p99 latency and
+//! throughput, then measures watch fan-out: W watchers follow VMs while M
+//! more are created, and the delay from each create's acknowledgement to
+//! its arrival at every watcher is reported. Runs once per state store:
+//! the embedded redb store, and etcd (a fresh single-member etcd started
+//! for the run, data on the same disk), so the two read side by side.
 //!
 //! ```text
-//! cargo run --release -p hci-daemon --example load -- [VMS] [CONCURRENCY] [WATCHERS]
+//! cargo run --release -p hci-daemon --example load -- [VMS] [CONCURRENCY] [WATCHERS] [STORES]
 //! ```
-//! Defaults: 1000 VMs, 16 concurrent clients, 50 watchers.
+//! Defaults: 1000 VMs, 16 concurrent clients, 50 watchers, stores
+//! `redb,etcd` (etcd is skipped with a message when no `etcd` binary is
+//! installed).
 
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
@@ -18,11 +22,12 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use hci_core::model::{BootSpec, ByteSize, RunStrategy, VirtualMachine};
+use hci_core::store::StateStore;
 use hci_daemon::api::{Api, bind_unix, serve_listener};
 use hci_daemon::proto;
 use hci_daemon::proto::virtual_machine_service_client::VirtualMachineServiceClient;
 use hci_daemon::resources::ResourceStore;
-use hci_daemon::store::RedbStateStore;
+use hci_daemon::store::{EtcdServer, EtcdStateStore, RedbStateStore};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
@@ -114,22 +119,71 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vms = arg(1, 1000);
     let concurrency = arg(2, 16).max(1);
     let watchers = arg(3, 50);
-    let dir = tempfile::tempdir()?;
-    let store = RedbStateStore::open(dir.path().join("state.redb")).await?;
-    let api = Api::new(ResourceStore::new(Arc::new(store)));
-    let socket = dir.path().join("hci.sock");
+    let stores = std::env::args()
+        .nth(4)
+        .unwrap_or_else(|| "redb,etcd".to_string());
+    let mut results = Vec::new();
+    for kind in stores.split(',') {
+        let dir = tempfile::tempdir()?;
+        let (store, _etcd): (Arc<dyn StateStore>, Option<EtcdServer>) = match kind {
+            "redb" => (
+                Arc::new(RedbStateStore::open(dir.path().join("state.redb")).await?),
+                None,
+            ),
+            "etcd" => match EtcdServer::start_in(&dir.path().join("etcd")) {
+                Ok(etcd) => (
+                    Arc::new(EtcdStateStore::open(&etcd.url()).await?),
+                    Some(etcd),
+                ),
+                Err(e) => {
+                    println!("# etcd skipped: {e}");
+                    continue;
+                }
+            },
+            other => return Err(format!("unknown store {other:?} (redb or etcd)").into()),
+        };
+        let r = run(kind, store, dir.path(), vms, concurrency, watchers).await?;
+        results.push((kind.to_string(), r));
+    }
+    if let [(a, ra), (b, rb)] = results.as_slice() {
+        println!(
+            "# {b} vs {a}: creates/s {:.2}x (>1: {b} faster), p99 {:.2}x (>1: {b} slower)",
+            rb.0 / ra.0,
+            rb.1.as_secs_f64() / ra.1.as_secs_f64().max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// One run against `store`; returns (creates/s, p99 create latency).
+async fn run(
+    kind: &str,
+    store: Arc<dyn StateStore>,
+    dir: &std::path::Path,
+    vms: usize,
+    concurrency: usize,
+    watchers: usize,
+) -> Result<(f64, Duration), Box<dyn std::error::Error>> {
+    let api = Api::new(ResourceStore::new(store));
+    let socket = dir.join("hci.sock");
     let listener = bind_unix(&socket)?;
-    tokio::spawn(serve_listener(api, listener, std::future::pending()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_listener(api, listener, async move {
+        let _ = stopped.await;
+    }));
+    let _stop = stop;
     let channel = connect(socket.clone()).await?;
 
     println!(
-        "# hci-daemon API load: {vms} VM creates, {concurrency} concurrent clients, redb on {}",
-        dir.path().display()
+        "# hci-daemon API load: {vms} VM creates, {concurrency} concurrent clients, {kind} in {}",
+        dir.display()
     );
     let names: Vec<String> = (0..vms).map(|i| format!("vm-{i:05}")).collect();
     let start = Instant::now();
     let (lat, _) = create_all(&channel, names, concurrency).await?;
     let took = start.elapsed();
+    let rate = vms as f64 / took.as_secs_f64();
+    let p99 = percentile(&lat, 0.99);
     println!(
         "creates: {vms} in {:.3} s = {:.0}/s; latency p50 {} p99 {} max {}",
         took.as_secs_f64(),
@@ -192,5 +246,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms(percentile(&delays, 0.99)),
         ms(percentile(&delays, 1.0)),
     );
-    Ok(())
+    Ok((rate, p99))
 }

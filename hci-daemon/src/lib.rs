@@ -4,10 +4,12 @@
 //! [`StateStore`](hci_core::store::StateStore), by default the embedded
 //! [`store::RedbStateStore`].
 //!
-//! [`controllers`] reconcile volumes, snapshots and VMs on this node
-//! (local storage pool, hci's KVM VMM in-process). Cluster mode (etcd),
-//! networks and backups are not implemented yet. [`metrics`] serves
-//! Prometheus metrics.
+//! [`controllers`] reconcile volumes, snapshots, images, networks, backups
+//! and VMs on this node (local storage pool, hci's KVM VMM). In cluster
+//! mode ([`store::EtcdStateStore`], `hci-daemon --store etcd://…`) one
+//! daemon per node shares the state: nodes hold liveness leases, an elected
+//! leader places VMs and restarts those of failed nodes elsewhere
+//! ([`controllers::scheduler`]). [`metrics`] serves Prometheus metrics.
 #![deny(missing_docs)]
 
 pub mod api;

@@ -1,5 +1,5 @@
 //! `hci-daemon`: serves the hci gRPC API on a Unix socket over the embedded
-//! redb state store.
+//! redb state store, or as one node of a cluster over etcd.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -10,9 +10,11 @@ use clap::Parser;
 use hci_compute::{KvmHypervisor, ProcessHypervisor};
 use hci_daemon::api::{Api, TcpSecurity, serve_tcp, serve_unix};
 use hci_daemon::controllers::replicas::ReplicaPool;
-use hci_daemon::controllers::{Controllers, NodeInfo, Runtime};
+use hci_daemon::controllers::{ClusterOptions, Controllers, NodeInfo, Runtime};
 use hci_daemon::metrics::{MetricsSource, serve_metrics};
 use hci_daemon::resources::ResourceStore;
+#[cfg(feature = "etcd")]
+use hci_daemon::store::EtcdStateStore;
 use hci_daemon::store::RedbStateStore;
 use hci_net::{BackendOptions, LinuxBridgeBackend};
 use tracing_subscriber::EnvFilter;
@@ -27,7 +29,8 @@ use tracing_subscriber::EnvFilter;
         hci-daemon --data-dir /var/lib/hci\n  \
         hci-daemon --data-dir ./state --listen unix:/run/hci/hci.sock\n  \
         hci-daemon --listen unix:/var/lib/hci/hci.sock --listen https://0.0.0.0:7443 \\\n      \
-        --tls-cert cert.pem --tls-key key.pem --token-file token\n\n\
+        --tls-cert cert.pem --tls-key key.pem --token-file token\n  \
+        hci-daemon --store etcd://10.0.0.1:2379 --node node-a --address 10.0.0.11\n\n\
         Logging follows RUST_LOG (default: info)."
 )]
 struct Args {
@@ -48,6 +51,21 @@ struct Args {
     /// File holding the bearer token https clients must send.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Where the state lives: `redb` (default: the embedded store in
+    /// DIR/state.redb, a single node) or `etcd://HOST:PORT[,HOST:PORT…]`
+    /// (cluster mode: one daemon per node shares the state; VMs are placed
+    /// on nodes by the elected leader and restarted elsewhere when a node
+    /// fails).
+    #[arg(long, value_name = "redb|etcd://HOST:PORT", default_value = "redb")]
+    store: String,
+    /// Cluster mode: TTL of this node's liveness lease. A node whose daemon
+    /// stops renewing it is NotReady this long after the last renewal.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    node_lease_ttl: std::time::Duration,
+    /// Cluster mode: how long a node stays NotReady before its VMs (run
+    /// strategy Always or RerunOnFailure) are restarted on other nodes.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    failover_grace: std::time::Duration,
     /// Name of this node (a DNS-1123 label). Default: the host name.
     #[arg(long, value_name = "NAME")]
     node: Option<String>,
@@ -110,6 +128,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
     s.parse::<hci_core::model::ByteSize>()
         .map(|b| b.0)
         .map_err(|e| format!("{s:?} is not a size: {e}"))
+}
+
+/// `10s`, `500ms`, `2m` or a number of seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration (e.g. 10s, 500ms, 2m)");
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(bad()),
+    }
 }
 
 /// The host name as a DNS-1123 label.
@@ -217,10 +250,33 @@ async fn main() -> anyhow::Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("failed to restrict data directory {}", dir.display()))?;
     }
-    let db = dir.join("state.redb");
-    let store = RedbStateStore::open(&db)
-        .await
-        .with_context(|| format!("failed to open the state store {}", db.display()))?;
+    let (store, cluster): (Arc<dyn hci_core::store::StateStore>, _) = match args.store.as_str() {
+        "redb" => {
+            let db = dir.join("state.redb");
+            let store = RedbStateStore::open(&db)
+                .await
+                .with_context(|| format!("failed to open the state store {}", db.display()))?;
+            (Arc::new(store), None)
+        }
+        #[cfg(feature = "etcd")]
+        url if url.starts_with("etcd://") => {
+            let store = EtcdStateStore::open(url)
+                .await
+                .with_context(|| format!("failed to reach etcd at {url}"))?;
+            tracing::info!(store = url, "cluster mode: state in etcd");
+            let options = ClusterOptions {
+                lease_ttl: args.node_lease_ttl,
+                failover_grace: args.failover_grace,
+                ..ClusterOptions::default()
+            };
+            (Arc::new(store), Some(options))
+        }
+        #[cfg(not(feature = "etcd"))]
+        url if url.starts_with("etcd://") => {
+            anyhow::bail!("--store {url}: this hci-daemon was built without the etcd feature")
+        }
+        other => anyhow::bail!("--store {other:?}: use redb or etcd://HOST:PORT"),
+    };
     let listen = if args.listen.is_empty() {
         vec![Listen::Unix(dir.join("hci.sock"))]
     } else {
@@ -231,7 +287,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let resources = ResourceStore::new(Arc::new(store));
+    let resources = ResourceStore::new(store);
     let mut api = Api::new(resources.clone());
     let controllers = if args.no_controllers {
         None
@@ -276,6 +332,7 @@ async fn main() -> anyhow::Result<()> {
         let mut rt = Runtime::new(resources, dir, node, hypervisor)
             .context("failed to prepare the storage pool")?;
         rt.vm_processes = vm_processes;
+        rt.cluster = cluster;
         let networks = LinuxBridgeBackend::new(BackendOptions {
             state_dir: Some(dir.join("net")),
             ..BackendOptions::default()

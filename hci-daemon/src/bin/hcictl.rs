@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use hci_core::model::ByteSize;
@@ -132,6 +133,11 @@ enum Command {
         #[command(subcommand)]
         command: BackupCommand,
     },
+    /// Cluster nodes: list, cordon, drain, maintenance, remove.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -159,6 +165,44 @@ enum VmCommand {
         #[arg(long, value_name = "TEXT")]
         until: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+#[command(after_help = "Examples:\n  \
+    hcictl node list\n  \
+    hcictl node drain node-b          # VMs shut down cleanly and restart elsewhere\n  \
+    hcictl node uncordon node-b\n  \
+    hcictl node maintenance on node-c # drain, and keep it out until 'off'\n  \
+    hcictl node remove node-d         # a dead node with nothing left on it")]
+enum NodeCommand {
+    /// List nodes: readiness, scheduling, VMs placed and their CPUs/memory.
+    List,
+    /// Place no new VMs on a node.
+    Cordon { name: String },
+    /// Place VMs on a node again (ends a drain).
+    Uncordon { name: String },
+    /// Cordon a node and move its VMs off it (shut down cleanly, restarted
+    /// elsewhere); prints progress until none is left.
+    Drain {
+        name: String,
+        /// Give up waiting after this many seconds (the drain goes on).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Maintenance mode: `on` cordons and drains the node and keeps it out
+    /// until `off`.
+    Maintenance {
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        mode: String,
+        name: String,
+        /// Give up waiting for the drain after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Delete a node that is gone (refused while it is Ready, holds VMs or
+    /// the only healthy replica of a volume).
+    Remove { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -345,6 +389,23 @@ async fn run(args: Args) -> Result<(), CliError> {
             BackupCommand::List { target, source } => {
                 cli::backup_list(&c, target.as_deref(), source.as_deref(), args.output).await?
             }
+        },
+        Command::Node { command } => match command {
+            NodeCommand::List => cli::node::list(&c).await?,
+            NodeCommand::Cordon { name } => cli::node::cordon(&c, &name).await?,
+            NodeCommand::Uncordon { name } => cli::node::uncordon(&c, &name).await?,
+            NodeCommand::Drain { name, timeout } => {
+                cli::node::drain(&c, &name, Duration::from_secs(timeout)).await?
+            }
+            NodeCommand::Maintenance {
+                mode,
+                name,
+                timeout,
+            } => {
+                cli::node::maintenance(&c, &name, mode == "on", Duration::from_secs(timeout))
+                    .await?
+            }
+            NodeCommand::Remove { name } => cli::node::remove(&c, &name).await?,
         },
         Command::Completions { .. } => String::new(),
     };

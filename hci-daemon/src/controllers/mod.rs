@@ -27,6 +27,7 @@ mod network;
 mod node;
 pub mod replicas;
 pub mod schedule;
+pub mod scheduler;
 mod snapshot;
 mod vm;
 mod volume;
@@ -49,7 +50,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 pub use self::network::resolve as resolve_network;
-pub use self::node::NodeInfo;
+pub use self::node::{ClusterOptions, NodeInfo};
 pub use self::vm::VmController;
 use crate::resources::ResourceStore;
 
@@ -247,6 +248,10 @@ pub struct Runtime {
     pub backups: Arc<backup::BackupRepos>,
     /// This node's replica servers (`None`: no replicated volumes here).
     pub replicas: Option<Arc<replicas::ReplicaPool>>,
+    /// Cluster mode (a shared etcd store): liveness lease, leader election,
+    /// scheduling; VMs run only where the scheduler placed them. `None`
+    /// (the default) runs every VM on this node.
+    pub cluster: Option<ClusterOptions>,
 }
 
 impl Runtime {
@@ -272,6 +277,7 @@ impl Runtime {
             vm_processes: false,
             backups: Arc::default(),
             replicas: None,
+            cluster: None,
             events: EventRecorder::new(resources.state_store().clone(), node.name.clone()),
             resources,
             node,
@@ -310,6 +316,12 @@ impl Controllers {
         let vms = Arc::new(VmController::new(rt.clone(), kick.clone()));
         tasks.spawn(run(vms.clone(), rt.resources.clone(), kick, queue));
         tasks.spawn(node::heartbeat(rt.clone(), vms.clone()));
+        if let Some(options) = rt.cluster {
+            let (lease, lease_cell) = tokio::sync::watch::channel(None);
+            tasks.spawn(node::liveness(rt.clone(), vms.clone(), options, lease));
+            tasks.spawn(node::drainer(rt.clone(), vms.clone(), options));
+            tasks.spawn(scheduler::lead(rt.clone(), options, lease_cell));
+        }
         let (kick, queue) = channel();
         let targets = Arc::new(backup::BackupTargetController::new(rt.clone()));
         tasks.spawn(run(targets, rt.resources.clone(), kick, queue));

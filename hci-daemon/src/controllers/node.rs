@@ -145,3 +145,216 @@ pub(crate) async fn heartbeat(rt: Runtime, vms: Arc<VmController>) {
         }
     }
 }
+
+/// Settings of cluster mode (`hci-daemon --store etcd://…`): liveness
+/// leases, failover and the cluster-wide controllers (scheduler, node
+/// health) that run on the elected leader only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterOptions {
+    /// TTL of a node's liveness lease: a node whose daemon stops renewing
+    /// it is marked NotReady about this long after its last renewal (etcd
+    /// rounds TTLs up to its minimum, 2 s with default settings).
+    pub lease_ttl: Duration,
+    /// How long a node stays NotReady before its VMs with run strategy
+    /// `Always`/`RerunOnFailure` are restarted on other nodes.
+    pub failover_grace: Duration,
+    /// How often the leader looks at every node and VM (it also looks at
+    /// once after any change of its own).
+    pub tick: Duration,
+}
+
+impl Default for ClusterOptions {
+    /// 10 s lease, 10 s grace: a failed node's VMs are restarted elsewhere
+    /// about 20–25 s after the failure.
+    fn default() -> Self {
+        ClusterOptions {
+            lease_ttl: Duration::from_secs(10),
+            failover_grace: Duration::from_secs(10),
+            tick: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Keys of live nodes: `/hci/cluster/alive/<node>`, each on its node's lease.
+pub const ALIVE_PREFIX: &str = "/hci/cluster/alive/";
+/// The leader of the cluster-wide controllers (on the leader's lease).
+pub const LEADER_KEY: &str = "/hci/cluster/leader";
+/// Annotation on a `Node` asking its daemon to drain it (set by
+/// `hcictl node drain`, removed by `uncordon`); its value is the time of
+/// the request. `spec.maintenance` drains too.
+pub const DRAIN_ANNOTATION: &str = "hci.dev/drain";
+
+/// Whether a node is asked to be drained.
+pub fn draining(node: &Node) -> bool {
+    node.spec.maintenance || node.metadata.annotations.contains_key(DRAIN_ANNOTATION)
+}
+
+/// This node's liveness lease, shared by the agent (which renews it) and
+/// the leader election (which puts the leader key on it).
+pub(crate) type LeaseCell = tokio::sync::watch::Receiver<Option<hci_core::store::LeaseId>>;
+
+/// Keeps this node's liveness lease and key alive: grants a lease, puts
+/// `/hci/cluster/alive/<node>` on it, renews it every third of its TTL,
+/// and starts over (re-registering, marking the node Ready again) when
+/// the lease was lost — etcd unreachable for longer than the TTL.
+pub(crate) async fn liveness(
+    rt: Runtime,
+    vms: Arc<VmController>,
+    options: ClusterOptions,
+    cell: tokio::sync::watch::Sender<Option<hci_core::store::LeaseId>>,
+) {
+    use hci_core::store::PutOptions;
+    let store = rt.resources.state_store().clone();
+    let key = format!("{ALIVE_PREFIX}{}", rt.node.name);
+    let renew = (options.lease_ttl / 3).max(Duration::from_millis(200));
+    loop {
+        let lease = async {
+            let lease = store.grant_lease(options.lease_ttl).await?;
+            let value = serde_json::json!({
+                "node": rt.node.name,
+                "since": chrono::Utc::now(),
+            });
+            store
+                .put(
+                    &key,
+                    value.to_string().into_bytes(),
+                    PutOptions {
+                        lease: Some(lease),
+                        ..PutOptions::default()
+                    },
+                )
+                .await?;
+            Ok::<_, Error>(lease)
+        }
+        .await;
+        let lease = match lease {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take the node's liveness lease; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        tracing::info!(node = rt.node.name, lease, "liveness lease taken");
+        let _ = cell.send(Some(lease));
+        if let Err(e) = beat(&rt, Some(&vms)).await {
+            tracing::warn!(error = %e, "node heartbeat failed");
+        }
+        loop {
+            tokio::time::sleep(renew).await;
+            match store.keep_alive(lease).await {
+                Ok(()) => {}
+                Err(Error::NotFound { .. }) => {
+                    tracing::warn!(
+                        node = rt.node.name,
+                        "the liveness lease expired (etcd was unreachable for longer than its TTL): registering again"
+                    );
+                    let _ = cell.send(None);
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot renew the liveness lease"),
+            }
+        }
+    }
+}
+
+/// Drains this node while it is asked to (`hcictl node drain`, maintenance
+/// mode): each VM placed here is shut down cleanly and handed back to the
+/// scheduler (there is no live migration yet, so `LiveMigrate` VMs are shut
+/// down too); VMs with eviction strategy `None` block the drain. Progress is
+/// the node's `Drained` condition.
+pub(crate) async fn drainer(rt: Runtime, vms: Arc<VmController>, options: ClusterOptions) {
+    use hci_core::model::{EvictionStrategy, Resource as _, VirtualMachine};
+    let mut evicting: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
+    loop {
+        tokio::time::sleep(options.tick).await;
+        while evicting.try_join_next().is_some() {}
+        let node = match rt.resources.try_get::<Node>(&rt.node.name).await {
+            Ok(Some(node)) => node,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read this node");
+                continue;
+            }
+        };
+        let drain = draining(&node);
+        let had = node
+            .status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.kind == "Drained"));
+        if !drain {
+            if had {
+                let _ = set_status(&rt.resources, &rt.node.name, |n: &mut Node| {
+                    n.status_mut().conditions.retain(|c| c.kind != "Drained");
+                })
+                .await;
+            }
+            continue;
+        }
+        let placed: Vec<VirtualMachine> = match rt.resources.list::<VirtualMachine>().await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter(|vm| vm.status_or_default().node.as_deref() == Some(&rt.node.name))
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list VMs");
+                continue;
+            }
+        };
+        let mut blocked = Vec::new();
+        let mut leaving = Vec::new();
+        for vm in &placed {
+            let name = vm.name().to_string();
+            if vm.spec.eviction_strategy == EvictionStrategy::None {
+                blocked.push(name);
+                continue;
+            }
+            leaving.push(name.clone());
+            if vms.start_eviction(&name) {
+                let vms = vms.clone();
+                let why = if node.spec.maintenance {
+                    "maintenance"
+                } else {
+                    "drain"
+                };
+                evicting.spawn(async move {
+                    if let Err(e) = vms.evict(&name, why).await {
+                        tracing::warn!(vm = name, error = %e, "eviction failed; retrying");
+                    }
+                });
+            }
+        }
+        let (status, reason, message) = if placed.is_empty() {
+            (ConditionStatus::True, "Drained", "no VMs left".to_string())
+        } else if leaving.is_empty() {
+            (
+                ConditionStatus::False,
+                "DrainBlocked",
+                format!(
+                    "blocked by VMs with evictionStrategy None: {}",
+                    blocked.join(", ")
+                ),
+            )
+        } else {
+            let mut m = format!("{} VMs left: {}", placed.len(), leaving.join(", "));
+            if !blocked.is_empty() {
+                m.push_str(&format!(
+                    "; blocked by evictionStrategy None: {}",
+                    blocked.join(", ")
+                ));
+            }
+            (ConditionStatus::False, "Draining", m)
+        };
+        let _ = set_status(&rt.resources, &rt.node.name, |n: &mut Node| {
+            set_condition(
+                &mut n.status_mut().conditions,
+                "Drained",
+                status,
+                reason,
+                &message,
+            );
+        })
+        .await;
+    }
+}

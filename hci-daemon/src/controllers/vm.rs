@@ -87,6 +87,8 @@ pub struct VmController {
     rt: Runtime,
     kick: Kick,
     vms: Mutex<HashMap<String, Arc<Instance>>>,
+    /// VMs being evicted from this node (drain): not reconciled meanwhile.
+    evicting: Mutex<BTreeSet<String>>,
 }
 
 fn phase_after(reason: &ExitReason, strategy: RunStrategy, asked: bool) -> VmPhase {
@@ -118,7 +120,125 @@ impl VmController {
             rt,
             kick,
             vms: Mutex::new(HashMap::new()),
+            evicting: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    fn evicting(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.evicting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this node should run `vm`: always on a single node; in
+    /// cluster mode when the scheduler placed it here (`status.node`) and
+    /// it is not being evicted.
+    fn runs_here(&self, vm: &VirtualMachine) -> bool {
+        if self.rt.cluster.is_none() {
+            return true;
+        }
+        vm.status_or_default().node.as_deref() == Some(self.rt.node.name.as_str())
+            && !self.evicting().contains(vm.name())
+    }
+
+    /// A VM this node must not run: forgets it (an eviction in progress
+    /// finishes by itself). An instance still running here was moved away
+    /// behind this node's back (failover while this node was cut off): it is
+    /// killed, and its volumes are left to the node that runs it now.
+    async fn not_here(&self, name: &str) -> Result<Option<Duration>> {
+        if self.evicting().contains(name) {
+            return Ok(None);
+        }
+        let removed = self.map().remove(name);
+        if let Some(inst) = removed {
+            if inst.alive() {
+                inst.stopping.store(true, Ordering::SeqCst);
+                inst.handle.kill().await?;
+                tracing::warn!(vm = name, "VM placed on another node: killed here");
+                self.rt
+                    .events
+                    .warning(
+                        KIND,
+                        name,
+                        "Superseded",
+                        format!(
+                            "node {} killed its instance: the VM was placed elsewhere",
+                            self.rt.node.name
+                        ),
+                    )
+                    .await;
+            }
+            self.detach_ports(&inst.ports, &inst.nics).await;
+        } else if let Some(adopter) = self.rt.hypervisor.as_adopter() {
+            // A VMM process left running across a daemon restart while the
+            // VM was placed elsewhere (failover): end it.
+            let run_dir = self.rt.run_dir.join(name);
+            if run_dir.is_dir()
+                && let Ok(Some(handle)) = adopter.adopt(name, &run_dir).await
+            {
+                tracing::warn!(vm = name, "VMM process of a VM placed elsewhere: killed");
+                handle.kill().await?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Marks `name` as being evicted; false if it already is.
+    pub(crate) fn start_eviction(&self, name: &str) -> bool {
+        self.evicting().insert(name.to_string())
+    }
+
+    /// Evicts a VM from this node (after [`start_eviction`](Self::start_eviction)):
+    /// shuts it down cleanly (killed after the stop timeout), releases its
+    /// NICs and volumes, and hands it back to the scheduler (`status.node`
+    /// cleared, phase `Pending`).
+    pub(crate) async fn evict(&self, name: &str, why: &str) -> Result<()> {
+        let result = self.evict_inner(name, why).await;
+        self.evicting().remove(name);
+        self.kick.now(name);
+        result
+    }
+
+    async fn evict_inner(&self, name: &str, why: &str) -> Result<()> {
+        let node = self.rt.node.name.clone();
+        if let Some(inst) = self.instance(name) {
+            if inst.alive() {
+                inst.stopping.store(true, Ordering::SeqCst);
+                self.status(name, |v| v.status_mut().phase = VmPhase::Stopping)
+                    .await?;
+                if let Err(e) = inst.handle.shutdown(self.rt.stop_timeout).await {
+                    tracing::warn!(vm = name, error = %e, "graceful stop failed; killing");
+                    inst.handle.kill().await?;
+                }
+                let _ = inst.handle.wait().await;
+            }
+            self.map().remove(name);
+            self.detach_ports(&inst.ports, &inst.nics).await;
+        }
+        let Some(vm) = self.rt.resources.try_get::<VirtualMachine>(name).await? else {
+            return Ok(());
+        };
+        let volumes: Vec<String> = vm.spec.disks.iter().map(|d| d.volume.clone()).collect();
+        self.mark_volumes(&volumes, None).await?;
+        let message = format!("evicted from node {node} ({why}): waiting to be placed again");
+        self.status(name, |v| {
+            let status = v.status_mut();
+            if status.node.as_deref() == Some(node.as_str()) {
+                status.node = None;
+            }
+            if status.phase != VmPhase::Stopped {
+                status.phase = VmPhase::Pending;
+            }
+            status.message = message.clone();
+            set_condition(
+                &mut status.conditions,
+                "Ready",
+                ConditionStatus::False,
+                "Evicted",
+                &message,
+            );
+        })
+        .await?;
+        self.rt.events.normal(KIND, name, "Evicted", message).await;
+        Ok(())
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Instance>>> {
@@ -918,6 +1038,9 @@ impl Reconcile for VmController {
                 inst.handle.kill().await?;
             }
             return Ok(Some(Duration::ZERO));
+        }
+        if !self.runs_here(&vm) {
+            return self.not_here(name).await;
         }
         let was_running = matches!(
             vm.status_or_default().phase,

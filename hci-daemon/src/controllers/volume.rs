@@ -663,6 +663,16 @@ impl Reconcile for VolumeController {
                 Err(e) => Err(e),
             };
         };
+        // Cluster mode: a volume lives on the node that took it first (its
+        // first replica; for a replicated volume, the node that placed the
+        // replicas, on other nodes' replica servers too); the others leave
+        // it alone.
+        if self.rt.cluster.is_some()
+            && let Some(first) = vol.status_or_default().replicas.first()
+            && first.node != self.rt.node.name
+        {
+            return Ok(None);
+        }
         if vol.spec.replicas > 1 {
             return match &self.rt.replicas {
                 Some(replicas) => self.reconcile_replicated(&vol, replicas).await,
@@ -747,17 +757,21 @@ impl Reconcile for VolumeController {
         let shrink = vol.spec.size.0 < info.size;
         let node = self.rt.node.name.clone();
         let wanted_replicas = vol.spec.replicas;
+        let cluster = self.rt.cluster.is_some();
         set_status(&self.rt.resources, name, |v: &mut Volume| {
             let status = v.status_mut();
             status.size = Some(ByteSize(info.size));
             status.allocated = Some(ByteSize(info.allocated));
             status.progress = None;
-            status.replicas = vec![ReplicaStatus {
-                node: node.clone(),
-                healthy: true,
-                rebuild_percent: None,
-                address: None,
-            }];
+            // Cluster mode: another node took the volume first; keep its claim.
+            if !cluster || status.replicas.first().is_none_or(|r| r.node == node) {
+                status.replicas = vec![ReplicaStatus {
+                    node: node.clone(),
+                    healthy: true,
+                    rebuild_percent: None,
+                    address: None,
+                }];
+            }
             status.phase = if status.attached_to.is_some() {
                 VolumePhase::Attached
             } else {

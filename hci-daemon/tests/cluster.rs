@@ -1,0 +1,486 @@
+//! Cluster mode: three real daemons on one machine (three data
+//! directories, one real etcd), VMs on hci's KVM VMM in-process (so
+//! `kill -9` of a daemon takes its VMs with it, like a node that dies).
+//!
+//! Timings (kill → NotReady, kill → guest output on the new node, drain)
+//! are printed, not asserted.
+#![cfg(feature = "etcd")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hci_core::model::{
+    BootSpec, ByteSize, ConditionStatus, EvictionStrategy, Node, Resource, RunStrategy,
+    VirtualMachine, VmPhase, Volume,
+};
+use hci_daemon::resources::ResourceStore;
+use hci_daemon::store::{EtcdServer, EtcdStateStore};
+
+/// Lease TTL and failover grace of the test daemons: short, so the tests
+/// are quick; `HCI_TEST_LEASE=10s HCI_TEST_GRACE=10s` measures the defaults.
+fn lease() -> String {
+    std::env::var("HCI_TEST_LEASE").unwrap_or_else(|_| "2s".into())
+}
+
+fn grace() -> String {
+    std::env::var("HCI_TEST_GRACE").unwrap_or_else(|_| "2s".into())
+}
+
+/// One hci-daemon, killed (with SIGKILL) on drop.
+struct Daemon {
+    name: String,
+    child: Option<Child>,
+    dir: PathBuf,
+    store_url: String,
+}
+
+impl Daemon {
+    fn start(root: &Path, name: &str, store_url: &str) -> Daemon {
+        let mut d = Daemon {
+            name: name.to_string(),
+            child: None,
+            dir: root.join(name),
+            store_url: store_url.to_string(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("hci.sock")
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        std::fs::create_dir_all(&self.dir).expect("data dir");
+        let log = std::fs::File::create(self.dir.with_extension("log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_hci-daemon"))
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--listen")
+            .arg(format!("unix:{}", self.socket().display()))
+            .args(["--node", &self.name, "--store", &self.store_url])
+            .args(["--node-lease-ttl", &lease(), "--failover-grace", &grace()])
+            .args(["--vm-mode", "in-process"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hci-daemon");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.socket().exists() {
+            assert!(
+                Instant::now() < deadline,
+                "hci-daemon {} did not start: {}",
+                self.name,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn console(&self, vm: &str) -> String {
+        std::fs::read_to_string(self.dir.join("data/run").join(vm).join("console.log"))
+            .unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    fn hcictl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_hcictl"))
+            .arg("--server")
+            .arg(format!("unix:{}", self.socket().display()))
+            .args(args)
+            .output()
+            .expect("run hcictl");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Cluster {
+    daemons: Vec<Daemon>,
+    resources: ResourceStore,
+    etcd: EtcdServer,
+    _root: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(nodes: &[&str]) -> Cluster {
+        let root = tempfile::tempdir().expect("temp dir");
+        let etcd = EtcdServer::start_in(&root.path().join("etcd")).expect("start etcd");
+        let daemons = nodes
+            .iter()
+            .map(|n| Daemon::start(root.path(), n, &etcd.url()))
+            .collect();
+        let store = EtcdStateStore::open(&etcd.url()).await.expect("connect");
+        let c = Cluster {
+            daemons,
+            resources: ResourceStore::new(Arc::new(store)),
+            etcd,
+            _root: root,
+        };
+        for n in nodes {
+            c.wait_ready(n, true, Duration::from_secs(60)).await;
+        }
+        c
+    }
+
+    fn daemon(&self, node: &str) -> &Daemon {
+        self.daemons
+            .iter()
+            .find(|d| d.name == node)
+            .expect("no such daemon")
+    }
+
+    fn daemon_mut(&mut self, node: &str) -> &mut Daemon {
+        self.daemons
+            .iter_mut()
+            .find(|d| d.name == node)
+            .expect("no such daemon")
+    }
+
+    fn logs(&self) -> String {
+        self.daemons
+            .iter()
+            .map(|d| format!("--- {} ---\n{}\n", d.name, d.log_tail()))
+            .collect()
+    }
+
+    async fn wait_ready(&self, node: &str, want: bool, within: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let ready = match self.resources.try_get::<Node>(node).await {
+                Ok(Some(n)) => n.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.kind == "Ready" && c.status == ConditionStatus::True)
+                }),
+                _ => false,
+            };
+            if ready == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < within,
+                "node {node} not {} within {within:?}\n{}",
+                if want { "Ready" } else { "NotReady" },
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `vm` runs on a node other than `not_on` and its guest
+    /// printed `kbd ready` there; returns that node.
+    async fn wait_running(&self, vm: &str, not_on: Option<&str>, within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(v)) = self.resources.try_get::<VirtualMachine>(vm).await {
+                let s = v.status_or_default();
+                if let Some(node) = s.node.as_deref()
+                    && Some(node) != not_on
+                    && s.phase == VmPhase::Running
+                    && self.daemon(node).console(vm).contains("kbd ready")
+                {
+                    return node.to_string();
+                }
+            }
+            assert!(
+                start.elapsed() < within,
+                "VM {vm} not running (elsewhere than {not_on:?}) within {within:?}: {:?}\n{}",
+                self.resources.try_get::<VirtualMachine>(vm).await,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn vm(name: &str, strategy: RunStrategy) -> VirtualMachine {
+    VirtualMachine::builder(name)
+        .cpus(1)
+        .memory(ByteSize::mib(64))
+        .boot(BootSpec::kernel("guest:kbd", ""))
+        .run_strategy(strategy)
+        .eviction_strategy(EvictionStrategy::Shutdown)
+        .build()
+}
+
+fn kvm_or_skip() -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: cluster tests need /dev/kvm");
+        return false;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_drain_and_node_commands() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut c = Cluster::start(&["n1", "n2", "n3"]).await;
+    c.resources
+        .create(vm("ha", RunStrategy::Always))
+        .await
+        .expect("create VM");
+    let first = c.wait_running("ha", None, Duration::from_secs(120)).await;
+    eprintln!("VM ha runs on {first}");
+
+    // kill -9 the node's daemon (its in-process VM dies with it).
+    let store = c.resources.state_store().clone();
+    let leader = hci_daemon::controllers::scheduler::leader(&*store)
+        .await
+        .expect("leader");
+    eprintln!("leader before the kill: {leader:?}");
+    let killed = Instant::now();
+    c.daemon_mut(&first).kill();
+    c.wait_ready(&first, false, Duration::from_secs(30)).await;
+    let not_ready = killed.elapsed();
+    let second = c
+        .wait_running("ha", Some(&first), Duration::from_secs(60))
+        .await;
+    let moved = killed.elapsed();
+    eprintln!(
+        "failover (lease {}, grace {}): {first} NotReady {:.1} s after kill -9; \
+         guest output on {second} {:.1} s after kill -9",
+        lease(),
+        grace(),
+        not_ready.as_secs_f64(),
+        moved.as_secs_f64()
+    );
+    let leader_after = hci_daemon::controllers::scheduler::leader(&*store)
+        .await
+        .expect("leader");
+    eprintln!("leader after the failover: {leader_after:?}");
+    assert!(leader_after.is_some_and(|l| l != first));
+    let v: VirtualMachine = c.resources.get("ha").await.expect("get");
+    assert!(
+        v.status_or_default()
+            .conditions
+            .iter()
+            .any(|c| c.reason == "NodeLost" || c.kind == "Scheduled"),
+        "{v:?}"
+    );
+
+    // The lost node comes back: Ready again, and the VM stays where it is.
+    c.daemon_mut(&first).spawn();
+    c.wait_ready(&first, true, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v: VirtualMachine = c.resources.get("ha").await.expect("get");
+    assert_eq!(v.status_or_default().node.as_deref(), Some(second.as_str()));
+
+    // hcictl node list shows the three nodes and the VM.
+    let (ok, list) = c.daemon(&first).hcictl(&["node", "list"]);
+    assert!(ok, "{list}");
+    for n in ["n1", "n2", "n3"] {
+        assert!(list.contains(n), "{list}");
+    }
+    assert_eq!(
+        list.matches("Ready").count() - list.matches("NotReady").count(),
+        3,
+        "{list}"
+    );
+
+    // Removing a Ready node is refused.
+    let (ok, out) = c.daemon(&first).hcictl(&["node", "remove", &second]);
+    assert!(!ok && out.contains("is Ready"), "{out}");
+
+    // Drain the VM's node: the VM shuts down cleanly and runs elsewhere.
+    let drained = Instant::now();
+    let (ok, out) = c.daemon(&first).hcictl(&["node", "drain", &second]);
+    assert!(ok, "drain failed: {out}\n{}", c.logs());
+    assert!(out.contains("drained"), "{out}");
+    assert!(
+        c.daemon(&second).console("ha").contains("ctrl-alt-del"),
+        "the guest was not shut down cleanly: {}",
+        c.daemon(&second).console("ha")
+    );
+    let third = c
+        .wait_running("ha", Some(&second), Duration::from_secs(60))
+        .await;
+    eprintln!(
+        "drain of {second}: VM ha running on {third} after {:.1} s\n{out}",
+        drained.elapsed().as_secs_f64()
+    );
+    let (ok, list) = c.daemon(&first).hcictl(&["node", "list"]);
+    assert!(ok && list.contains("Cordoned,Drained"), "{list}");
+    // A cordoned node gets no new VMs.
+    let n: Node = c.resources.get(&second).await.expect("node");
+    assert!(n.spec.cordoned);
+    let (ok, out) = c.daemon(&first).hcictl(&["node", "uncordon", &second]);
+    assert!(ok, "{out}");
+    let n: Node = c.resources.get(&second).await.expect("node");
+    assert!(!n.spec.cordoned && !n.metadata.annotations.contains_key("hci.dev/drain"));
+
+    // Maintenance on the node now running the VM moves it again.
+    let (ok, out) = c
+        .daemon(&first)
+        .hcictl(&["node", "maintenance", "on", &third]);
+    assert!(ok, "maintenance failed: {out}\n{}", c.logs());
+    let fourth = c
+        .wait_running("ha", Some(&third), Duration::from_secs(60))
+        .await;
+    eprintln!("maintenance on {third}: VM ha now on {fourth}");
+    let (ok, out) = c
+        .daemon(&first)
+        .hcictl(&["node", "maintenance", "off", &third]);
+    assert!(ok, "{out}");
+
+    // A VM on a local volume cannot move: when its node dies it stays
+    // there with a condition saying why, and runs again when the node is back.
+    c.resources
+        .create(Volume::blank("data", ByteSize::mib(64)))
+        .await
+        .expect("create volume");
+    let mut pinned = vm("pinned", RunStrategy::Always);
+    pinned.spec.disks = VirtualMachine::builder("x")
+        .disk("data", "data")
+        .build()
+        .spec
+        .disks;
+    c.resources.create(pinned).await.expect("create VM");
+    let home = c
+        .wait_running("pinned", None, Duration::from_secs(120))
+        .await;
+    let vol: Volume = c.resources.get("data").await.expect("volume");
+    assert_eq!(vol.status_or_default().replicas[0].node, home);
+    c.daemon_mut(&home).kill();
+    c.wait_ready(&home, false, Duration::from_secs(30)).await;
+    let start = Instant::now();
+    let reason = loop {
+        let v: VirtualMachine = c.resources.get("pinned").await.expect("get");
+        let s = v.status_or_default();
+        if let Some(cond) = s.conditions.iter().find(|c| c.reason == "NodeLost") {
+            assert_eq!(s.node.as_deref(), Some(home.as_str()), "moved: {v:?}");
+            break cond.message.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{v:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("VM pinned on a local volume of {home}: {reason}");
+    assert!(reason.contains("cannot move"), "{reason}");
+    let restarted = chrono::Utc::now();
+    c.daemon_mut(&home).spawn();
+    let start = Instant::now();
+    loop {
+        let v: VirtualMachine = c.resources.get("pinned").await.expect("get");
+        let s = v.status_or_default();
+        if s.phase == VmPhase::Running && s.started_at.is_some_and(|t| t > restarted) {
+            assert_eq!(s.node.as_deref(), Some(home.as_str()));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{v:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = &c.etcd;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restart_mid_operation_converges() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut c = Cluster::start(&["e1", "e2", "e3"]).await;
+    // Halted VMs need no node: they test the state, not the CPU.
+    for i in 0..10 {
+        c.resources
+            .create(vm(&format!("halted-{i}"), RunStrategy::Halted))
+            .await
+            .expect("create");
+    }
+    c.etcd.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Writes fail while etcd is down…
+    assert!(
+        c.resources
+            .create(vm("during", RunStrategy::Halted))
+            .await
+            .is_err()
+    );
+    c.etcd.restart().expect("restart etcd");
+    let back = Instant::now();
+    // …and work again once it is back (the client reconnects).
+    let mut created = false;
+    for _ in 0..100 {
+        if c.resources
+            .create(vm("after", RunStrategy::Always))
+            .await
+            .is_ok()
+        {
+            created = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(created, "no write succeeded after etcd came back");
+    // Every node is Ready again, the VM created after the restart runs.
+    for n in ["e1", "e2", "e3"] {
+        c.wait_ready(n, true, Duration::from_secs(60)).await;
+    }
+    let on = c
+        .wait_running("after", None, Duration::from_secs(120))
+        .await;
+    eprintln!(
+        "etcd restart: VM created after it runs on {on} {:.1} s after etcd came back",
+        back.elapsed().as_secs_f64()
+    );
+    // Nothing was lost.
+    let names: Vec<String> = c
+        .resources
+        .list::<VirtualMachine>()
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .map(|v| v.name().to_string())
+        .collect();
+    for i in 0..10 {
+        assert!(names.contains(&format!("halted-{i}")), "{names:?}");
+    }
+    assert_eq!(
+        c.resources.list::<Node>().await.expect("nodes").items.len(),
+        3
+    );
+    // Exactly one leader.
+    let store = c.resources.state_store();
+    let leader = hci_daemon::controllers::scheduler::leader(&**store)
+        .await
+        .expect("leader");
+    assert!(leader.is_some_and(|l| ["e1", "e2", "e3"].contains(&l.as_str())));
+    c.daemon_mut("e1").kill();
+}
