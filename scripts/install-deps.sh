@@ -22,6 +22,10 @@ for cmd in "${!PKGS[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${PKGS[$cmd]}")
 done
 
+# Debian's cloud kernel: the QEMU backend's real-Linux test boots it (with
+# modules from /lib/modules) under TCG.
+compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null || missing+=(linux-image-cloud-amd64)
+
 if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}" >&2
   SUDO=""
