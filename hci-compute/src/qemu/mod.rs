@@ -310,6 +310,15 @@ impl QemuHypervisor {
                     format!("CD-ROM {} must be read-only", d.name),
                 ));
             }
+            if d.bus == DiskBus::Sata && d.read_only {
+                return Err(Error::invalid(
+                    "disk",
+                    format!(
+                        "SATA disk {} cannot be read-only in QEMU (use virtio, SCSI or a CD-ROM)",
+                        d.name
+                    ),
+                ));
+            }
             let source = match &d.backend {
                 DiskBackend::Device(dev) => {
                     exports.push((d.name.clone(), dev.clone(), d.read_only));
