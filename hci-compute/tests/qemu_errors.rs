@@ -73,7 +73,17 @@ msg:    .asciz "hello from the boot sector\r\n"
         .expect("run gcc");
     assert!(ok.success(), "gcc failed on the boot sector");
     let ok = Command::new("ld")
-        .args(["-m", "elf_i386", "-Ttext", "0x7c00", "--oformat", "binary", "-e", "_start", "-o"])
+        .args([
+            "-m",
+            "elf_i386",
+            "-Ttext",
+            "0x7c00",
+            "--oformat",
+            "binary",
+            "-e",
+            "_start",
+            "-o",
+        ])
         .arg(&bin)
         .arg(&obj)
         .status()
@@ -187,12 +197,18 @@ async fn missing_binary_firmware_and_files_are_clear_errors() {
         .create_vm(cfg())
         .await
         .expect_err("no binary");
-    assert!(err.to_string().contains("/nonexistent/qemu-system-x86_64"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/qemu-system-x86_64"),
+        "{err}"
+    );
 
     let mut uefi = cfg();
     uefi.boot = BootSource::Firmware { uefi: true };
     let err = hv()
-        .with_ovmf(vec![("/nonexistent/OVMF_CODE.fd".into(), "/nonexistent/OVMF_VARS.fd".into())])
+        .with_ovmf(vec![(
+            "/nonexistent/OVMF_CODE.fd".into(),
+            "/nonexistent/OVMF_VARS.fd".into(),
+        )])
         .create_vm(uefi)
         .await
         .expect_err("no OVMF");
@@ -216,7 +232,10 @@ async fn missing_binary_firmware_and_files_are_clear_errors() {
 
     let mut c = cfg();
     c.memory = (64 << 20) + 1;
-    assert!(hv().create_vm(c).await.is_err(), "memory not in MiB accepted");
+    assert!(
+        hv().create_vm(c).await.is_err(),
+        "memory not in MiB accepted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,7 +271,11 @@ async fn dropping_the_last_handle_kills_qemu() {
     for _ in 0..500 {
         // A zombie until reaped counts as gone: its state is Z.
         let stat = std::fs::read_to_string(proc_dir.join("stat")).unwrap_or_default();
-        if stat.is_empty() || stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')) {
+        if stat.is_empty()
+            || stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('Z'))
+        {
             gone = true;
             break;
         }

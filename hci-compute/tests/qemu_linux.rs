@@ -238,7 +238,10 @@ exit 0
 
 /// Whether an ELF64 file names a program interpreter (is dynamically linked).
 fn has_interpreter(elf: &[u8]) -> bool {
-    let u16_at = |o: usize| elf.get(o..o + 2).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+    let u16_at = |o: usize| {
+        elf.get(o..o + 2)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
+    };
     let Some(phoff) = elf
         .get(0x20..0x28)
         .and_then(|b| b.try_into().ok())
@@ -280,14 +283,27 @@ fn initramfs(modules: &Path, dir: &Path) -> PathBuf {
         ino += 1;
     };
     for d in [
-        "bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "seed",
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "lib",
+        "lib/modules",
+        "seed",
     ] {
         add(&mut c, d, 0o040755, (0, 0), &[]);
     }
     add(&mut c, "dev/console", 0o020600, (5, 1), &[]);
     add(&mut c, "bin/busybox", 0o100755, (0, 0), &bb);
     add(&mut c, "init", 0o100755, (0, 0), INIT.as_bytes());
-    add(&mut c, "udhcpc.sh", 0o100755, (0, 0), UDHCPC_SCRIPT.as_bytes());
+    add(
+        &mut c,
+        "udhcpc.sh",
+        0o100755,
+        (0, 0),
+        UDHCPC_SCRIPT.as_bytes(),
+    );
     let mut list = String::new();
     for m in &order {
         assert!(
@@ -603,7 +619,11 @@ async fn linux_guests_boot_with_cloud_init_a_replicated_disk_dhcp_and_ping() {
     // Lose one replica between the writes; the guest must not notice.
     replicas[1].crash();
     let mut console = main.console().await.expect("console");
-    console.input.write_all(b"go\n").await.expect("console input");
+    console
+        .input
+        .write_all(b"go\n")
+        .await
+        .expect("console input");
     let text = wait_console(&main, "HCI: done").await;
     for line in [
         "HCI: got go",
@@ -632,7 +652,10 @@ async fn linux_guests_boot_with_cloud_init_a_replicated_disk_dhcp_and_ping() {
         .expect("wait");
     assert_eq!(reason, ExitReason::Poweroff);
     let peer_text = wait_console(&peer, "HCI: peer ready").await;
-    assert!(peer_text.contains("HCI: lease 10.77.0.11/24"), "{peer_text}");
+    assert!(
+        peer_text.contains("HCI: lease 10.77.0.11/24"),
+        "{peer_text}"
+    );
     let leases = net.leases("qlab").await.expect("leases");
     assert_eq!(leases.iter().filter(|l| l.bound).count(), 2, "{leases:?}");
 
@@ -643,5 +666,7 @@ async fn linux_guests_boot_with_cloud_init_a_replicated_disk_dhcp_and_ping() {
         .expect("shutdown");
     assert_eq!(r, ExitReason::Killed);
     volume.close().await.expect("close the volume");
-    net.remove_network("qlab").await.expect("remove the network");
+    net.remove_network("qlab")
+        .await
+        .expect("remove the network");
 }

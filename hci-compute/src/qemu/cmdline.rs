@@ -468,7 +468,10 @@ mod tests {
             bd[1],
             json!({"driver": "file", "filename": "/img/debian.iso", "node-name": "drive-iso", "read-only": true})
         );
-        assert_eq!(bd[2]["server"], json!({"type": "inet", "host": "10.0.0.5", "port": "10809"}));
+        assert_eq!(
+            bd[2]["server"],
+            json!({"type": "inet", "host": "10.0.0.5", "port": "10809"})
+        );
         assert_eq!(
             values(&a, "-device"),
             [
@@ -525,7 +528,10 @@ mod tests {
         s.console_socket = "/tmp/x,server=off/c.sock".into();
         let a = args(&s);
         assert_eq!(values(&a, "-name"), ["guest=a,,b,debug-threads=on"]);
-        assert!(values(&a, "-chardev")[0].starts_with("socket,id=console,path=/tmp/x,,server=off/c.sock,"));
+        assert!(
+            values(&a, "-chardev")[0]
+                .starts_with("socket,id=console,path=/tmp/x,,server=off/c.sock,")
+        );
         assert_eq!(qemu_id("disk", "a b/c"), "disk-a_b_c");
     }
 

@@ -20,6 +20,11 @@
 //!   and the process's exit; a QEMU that crashes or is killed by someone
 //!   else ends the VM with [`ExitReason::VmmError`] carrying its log tail.
 //! - [`seed`]: cloud-init NoCloud `cidata` seed images (vfat), written in Rust.
+//! - Live migration: [`QemuVm`] is
+//!   [`Migratable`](hci_core::compute::Migratable) (QMP `migrate`) and
+//!   [`QemuHypervisor`] is [`ReceiveMigration`](hci_core::compute::ReceiveMigration)
+//!   (a QEMU started with `-incoming`; see [`QemuHypervisor::prepare_incoming`]).
+//!   The stream is not authenticated and disks are not moved.
 //!
 //! NICs: a [`NicConfig`](hci_core::compute::NicConfig)'s TAP is attached by
 //! name, or through its queue descriptor when one was registered with
@@ -33,6 +38,7 @@
 //! backend's job today.)
 
 pub mod cmdline;
+mod migrate;
 pub mod qmp;
 pub mod seed;
 mod vm;
@@ -62,7 +68,10 @@ pub const OVMF_CANDIDATES: &[(&str, &str)] = &[
         "/usr/share/OVMF/OVMF_CODE_4M.fd",
         "/usr/share/OVMF/OVMF_VARS_4M.fd",
     ),
-    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    (
+        "/usr/share/OVMF/OVMF_CODE.fd",
+        "/usr/share/OVMF/OVMF_VARS.fd",
+    ),
 ];
 
 /// Smallest guest RAM accepted, bytes.

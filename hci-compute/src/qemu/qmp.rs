@@ -131,7 +131,9 @@ pub fn parse_message(line: &[u8]) -> Result<Message, QmpError> {
         let Value::String(name) = name else {
             return Err(malformed("event name is not a string"));
         };
-        let data = o.remove("data").unwrap_or_else(|| Value::Object(Map::new()));
+        let data = o
+            .remove("data")
+            .unwrap_or_else(|| Value::Object(Map::new()));
         return Ok(Message::Event(Event { name, data }));
     }
     Err(malformed("neither greeting, return, error nor event"))
@@ -212,7 +214,11 @@ impl Qmp {
     }
 
     /// Runs `command` with `arguments` and returns its result (30 s deadline).
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         self.execute_within(command, arguments, Duration::from_secs(30))
             .await
     }
@@ -356,8 +362,9 @@ mod tests {
 
     #[test]
     fn parses_every_kind_of_message() {
-        let g = parse_message(br#"{"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": []}}"#)
-            .unwrap();
+        let g =
+            parse_message(br#"{"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": []}}"#)
+                .unwrap();
         assert!(matches!(g, Message::Greeting(v) if v["version"]["qemu"]["major"] == 7));
         assert_eq!(
             parse_message(br#"{"return": {}, "id": 3}"#).unwrap(),
@@ -394,7 +401,11 @@ mod tests {
             b"not json",
             b"",
         ] {
-            assert!(parse_message(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_message(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -431,9 +442,13 @@ mod tests {
             w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", caps["id"]).as_bytes())
                 .await
                 .unwrap();
-            let a: Value = serde_json::from_slice(&read_line(&mut r).await.unwrap().unwrap()).unwrap();
-            let b: Value = serde_json::from_slice(&read_line(&mut r).await.unwrap().unwrap()).unwrap();
-            w.write_all(b"garbage\n{\"event\": \"STOP\", \"timestamp\": {}}\n").await.unwrap();
+            let a: Value =
+                serde_json::from_slice(&read_line(&mut r).await.unwrap().unwrap()).unwrap();
+            let b: Value =
+                serde_json::from_slice(&read_line(&mut r).await.unwrap().unwrap()).unwrap();
+            w.write_all(b"garbage\n{\"event\": \"STOP\", \"timestamp\": {}}\n")
+                .await
+                .unwrap();
             for m in [b, a] {
                 let reply = if m["execute"] == "bad" {
                     json!({"error": {"class": "CommandNotFound", "desc": "no such command"}, "id": m["id"]})
@@ -463,7 +478,10 @@ mod tests {
         assert_eq!(events.recv().await.unwrap().name, "STOP");
         // The server hung up: commands fail instead of hanging.
         let after = qmp.execute("query-status", None).await.unwrap_err();
-        assert!(matches!(after, QmpError::Disconnected | QmpError::Io { .. }), "{after}");
+        assert!(
+            matches!(after, QmpError::Disconnected | QmpError::Io { .. }),
+            "{after}"
+        );
         drop(qmp);
         srv.await.unwrap();
     }

@@ -67,7 +67,10 @@ impl NoCloudSeed {
     /// Checks the fields that would make cloud-init misbehave.
     pub fn validate(&self) -> Result<()> {
         if self.instance_id.trim().is_empty() {
-            return Err(Error::invalid("cloud-init instance-id", "must not be empty"));
+            return Err(Error::invalid(
+                "cloud-init instance-id",
+                "must not be empty",
+            ));
         }
         if let Some(h) = &self.hostname
             && (h.is_empty() || h.len() > 253 || h.contains(char::is_whitespace))
@@ -94,7 +97,8 @@ impl NoCloudSeed {
         // FAT12 with room to spare: 1 MiB plus twice the payload, 64 KiB aligned.
         let size = ((1 << 20) + 2 * payload).next_multiple_of(64 << 10);
         let mut img = Cursor::new(vec![0u8; size]);
-        let fat_err = |what: &str, e: std::io::Error| Error::io(format!("{what} in the seed image"), e);
+        let fat_err =
+            |what: &str, e: std::io::Error| Error::io(format!("{what} in the seed image"), e);
         fatfs::format_volume(
             &mut img,
             fatfs::FormatVolumeOptions::new().volume_label(*b"CIDATA     "),
@@ -110,10 +114,12 @@ impl NoCloudSeed {
                     .root_dir()
                     .create_file(name)
                     .map_err(|e| fat_err(&format!("create {name}"), e))?;
-                f.truncate().map_err(|e| fat_err(&format!("truncate {name}"), e))?;
+                f.truncate()
+                    .map_err(|e| fat_err(&format!("truncate {name}"), e))?;
                 f.write_all(data)
                     .map_err(|e| fat_err(&format!("write {name}"), e))?;
-                f.flush().map_err(|e| fat_err(&format!("flush {name}"), e))?;
+                f.flush()
+                    .map_err(|e| fat_err(&format!("flush {name}"), e))?;
             }
             fs.unmount()
                 .map_err(|e| fat_err("unmount the FAT filesystem", e))?;

@@ -18,9 +18,9 @@ use tokio::net::UnixStream;
 use tokio::process::Child;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use super::Plan;
 use super::cmdline::{self, Accel};
 use super::qmp::{Event, Qmp, QmpError};
-use super::Plan;
 use crate::console::ConsoleHub;
 
 /// How long QEMU may take to open its QMP socket.
@@ -581,6 +581,10 @@ impl VmHandle for QemuVm {
         })
     }
 
+    fn as_migratable(&self) -> Option<&dyn hci_core::compute::Migratable> {
+        Some(self)
+    }
+
     async fn stats(&self) -> Result<VmStats> {
         let uptime = self
             .inner
@@ -678,11 +682,26 @@ mod tests {
         let ok = ExitStatus::from_raw(0);
         let segv = ExitStatus::from_raw(11);
         let code1 = ExitStatus::from_raw(1 << 8);
-        assert_eq!(exit_reason(true, Some("guest-reset"), Some(&ok), log), ExitReason::Killed);
-        assert_eq!(exit_reason(false, Some("guest-reset"), Some(&ok), log), ExitReason::Reset);
-        assert_eq!(exit_reason(false, Some("guest-shutdown"), Some(&ok), log), ExitReason::Poweroff);
-        assert_eq!(exit_reason(false, Some("host-signal"), Some(&ok), log), ExitReason::Killed);
-        assert!(matches!(exit_reason(false, Some("guest-panic"), Some(&ok), log), ExitReason::Crashed(_)));
+        assert_eq!(
+            exit_reason(true, Some("guest-reset"), Some(&ok), log),
+            ExitReason::Killed
+        );
+        assert_eq!(
+            exit_reason(false, Some("guest-reset"), Some(&ok), log),
+            ExitReason::Reset
+        );
+        assert_eq!(
+            exit_reason(false, Some("guest-shutdown"), Some(&ok), log),
+            ExitReason::Poweroff
+        );
+        assert_eq!(
+            exit_reason(false, Some("host-signal"), Some(&ok), log),
+            ExitReason::Killed
+        );
+        assert!(matches!(
+            exit_reason(false, Some("guest-panic"), Some(&ok), log),
+            ExitReason::Crashed(_)
+        ));
         assert_eq!(
             exit_reason(false, None, Some(&segv), log),
             ExitReason::VmmError("QEMU was killed by signal 11".into())
