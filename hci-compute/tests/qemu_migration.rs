@@ -101,7 +101,7 @@ async fn a_running_guest_migrates_and_keeps_counting() {
         .expect("finish the incoming migration");
     assert_eq!(dst.state().await.expect("state"), VmState::Running);
     assert!(done.bytes_sent > 0, "{done:?}");
-    println!(
+    eprintln!(
         "migration: {} passes, {} bytes, downtime {:?}",
         done.iteration, done.bytes_sent, done.downtime
     );
