@@ -208,6 +208,15 @@ if [ "$role" = main ]; then
     fi
     echo "HCI: kernel I/O errors=$(dmesg | grep -ci 'i/o error')"
 fi
+if [ "$role" = bench ]; then
+    data=$(disk_with_serial data)
+    now() { cut -d' ' -f1 /proc/uptime | tr -d .; }
+    t0=$(now); dd if=/dev/zero of=$data bs=1M count=64 conv=fsync 2>/dev/null; t1=$(now)
+    echo 3 > /proc/sys/vm/drop_caches
+    t2=$(now); dd if=$data of=/dev/null bs=1M count=64 2>/dev/null; t3=$(now)
+    echo "HCI: bench write_cs=$((t1 - t0)) read_cs=$((t3 - t2))"
+    poweroff -f
+fi
 ip link set lo up
 ip link set eth0 up
 if udhcpc -i eth0 -s /udhcpc.sh -n -q -t 20 -T 2 >/dev/null 2>&1; then
@@ -669,4 +678,126 @@ async fn linux_guests_boot_with_cloud_init_a_replicated_disk_dhcp_and_ping() {
     net.remove_network("qlab")
         .await
         .expect("remove the network");
+}
+
+/// Runs the `bench` role on a VM whose disk is `disk`; returns (write, read)
+/// seconds for 64 MiB as the guest measured them (centisecond clock).
+async fn bench_disk(
+    hv: &QemuHypervisor,
+    kernel: &Path,
+    initrd: &Path,
+    name: &str,
+    disk: DiskBackend,
+) -> (f64, f64) {
+    let vm = hv
+        .create_vm(VmConfig {
+            name: name.into(),
+            cpus: 1,
+            memory: 256 << 20,
+            boot: BootSource::Kernel {
+                kernel: kernel.to_path_buf(),
+                initrd: Some(initrd.to_path_buf()),
+                cmdline: "console=ttyS0 rdinit=/init panic=-1 quiet hci.role=bench".into(),
+            },
+            disks: vec![DiskConfig {
+                name: "data".into(),
+                backend: disk,
+                bus: DiskBus::Virtio,
+                read_only: false,
+                boot_order: None,
+            }],
+            nics: vec![],
+            cloud_init_seed: None,
+            run_dir: run_dir(name),
+        })
+        .await
+        .expect("create the bench VM");
+    vm.start().await.expect("start");
+    let text = wait_console(&vm, "HCI: bench write_cs=").await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("HCI: bench"))
+        .expect("bench line")
+        .to_string();
+    let field = |k: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("bench figure")
+            / 100.0
+    };
+    let _ = tokio::time::timeout(BOOT_WAIT, vm.wait()).await;
+    (field("write_cs="), field("read_cs="))
+}
+
+/// Benchmark (not a test; `scripts/bench-qemu.sh` runs it): a Linux guest
+/// under TCG writes (fsync) and reads 64 MiB on its virtio disk, backed by
+/// (1) an hci-storage local volume served to QEMU over NBD by this process,
+/// (2) a 2-replica replicated volume over NBD, and (3) a raw file opened by
+/// QEMU itself (the peer). Prints MB/s and ratios to the raw file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by scripts/bench-qemu.sh"]
+async fn bench_guest_disk_nbd_vs_raw_file() {
+    let hv = QemuHypervisor::new();
+    let (kernel, modules) = debian_cloud_kernel();
+    let work = run_dir("bench-work");
+    let initrd = initramfs(&modules, &work);
+    let raw = work.join("raw.img");
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(128 << 20))
+        .expect("raw image");
+    let vol = work.join("vol");
+    hci_storage::local::LocalVolumeBackend::new(&work)
+        .expect("volume backend")
+        .create("vol", CreateVolume::new(128 << 20))
+        .await
+        .expect("create the local volume");
+    let replicas = [
+        ReplicaProc::start(work.join("replica0")),
+        ReplicaProc::start(work.join("replica1")),
+    ];
+    let backend = ReplicatedVolumeBackend::new(
+        replicas.iter().map(ReplicaProc::node).collect(),
+        EngineOptions::default(),
+    )
+    .expect("replicated backend");
+    backend
+        .create("rvol", CreateVolume::new(128 << 20))
+        .await
+        .expect("create the replicated volume");
+    let rvol = backend
+        .open_engine("rvol", OpenVolume::default())
+        .await
+        .expect("open the engine");
+    let mb = 64.0 * 1.048576;
+    let mut rows = Vec::new();
+    for (label, disk) in [
+        ("raw file (QEMU file driver)", DiskBackend::File(raw.clone())),
+        (
+            "local volume over NBD",
+            DiskBackend::Volume {
+                path: vol.clone(),
+                key_file: None,
+            },
+        ),
+        (
+            "2-replica volume over NBD",
+            DiskBackend::Device(rvol.clone() as Arc<dyn BlockDevice>),
+        ),
+    ] {
+        let name = format!("bench-{}", rows.len());
+        let (w, r) = bench_disk(&hv, &kernel, &initrd, &name, disk).await;
+        rows.push((label, mb / w, mb / r));
+    }
+    let (raw_w, raw_r) = (rows[0].1, rows[0].2);
+    eprintln!("| disk | write MB/s (fsync) | read MB/s | write vs raw | read vs raw |");
+    eprintln!("|---|---|---|---|---|");
+    for (label, w, r) in &rows {
+        eprintln!(
+            "| {label} | {w:.1} | {r:.1} | {:.2}x | {:.2}x |",
+            w / raw_w,
+            r / raw_r
+        );
+    }
+    rvol.close().await.expect("close");
 }
