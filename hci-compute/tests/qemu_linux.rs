@@ -30,8 +30,8 @@ use hci_compute::qemu::QemuVm;
 use hci_compute::qemu::seed::NoCloudSeed;
 use hci_core::block::BlockDevice;
 use hci_core::compute::{
-    BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, NicConfig, NicModel, VmConfig,
-    VmHandle,
+    BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, Migratable, MigrationOptions,
+    MigrationProgress, NicConfig, NicModel, VmConfig, VmHandle,
 };
 use hci_core::net::{DhcpConfig, NetworkBackend, NetworkConfig, NetworkKind, PortConfig};
 use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
@@ -207,6 +207,9 @@ if [ "$role" = main ]; then
         echo "HCI: disk FAIL: patterns differ"
     fi
     echo "HCI: kernel I/O errors=$(dmesg | grep -ci 'i/o error')"
+fi
+if [ "$role" = clock ]; then
+    while true; do echo "HCI: uptime $(cut -d' ' -f1 /proc/uptime)"; sleep 1; done
 fi
 if [ "$role" = bench ]; then
     data=$(disk_with_serial data)
@@ -680,6 +683,145 @@ async fn linux_guests_boot_with_cloud_init_a_replicated_disk_dhcp_and_ping() {
         .expect("remove the network");
 }
 
+/// The guest uptimes (seconds) printed by the `clock` role so far.
+fn uptimes(text: &str) -> Vec<f64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("HCI: uptime ")?.parse().ok())
+        .collect()
+}
+
+/// A QEMU that runs inside network namespace `ns` (`ip netns exec` execs
+/// it, so the pid is QEMU's own).
+fn qemu_in(ns: &str, dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("qemu-in-{ns}"));
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\nexec ip netns exec {ns} qemu-system-x86_64 \"$@\"\n"),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// A real Linux guest moves between two nodes (network namespaces joined by
+/// a veth pair; each QEMU runs in its node's namespace, the migration stream
+/// crosses the veth) and keeps running: its uptime continues on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
+    require_root();
+    let (kernel, modules) = debian_cloud_kernel();
+    let work = run_dir("migrate-work");
+    let initrd = initramfs(&modules, &work);
+    let (a, b) = (Netns::new("node-a"), Netns::new("node-b"));
+    let run = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let veth = format!("hqm{}", std::process::id() % 100_000);
+    run(&[
+        "link", "add", &veth, "netns", &a.name, "type", "veth", "peer", "name", "eth-b", "netns",
+        &b.name,
+    ]);
+    run(&["-n", &a.name, "addr", "add", "10.78.0.1/24", "dev", &veth]);
+    run(&["-n", &b.name, "addr", "add", "10.78.0.2/24", "dev", "eth-b"]);
+    for (ns, dev) in [(&a.name, veth.as_str()), (&b.name, "eth-b")] {
+        run(&["-n", ns, "link", "set", dev, "up"]);
+        run(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    let config = |name: &str| VmConfig {
+        name: name.into(),
+        cpus: 1,
+        memory: 256 << 20,
+        boot: BootSource::Kernel {
+            kernel: kernel.clone(),
+            initrd: Some(initrd.clone()),
+            cmdline: "console=ttyS0 rdinit=/init panic=-1 quiet hci.role=clock".into(),
+        },
+        disks: vec![],
+        nics: vec![],
+        cloud_init_seed: None,
+        run_dir: run_dir(name),
+    };
+    let on_a = QemuHypervisor::new().with_binary(qemu_in(&a.name, &work));
+    let on_b = QemuHypervisor::new().with_binary(qemu_in(&b.name, &work));
+    let src = on_a
+        .create_vm(config("mig-src"))
+        .await
+        .expect("create on node a");
+    let _guard = Guard(vec![src.clone()]);
+    src.start().await.expect("start");
+    wait_console(&src, "HCI: uptime").await;
+    let start = std::time::Instant::now();
+    while uptimes(&String::from_utf8_lossy(&src.console_hub().history())).len() < 3 {
+        assert!(
+            start.elapsed() < BOOT_WAIT,
+            "the guest stopped printing its uptime"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let dst = on_b
+        .prepare_incoming(config("mig-dst"), "10.78.0.2:7788")
+        .await
+        .expect("the target QEMU listens on node b");
+    let _guard2 = Guard(vec![dst.clone()]);
+    let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+    let done = tokio::time::timeout(
+        BOOT_WAIT,
+        src.migrate(
+            "10.78.0.2:7788",
+            MigrationOptions {
+                max_downtime: Duration::from_millis(100),
+                timeout: BOOT_WAIT,
+                token: String::new(),
+            },
+            tx,
+        ),
+    )
+    .await
+    .expect("migrate returns")
+    .expect("migrate");
+    dst.finish_incoming().await.expect("the target runs");
+    eprintln!(
+        "linux migration: {} passes, {} MiB sent, downtime {:?}",
+        done.iteration,
+        done.bytes_sent >> 20,
+        done.downtime
+    );
+    assert_eq!(
+        tokio::time::timeout(BOOT_WAIT, src.wait())
+            .await
+            .expect("source ends")
+            .expect("wait"),
+        ExitReason::Killed
+    );
+    let last_src = *uptimes(&String::from_utf8_lossy(&src.console_hub().history()))
+        .last()
+        .expect("source uptimes");
+    let start = std::time::Instant::now();
+    let after = loop {
+        let u = uptimes(&String::from_utf8_lossy(&dst.console_hub().history()));
+        if u.len() >= 2 {
+            break u;
+        }
+        assert!(
+            start.elapsed() < BOOT_WAIT,
+            "the migrated guest printed nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        after[0] > last_src && after.windows(2).all(|w| w[1] > w[0]),
+        "uptime did not continue: source ended at {last_src}, target printed {after:?}"
+    );
+    dst.kill().await.expect("kill the target");
+}
+
 /// Runs the `bench` role on a VM whose disk is `disk`; returns (write, read)
 /// seconds for 64 MiB as the guest measured them (centisecond clock).
 async fn bench_disk(
@@ -772,7 +914,10 @@ async fn bench_guest_disk_nbd_vs_raw_file() {
     let mb = 64.0 * 1.048576;
     let mut rows = Vec::new();
     for (label, disk) in [
-        ("raw file (QEMU file driver)", DiskBackend::File(raw.clone())),
+        (
+            "raw file (QEMU file driver)",
+            DiskBackend::File(raw.clone()),
+        ),
         (
             "local volume over NBD",
             DiskBackend::Volume {
