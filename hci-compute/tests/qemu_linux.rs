@@ -209,6 +209,11 @@ if [ "$role" = main ]; then
     echo "HCI: kernel I/O errors=$(dmesg | grep -ci 'i/o error')"
 fi
 if [ "$role" = clock ]; then
+    gip=$(sed -n 's/.*hci\.ip=\([0-9./]*\).*/\1/p' /proc/cmdline)
+    if [ -n "$gip" ]; then
+        ip link set eth0 up
+        ip addr add "$gip" dev eth0
+    fi
     while true; do echo "HCI: uptime $(cut -d' ' -f1 /proc/uptime)"; sleep 1; done
 fi
 if [ "$role" = bench ]; then
@@ -704,9 +709,13 @@ fn qemu_in(ns: &str, dir: &Path) -> PathBuf {
     path
 }
 
-/// A real Linux guest moves between two nodes (network namespaces joined by
-/// a veth pair; each QEMU runs in its node's namespace, the migration stream
-/// crosses the veth) and keeps running: its uptime continues on the target.
+/// A real Linux guest moves between two nodes (network namespaces; each
+/// QEMU runs in its node's namespace) and keeps running: its uptime
+/// continues on the target, and pings from node a reach it throughout,
+/// losing at most a few. Each node has an hci-net bridge network whose
+/// uplink is its end of a veth pair between the nodes; the guest's NIC is a
+/// port (same MAC) on the source node's bridge, then on the target's. The
+/// migration stream crosses the same link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
     require_root();
@@ -722,54 +731,157 @@ async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let veth = format!("hqm{}", std::process::id() % 100_000);
     run(&[
-        "link", "add", &veth, "netns", &a.name, "type", "veth", "peer", "name", "eth-b", "netns",
+        "link", "add", "eth-a", "netns", &a.name, "type", "veth", "peer", "name", "eth-b", "netns",
         &b.name,
     ]);
-    run(&["-n", &a.name, "addr", "add", "10.78.0.1/24", "dev", &veth]);
-    run(&["-n", &b.name, "addr", "add", "10.78.0.2/24", "dev", "eth-b"]);
-    for (ns, dev) in [(&a.name, veth.as_str()), (&b.name, "eth-b")] {
-        run(&["-n", ns, "link", "set", dev, "up"]);
-        run(&["-n", ns, "link", "set", "lo", "up"]);
+    let mac = [0x02, 0x68, 0x63, 0x52, 0x00, 0x10];
+    let mut nodes = Vec::new();
+    for (ns, uplink, addr) in [(&a, "eth-a", "10.78.0.1/24"), (&b, "eth-b", "10.78.0.2/24")] {
+        run(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        run(&["-n", &ns.name, "link", "set", uplink, "up"]);
+        let net = LinuxBridgeBackend::new(BackendOptions {
+            netns: NetNs::named(&ns.name).expect("open the namespace"),
+            ..Default::default()
+        })
+        .await
+        .expect("network backend");
+        let st = net
+            .ensure_network(&NetworkConfig {
+                name: "mignet".into(),
+                kind: NetworkKind::Bridge {
+                    uplink: Some(uplink.into()),
+                },
+                cidr: None,
+                gateway: None,
+                dhcp: None,
+                mtu: None,
+            })
+            .await
+            .expect("ensure the network");
+        run(&["-n", &ns.name, "addr", "add", addr, "dev", &st.bridge]);
+        if ns.name == b.name {
+            // hci-net derives a bridge's MAC from the network name, the same on
+            // both nodes: give node b's its own, or the two hosts cannot talk.
+            run(&[
+                "-n",
+                &ns.name,
+                "link",
+                "set",
+                &st.bridge,
+                "address",
+                "02:68:63:52:00:02",
+            ]);
+        }
+        let tap = net
+            .attach_port(
+                "mignet",
+                &PortConfig {
+                    name: "mig-nic0".into(),
+                    mac,
+                    queues: 1,
+                },
+            )
+            .await
+            .expect("attach the VM's port");
+        let hv = QemuHypervisor::new().with_binary(qemu_in(&ns.name, &work));
+        hv.register_tap(&tap);
+        nodes.push((net, tap, hv));
     }
-    let config = |name: &str| VmConfig {
+    let config = |name: &str, tap: &str| VmConfig {
         name: name.into(),
         cpus: 1,
         memory: 256 << 20,
         boot: BootSource::Kernel {
             kernel: kernel.clone(),
             initrd: Some(initrd.clone()),
-            cmdline: "console=ttyS0 rdinit=/init panic=-1 quiet hci.role=clock".into(),
+            cmdline:
+                "console=ttyS0 rdinit=/init panic=-1 quiet hci.role=clock hci.ip=10.78.0.10/24"
+                    .into(),
         },
         disks: vec![],
-        nics: vec![],
+        nics: vec![NicConfig {
+            name: "nic0".into(),
+            tap: tap.into(),
+            mac,
+            model: NicModel::Virtio,
+            mtu: 1500,
+        }],
         cloud_init_seed: None,
         run_dir: run_dir(name),
     };
-    let on_a = QemuHypervisor::new().with_binary(qemu_in(&a.name, &work));
-    let on_b = QemuHypervisor::new().with_binary(qemu_in(&b.name, &work));
-    let src = on_a
-        .create_vm(config("mig-src"))
+    let src = nodes[0]
+        .2
+        .create_vm(config("mig-src", &nodes[0].1.ifname))
         .await
         .expect("create on node a");
     let _guard = Guard(vec![src.clone()]);
     src.start().await.expect("start");
     wait_console(&src, "HCI: uptime").await;
-    let start = std::time::Instant::now();
-    while uptimes(&String::from_utf8_lossy(&src.console_hub().history())).len() < 3 {
-        assert!(
-            start.elapsed() < BOOT_WAIT,
-            "the guest stopped printing its uptime"
+    let ping = |count: &str, interval: &str| {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &a.name, "ping", "-n", "-c", count, "-i", interval, "-W", "1",
+            ])
+            .arg("10.78.0.10")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ping")
+    };
+    // The guest answers from node a first.
+    let mut reached = false;
+    for _ in 0..60 {
+        if ping("1", "1").wait().is_ok_and(|s| s.success()) {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "the guest never answered a ping on node a");
+    let node_b_reached = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &a.name,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "10.78.0.2",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !node_b_reached {
+        let show = |args: &[&str]| {
+            let o = Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .expect("diag");
+            format!(
+                "{args:?}:\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        panic!(
+            "node a cannot reach node b:\n{}\n{}\n{}\n{}",
+            show(&["bridge", "-n", &a.name, "-d", "link"]),
+            show(&["ip", "-n", &a.name, "-d", "link"]),
+            show(&["ip", "-n", &b.name, "-d", "addr"]),
+            show(&["nft", "list", "ruleset"]),
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let dst = on_b
-        .prepare_incoming(config("mig-dst"), "10.78.0.2:7788")
+    let dst = nodes[1]
+        .2
+        .prepare_incoming(config("mig-dst", &nodes[1].1.ifname), "10.78.0.2:7788")
         .await
         .expect("the target QEMU listens on node b");
     let _guard2 = Guard(vec![dst.clone()]);
+    // 100 pings, 0.1 s apart, across the switch-over.
+    let pinger = ping("100", "0.1");
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
     let done = tokio::time::timeout(
         BOOT_WAIT,
@@ -787,11 +899,32 @@ async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
     .expect("migrate returns")
     .expect("migrate");
     dst.finish_incoming().await.expect("the target runs");
+    let out = tokio::task::spawn_blocking(move || pinger.wait_with_output())
+        .await
+        .expect("ping task")
+        .expect("ping output");
+    let summary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_default()
+        .to_string();
+    let numbers: Vec<u64> = summary
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (sent, received) = (
+        numbers.first().copied().unwrap_or(0),
+        numbers.get(1).copied().unwrap_or(0),
+    );
     eprintln!(
-        "linux migration: {} passes, {} MiB sent, downtime {:?}",
+        "linux migration: {} passes, {} MiB sent, downtime {:?}; ping: {summary}",
         done.iteration,
         done.bytes_sent >> 20,
         done.downtime
+    );
+    assert!(
+        sent >= 100 && sent - received <= 5,
+        "pings lost across the migration: {summary}"
     );
     assert_eq!(
         tokio::time::timeout(BOOT_WAIT, src.wait())
@@ -820,6 +953,11 @@ async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
         "uptime did not continue: source ended at {last_src}, target printed {after:?}"
     );
     dst.kill().await.expect("kill the target");
+    for (net, _, _) in &nodes {
+        net.remove_network("mignet")
+            .await
+            .expect("remove the network");
+    }
 }
 
 /// Runs the `bench` role on a VM whose disk is `disk`; returns (write, read)
