@@ -7,7 +7,7 @@
 //! node) whose DHCP server is hci-net's; the first VM
 //!
 //! - mounts its cloud-init NoCloud seed (written by `hci_compute::qemu::seed`)
-//!   and prints what it read,
+//!   and prints what it read, and reads an image on its IDE CD-ROM,
 //! - writes and reads back patterns on its disk, a 2-replica replicated
 //!   volume served to QEMU over NBD by this process — one replica server is
 //!   torn down between the writes, and the guest sees no error,
@@ -189,6 +189,8 @@ if [ "$role" = main ]; then
     else
         echo "HCI: seed FAIL: cannot mount $seed"
     fi
+    i=0; while [ ! -b /dev/sr0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    echo "HCI: cdrom says=$(dd if=/dev/sr0 bs=2048 count=1 2>/dev/null | head -c 20)"
     data=$(disk_with_serial data)
     echo "HCI: data disk $data $(cat /sys/block/${data#/dev/}/size) sectors"
     dd if=/dev/urandom of=/tmp/a bs=1M count=4 2>/dev/null
@@ -291,6 +293,8 @@ fn initramfs(modules: &Path, dir: &Path) -> PathBuf {
             "vfat",
             "nls_cp437",
             "nls_ascii",
+            "ata_piix",
+            "sr_mod",
         ],
     );
     let mut c = Vec::new();
@@ -612,6 +616,18 @@ async fn linux_guests_boot_with_cloud_init_a_replicated_disk_dhcp_and_ping() {
         boot_order: None,
     });
     main_cfg.cloud_init_seed = Some(seed_path);
+    // A CD-ROM (IDE on the PIIX controller) holding an image with a marker.
+    let iso = work.join("disk.iso");
+    let mut iso_data = b"HCI-CDROM-IMAGE-0001".to_vec();
+    iso_data.resize(1 << 20, 0);
+    std::fs::write(&iso, iso_data).expect("write the CD-ROM image");
+    main_cfg.disks.push(DiskConfig {
+        name: "iso".into(),
+        backend: DiskBackend::File(iso),
+        bus: DiskBus::Cdrom,
+        read_only: true,
+        boot_order: None,
+    });
     let main = hv.create_vm(main_cfg).await.expect("create the main VM");
     let _guard = Guard(vec![main.clone(), peer.clone()]);
 
@@ -628,6 +644,7 @@ async fn linux_guests_boot_with_cloud_init_a_replicated_disk_dhcp_and_ping() {
         "HCI: meta-data instance-id=i-hci-linux-1",
         "HCI: user-data first line=#cloud-config",
         "HCI: user-data says=hello from the seed",
+        "HCI: cdrom says=HCI-CDROM-IMAGE-0001",
         "HCI: data disk /dev/vda 131072 sectors",
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
