@@ -18,7 +18,7 @@
 //!   shutdown (`system_powerdown`, then kill after the timeout), kill,
 //!   console (history + live), exit reasons from the QMP `SHUTDOWN` event
 //!   and the process's exit; a QEMU that crashes or is killed by someone
-//!   else ends the VM with [`ExitReason::VmmError`] carrying its log tail.
+//!   else ends the VM with [`ExitReason::VmmError`](hci_core::compute::ExitReason::VmmError) carrying its log tail.
 //! - [`seed`]: cloud-init NoCloud `cidata` seed images (vfat), written in Rust.
 //! - Live migration: [`QemuVm`] is
 //!   [`Migratable`](hci_core::compute::Migratable) (QMP `migrate`) and
