@@ -225,6 +225,7 @@ if [ "$role" = bench ]; then
     echo 3 > /proc/sys/vm/drop_caches
     t2=$(now); dd if=$data of=/dev/null bs=1M count=64 2>/dev/null; t3=$(now)
     echo "HCI: bench write_cs=$((t1 - t0)) read_cs=$((t3 - t2))"
+    echo "HCI: bench done"
     poweroff -f
 fi
 ip link set lo up
@@ -1010,7 +1011,7 @@ async fn bench_disk(
         .await
         .expect("create the bench VM");
     vm.start().await.expect("start");
-    let text = wait_console(&vm, "HCI: bench write_cs=").await;
+    let text = wait_console(&vm, "HCI: bench done").await;
     let line = text
         .lines()
         .find(|l| l.starts_with("HCI: bench"))
