@@ -190,6 +190,27 @@ impl ProcessHypervisor {
                     }
                     s
                 }
+                DiskBackend::Replicated {
+                    volume,
+                    replicas,
+                    token_file,
+                    key_file,
+                    control,
+                } => {
+                    let mut s = format!(
+                        "replicas={},volume={volume},token-file={},name={}",
+                        replicas.join("+"),
+                        token_file.display(),
+                        d.name
+                    );
+                    if let Some(k) = key_file {
+                        s.push_str(&format!(",key-file={}", k.display()));
+                    }
+                    if let Some(c) = control {
+                        s.push_str(&format!(",control={}", c.display()));
+                    }
+                    s
+                }
                 _ => {
                     return Err(Error::unsupported(
                         format!(

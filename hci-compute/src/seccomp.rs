@@ -108,6 +108,11 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_getsockopt,
     libc::SYS_getsockname,
     libc::SYS_getpeername,
+    // New connections: a replicated volume's engine reconnects to its
+    // replica servers and connects to a replica being added.
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_setsockopt,
     // Polling.
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,

@@ -58,6 +58,21 @@ pub enum DiskBackend {
         /// Its key file, for an encrypted volume.
         key_file: Option<PathBuf>,
     },
+    /// A replicated hci-storage volume, opened by whoever runs the VM: an
+    /// engine over the replica servers that hold its replicas.
+    Replicated {
+        /// The volume's name on the replica servers.
+        volume: String,
+        /// The replica servers holding it (`HOST:PORT`).
+        replicas: Vec<String>,
+        /// File holding the replica servers' token.
+        token_file: PathBuf,
+        /// Its key file, for an encrypted volume.
+        key_file: Option<PathBuf>,
+        /// Unix socket on which the engine's owner answers status and
+        /// replica add/remove requests (`hci_storage::control`).
+        control: Option<PathBuf>,
+    },
 }
 
 impl Debug for DiskBackend {
@@ -69,6 +84,17 @@ impl Debug for DiskBackend {
             DiskBackend::Volume { path, key_file } => f
                 .debug_struct("Volume")
                 .field("path", path)
+                .field("encrypted", &key_file.is_some())
+                .finish(),
+            DiskBackend::Replicated {
+                volume,
+                replicas,
+                key_file,
+                ..
+            } => f
+                .debug_struct("Replicated")
+                .field("volume", volume)
+                .field("replicas", replicas)
                 .field("encrypted", &key_file.is_some())
                 .finish(),
         }

@@ -495,3 +495,275 @@ fn vms_in_their_own_processes_survive_a_daemon_crash() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Reads `len` bytes at `offset` of pool volume `name` in a data directory
+/// (with the daemon stopped: a running daemon holds its volumes' locks).
+fn read_pool_volume(data: &Path, name: &str, offset: u64, len: usize) -> Vec<u8> {
+    use hci_core::volume::{OpenVolume, VolumeBackend};
+    let pool = hci_storage::local::LocalVolumeBackend::new(data.join("volumes")).expect("pool");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let dev = pool
+            .open(name, OpenVolume::default())
+            .await
+            .expect("open pool volume");
+        let mut buf = vec![0u8; len];
+        dev.read_at(&mut buf, offset).await.expect("read");
+        buf
+    })
+}
+
+#[test]
+fn backup_create_list_restore_with_progress() {
+    let mut d = daemon();
+    let s = d.socket.clone();
+    let s = &s;
+    let dir = d._dir.path().to_path_buf();
+    // Content to back up comes in through an image import.
+    let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let seed = dir.join("seed.raw");
+    std::fs::write(&seed, &data).expect("write the image");
+    let yaml = dir.join("backup.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "apiVersion: hci.dev/v1\nkind: BackupTarget\nmetadata: {{name: offsite}}\n\
+             spec: {{url: 'file://{}'}}\n---\n\
+             apiVersion: hci.dev/v1\nkind: Image\nmetadata: {{name: seed}}\n\
+             spec: {{url: 'file://{}', format: raw}}\n---\n\
+             apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {{name: data}}\n\
+             spec: {{size: 16Mi, source: {{type: image, name: seed}}}}\n",
+            dir.join("target").display(),
+            seed.display()
+        ),
+    )
+    .expect("write yaml");
+    let out = ok(&hcictl(
+        s,
+        &["apply", "-f", yaml.to_str().expect("utf-8"), "--wait"],
+    ));
+    assert!(out.contains("image/seed ready"), "{out}");
+    assert!(out.contains("volume/data detached"), "{out}");
+
+    let out = ok(&hcictl(
+        s,
+        &[
+            "backup", "create", "first", "--volume", "data", "--target", "offsite",
+        ],
+    ));
+    assert!(out.starts_with("backup/first completed: read "), "{out}");
+    let out = ok(&hcictl(s, &["backup", "list"]));
+    assert!(out.contains("first"), "{out}");
+    let out = ok(&hcictl(s, &["backup", "list", "--source", "other"]));
+    assert_eq!(out, "No Backup found.\n");
+    let out = ok(&hcictl(
+        s,
+        &["backup", "list", "--target", "offsite", "-o", "json"],
+    ));
+    let list: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{out}");
+
+    let out = ok(&hcictl(
+        s,
+        &["backup", "restore", "first", "--volume", "copy"],
+    ));
+    assert_eq!(
+        out,
+        "volume/copy created from backup/first\nvolume/copy restored\n"
+    );
+    let out = ok(&hcictl(s, &["wait", "volume", "copy", "--timeout", "30"]));
+    assert_eq!(out, "volume/copy detached\n");
+
+    // Mistakes are explained.
+    let e = err(&hcictl(
+        s,
+        &["backup", "restore", "missing", "--volume", "x"],
+    ));
+    assert!(e.contains("backup/missing: not found"), "{e}");
+    let e = err(&hcictl(
+        s,
+        &["backup", "create", "b", "--target", "offsite"],
+    ));
+    assert!(e.contains("--volume"), "{e}");
+    let e = err(&hcictl(s, &["wait", "volume", "nope", "--timeout", "5"]));
+    assert!(e.contains("volume/nope: not found"), "{e}");
+
+    // The restored volume holds what was backed up.
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let back = read_pool_volume(&dir.join("data"), "copy", 0, data.len());
+    assert!(back == data, "the restored volume differs from the backup");
+}
+
+#[test]
+fn replicated_volumes_spread_over_disks_and_serve_a_vm_process() {
+    let vmm = Path::new(env!("CARGO_BIN_EXE_hci-daemon")).with_file_name("hci-vmm");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("hci.sock");
+    let disks: Vec<PathBuf> = (1..=3)
+        .map(|i| dir.path().join(format!("disk{i}")))
+        .collect();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hci-daemon"));
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .args(["--node", "repl-test"]);
+    for d in &disks {
+        cmd.arg("--replica-disk").arg(d);
+    }
+    let process = vmm.is_file() && kvm();
+    if process {
+        cmd.args(["--vm-mode", "process", "--vmm"]).arg(&vmm);
+    }
+    let child = cmd
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn hci-daemon");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "hci-daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let d = Daemon {
+        child,
+        socket,
+        _dir: dir,
+    };
+    let s = &d.socket;
+    let get = |kind: &str, name: &str| -> Value {
+        serde_json::from_str(&ok(&hcictl(s, &["get", kind, name, "-o", "json"]))).expect("json")
+    };
+    let node: Value = get("node", "repl-test");
+    let servers = node["status"]["replicaServers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(servers.len(), 3, "{node}");
+
+    let yaml = d._dir.path().join("repl.yaml");
+    let mut doc = String::from(
+        "apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {name: rep}\nspec: {size: 64Mi, replicas: 3}\n---\n\
+         apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {name: wide}\nspec: {size: 16Mi, replicas: 4}\n",
+    );
+    if process {
+        doc.push_str(
+            "---\napiVersion: hci.dev/v1\nkind: VirtualMachine\nmetadata: {name: rvm}\n\
+             spec:\n  cpus: 1\n  memory: 64Mi\n  boot: {type: kernel, path: 'guest:blk', cmdline: stay=1}\n  \
+             disks: [{name: data, volume: rep}]\n  runStrategy: Always\n",
+        );
+    }
+    std::fs::write(&yaml, doc).expect("write yaml");
+    ok(&hcictl(s, &["apply", "-f", yaml.to_str().expect("utf-8")]));
+    ok(&hcictl(s, &["wait", "volume", "rep", "--timeout", "60"]));
+    ok(&hcictl(s, &["wait", "volume", "wide", "--timeout", "60"]));
+
+    // Three replicas, one per disk; every disk holds one.
+    let rep = get("volume", "rep");
+    let replicas = rep["status"]["replicas"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let addrs: std::collections::BTreeSet<_> = replicas
+        .iter()
+        .filter_map(|r| r["address"].as_str())
+        .collect();
+    assert_eq!(addrs.len(), 3, "{rep}");
+    for disk in &disks {
+        assert!(
+            disk.join("rep").is_dir(),
+            "no replica in {}",
+            disk.display()
+        );
+    }
+    // More replicas than disks: as many as there are, and the status says so.
+    let wide = get("volume", "wide");
+    assert_eq!(
+        wide["status"]["replicas"].as_array().map(Vec::len),
+        Some(3),
+        "{wide}"
+    );
+    let replicated = wide["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Replicated"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(replicated["reason"], "NotEnoughDisks", "{wide}");
+
+    if process {
+        // The guest writes, flushes and reads back its disk through the
+        // engine in its VMM process.
+        let out = ok(&hcictl(
+            s,
+            &["vm", "console", "rvm", "--until", "virtio-blk OK"],
+        ));
+        assert!(out.contains("virtio-blk OK"), "{out}");
+        // The daemon reads the replicas' health from that engine.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let rep = get("volume", "rep");
+            let healthy = rep["status"]["replicas"]
+                .as_array()
+                .map_or(0, |r| r.iter().filter(|r| r["healthy"] == true).count());
+            if rep["status"]["phase"] == "Attached" && healthy == 3 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never attached and healthy: {rep}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let sock = d._dir.path().join("data/run/rvm/rep.engine.sock");
+        assert!(
+            sock.exists(),
+            "no engine control socket at {}",
+            sock.display()
+        );
+    } else {
+        eprintln!("skipping the VM part: no hci-vmm binary or /dev/kvm is not usable");
+    }
+
+    // A detached replicated volume is snapshotted on every replica.
+    ok(&hcictl(s, &["volume", "snapshot", "wide", "wide-s1"]));
+    ok(&hcictl(
+        s,
+        &["wait", "snapshot", "wide-s1", "--timeout", "30"],
+    ));
+    if process {
+        // One in use is snapshotted by the engine in the VM's process.
+        ok(&hcictl(s, &["volume", "snapshot", "rep", "rep-s1"]));
+        ok(&hcictl(
+            s,
+            &["wait", "snapshot", "rep-s1", "--timeout", "30"],
+        ));
+        for disk in &disks {
+            let meta = std::fs::read_to_string(disk.join("rep/volume.json")).expect("metadata");
+            assert!(
+                meta.contains("rep-s1"),
+                "the replica in {} lacks the snapshot: {meta}",
+                disk.display()
+            );
+        }
+        ok(&hcictl(s, &["delete", "snapshot", "rep-s1"]));
+    }
+    ok(&hcictl(s, &["delete", "snapshot", "wide-s1"]));
+
+    // Deleting the volumes removes their replicas from every disk.
+    ok(&hcictl(s, &["delete", "-f", yaml.to_str().expect("utf-8")]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while disks
+        .iter()
+        .any(|d| d.join("rep").exists() || d.join("wide").exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "replicas left behind after delete"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

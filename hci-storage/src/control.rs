@@ -43,6 +43,12 @@ pub enum ControlRequest {
         /// The replica as given to `add`/`--replica`, or its node label.
         replica: String,
     },
+    /// Take a snapshot on every replica at the same instant (writes are
+    /// held for that instant), so the replicas' snapshots are identical.
+    Snapshot {
+        /// The snapshot's name.
+        name: String,
+    },
 }
 
 /// Progress of a rebuild started through the control channel.
@@ -292,6 +298,7 @@ impl Controller {
             Ok(ControlRequest::Status) => Ok(()),
             Ok(ControlRequest::Add { replica }) => self.add(&replica).await,
             Ok(ControlRequest::Remove { replica }) => self.remove(&replica).await,
+            Ok(ControlRequest::Snapshot { name }) => self.volume.snapshot(&name).await.map(|_| ()),
         };
         match r {
             Ok(()) => ControlReply {

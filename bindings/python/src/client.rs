@@ -333,21 +333,22 @@ impl RawClient {
         Ok(doc(r.into_inner()))
     }
 
-    /// Restores backup `backup` into new volume `volume` (`size` 0: the backup's size).
-    #[pyo3(signature = (backup, volume, size = 0))]
+    /// Restores backup `backup` into new volume `volume` (`size` 0: the
+    /// backup's size), or a whole-VM backup as new VM `vm`.
+    #[pyo3(signature = (backup, volume, size = 0, vm = ""))]
     fn restore_backup(
         &self,
         py: Python<'_>,
         backup: &str,
         volume: &str,
         size: u64,
+        vm: &str,
     ) -> PyResult<Doc> {
         let req = proto::RestoreBackupRequest {
             backup: backup.to_string(),
             volume: volume.to_string(),
             size,
-            // A whole-VM restore is not offered from Python yet.
-            vm: String::new(),
+            vm: vm.to_string(),
         };
         let mut c = BackupServiceClient::new(self.t());
         let r = wait(py, async move { c.restore_backup(req).await })?.py_err()?;

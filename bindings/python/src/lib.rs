@@ -13,6 +13,7 @@
 pub mod backup;
 pub mod client;
 pub mod error;
+pub mod network;
 pub mod resources;
 pub mod runtime;
 pub mod volume;
@@ -32,6 +33,9 @@ fn hci_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<volume::SnapshotInfo>()?;
     m.add_class::<volume::Extent>()?;
     m.add_class::<volume::NbdExport>()?;
+    m.add_class::<volume::ReplicaServer>()?;
+    m.add_class::<network::Networks>()?;
+    m.add_class::<network::NetworkInfo>()?;
     m.add_class::<backup::BackupRepository>()?;
     m.add_class::<backup::BackupInfo>()?;
     m.add_class::<backup::VerifyReport>()?;

@@ -1,5 +1,6 @@
 //! In-process volumes: [`VolumeStore`] over hci-storage's local replica
-//! store, [`VolumeHandle`] handles for block I/O, and NBD exports.
+//! store or over replica servers (replicated volumes), [`VolumeHandle`]
+//! handles for block I/O, NBD exports, and [`ReplicaServer`].
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -7,8 +8,11 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use hci_core::block::{BlockDevice, ExtentKind, WriteFlags, ZeroFlags};
 use hci_core::volume::{CreateVolume, EncryptionKey, OpenVolume, VolumeBackend};
+use hci_storage::engine::{EngineOptions, ReplicatedVolume, ReplicatedVolumeBackend};
 use hci_storage::local::LocalVolumeBackend;
 use hci_storage::nbd::{ExportOptions, Listen, NbdServer, ServerHandle};
+use hci_storage::replica::ReplicaNode;
+use hci_storage::replica::client::{RemoteNode, ServerAddr};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
@@ -147,7 +151,9 @@ fn key(bytes: Option<PyBackedBytes>) -> Option<EncryptionKey> {
 }
 
 /// A directory of local, thin-provisioned volumes with O(1) snapshots
-/// (hci-storage's local replica store): one subdirectory per volume.
+/// (hci-storage's local replica store): one subdirectory per volume. Or,
+/// from `VolumeStore.replicated()`, volumes replicated synchronously over
+/// replica servers (and local directories).
 ///
 /// A volume is locked by the process that opened it; call
 /// `VolumeStore.release()` (or close its handles) before another process
@@ -155,7 +161,10 @@ fn key(bytes: Option<PyBackedBytes>) -> Option<EncryptionKey> {
 #[pyclass(frozen, module = "hci._hci")]
 #[derive(Debug)]
 pub struct VolumeStore {
-    pub(crate) backend: Arc<LocalVolumeBackend>,
+    pub(crate) backend: Arc<dyn VolumeBackend>,
+    local: Option<Arc<LocalVolumeBackend>>,
+    replicated: Option<Arc<ReplicatedVolumeBackend>>,
+    label: String,
 }
 
 #[pymethods]
@@ -163,15 +172,70 @@ impl VolumeStore {
     /// Opens (creating if needed) the store in directory `root`.
     #[new]
     fn new(root: PathBuf) -> PyResult<Self> {
+        let local = Arc::new(LocalVolumeBackend::new(&root).py_err()?);
         Ok(VolumeStore {
-            backend: Arc::new(LocalVolumeBackend::new(root).py_err()?),
+            backend: local.clone(),
+            local: Some(local),
+            replicated: None,
+            label: format!("{:?}", root.display().to_string()),
         })
     }
 
-    /// The store's directory.
+    /// A store whose every volume has one replica on each of `replicas`:
+    /// replica servers (`"HOST:PORT"`, see `ReplicaServer`, all sharing
+    /// `token`) or local directories (an in-process replica). Writes reach
+    /// every healthy replica before they return; a replica that fails or
+    /// does not answer within `timeout` seconds is dropped while one is left.
+    #[staticmethod]
+    #[pyo3(signature = (replicas, token, *, timeout = 3.0))]
+    fn replicated(replicas: Vec<String>, token: PyBackedBytes, timeout: f64) -> PyResult<Self> {
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(crate::error::InvalidSpec::new_err(format!(
+                "timeout: {timeout} is not a positive number of seconds"
+            )));
+        }
+        let timeout = std::time::Duration::from_secs_f64(timeout);
+        let mut nodes: Vec<Arc<dyn ReplicaNode>> = Vec::new();
+        for r in &replicas {
+            let path = std::path::Path::new(r);
+            if path.is_dir() {
+                nodes.push(Arc::new(
+                    hci_storage::replica::LocalNode::new(path).py_err()?,
+                ));
+            } else {
+                let mut sa = ServerAddr::new(r, token.to_vec());
+                sa.timeout = timeout;
+                nodes.push(Arc::new(RemoteNode::new(sa)));
+            }
+        }
+        let options = EngineOptions {
+            timeout,
+            ..EngineOptions::default()
+        };
+        let backend = Arc::new(ReplicatedVolumeBackend::new(nodes, options).py_err()?);
+        Ok(VolumeStore {
+            backend: backend.clone(),
+            local: None,
+            replicated: Some(backend),
+            label: format!("replicated={replicas:?}"),
+        })
+    }
+
+    /// The store's directory (local stores only).
     #[getter]
-    fn root(&self) -> PathBuf {
-        self.backend.root().to_path_buf()
+    fn root(&self) -> PyResult<PathBuf> {
+        match &self.local {
+            Some(l) => Ok(l.root().to_path_buf()),
+            None => Err(crate::error::Unsupported::new_err(
+                "a replicated store has no directory: its replicas live on their servers",
+            )),
+        }
+    }
+
+    /// Whether volumes here are replicated.
+    #[getter]
+    fn is_replicated(&self) -> bool {
+        self.replicated.is_some()
     }
 
     /// Creates an empty (all-zero) volume of `size` bytes (a multiple of 4096),
@@ -204,8 +268,19 @@ impl VolumeStore {
             read_only,
             encryption_key: key(encryption_key),
         };
+        if let (Some(r), false) = (&self.replicated, read_only) {
+            // Keep the engine to close it cleanly with the handle.
+            let r = r.clone();
+            let engine = run(py, async move { r.open_engine(name, options).await })?.py_err()?;
+            let device: Arc<dyn BlockDevice> = engine.clone();
+            let mut h = VolumeHandle::new(self.backend.clone(), name, None, device);
+            h.engine = Some(engine);
+            return Ok(h);
+        }
         let device = run(py, self.backend.open(name, options))?.py_err()?;
-        Ok(VolumeHandle::new(self.backend.clone(), name, None, device))
+        let mut h = VolumeHandle::new(self.backend.clone(), name, None, device);
+        h.local = self.local.clone();
+        Ok(h)
     }
 
     /// Opens snapshot `snapshot` of volume `name` read-only.
@@ -222,12 +297,14 @@ impl VolumeStore {
             encryption_key: key(encryption_key),
         };
         let device = run(py, self.backend.open_snapshot(name, snapshot, options))?.py_err()?;
-        Ok(VolumeHandle::new(
+        let mut h = VolumeHandle::new(
             self.backend.clone(),
             name,
             Some(snapshot.to_string()),
             device,
-        ))
+        );
+        h.local = self.local.clone();
+        Ok(h)
     }
 
     /// Describes volume `name`.
@@ -313,14 +390,15 @@ impl VolumeStore {
     /// Closes this process's hold on volume `name` so another process can
     /// open it. Raises `Busy` while handles of it are still open here.
     fn release(&self, name: &str) -> PyResult<()> {
-        self.backend.release(name).py_err()
+        match &self.local {
+            Some(l) => l.release(name).py_err(),
+            // Replicated volumes are held by their handles' engines only.
+            None => Ok(()),
+        }
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "VolumeStore({:?})",
-            self.backend.root().display().to_string()
-        )
+        format!("VolumeStore({})", self.label)
     }
 }
 
@@ -331,15 +409,19 @@ impl VolumeStore {
 #[pyclass(frozen, module = "hci._hci")]
 #[derive(Debug)]
 pub struct VolumeHandle {
-    backend: Arc<LocalVolumeBackend>,
+    backend: Arc<dyn VolumeBackend>,
     name: String,
     snapshot: Option<String>,
     device: Mutex<Option<Arc<dyn BlockDevice>>>,
+    /// The engine of a replicated volume, closed with the handle.
+    engine: Option<Arc<ReplicatedVolume>>,
+    /// The local store, released when the handle closes.
+    local: Option<Arc<LocalVolumeBackend>>,
 }
 
 impl VolumeHandle {
     fn new(
-        backend: Arc<LocalVolumeBackend>,
+        backend: Arc<dyn VolumeBackend>,
         name: &str,
         snapshot: Option<String>,
         device: Arc<dyn BlockDevice>,
@@ -349,6 +431,8 @@ impl VolumeHandle {
             name: name.to_string(),
             snapshot,
             device: Mutex::new(Some(device)),
+            engine: None,
+            local: None,
         }
     }
 
@@ -610,11 +694,50 @@ impl VolumeHandle {
     }
 
     /// Drops the handle; later calls on it raise `HciError`.
-    fn close(&self) {
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
         let dev = self.device.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if dev.is_none() {
+            return Ok(());
+        }
         drop(dev);
+        if let Some(engine) = &self.engine {
+            // A clean close spares the next engine the crash reconcile.
+            let engine = engine.clone();
+            return run(py, async move { engine.close().await })?.py_err();
+        }
         // Let another process open the volume if no other handle here holds it.
-        let _ = self.backend.release(&self.name);
+        if let Some(local) = &self.local {
+            let _ = local.release(&self.name);
+        }
+        Ok(())
+    }
+
+    /// For a replicated volume: its robustness (`"healthy"`, `"degraded"` or
+    /// `"faulted"`) and each replica's `(label, state)`; `None` otherwise.
+    fn replica_status(&self, py: Python<'_>) -> PyResult<Option<ReplicaReport>> {
+        let Some(engine) = self.engine.clone() else {
+            return Ok(None);
+        };
+        let st = run(py, async move { engine.status().await })?;
+        let robustness = match st.robustness {
+            hci_storage::engine::Robustness::Healthy => "healthy",
+            hci_storage::engine::Robustness::Degraded => "degraded",
+            hci_storage::engine::Robustness::Faulted => "faulted",
+        };
+        let replicas = st
+            .replicas
+            .into_iter()
+            .map(|r| {
+                let state = match r.state {
+                    hci_storage::engine::ReplicaState::Healthy => "healthy".to_string(),
+                    hci_storage::engine::ReplicaState::Rebuilding => "rebuilding".to_string(),
+                    hci_storage::engine::ReplicaState::Stale => "stale".to_string(),
+                    hci_storage::engine::ReplicaState::Failed(why) => format!("failed: {why}"),
+                };
+                (r.node, state)
+            })
+            .collect();
+        Ok(Some((robustness.to_string(), replicas)))
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -626,9 +749,10 @@ impl VolumeHandle {
         _exc_type: Option<Bound<'_, PyAny>>,
         _exc: Option<Bound<'_, PyAny>>,
         _tb: Option<Bound<'_, PyAny>>,
-    ) -> bool {
-        self.close();
-        false
+        py: Python<'_>,
+    ) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
     }
 
     fn __repr__(&self) -> String {
@@ -697,5 +821,69 @@ impl NbdExport {
 
     fn __repr__(&self) -> String {
         format!("NbdExport({:?})", self.uri)
+    }
+}
+
+/// A replicated volume's robustness and each replica's `(label, state)`.
+type ReplicaReport = (String, Vec<(String, String)>);
+
+/// A replica server: serves the replicas in directory `root` to engines
+/// over TCP (hci-storage's replica protocol), to clients that present
+/// `token`. Runs in this process until `close()` or exit.
+#[pyclass(frozen, module = "hci._hci")]
+#[derive(Debug)]
+pub struct ReplicaServer {
+    address: String,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+#[pymethods]
+impl ReplicaServer {
+    /// Starts serving `root` on `listen` (`"HOST:PORT"`; port 0 picks one).
+    #[new]
+    #[pyo3(signature = (root, token, *, listen = "127.0.0.1:0"))]
+    fn new(py: Python<'_>, root: PathBuf, token: PyBackedBytes, listen: &str) -> PyResult<Self> {
+        std::fs::create_dir_all(&root)
+            .map_err(|e| HciError::new_err(format!("create {}: {e}", root.display())))?;
+        let server =
+            hci_storage::replica::server::ReplicaServer::new(root, token.to_vec()).py_err()?;
+        let listen = listen.to_string();
+        let (addr, task) = run(py, async move { server.spawn(&listen).await })?.py_err()?;
+        Ok(ReplicaServer {
+            address: addr.to_string(),
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// Where it listens (`"HOST:PORT"`).
+    #[getter]
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Stops accepting connections. Engines already connected keep being
+    /// served until they disconnect (or this process exits).
+    fn close(&self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        _exc_type: Option<Bound<'_, PyAny>>,
+        _exc: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) -> bool {
+        self.close();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ReplicaServer({:?})", self.address)
     }
 }

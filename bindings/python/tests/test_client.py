@@ -155,6 +155,46 @@ def test_volume_actions(client: hci.Client) -> None:
         client.delete(kind, name)
 
 
+def test_whole_vm_backup_restores_as_a_new_vm(client: hci.Client, tmp_path: Path) -> None:
+    client.create(hci.BackupTarget("vmb-target", {"url": (tmp_path / "t").as_uri()}))
+    client.create(hci.Volume("vmb-disk", {"size": "8Mi"}))
+    client.create(
+        hci.VirtualMachine(
+            "vmb",
+            {
+                "cpus": 1,
+                "memory": "64Mi",
+                "boot": {"type": "kernel", "path": "guest:blk"},
+                "disks": [{"name": "data", "volume": "vmb-disk"}],
+                "runStrategy": "Halted",
+            },
+        )
+    )
+    client.wait_for(hci.Volume, "vmb-disk", lambda v: v.phase == "Detached", timeout=30)
+    client.create(
+        hci.Backup(
+            "vmb-b1",
+            {"source": {"kind": "virtualMachine", "name": "vmb"}, "target": "vmb-target"},
+        )
+    )
+    client.wait_for(hci.Backup, "vmb-b1", lambda b: b.phase == "Completed", timeout=60)
+    vm = client.restore_vm("vmb-b1", "vmb2")
+    assert isinstance(vm, hci.VirtualMachine) and vm.name == "vmb2"
+    restored = [d["volume"] for d in vm.spec["disks"]]
+    assert restored == ["vmb2-vmb-disk"], vm.spec
+    client.wait_for(hci.Volume, restored[0], lambda v: v.phase == "Detached", timeout=60)
+    with pytest.raises(hci.InvalidSpec):
+        client.restore_backup("vmb-b1", "plain")  # a VM backup needs a VM name
+    for kind, name in [
+        (hci.VirtualMachine, "vmb2"),
+        (hci.Volume, "vmb2-vmb-disk"),
+        (hci.Backup, "vmb-b1"),
+        (hci.VirtualMachine, "vmb"),
+        (hci.Volume, "vmb-disk"),
+    ]:
+        client.delete(kind, name)
+
+
 @pytest.mark.skipif(not kvm_usable(), reason="needs a usable /dev/kvm")
 def test_vm_power_actions_and_console(client: hci.Client) -> None:
     client.create(hci.Volume("pw-disk", {"size": "16Mi"}))

@@ -7,7 +7,7 @@
 //! one-line message on errors (missing kernel, bad sizes, KVM unavailable,
 //! a volume missing or in use) or when the guest crashed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -57,11 +57,17 @@ struct Args {
     /// all reserved at start; needs free pages in /proc/sys/vm/nr_hugepages).
     #[arg(long)]
     hugepages: bool,
-    /// A disk: `path=VOLUME_DIR` (an hci-storage local volume) or
-    /// `file=IMAGE` (a raw image), then `,readonly`, `,name=NAME` and, for an
-    /// encrypted volume, `,key-file=FILE`.
-    /// Repeatable.
-    #[arg(long, value_name = "path=DIR|file=IMAGE[,readonly][,name=N]")]
+    /// A disk: `path=VOLUME_DIR` (an hci-storage local volume),
+    /// `file=IMAGE` (a raw image) or
+    /// `replicas=HOST:PORT+HOST:PORT…,volume=NAME,token-file=FILE` (a
+    /// replicated volume: this process runs its engine, and with
+    /// `,control=SOCKET` answers `hci-storage replicas` there), then
+    /// `,readonly`, `,name=NAME` and, for an encrypted volume,
+    /// `,key-file=FILE`. Repeatable.
+    #[arg(
+        long,
+        value_name = "path=DIR|file=IMAGE|replicas=A+B,volume=V,token-file=F[,readonly][,name=N]"
+    )]
     disk: Vec<String>,
     /// A NIC: `tap=NAME[,mac=MAC][,name=N][,fd=N]` (`fd=`: an inherited,
     /// already attached queue descriptor of that TAP). Repeatable.
@@ -149,6 +155,120 @@ fn options(s: &str) -> Vec<(&str, &str)> {
 
 /// A volume the VMM owns: its replica and directory (for its control socket).
 type OwnedVolume = (Arc<hci_storage::local::Replica>, PathBuf);
+
+/// How long a replica may take to answer before the engine drops it.
+const REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens a replicated volume's engine from
+/// `replicas=A+B,volume=V,token-file=F[,key-file=K][,control=S][,readonly][,name=N]`,
+/// serving its control socket when asked. Returns the disk, the engine (to
+/// close cleanly at exit) and the control socket.
+async fn open_replicated(
+    i: usize,
+    spec: &str,
+) -> Result<
+    (
+        DiskConfig,
+        Arc<hci_storage::engine::ReplicatedVolume>,
+        Option<PathBuf>,
+    ),
+    String,
+> {
+    use hci_storage::engine::{EngineOptions, ReplicatedVolume};
+    use hci_storage::replica::ReplicaNode;
+    use hci_storage::replica::client::{RemoteNode, ServerAddr};
+    let (mut replicas, mut volume, mut token_file) = (Vec::new(), None, None);
+    let (mut key_file, mut control, mut ro, mut name) = (None, None, false, format!("disk{i}"));
+    for (k, v) in options(spec) {
+        match k {
+            "replicas" => {
+                replicas = v
+                    .split('+')
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            }
+            "volume" if !v.is_empty() => volume = Some(v.to_string()),
+            "token-file" if !v.is_empty() => token_file = Some(PathBuf::from(v)),
+            "key-file" if !v.is_empty() => key_file = Some(PathBuf::from(v)),
+            "control" if !v.is_empty() => control = Some(PathBuf::from(v)),
+            "readonly" | "ro" => ro = true,
+            "name" if !v.is_empty() => name = v.to_string(),
+            _ => return Err(format!("--disk {spec:?}: unknown option {k:?}")),
+        }
+    }
+    let (Some(volume), Some(token_file)) = (volume, token_file) else {
+        return Err(format!(
+            "--disk {spec:?}: a replicated volume needs volume=NAME and token-file=FILE"
+        ));
+    };
+    if replicas.is_empty() {
+        return Err(format!(
+            "--disk {spec:?}: replicas= names no replica server"
+        ));
+    }
+    let read = |what: &str, f: &Path| {
+        std::fs::read(f)
+            .map_err(|e| format!("--disk {spec:?}: read the {what} {}: {e}", f.display()))
+    };
+    let token = read("token file", &token_file)?;
+    let token = String::from_utf8_lossy(&token).trim().as_bytes().to_vec();
+    let key = match &key_file {
+        Some(f) => Some(hci_core::volume::EncryptionKey::new(read("key file", f)?)),
+        None => None,
+    };
+    let node = {
+        let token = token.clone();
+        move |at: &str| -> Arc<dyn ReplicaNode> {
+            let mut sa = ServerAddr::new(at, token.clone());
+            sa.timeout = REPLICA_TIMEOUT;
+            Arc::new(RemoteNode::new(sa))
+        }
+    };
+    let nodes: Vec<Arc<dyn ReplicaNode>> = replicas.iter().map(|a| node(a)).collect();
+    let engine = ReplicatedVolume::open(
+        &volume,
+        &nodes,
+        hci_core::volume::OpenVolume {
+            read_only: ro,
+            encryption_key: key,
+        },
+        EngineOptions::default(),
+    )
+    .await
+    .map_err(|e| format!("--disk {spec:?}: {e}"))?;
+    if let Some(path) = &control {
+        let vol = volume.clone();
+        let resolve = move |r: &str| -> hci_core::Result<Arc<dyn ReplicaNode>> {
+            let at = match r.rsplit_once('/') {
+                Some((at, v)) if v == vol => at,
+                Some((_, v)) => {
+                    return Err(hci_core::Error::invalid(
+                        format!("replica {r:?}"),
+                        format!("names volume {v}, this engine serves {vol}"),
+                    ));
+                }
+                None => r,
+            };
+            Ok(node(at))
+        };
+        hci_storage::control::Controller::new(engine.clone(), Box::new(resolve))
+            .serve(path)
+            .map_err(|e| format!("--disk {spec:?}: {e}"))?;
+    }
+    let device: Arc<dyn hci_core::block::BlockDevice> = engine.clone();
+    Ok((
+        DiskConfig {
+            name,
+            backend: DiskBackend::Device(device),
+            bus: DiskBus::Virtio,
+            read_only: ro,
+            boot_order: None,
+        },
+        engine,
+        control,
+    ))
+}
 
 fn parse_disk(i: usize, spec: &str) -> Result<(DiskConfig, Option<OwnedVolume>), String> {
     let (mut path, mut dir, mut ro, mut name) = (None, false, false, format!("disk{i}"));
@@ -292,7 +412,15 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     }
     let mut disks = Vec::new();
     let mut control_sockets = Vec::new();
+    let mut engines = Vec::new();
     for (i, d) in args.disk.iter().enumerate() {
+        if d.split(',').any(|o| o.starts_with("replicas=")) {
+            let (disk, engine, control) = open_replicated(i, d).await?;
+            disks.push(disk);
+            engines.push(engine);
+            control_sockets.extend(control);
+            continue;
+        }
         let (disk, owned) = parse_disk(i, d)?;
         if let Some((replica, dir)) = owned {
             // This process owns the volume now: others (the daemon taking a
@@ -377,6 +505,12 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     }
     for path in control_sockets {
         let _ = std::fs::remove_file(path);
+    }
+    // A clean close lets the next engine skip the crash reconcile.
+    for engine in engines {
+        if let Err(e) = engine.close().await {
+            eprintln!("hci-vmm: closing volume {}: {e}", engine.name());
+        }
     }
     Ok(reason)
 }

@@ -63,9 +63,7 @@ impl QemuHypervisor {
         }
         let mut extra = self.extra_args.clone();
         extra.extend(["-incoming".to_string(), format!("tcp:{listen}")]);
-        let binary = self.resolve_binary()?;
-        let plan = self.plan(&config)?;
-        super::vm::launch(binary, plan, self.accel(), extra).await
+        self.launch(config, extra).await
     }
 }
 

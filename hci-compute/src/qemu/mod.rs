@@ -40,6 +40,7 @@
 pub mod cmdline;
 mod migrate;
 pub mod qmp;
+mod replicated;
 pub mod seed;
 mod vm;
 
@@ -230,9 +231,21 @@ impl QemuHypervisor {
 
     /// Like [`Hypervisor::create`], returning the concrete handle.
     pub async fn create_vm(&self, config: VmConfig) -> Result<QemuVm> {
+        self.launch(config, self.extra_args.clone()).await
+    }
+
+    /// Opens replicated volumes, checks the config and starts QEMU with `extra`.
+    async fn launch(&self, mut config: VmConfig, extra: Vec<String>) -> Result<QemuVm> {
         let binary = self.resolve_binary()?;
-        let plan = self.plan(&config)?;
-        vm::launch(binary, plan, self.accel(), self.extra_args.clone()).await
+        let engines = replicated::open_all(&mut config).await?;
+        let plan = match self.plan(&config) {
+            Ok(p) => p,
+            Err(e) => {
+                engines.close().await;
+                return Err(e);
+            }
+        };
+        vm::launch(binary, plan, self.accel(), extra, engines).await
     }
 
     /// Checks `config` and resolves it into what [`vm::launch`] needs.
@@ -345,6 +358,13 @@ impl QemuHypervisor {
                     }
                 }
                 DiskBackend::Nbd(uri) => parse_nbd_uri(uri)?,
+                DiskBackend::Replicated { .. } => {
+                    // `replicated::open_all` turned these into devices.
+                    return Err(Error::invalid(
+                        "disk",
+                        format!("replicated disk {} was not opened", d.name),
+                    ));
+                }
                 DiskBackend::File(path) => {
                     readable(&format!("disk {}", d.name), path)?;
                     DiskSource::File(path.clone())

@@ -136,7 +136,29 @@ pub(super) async fn launch(
     plan: Plan,
     accel: Accel,
     extra: Vec<String>,
+    engines: super::replicated::Engines,
 ) -> Result<QemuVm> {
+    match launch_inner(binary, plan, accel, extra).await {
+        Ok((vm, watch)) => {
+            tokio::spawn(async move {
+                watch_process(watch).await;
+                engines.close().await;
+            });
+            Ok(vm)
+        }
+        Err(e) => {
+            engines.close().await;
+            Err(e)
+        }
+    }
+}
+
+async fn launch_inner(
+    binary: PathBuf,
+    plan: Plan,
+    accel: Accel,
+    extra: Vec<String>,
+) -> Result<(QemuVm, Watch)> {
     let Plan {
         mut spec,
         exports,
@@ -276,7 +298,7 @@ pub(super) async fn launch(
         started_at: Mutex::new(None),
     });
     let (kill_tx, kill_rx) = mpsc::unbounded_channel();
-    tokio::spawn(watch_process(Watch {
+    let watch = Watch {
         child,
         kill: kill_rx,
         events: qmp.events(),
@@ -285,8 +307,8 @@ pub(super) async fn launch(
         console_task,
         nbd,
         log: log_path,
-    }));
-    Ok(QemuVm {
+    };
+    let vm = QemuVm {
         inner: Arc::new(Inner {
             shared,
             qmp,
@@ -299,7 +321,8 @@ pub(super) async fn launch(
             disks: spec.disks.iter().map(|d| d.name.clone()).collect(),
             nic_taps,
         }),
-    })
+    };
+    Ok((vm, watch))
 }
 
 struct Watch {

@@ -261,28 +261,35 @@ pub fn volume() -> impl Strategy<Value = Volume> {
             source,
             encryption: key.map(|key_file| VolumeEncryption { key_file }),
         });
-    let replica = (name(), any::<bool>(), option::of(0u8..=100)).prop_map(
-        |(node, healthy, rebuild_percent)| ReplicaStatus {
+    let replica = (
+        name(),
+        any::<bool>(),
+        option::of(0u8..=100),
+        option::of("[a-z0-9.]{1,12}:[0-9]{1,5}"),
+    )
+        .prop_map(|(node, healthy, rebuild_percent, address)| ReplicaStatus {
             node,
             healthy,
             rebuild_percent,
-        },
-    );
+            address,
+        });
     let status = (
         proptest::sample::select(VolumePhase::ALL),
         option::of(size()),
         option::of(size()),
         vec(replica, 0..3),
         option::of(name()),
+        option::of(0u8..=100),
         vec(condition(), 0..2),
     )
         .prop_map(
-            |(phase, size, allocated, replicas, attached_to, conditions)| VolumeStatus {
+            |(phase, size, allocated, replicas, attached_to, progress, conditions)| VolumeStatus {
                 phase,
                 size,
                 allocated,
                 replicas,
                 attached_to,
+                progress,
                 conditions,
             },
         );
@@ -602,14 +609,18 @@ pub fn node() -> impl Strategy<Value = Node> {
         vec(condition(), 0..2),
         option::of(time()),
         "[0-9.]{0,8}",
+        vec("[a-z0-9.]{1,12}:[0-9]{1,5}", 0..3),
     )
         .prop_map(
-            |(capacity, allocatable, conditions, last_heartbeat, version)| NodeStatus {
-                capacity,
-                allocatable,
-                conditions,
-                last_heartbeat,
-                version,
+            |(capacity, allocatable, conditions, last_heartbeat, version, replica_servers)| {
+                NodeStatus {
+                    capacity,
+                    allocatable,
+                    conditions,
+                    last_heartbeat,
+                    version,
+                    replica_servers,
+                }
             },
         );
     (meta(), spec, option::of(status)).prop_map(|(metadata, spec, status)| Node {

@@ -61,6 +61,10 @@ pub struct NodeStatus {
     /// hci version running there.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub version: String,
+    /// Its replica servers (`HOST:PORT`), one per disk that holds replicas
+    /// of replicated volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica_servers: Vec<String>,
 }
 
 impl Resource for Node {

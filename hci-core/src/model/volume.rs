@@ -133,6 +133,10 @@ pub struct VolumeStatus {
     /// VM using it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_to: Option<String>,
+    /// Percent done while the volume is being filled from its source (a
+    /// restore from a backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<u8>,
     /// Conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -149,6 +153,9 @@ pub struct ReplicaStatus {
     /// Rebuild progress in percent, while rebuilding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild_percent: Option<u8>,
+    /// The replica server holding it (`HOST:PORT`), for replicated volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 impl Resource for Volume {

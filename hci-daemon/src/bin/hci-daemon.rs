@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use hci_compute::{KvmHypervisor, ProcessHypervisor};
 use hci_daemon::api::{Api, TcpSecurity, serve_tcp, serve_unix};
+use hci_daemon::controllers::replicas::ReplicaPool;
 use hci_daemon::controllers::{Controllers, NodeInfo, Runtime};
 use hci_daemon::metrics::{MetricsSource, serve_metrics};
 use hci_daemon::resources::ResourceStore;
@@ -53,6 +54,11 @@ struct Args {
     /// Address other nodes reach this node at (carries overlay networks).
     #[arg(long, value_name = "IP")]
     address: Option<std::net::IpAddr>,
+    /// A directory holding replicas of replicated volumes (`spec.replicas >
+    /// 1`), each served by its own replica server on the node's address.
+    /// Repeatable: one per disk. Default: DATA_DIR/replicas.
+    #[arg(long, value_name = "DIR")]
+    replica_disk: Vec<PathBuf>,
     /// Memory kept for the host, not offered to VMs (e.g. 1G, 512M).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     reserved_memory: u64,
@@ -284,6 +290,18 @@ async fn main() -> anyhow::Result<()> {
                 tracing::warn!(error = %e, "no network backend: networks stay not ready and VMs with NICs do not start")
             }
         }
+        let disks = if args.replica_disk.is_empty() {
+            vec![dir.join("replicas")]
+        } else {
+            args.replica_disk.clone()
+        };
+        let host = args
+            .address
+            .map_or_else(|| "127.0.0.1".to_string(), |a| a.to_string());
+        let replicas = ReplicaPool::start(dir, &disks, &host)
+            .await
+            .context("failed to start the replica servers")?;
+        rt.replicas = Some(Arc::new(replicas));
         let controllers = Controllers::start(rt)
             .await
             .context("failed to start the controllers")?;

@@ -23,6 +23,8 @@ use hci_daemon::cli::{
         hcictl describe vm demo\n  \
         hcictl vm console demo\n  \
         hcictl volume snapshot data before-upgrade\n  \
+        hcictl backup create nightly --volume data --target offsite\n  \
+        hcictl backup restore nightly --volume data-restored\n  \
         hcictl --server unix:/tmp/hci/hci.sock get nodes"
 )]
 struct Args {
@@ -74,6 +76,22 @@ enum Command {
         /// The file: one or more YAML documents separated by ---, or JSON.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Then wait for each resource to be ready (images imported,
+        /// volumes created or restored, VMs running), showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Wait until a resource is ready (an image imported, a volume created,
+    /// restored or rebuilt, a backup completed, a VM running), showing
+    /// progress; fails when it fails.
+    Wait {
+        /// The kind.
+        kind: Kind,
+        /// Its name.
+        name: String,
+        /// Give up after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
     },
     /// Delete a resource, or every resource in a file.
     Delete {
@@ -108,6 +126,11 @@ enum Command {
     Volume {
         #[command(subcommand)]
         command: VolumeCommand,
+    },
+    /// Take, restore and list backups.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
     },
     /// Print a shell completion script.
     Completions {
@@ -148,6 +171,58 @@ enum VolumeCommand {
     Expand { volume: String, size: ByteSize },
 }
 
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Back up a volume or a whole VM to a backup target and follow it to
+    /// the end with a progress bar.
+    Create {
+        /// Name of the new Backup.
+        name: String,
+        /// The volume to back up.
+        #[arg(long, required_unless_present = "vm", conflicts_with = "vm")]
+        volume: Option<String>,
+        /// The VM to back up (its spec and every volume).
+        #[arg(long)]
+        vm: Option<String>,
+        /// The BackupTarget to write to.
+        #[arg(long)]
+        target: String,
+        /// Read every block, not only those changed since the last backup.
+        #[arg(long)]
+        full: bool,
+        /// Return once the Backup is created instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Restore a backup as a new volume (or a VM backup as a new VM) and
+    /// follow the restore with a progress bar.
+    Restore {
+        /// The Backup.
+        backup: String,
+        /// Name of the volume to create.
+        #[arg(long, required_unless_present = "vm", conflicts_with = "vm")]
+        volume: Option<String>,
+        /// For a VM backup: name of the VM to create.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Size of the new volume (default: the backed-up size).
+        #[arg(long)]
+        size: Option<ByteSize>,
+        /// Return once the restore is requested instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List backups, oldest first.
+    List {
+        /// Only backups on this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Only backups of this volume or VM.
+        #[arg(long)]
+        source: Option<String>,
+    },
+}
+
 async fn run(args: Args) -> Result<(), CliError> {
     if let Command::Completions { shell } = args.command {
         clap_complete::generate(
@@ -178,10 +253,23 @@ async fn run(args: Args) -> Result<(), CliError> {
         Command::Events { kind, name, watch } => {
             cli::events(&c, kind, name.as_deref(), watch).await?
         }
-        Command::Apply { file } => {
+        Command::Apply { file, wait } => {
             let text = cli::read_input(&file)?;
-            cli::apply(&c, &text, &file.display().to_string()).await?
+            let origin = file.display().to_string();
+            let out = cli::apply(&c, &text, &origin).await?;
+            if wait {
+                // Print what was applied before the bars appear.
+                print!("{out}");
+                cli::apply_wait(&c, &text, &origin).await?
+            } else {
+                out
+            }
         }
+        Command::Wait {
+            kind,
+            name,
+            timeout,
+        } => cli::wait(&c, kind, &name, timeout.map(std::time::Duration::from_secs)).await?,
         Command::Delete { kind, name, file } => match (kind, name, file) {
             (_, _, Some(file)) => {
                 let text = cli::read_input(&file)?;
@@ -216,6 +304,47 @@ async fn run(args: Args) -> Result<(), CliError> {
             }
             VolumeCommand::Clone { volume, new_name } => cli::clone(&c, &volume, &new_name).await?,
             VolumeCommand::Expand { volume, size } => cli::expand(&c, &volume, size).await?,
+        },
+        Command::Backup { command } => match command {
+            BackupCommand::Create {
+                name,
+                volume,
+                vm,
+                target,
+                full,
+                no_wait,
+            } => {
+                let of = match (volume, vm) {
+                    (Some(v), _) => cli::BackupOf::Volume(v),
+                    (None, Some(vm)) => cli::BackupOf::Vm(vm),
+                    (None, None) => {
+                        return Err(CliError::Input(
+                            "say what to back up: --volume or --vm".into(),
+                        ));
+                    }
+                };
+                cli::backup_create(&c, &name, of, &target, full, !no_wait).await?
+            }
+            BackupCommand::Restore {
+                backup,
+                volume,
+                vm,
+                size,
+                no_wait,
+            } => {
+                cli::backup_restore(
+                    &c,
+                    &backup,
+                    volume.as_deref(),
+                    vm.as_deref(),
+                    size,
+                    !no_wait,
+                )
+                .await?
+            }
+            BackupCommand::List { target, source } => {
+                cli::backup_list(&c, target.as_deref(), source.as_deref(), args.output).await?
+            }
         },
         Command::Completions { .. } => String::new(),
     };

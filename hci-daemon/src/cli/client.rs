@@ -381,6 +381,20 @@ impl Client {
         with_client!(self, kind, |c| c.watch(req).await.map(|r| r.into_inner()))
     }
 
+    /// Follows changes to one resource from store revision `from`.
+    pub async fn watch_from(
+        &self,
+        kind: Kind,
+        name: &str,
+        from: u64,
+    ) -> Result<Streaming<proto::WatchEvent>, Status> {
+        let req = proto::WatchRequest {
+            from_revision: from,
+            name: name.to_string(),
+        };
+        with_client!(self, kind, |c| c.watch(req).await.map(|r| r.into_inner()))
+    }
+
     /// Kept events of `kind` (all kinds if `None`) and `name`, oldest first.
     pub async fn events(
         &self,
@@ -418,6 +432,11 @@ impl Client {
     /// The volume service.
     pub fn volumes(&self) -> VolumeServiceClient<Transport> {
         VolumeServiceClient::new(self.channel.clone())
+    }
+
+    /// The backup service.
+    pub fn backups(&self) -> BackupServiceClient<Transport> {
+        BackupServiceClient::new(self.channel.clone())
     }
 }
 

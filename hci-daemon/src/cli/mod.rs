@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod output;
+pub mod wait;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
@@ -33,6 +34,9 @@ pub enum CliError {
     /// Bad input (files, arguments).
     #[error("{0}")]
     Input(String),
+    /// What was asked for did not happen (a backup failed, a wait timed out).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Explains a gRPC status in words.
@@ -657,4 +661,166 @@ mod tests {
         let c = serde_json::json!({"metadata": {"name": "a"}, "spec": {"size": "2Gi"}});
         assert_ne!(managed(&a), managed(&c));
     }
+}
+
+/// `hcictl wait KIND NAME`: waits until the resource settles, with progress.
+pub async fn wait(
+    c: &Client,
+    kind: Kind,
+    name: &str,
+    timeout: Option<std::time::Duration>,
+) -> Result<String, CliError> {
+    let d = wait::wait(c, kind, name, timeout).await?;
+    let phase = d
+        .pointer("/status/phase")
+        .and_then(Value::as_str)
+        .unwrap_or("ready");
+    Ok(format!("{kind}/{name} {}\n", phase.to_lowercase()))
+}
+
+/// What `hcictl backup create` backs up.
+#[derive(Debug, Clone)]
+pub enum BackupOf {
+    /// One volume.
+    Volume(String),
+    /// A whole VM: its spec and every volume.
+    Vm(String),
+}
+
+/// `hcictl backup create NAME (--volume V | --vm VM) --target T`: creates
+/// the Backup and (with `wait`) follows it to the end.
+pub async fn backup_create(
+    c: &Client,
+    name: &str,
+    of: BackupOf,
+    target: &str,
+    full: bool,
+    wait: bool,
+) -> Result<String, CliError> {
+    use hci_core::model::{Backup, BackupSource, BackupSpec};
+    let source = match of {
+        BackupOf::Volume(name) => BackupSource::Volume { name },
+        BackupOf::Vm(name) => BackupSource::VirtualMachine { name },
+    };
+    let backup = Backup::new(
+        name,
+        BackupSpec {
+            source,
+            target: target.to_string(),
+            incremental: !full,
+        },
+    );
+    let what = format!("backup/{name}");
+    let json = AnyResource::from(backup)
+        .to_json()
+        .map_err(|e| CliError::Input(e.to_string()))?;
+    c.create(Kind::Backup, json)
+        .await
+        .map_err(|s| explain(&what, &s))?;
+    if !wait {
+        return Ok(format!("{what} created\n"));
+    }
+    let d = wait::wait(c, Kind::Backup, name, None).await?;
+    let size = |p: &str| {
+        d.pointer(p)
+            .and_then(Value::as_u64)
+            .map_or("-".to_string(), |b| ByteSize(b).to_string())
+    };
+    Ok(format!(
+        "{what} completed: read {}, stored {} new\n",
+        size("/status/read"),
+        size("/status/added")
+    ))
+}
+
+/// `hcictl backup restore BACKUP (--volume NEW | --vm NEW)`: restores and
+/// (with `wait`) follows every restored volume to the end.
+pub async fn backup_restore(
+    c: &Client,
+    backup: &str,
+    volume: Option<&str>,
+    vm: Option<&str>,
+    size: Option<ByteSize>,
+    wait: bool,
+) -> Result<String, CliError> {
+    let what = format!("backup/{backup}");
+    let r = c
+        .backups()
+        .restore_backup(proto::RestoreBackupRequest {
+            backup: backup.into(),
+            volume: volume.unwrap_or_default().into(),
+            size: size.map_or(0, |s| s.0),
+            vm: vm.unwrap_or_default().into(),
+        })
+        .await
+        .map_err(|s| explain(&what, &s))?
+        .into_inner();
+    let created = doc(&r)?;
+    // The volumes to follow: the one restored, or the VM's disks.
+    let volumes: Vec<String> = match vm {
+        None => vec![r.name.clone()],
+        Some(_) => created
+            .pointer("/spec/disks")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.pointer("/volume").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect(),
+    };
+    let mut out = match vm {
+        Some(vm) => format!("vm/{vm} created from {what}\n"),
+        None => format!("volume/{} created from {what}\n", r.name),
+    };
+    if wait {
+        for v in &volumes {
+            wait::wait(c, Kind::Volume, v, None).await?;
+            out.push_str(&format!("volume/{v} restored\n"));
+        }
+    }
+    Ok(out)
+}
+
+/// `hcictl backup list [--target T] [--source NAME]`: the backups, newest
+/// last, optionally of one target or one source.
+pub async fn backup_list(
+    c: &Client,
+    target: Option<&str>,
+    source: Option<&str>,
+    format: Format,
+) -> Result<String, CliError> {
+    let list = c
+        .list(Kind::Backup)
+        .await
+        .map_err(|s| explain("list backups", &s))?;
+    let mut docs = list.items.iter().map(doc).collect::<Result<Vec<_>, _>>()?;
+    let field = |d: &Value, p: &str| d.pointer(p).and_then(Value::as_str).map(str::to_string);
+    docs.retain(|d| {
+        target.is_none_or(|t| field(d, "/spec/target").as_deref() == Some(t))
+            && source.is_none_or(|s| field(d, "/spec/source/name").as_deref() == Some(s))
+    });
+    docs.sort_by_key(|d| field(d, "/metadata/creationTimestamp"));
+    match format {
+        Format::Table if docs.is_empty() => Ok("No Backup found.\n".into()),
+        Format::Table => Ok(output::table(Kind::Backup, &docs, Utc::now())),
+        other => output::documents(&docs, other, true).map_err(CliError::Input),
+    }
+}
+
+/// `hcictl apply -f FILE --wait`: waits for each applied resource that
+/// settles (images, volumes, backups, snapshots, VMs) in file order.
+pub async fn apply_wait(c: &Client, text: &str, origin: &str) -> Result<String, CliError> {
+    let mut out = String::new();
+    for r in parse_documents(text, origin)? {
+        let Some(kind) = Kind::from_model(r.kind()) else {
+            continue;
+        };
+        if matches!(
+            kind,
+            Kind::Image | Kind::Volume | Kind::Backup | Kind::Snapshot | Kind::Vm
+        ) {
+            out.push_str(&wait(c, kind, r.name(), None).await?);
+        }
+    }
+    Ok(out)
 }

@@ -311,6 +311,17 @@ impl BackupController {
 
     /// The volumes a backup reads, with their specs.
     async fn source_volumes(&self, b: &Backup) -> Result<(Option<VirtualMachine>, Vec<Volume>)> {
+        let (vm, vols) = self.source_volumes_of(b).await?;
+        if let Some(v) = vols.iter().find(|v| v.spec.replicas > 1) {
+            return Err(Error::unsupported(
+                format!("backups of replicated volume {:?}", v.name()),
+                "this daemon (backups read local volumes only so far)",
+            ));
+        }
+        Ok((vm, vols))
+    }
+
+    async fn source_volumes_of(&self, b: &Backup) -> Result<(Option<VirtualMachine>, Vec<Volume>)> {
         match &b.spec.source {
             BackupSource::Volume { name } => Ok((None, vec![self.rt.resources.get(name).await?])),
             BackupSource::VirtualMachine { name } => {
@@ -683,6 +694,7 @@ pub(crate) async fn restore_volume(
     backup: &str,
     vol: &Volume,
     key: Option<hci_core::volume::EncryptionKey>,
+    job: Job,
 ) -> Result<VolumeInfo> {
     let b: Backup = rt.resources.get(backup).await?;
     let st = b.status_or_default();
@@ -743,7 +755,7 @@ pub(crate) async fn restore_volume(
     .await?;
     let restored = async {
         let dev = pool.open(name, OpenVolume::default()).await?;
-        repo.restore_with(&volume_backup, dev, &Job::new()).await
+        repo.restore_with(&volume_backup, dev, &job).await
     }
     .await;
     if let Err(e) = restored {

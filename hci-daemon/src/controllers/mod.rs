@@ -25,6 +25,7 @@ pub mod backup;
 mod image;
 mod network;
 mod node;
+pub mod replicas;
 pub mod schedule;
 mod snapshot;
 mod vm;
@@ -47,6 +48,7 @@ use hci_storage::local::LocalVolumeBackend;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+pub use self::network::resolve as resolve_network;
 pub use self::node::NodeInfo;
 pub use self::vm::VmController;
 use crate::resources::ResourceStore;
@@ -243,6 +245,8 @@ pub struct Runtime {
     pub events: EventRecorder,
     /// Open backup repositories, per `BackupTarget`.
     pub backups: Arc<backup::BackupRepos>,
+    /// This node's replica servers (`None`: no replicated volumes here).
+    pub replicas: Option<Arc<replicas::ReplicaPool>>,
 }
 
 impl Runtime {
@@ -267,6 +271,7 @@ impl Runtime {
             taps: None,
             vm_processes: false,
             backups: Arc::default(),
+            replicas: None,
             events: EventRecorder::new(resources.state_store().clone(), node.name.clone()),
             resources,
             node,

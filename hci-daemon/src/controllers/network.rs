@@ -10,11 +10,16 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hci_core::model::{ConditionStatus, Network, NetworkKind as ModelKind, Node, set_condition};
+use hci_core::model::{
+    ConditionStatus, Network, NetworkKind as ModelKind, Node, Resource, VirtualMachine,
+    set_condition,
+};
 use hci_core::net::{DhcpConfig, NetworkBackend, NetworkConfig, NetworkKind};
 use hci_core::{Error, Result};
+use hci_net::dhcp::DhcpNames;
 
 use super::{Reconcile, Runtime, set_status};
+use crate::resources::ResourceStore;
 
 /// Default lease time handed out by the built-in DHCP server.
 const LEASE_TIME: Duration = Duration::from_secs(3600);
@@ -31,7 +36,7 @@ fn node_address(node: &Node) -> Option<IpAddr> {
 
 /// Resolves a `Network` for this node: `nodes` are every `Node` (for
 /// overlay peers), `this` the node's name.
-pub(crate) fn resolve(net: &Network, nodes: &[Node], this: &str) -> Result<NetworkConfig> {
+pub fn resolve(net: &Network, nodes: &[Node], this: &str) -> Result<NetworkConfig> {
     let spec = &net.spec;
     let kind = match &spec.kind {
         ModelKind::Management => NetworkKind::Management {
@@ -95,6 +100,28 @@ pub(crate) fn resolve(net: &Network, nodes: &[Node], this: &str) -> Result<Netwo
     })
 }
 
+/// The names `network`'s DHCP server hands out: each VM's name to its NICs
+/// on that network (option 12), so guests learn their host names. One name
+/// per MAC: a MAC two VMs claim keeps the first VM's name.
+pub(crate) async fn dhcp_names(resources: &ResourceStore, network: &str) -> Result<DhcpNames> {
+    let vms = resources.list::<VirtualMachine>().await?.items;
+    let mut hostnames: Vec<([u8; 6], String)> = Vec::new();
+    for vm in &vms {
+        for (i, nic) in vm.spec.nics.iter().enumerate() {
+            if nic.network == network
+                && let Some(mac) = vm.nic_mac(i)
+                && !hostnames.iter().any(|(m, _)| *m == mac.0)
+            {
+                hostnames.push((mac.0, vm.name().to_string()));
+            }
+        }
+    }
+    Ok(DhcpNames {
+        domain: None,
+        hostnames,
+    })
+}
+
 pub(crate) struct NetworkController {
     rt: Runtime,
 }
@@ -133,6 +160,11 @@ impl Reconcile for NetworkController {
             };
         };
         let nodes = self.rt.resources.list::<Node>().await?.items;
+        if net.spec.dhcp.is_some() {
+            // Before the server starts, so that no guest is answered without its name.
+            let names = dhcp_names(&self.rt.resources, name).await?;
+            backend.set_dhcp_names(name, names).await?;
+        }
         let ensured = match resolve(&net, &nodes, &this) {
             Ok(config) => backend.ensure_network(&config).await,
             Err(e) => Err(e),
@@ -231,6 +263,52 @@ mod tests {
         }
         let err = resolve(&net, &nodes, "c").expect_err("no address");
         assert!(err.to_string().contains("--address"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn vms_name_their_nics_for_dhcp() {
+        use hci_core::model::{BootSpec, ByteSize, MacAddress, NicSpec, VmSpec};
+        let store = ResourceStore::new(std::sync::Arc::new(hci_core::memory::MemStateStore::new()));
+        let nic = |name: &str, network: &str, mac: Option<MacAddress>| NicSpec {
+            name: name.into(),
+            network: network.into(),
+            mac,
+            model: Default::default(),
+        };
+        for net in ["lan", "other"] {
+            store
+                .create(Network::new(net, NetworkSpec::new(ModelKind::Bridge)))
+                .await
+                .expect("create network");
+        }
+        let fixed = MacAddress([0x52, 0x54, 0, 0, 0, 1]);
+        let mut web = VmSpec::new(1, ByteSize::mib(64), BootSpec::kernel("k", ""));
+        web.nics = vec![nic("eth0", "lan", Some(fixed)), nic("eth1", "other", None)];
+        let mut db = VmSpec::new(1, ByteSize::mib(64), BootSpec::kernel("k", ""));
+        db.nics = vec![nic("eth0", "lan", None)];
+        let mut clash = VmSpec::new(1, ByteSize::mib(64), BootSpec::kernel("k", ""));
+        clash.nics = vec![nic("eth0", "lan", Some(fixed))];
+        for (name, spec) in [("web", web), ("db", db), ("zz-clash", clash)] {
+            store
+                .create(VirtualMachine::new(name, spec))
+                .await
+                .expect("create");
+        }
+        let names = dhcp_names(&store, "lan").await.expect("names");
+        names.validate().expect("valid names");
+        let db_mac = MacAddress::from_name("db/eth0").0;
+        let mut got = names.hostnames.clone();
+        got.sort();
+        let mut want = vec![(fixed.0, "web".to_string()), (db_mac, "db".to_string())];
+        want.sort();
+        assert_eq!(got, want);
+        assert!(
+            dhcp_names(&store, "none")
+                .await
+                .expect("names")
+                .hostnames
+                .is_empty()
+        );
     }
 
     #[test]

@@ -101,10 +101,16 @@ async fn beat(rt: &Runtime, vms: Option<&VmController>) -> Result<()> {
         None => 0,
     };
     let now = chrono::Utc::now();
+    let replica_servers = rt
+        .replicas
+        .as_ref()
+        .map(|r| r.addresses())
+        .unwrap_or_default();
     set_status(&rt.resources, &info.name, |n: &mut Node| {
         n.status_mut().capacity = info.capacity;
         n.status_mut().allocatable = info.allocatable;
         n.status_mut().version = env!("CARGO_PKG_VERSION").to_string();
+        n.status_mut().replica_servers = replica_servers.clone();
         set_condition(
             &mut n.status_mut().conditions,
             "Ready",

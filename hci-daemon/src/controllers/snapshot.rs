@@ -4,10 +4,12 @@
 //! into its neighbour while the volume stays in use).
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hci_core::model::{ByteSize, Snapshot, SnapshotPhase};
+use hci_core::model::{ByteSize, Snapshot, SnapshotPhase, Volume};
 use hci_core::volume::VolumeBackend;
 use hci_core::{Error, Result};
 
@@ -35,6 +37,46 @@ impl SnapshotController {
     }
 }
 
+impl SnapshotController {
+    /// Where volume `name`'s snapshots live: the local pool, or the replica
+    /// servers of a replicated volume — with the control socket of the
+    /// engine that owns it while a VM uses it (a snapshot must be taken by
+    /// that engine, with writes held, to be the same on every replica).
+    async fn backend_of(&self, name: &str) -> Result<(Arc<dyn VolumeBackend>, Option<PathBuf>)> {
+        let vol: Option<Volume> = self.rt.resources.try_get(name).await?;
+        match (vol, &self.rt.replicas) {
+            (Some(v), Some(pool)) if v.spec.replicas > 1 => {
+                let backend: Arc<dyn VolumeBackend> =
+                    Arc::new(pool.backend(&super::replicas::placed(&v))?);
+                let engine = v
+                    .status_or_default()
+                    .attached_to
+                    .map(|vm| super::volume::engine_socket(&self.rt, &vm, name));
+                Ok((backend, engine))
+            }
+            _ => Ok((self.rt.volumes.clone(), None)),
+        }
+    }
+}
+
+/// Takes snapshot `snapshot` through the engine answering on `socket`.
+async fn engine_snapshot(socket: PathBuf, volume: &str, snapshot: &str) -> Result<()> {
+    let req = hci_storage::control::ControlRequest::Snapshot {
+        name: snapshot.to_string(),
+    };
+    let reply = tokio::task::spawn_blocking(move || hci_storage::control::call(&socket, &req))
+        .await
+        .map_err(super::join_err("engine control"))??;
+    if reply.ok {
+        Ok(())
+    } else {
+        Err(Error::Unavailable {
+            what: format!("the engine of volume {volume:?}"),
+            source: Some(reply.error.unwrap_or_default().into()),
+        })
+    }
+}
+
 /// Whether a pool snapshot belongs to a `Snapshot` resource (the
 /// controllers' own snapshots have dots in their names).
 fn is_resource_snapshot(name: &str) -> bool {
@@ -51,7 +93,8 @@ impl Reconcile for SnapshotController {
             return Ok(None);
         };
         let volume = &snap.spec.volume;
-        let existing = match self.rt.volumes.list_snapshots(volume).await {
+        let (backend, engine) = self.backend_of(volume).await?;
+        let existing = match backend.list_snapshots(volume).await {
             Ok(list) => list,
             Err(Error::NotFound { .. }) => {
                 let message = format!("volume {volume:?} does not exist (yet)");
@@ -78,7 +121,18 @@ impl Reconcile for SnapshotController {
                 .await?;
                 return Ok(None);
             }
-            None => match self.rt.volumes.snapshot(volume, name).await {
+            None => match match engine {
+                Some(socket) => match engine_snapshot(socket, volume, name).await {
+                    Ok(()) => backend
+                        .list_snapshots(volume)
+                        .await?
+                        .into_iter()
+                        .find(|s| s.name == name)
+                        .ok_or_else(|| Error::not_found("snapshot", name)),
+                    Err(e) => Err(e),
+                },
+                None => backend.snapshot(volume, name).await,
+            } {
                 Ok(info) => {
                     tracing::info!(volume, snapshot = name, "snapshot taken");
                     self.rt

@@ -346,6 +346,19 @@ impl VmController {
     ) -> Result<(Vec<(String, String)>, Vec<NicConfig>)> {
         let mut ports = Vec::new();
         let mut nics = Vec::new();
+        if let Some(backend) = &self.rt.networks {
+            // The guest asks for an address as soon as it boots: give its
+            // DHCP servers its name first.
+            let mut networks: Vec<&str> = vm.spec.nics.iter().map(|n| n.network.as_str()).collect();
+            networks.sort_unstable();
+            networks.dedup();
+            for net in networks {
+                let names = super::network::dhcp_names(&self.rt.resources, net).await?;
+                if let Err(e) = backend.set_dhcp_names(net, names).await {
+                    tracing::warn!(vm = vm.name(), network = net, error = %e, "cannot give the DHCP server the VM's name");
+                }
+            }
+        }
         for (i, nic) in vm.spec.nics.iter().enumerate() {
             let attached = async {
                 let backend = self.rt.networks.as_ref().ok_or_else(|| {
@@ -419,6 +432,65 @@ impl VmController {
         }
     }
 
+    /// A replicated volume as a disk: handed to the VMM process (which runs
+    /// its engine and answers on the engine socket), or opened here for an
+    /// in-process VM (the daemon then answers on the engine socket).
+    async fn replicated_disk(
+        &self,
+        vm: &VirtualMachine,
+        vol: &Volume,
+        read_only: bool,
+    ) -> Result<DiskBackend> {
+        let pool = self.rt.replicas.as_ref().ok_or_else(|| {
+            Error::unsupported(
+                format!("volume {:?} (replicated)", vol.name()),
+                "this daemon (it serves no replica disks)",
+            )
+        })?;
+        let addresses = super::replicas::placed(vol);
+        if addresses.is_empty() {
+            return Err(Error::Unavailable {
+                what: format!("volume {:?} (its replicas are not placed yet)", vol.name()),
+                source: None,
+            });
+        }
+        let run_dir = self.rt.run_dir.join(vm.name());
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|e| Error::io(format!("create {}", run_dir.display()), e))?;
+        let socket = super::volume::engine_socket(&self.rt, vm.name(), vol.name());
+        let _ = std::fs::remove_file(&socket);
+        if self.rt.vm_processes {
+            return Ok(DiskBackend::Replicated {
+                volume: vol.name().to_string(),
+                replicas: addresses,
+                token_file: pool.token_file().to_path_buf(),
+                key_file: vol
+                    .spec
+                    .encryption
+                    .as_ref()
+                    .map(|e| e.key_file.clone().into()),
+                control: Some(socket),
+            });
+        }
+        let backend = pool.backend(&addresses)?;
+        let engine = backend
+            .open_engine(
+                vol.name(),
+                OpenVolume {
+                    read_only,
+                    encryption_key: encryption_key(vol)?,
+                },
+            )
+            .await?;
+        let resolve_pool = Arc::clone(pool);
+        let resolve = move |r: &str| -> Result<Arc<dyn hci_storage::replica::ReplicaNode>> {
+            let at = r.rsplit_once('/').map_or(r, |(at, _)| at);
+            Ok(resolve_pool.node(at))
+        };
+        hci_storage::control::Controller::new(engine.clone(), Box::new(resolve)).serve(&socket)?;
+        Ok(DiskBackend::Device(engine))
+    }
+
     /// Builds the hypervisor configuration, opening the VM's volumes.
     async fn config(&self, vm: &VirtualMachine, nics: Vec<NicConfig>) -> Result<VmConfig> {
         let boot = match &vm.spec.boot {
@@ -437,7 +509,9 @@ impl VmController {
         let mut disks = Vec::new();
         for disk in &vm.spec.disks {
             let vol: Volume = self.rt.resources.get(&disk.volume).await?;
-            let backend = if self.rt.vm_processes {
+            let backend = if vol.spec.replicas > 1 {
+                self.replicated_disk(vm, &vol, disk.read_only).await?
+            } else if self.rt.vm_processes {
                 // The VMM process opens the volume itself (reading the key
                 // file of an encrypted one): let go of it.
                 self.rt.volumes.release(&disk.volume)?;

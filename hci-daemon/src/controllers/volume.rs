@@ -6,18 +6,24 @@
 //! Volumes with `replicas > 1` are created with one local replica until
 //! replicated volumes land; the status says so (condition `Replicated`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use hci_backup::job::{CancelToken, Job, JobProgress};
 use hci_core::model::{
-    ByteSize, ConditionStatus, Image, ImagePhase, ReplicaStatus, Resource, Snapshot, Volume,
+    ByteSize, ConditionStatus, Image, ImagePhase, Node, ReplicaStatus, Resource, Snapshot, Volume,
     VolumePhase, VolumeSource, set_condition,
 };
-use hci_core::volume::{CreateVolume, EncryptionKey, VolumeBackend, VolumeInfo};
+use hci_core::volume::{CreateVolume, EncryptionKey, OpenVolume, VolumeBackend, VolumeInfo};
 use hci_core::{Error, Result};
 use hci_storage::local::control::ControlClient;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
+use super::replicas::{self, ReplicaPool};
 use super::{Reconcile, Runtime, join_err, set_status};
 
 /// Prefix of the snapshots the controller takes for its own use (clones of
@@ -37,11 +43,462 @@ pub(crate) fn encryption_key(volume: &Volume) -> Result<Option<EncryptionKey>> {
 
 pub(crate) struct VolumeController {
     rt: Runtime,
+    /// Restores from backups running in the background, by volume.
+    restores: Mutex<HashMap<String, Restore>>,
+}
+
+/// A volume being filled from a backup by a task of its own, so a large
+/// restore never holds up the other volumes' reconciles.
+struct Restore {
+    task: JoinHandle<Result<VolumeInfo>>,
+    progress: watch::Receiver<JobProgress>,
+    cancel: CancelToken,
+}
+
+/// Where a restore from a backup stands.
+enum Fill {
+    /// Still copying: percent done.
+    Running(u8),
+    /// The pool volume is complete.
+    Done,
 }
 
 impl VolumeController {
     pub(crate) fn new(rt: Runtime) -> Self {
-        VolumeController { rt }
+        VolumeController {
+            rt,
+            restores: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Marker of an unfinished restore: it survives a daemon restart, so a
+    /// restore cut short starts over instead of passing as complete. (VM
+    /// names have no dots, so `.restoring` never collides with a VM's run
+    /// directory.)
+    fn restore_marker(&self, name: &str) -> PathBuf {
+        self.rt.run_dir.join(".restoring").join(name)
+    }
+
+    /// Drives the restore of `vol` from `backup`: starts it, reports its
+    /// progress, and collects its result.
+    async fn restore(&self, vol: &Volume, backup: &str) -> Result<Fill> {
+        let name = vol.name();
+        let marker = self.restore_marker(name);
+        let finished = {
+            let mut restores = self.restores.lock().unwrap_or_else(|e| e.into_inner());
+            match restores.get(name) {
+                Some(r) if !r.task.is_finished() => {
+                    let pct = (r.progress.borrow().fraction() * 100.0) as u8;
+                    return Ok(Fill::Running(pct.min(99)));
+                }
+                Some(_) => restores.remove(name),
+                None => None,
+            }
+        };
+        if let Some(r) = finished {
+            let result = r.task.await.map_err(join_err("restore"))?;
+            // Done, or failed and its partial volume deleted: either way over.
+            if let Err(e) = std::fs::remove_file(&marker)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(Error::io(format!("remove {}", marker.display()), e));
+            }
+            let info = result?;
+            self.rt
+                .events
+                .normal(
+                    "Volume",
+                    name,
+                    "Restored",
+                    format!("{} bytes from backup {backup}", info.size),
+                )
+                .await;
+            return Ok(Fill::Done);
+        }
+        let pool = &self.rt.volumes;
+        if marker.exists() {
+            // A restore cut short (the daemon stopped): start over.
+            tracing::warn!(volume = name, "restarting a restore that did not finish");
+            match pool.delete(name).await {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            let st = vol.status_or_default();
+            if st.attached_to.is_some() {
+                return Ok(Fill::Done);
+            }
+            match pool.info(name).await {
+                Ok(_) => return Ok(Fill::Done),
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let key = encryption_key(vol)?;
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
+        std::fs::write(&marker, backup)
+            .map_err(|e| Error::io(format!("write {}", marker.display()), e))?;
+        let (tx, progress) = watch::channel(JobProgress::default());
+        let cancel = CancelToken::new();
+        let job = Job::new().with_progress(tx).with_cancel(cancel.clone());
+        let (rt, vol, owned_name, backup) = (
+            self.rt.clone(),
+            vol.clone(),
+            name.to_string(),
+            backup.to_string(),
+        );
+        let task = tokio::spawn(async move {
+            super::backup::restore_volume(&rt, &owned_name, &backup, &vol, key, job).await
+        });
+        tracing::info!(volume = name, "restore from backup started");
+        self.restores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                name.to_string(),
+                Restore {
+                    task,
+                    progress,
+                    cancel,
+                },
+            );
+        Ok(Fill::Running(0))
+    }
+
+    /// Stops a running restore of `name` (its volume resource is gone).
+    async fn cancel_restore(&self, name: &str) {
+        let running = self
+            .restores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(r) = running {
+            r.cancel.cancel();
+            let _ = r.task.await;
+            tracing::info!(volume = name, "restore cancelled");
+        }
+        let _ = std::fs::remove_file(self.restore_marker(name));
+    }
+
+    /// A replicated volume: places its replicas (once), creates them, and
+    /// reports their health — from the engine of the VM using it when
+    /// attached (through its control socket), by asking each replica server
+    /// otherwise.
+    async fn reconcile_replicated(
+        &self,
+        vol: &Volume,
+        pool: &ReplicaPool,
+    ) -> Result<Option<Duration>> {
+        let name = vol.name();
+        let want = usize::from(vol.spec.replicas);
+        let status = vol.status_or_default();
+        let mut placement: Vec<(String, String)> = status
+            .replicas
+            .iter()
+            .filter_map(|r| r.address.clone().map(|a| (r.node.clone(), a)))
+            .collect();
+        if placement.is_empty() {
+            let nodes = self.rt.resources.list::<Node>().await?.items;
+            let candidates = replicas::candidates(&nodes, &self.rt.node.name, &pool.addresses());
+            let mut used = std::collections::BTreeMap::new();
+            for v in self.rt.resources.list::<Volume>().await?.items {
+                for r in v.status_or_default().replicas {
+                    *used.entry(r.node).or_insert(0usize) += 1;
+                }
+            }
+            placement = replicas::place(want, &candidates, &used);
+            if placement.is_empty() {
+                return self
+                    .create_failed(
+                        name,
+                        Error::Unavailable {
+                            what: "replica servers (no node serves a replica disk)".into(),
+                            source: None,
+                        },
+                    )
+                    .await;
+            }
+            // Record where the replicas go before making them, so a crash
+            // in between never leaves replicas nobody knows about.
+            let st = replicas::statuses(&placement);
+            set_status(&self.rt.resources, name, |v: &mut Volume| {
+                v.status_mut().phase = VolumePhase::Creating;
+                v.status_mut().replicas = st.clone();
+            })
+            .await?;
+        }
+        let addresses: Vec<String> = placement.iter().map(|p| p.1.clone()).collect();
+        let backend = pool.backend(&addresses)?;
+        let attached_to = status.attached_to.clone();
+        let (size, allocated, health, robustness) = if let Some(vm) = &attached_to {
+            // The VM's engine owns the volume (opening it here would fence it).
+            let socket = engine_socket(&self.rt, vm, name);
+            let reply = tokio::task::spawn_blocking(move || {
+                hci_storage::control::call(&socket, &hci_storage::control::ControlRequest::Status)
+            })
+            .await
+            .map_err(join_err("engine control"))?;
+            let view = match reply {
+                Ok(r) => r.status,
+                // Starting or stopping: ask again shortly.
+                Err(_) => return Ok(Some(Duration::from_secs(2))),
+            };
+            let Some(view) = view else {
+                return Ok(Some(Duration::from_secs(2)));
+            };
+            let health: Vec<(String, bool, Option<u8>)> = addresses
+                .iter()
+                .map(|a| {
+                    let r = view.replicas.iter().find(|r| &r.node == a);
+                    let pct = r
+                        .and_then(|r| r.rebuild.as_ref())
+                        .filter(|b| !b.finished)
+                        .map(|b| (b.done.saturating_mul(100) / b.total.max(1)).min(99) as u8);
+                    (a.clone(), r.is_some_and(|r| r.state == "healthy"), pct)
+                })
+                .collect();
+            (
+                view.size,
+                status.allocated.map(|a| a.0),
+                health,
+                view.robustness,
+            )
+        } else {
+            let info = match backend.info(name).await {
+                Ok(info) => info,
+                Err(Error::NotFound { .. }) => match self.create_replicated(vol, &backend).await {
+                    Ok(info) => {
+                        tracing::info!(volume = name, replicas = addresses.len(), "created");
+                        self.rt
+                            .events
+                            .normal(
+                                "Volume",
+                                name,
+                                "Created",
+                                format!("{} bytes on {} replicas", info.size, addresses.len()),
+                            )
+                            .await;
+                        info
+                    }
+                    Err(e) => return self.create_failed(name, e).await,
+                },
+                Err(e) => return Err(e),
+            };
+            let info = if vol.spec.size.0 > info.size {
+                let grown = backend.expand(name, vol.spec.size.0).await?;
+                self.rt
+                    .events
+                    .normal(
+                        "Volume",
+                        name,
+                        "Expanded",
+                        format!("to {} bytes", grown.size),
+                    )
+                    .await;
+                grown
+            } else {
+                info
+            };
+            let health: Vec<(String, bool, Option<u8>)> = replicas::probe(pool, name, &addresses)
+                .await
+                .into_iter()
+                .map(|(a, ok)| (a, ok, None))
+                .collect();
+            let robustness = match health.iter().filter(|h| h.1).count() {
+                0 => "faulted",
+                n if n == health.len() => "healthy",
+                _ => "degraded",
+            };
+            (
+                info.size,
+                Some(info.allocated),
+                health,
+                robustness.to_string(),
+            )
+        };
+        let healthy = health.iter().filter(|h| h.1).count();
+        let shrink = vol.spec.size.0 < size;
+        set_status(&self.rt.resources, name, |v: &mut Volume| {
+            let st = v.status_mut();
+            st.size = Some(ByteSize(size));
+            st.allocated = allocated.map(ByteSize);
+            st.progress = None;
+            st.replicas = placement
+                .iter()
+                .zip(&health)
+                .map(|((node, address), (_, ok, pct))| ReplicaStatus {
+                    node: node.clone(),
+                    healthy: *ok,
+                    rebuild_percent: *pct,
+                    address: Some(address.clone()),
+                })
+                .collect();
+            let rebuilding = st.replicas.iter().any(|r| r.rebuild_percent.is_some());
+            st.phase = match (robustness.as_str(), &st.attached_to) {
+                ("faulted", _) => VolumePhase::Failed,
+                _ if rebuilding => VolumePhase::Rebuilding,
+                ("degraded", _) => VolumePhase::Degraded,
+                (_, Some(_)) => VolumePhase::Attached,
+                (_, None) => VolumePhase::Detached,
+            };
+            let (ready, reason, message) = if shrink {
+                (
+                    ConditionStatus::False,
+                    "ShrinkRefused",
+                    format!(
+                        "spec.size {} is below the current size {}: volumes never shrink",
+                        vol.spec.size,
+                        ByteSize(size)
+                    ),
+                )
+            } else if healthy == 0 {
+                (
+                    ConditionStatus::False,
+                    "Faulted",
+                    "no replica answers".to_string(),
+                )
+            } else {
+                (ConditionStatus::True, "Created", String::new())
+            };
+            set_condition(&mut st.conditions, "Ready", ready, reason, &message);
+            let (replicated, reason, message) = if healthy == want {
+                (
+                    ConditionStatus::True,
+                    "AllReplicasHealthy",
+                    format!("{healthy} replicas"),
+                )
+            } else if placement.len() < want {
+                (
+                    ConditionStatus::False,
+                    "NotEnoughDisks",
+                    format!(
+                        "{want} replicas requested, {} placed: too few nodes and disks serve replicas",
+                        placement.len()
+                    ),
+                )
+            } else {
+                (
+                    ConditionStatus::False,
+                    "ReplicaFailed",
+                    format!("{healthy} of {want} replicas healthy"),
+                )
+            };
+            set_condition(&mut st.conditions, "Replicated", replicated, reason, &message);
+        })
+        .await?;
+        // Watch health while the volume is in use or not whole.
+        Ok((attached_to.is_some() || healthy < want).then_some(Duration::from_secs(10)))
+    }
+
+    /// Creates a replicated volume's replicas, filled from its source.
+    async fn create_replicated(
+        &self,
+        vol: &Volume,
+        backend: &hci_storage::engine::ReplicatedVolumeBackend,
+    ) -> Result<VolumeInfo> {
+        let name = vol.name();
+        let key = encryption_key(vol)?;
+        match &vol.spec.source {
+            VolumeSource::Blank => {}
+            VolumeSource::Image { name: image } => {
+                let img: Image = self.rt.resources.get(image).await?;
+                if img.status_or_default().phase != ImagePhase::Ready {
+                    return Err(Error::Unavailable {
+                        what: format!("image {image:?} (not imported yet)"),
+                        source: None,
+                    });
+                }
+            }
+            other => {
+                return Err(Error::unsupported(
+                    format!("replicated volumes from a {}", source_kind(other)),
+                    "this daemon (replicated volumes start blank or from an image)",
+                ));
+            }
+        }
+        let info = backend
+            .create(
+                name,
+                CreateVolume {
+                    size: vol.spec.size.0,
+                    encryption_key: key.clone(),
+                },
+            )
+            .await?;
+        if let VolumeSource::Image { name: image } = &vol.spec.source {
+            let filled = async {
+                let src = self
+                    .rt
+                    .images
+                    .open_snapshot(image, super::image::BASE_SNAPSHOT, OpenVolume::default())
+                    .await?;
+                let dst = backend
+                    .open_engine(
+                        name,
+                        OpenVolume {
+                            read_only: false,
+                            encryption_key: key,
+                        },
+                    )
+                    .await?;
+                let copied = copy_allocated(&*src, &*dst).await;
+                let flushed = match copied {
+                    Ok(()) => hci_core::block::BlockDevice::flush(&*dst).await,
+                    Err(e) => Err(e),
+                };
+                // Closed cleanly, the next engine skips the crash reconcile.
+                let closed = dst.close().await;
+                flushed.and(closed)
+            }
+            .await;
+            if let Err(e) = filled {
+                let _ = backend.delete(name).await;
+                return Err(e);
+            }
+        }
+        Ok(info)
+    }
+
+    /// Records a failed create: waiting for a source that is not ready
+    /// yet (retried shortly), or failed for good.
+    async fn create_failed(&self, name: &str, e: Error) -> Result<Option<Duration>> {
+        if let Error::Unavailable { what, .. } = &e {
+            // Its source is not ready yet (an image importing).
+            let message = format!("waiting for {what}");
+            set_status(&self.rt.resources, name, |v: &mut Volume| {
+                v.status_mut().phase = VolumePhase::Pending;
+                set_condition(
+                    &mut v.status_mut().conditions,
+                    "Ready",
+                    ConditionStatus::False,
+                    "WaitingForSource",
+                    &message,
+                );
+            })
+            .await?;
+            return Ok(Some(Duration::from_secs(1)));
+        }
+        let message = e.to_string();
+        self.rt
+            .events
+            .warning("Volume", name, "CreateFailed", &message)
+            .await;
+        set_status(&self.rt.resources, name, |v: &mut Volume| {
+            v.status_mut().phase = VolumePhase::Failed;
+            v.status_mut().progress = None;
+            set_condition(
+                &mut v.status_mut().conditions,
+                "Ready",
+                ConditionStatus::False,
+                "CreateFailed",
+                &message,
+            );
+        })
+        .await?;
+        Err(e)
     }
 
     /// Creates pool volume `name` from the volume's source.
@@ -100,11 +557,61 @@ impl VolumeController {
                 .map_err(join_err("local"))??;
                 pool.info(name).await
             }
-            VolumeSource::Backup { name: backup } => {
-                super::backup::restore_volume(&self.rt, name, backup, vol, key).await
-            }
+            // Restores run in the background: see `restore`.
+            VolumeSource::Backup { name: backup } => Err(Error::invalid(
+                "spec.source",
+                format!("backup {backup:?} is restored in the background, not created"),
+            )),
         }
     }
+}
+
+/// The control socket of the engine a VM's process runs for `volume`.
+pub(crate) fn engine_socket(rt: &Runtime, vm: &str, volume: &str) -> PathBuf {
+    rt.run_dir.join(vm).join(format!("{volume}.engine.sock"))
+}
+
+fn source_kind(s: &VolumeSource) -> &'static str {
+    match s {
+        VolumeSource::Blank => "blank volume",
+        VolumeSource::Image { .. } => "image",
+        VolumeSource::Snapshot { .. } => "snapshot",
+        VolumeSource::Volume { .. } => "volume",
+        VolumeSource::Backup { .. } => "backup",
+    }
+}
+
+/// Copies the allocated extents of `src` to `dst` (same size or larger),
+/// a MiB at a time.
+async fn copy_allocated(
+    src: &dyn hci_core::block::BlockDevice,
+    dst: &dyn hci_core::block::BlockDevice,
+) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let size = src.size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = 0;
+    while pos < size {
+        let extents = src.block_status(pos, size - pos).await?;
+        let next = extents.last().map_or(pos, hci_core::block::Extent::end);
+        if next <= pos {
+            return Err(Error::invalid("block status", "made no progress"));
+        }
+        for e in extents
+            .iter()
+            .filter(|e| e.kind == hci_core::block::ExtentKind::Data)
+        {
+            let mut off = e.offset;
+            while off < e.end() {
+                let n = (e.end() - off).min(CHUNK) as usize;
+                src.read_at(&mut buf[..n], off).await?;
+                dst.write_at(&buf[..n], off, Default::default()).await?;
+                off += n as u64;
+            }
+        }
+        pos = next;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -114,6 +621,10 @@ impl Reconcile for VolumeController {
     async fn reconcile(&self, name: &str, current: Option<Volume>) -> Result<Option<Duration>> {
         let pool = &self.rt.volumes;
         let Some(vol) = current else {
+            if let Some(replicas) = &self.rt.replicas {
+                replicas.remove_local(name).await;
+            }
+            self.cancel_restore(name).await;
             return match pool.delete(name).await {
                 Ok(()) => {
                     tracing::info!(volume = name, "deleted");
@@ -123,6 +634,43 @@ impl Reconcile for VolumeController {
                 Err(e) => Err(e),
             };
         };
+        if vol.spec.replicas > 1 {
+            return match &self.rt.replicas {
+                Some(replicas) => self.reconcile_replicated(&vol, replicas).await,
+                None => {
+                    self.create_failed(
+                        name,
+                        Error::unsupported(
+                            "replicated volumes (spec.replicas > 1)",
+                            "this daemon (it serves no replica disks)",
+                        ),
+                    )
+                    .await
+                }
+            };
+        }
+        if let VolumeSource::Backup { name: backup } = &vol.spec.source {
+            match self.restore(&vol, backup).await {
+                Ok(Fill::Running(pct)) => {
+                    let message = format!("{pct}% restored from backup {backup}");
+                    set_status(&self.rt.resources, name, |v: &mut Volume| {
+                        v.status_mut().phase = VolumePhase::Creating;
+                        v.status_mut().progress = Some(pct);
+                        set_condition(
+                            &mut v.status_mut().conditions,
+                            "Ready",
+                            ConditionStatus::False,
+                            "Restoring",
+                            &message,
+                        );
+                    })
+                    .await?;
+                    return Ok(Some(Duration::from_secs(1)));
+                }
+                Ok(Fill::Done) => {}
+                Err(e) => return self.create_failed(name, e).await,
+            }
+        }
         // A VMM process owns an attached volume (and its lock): talk to it
         // through the volume's control socket, never open it here (that
         // would take the lock from a VMM still starting).
@@ -152,41 +700,7 @@ impl Reconcile for VolumeController {
                                 .await;
                             info
                         }
-                        Err(Error::Unavailable { what, .. }) => {
-                            // Its source is not ready yet (an image importing).
-                            let message = format!("waiting for {what}");
-                            set_status(&self.rt.resources, name, |v: &mut Volume| {
-                                v.status_mut().phase = VolumePhase::Pending;
-                                set_condition(
-                                    &mut v.status_mut().conditions,
-                                    "Ready",
-                                    ConditionStatus::False,
-                                    "WaitingForSource",
-                                    &message,
-                                );
-                            })
-                            .await?;
-                            return Ok(Some(Duration::from_secs(1)));
-                        }
-                        Err(e) => {
-                            let message = e.to_string();
-                            self.rt
-                                .events
-                                .warning("Volume", name, "CreateFailed", &message)
-                                .await;
-                            set_status(&self.rt.resources, name, |v: &mut Volume| {
-                                v.status_mut().phase = VolumePhase::Failed;
-                                set_condition(
-                                    &mut v.status_mut().conditions,
-                                    "Ready",
-                                    ConditionStatus::False,
-                                    "CreateFailed",
-                                    &message,
-                                );
-                            })
-                            .await?;
-                            return Err(e);
-                        }
+                        Err(e) => return self.create_failed(name, e).await,
                     }
                 }
                 Err(e) => return Err(e),
@@ -223,10 +737,12 @@ impl Reconcile for VolumeController {
             let status = v.status_mut();
             status.size = Some(ByteSize(info.size));
             status.allocated = Some(ByteSize(info.allocated));
+            status.progress = None;
             status.replicas = vec![ReplicaStatus {
                 node: node.clone(),
                 healthy: true,
                 rebuild_percent: None,
+                address: None,
             }];
             status.phase = if status.attached_to.is_some() {
                 VolumePhase::Attached
@@ -264,6 +780,9 @@ impl Reconcile for VolumeController {
     }
 
     async fn sweep(&self, existing: &BTreeSet<String>) -> Result<()> {
+        if let Some(replicas) = &self.rt.replicas {
+            replicas.sweep(existing).await;
+        }
         for info in self.rt.volumes.list().await? {
             if !existing.contains(&info.name) {
                 tracing::info!(

@@ -4,8 +4,12 @@ In-process (no daemon needed):
 
 - :class:`VolumeStore` / :class:`VolumeHandle`: local thin volumes with O(1)
   snapshots, revert, clone, expand, block status and NBD export;
+- :class:`VolumeStore.replicated` / :class:`ReplicaServer`: volumes
+  replicated synchronously over replica servers;
 - :class:`BackupRepository`: deduplicated, compressed, optionally encrypted
-  backups on ``file://`` or ``s3://`` targets.
+  backups on ``file://`` or ``s3://`` targets;
+- :class:`Networks`: this host's bridges, NAT, overlays and DHCP servers
+  (with CAP_NET_ADMIN).
 
 As a client of ``hci-daemon``: :class:`Client`, with every resource kind as
 a typed object (:class:`VirtualMachine`, :class:`Volume`, :class:`Network`,
@@ -30,10 +34,13 @@ from ._hci import (
     HciError,
     InvalidSpec,
     NbdExport,
+    NetworkInfo,
+    Networks,
     NotFound,
     OutOfRange,
     PermissionDenied,
     ReadOnly,
+    ReplicaServer,
     SnapshotInfo,
     Unavailable,
     Unsupported,
@@ -89,6 +96,9 @@ __all__ = [
     "SnapshotInfo",
     "Extent",
     "NbdExport",
+    "ReplicaServer",
+    "Networks",
+    "NetworkInfo",
     "BackupRepository",
     "BackupInfo",
     "VerifyReport",

@@ -34,6 +34,9 @@ __all__ = [
     "SnapshotInfo",
     "Extent",
     "NbdExport",
+    "ReplicaServer",
+    "Networks",
+    "NetworkInfo",
     "BackupRepository",
     "BackupInfo",
     "VerifyReport",
@@ -173,6 +176,31 @@ class Extent:
         """True if the range reads as zeroes."""
 
 @final
+class NetworkInfo:
+    """One network as it exists on this host."""
+
+    name: str
+    bridge: str
+    ports: list[str]
+    dhcp_running: bool
+
+@final
+class Networks:
+    """This host's bridges, NAT, overlays and DHCP servers (needs CAP_NET_ADMIN)."""
+
+    def __new__(cls, state_dir: str | PathLike[str] | None = None) -> Networks: ...
+    def ensure(self, network_json: str) -> NetworkInfo:
+        """Creates or updates the network a Network resource (JSON) describes."""
+    def remove(self, name: str) -> None:
+        """Removes a network and everything made for it."""
+    def list(self) -> builtins.list[NetworkInfo]:
+        """The networks made here."""
+    def attach_port(self, network: str, port: str, mac: str) -> str:
+        """Creates a TAP port; returns its interface name."""
+    def detach_port(self, network: str, port: str) -> None:
+        """Removes a port."""
+
+@final
 class NbdExport:
     """A running NBD export of a volume."""
 
@@ -253,6 +281,8 @@ class VolumeHandle:
         self, count: int, block_size: int = 4096, span: int = ...
     ) -> float:
         """Rust-side write loop for the binding-overhead benchmark; seconds."""
+    def replica_status(self) -> tuple[str, list[tuple[str, str]]] | None:
+        """Robustness and replica states of a replicated volume; None otherwise."""
     def close(self) -> None:
         """Drops the handle."""
     def __enter__(self) -> VolumeHandle: ...
@@ -264,13 +294,39 @@ class VolumeHandle:
     ) -> bool: ...
 
 @final
+class ReplicaServer:
+    """Serves the replicas in a directory to engines over TCP."""
+
+    def __new__(
+        cls, root: str | PathLike[str], token: bytes, *, listen: str = "127.0.0.1:0"
+    ) -> ReplicaServer: ...
+    @property
+    def address(self) -> str:
+        """Where it listens (``HOST:PORT``)."""
+    def close(self) -> None:
+        """Stops accepting connections (connected engines are still served)."""
+    def __enter__(self) -> ReplicaServer: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
+
+@final
 class VolumeStore:
-    """A directory of local thin volumes with O(1) snapshots."""
+    """A directory of local thin volumes with O(1) snapshots, or replicated volumes."""
 
     def __new__(cls, root: str | PathLike[str]) -> VolumeStore: ...
+    @staticmethod
+    def replicated(replicas: list[str], token: bytes, *, timeout: float = 3.0) -> VolumeStore:
+        """A store whose volumes have one replica on each replica server or directory."""
     @property
     def root(self) -> Path:
-        """The store's directory."""
+        """The store's directory (local stores only)."""
+    @property
+    def is_replicated(self) -> bool:
+        """Whether volumes here are replicated."""
     def create(
         self, name: str, size: int, *, encryption_key: bytes | None = None
     ) -> VolumeInfo:
@@ -468,7 +524,9 @@ class RawClient:
         self, volume: str, size: int, resource_version: int = 0
     ) -> tuple[str, int]:
         """Expands a volume."""
-    def restore_backup(self, backup: str, volume: str, size: int = 0) -> tuple[str, int]:
-        """Restores a backup into a new volume."""
+    def restore_backup(
+        self, backup: str, volume: str, size: int = 0, vm: str = ""
+    ) -> tuple[str, int]:
+        """Restores a backup into a new volume, or a VM backup as a new VM."""
     def console(self, name: str) -> ConsoleStream:
         """Attaches to a VM's serial console."""

@@ -339,6 +339,12 @@ class Client:
         """Restores backup ``backup`` into new volume ``volume``."""
         return _load(Volume, self._raw.restore_backup(backup, volume, size))
 
+    def restore_vm(self, backup: str, vm: str) -> VirtualMachine:
+        """Restores the whole-VM backup ``backup`` as new VM ``vm``: its
+        volumes are created as ``<vm>-<volume>`` and filled from the backup
+        in the background (follow them with :meth:`wait_for`)."""
+        return _load(VirtualMachine, self._raw.restore_backup(backup, "", 0, vm))
+
     def __repr__(self) -> str:
         return f"Client({self.server!r})"
 

@@ -1,0 +1,319 @@
+//! Replicated volumes (`spec.replicas > 1`): this node's replica servers,
+//! where a volume's replicas go, and the engine that writes them all.
+//!
+//! Each disk given to the daemon (`--replica-disk DIR`, default
+//! `DATA/replicas`) is served by its own replica server
+//! (`hci_storage::replica`) on a port that stays the same across daemon
+//! restarts (recorded in `DATA/replica-servers.json`), so a VMM process
+//! whose engine outlives the daemon finds its replicas again. The servers
+//! share one token (`DATA/replica.token`, mode 0600) that the VMM processes
+//! read. The node publishes its servers in `status.replicaServers`.
+//!
+//! A replicated volume's replicas are placed on distinct nodes first, then
+//! on distinct disks of a node; the placement is kept in the volume's
+//! `status.replicas` and never moves by itself. The engine runs in whichever
+//! process attaches the volume: the VMM of the VM using it, or the daemon
+//! for a moment while the volume is detached (create, grow, snapshot).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hci_core::model::{Node, ReplicaStatus, Resource, Volume};
+use hci_core::volume::VolumeBackend;
+use hci_core::{Error, Result};
+use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
+use hci_storage::replica::client::{RemoteNode, ServerAddr};
+use hci_storage::replica::server::ReplicaServer;
+use hci_storage::replica::{LocalNode, ReplicaNode};
+
+/// One disk of this node holding replicas, and the server in front of it.
+#[derive(Debug)]
+pub struct ReplicaDisk {
+    /// The directory.
+    pub path: PathBuf,
+    /// Its replica server (`HOST:PORT`).
+    pub address: String,
+    /// Direct access to its replicas (to remove those of deleted volumes).
+    pub node: Arc<LocalNode>,
+}
+
+/// This node's replica servers.
+#[derive(Debug)]
+pub struct ReplicaPool {
+    token: Vec<u8>,
+    token_file: PathBuf,
+    disks: Vec<ReplicaDisk>,
+}
+
+/// Hex of 32 bytes from the kernel's random source.
+fn new_token() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| Error::io("read /dev/urandom", e))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Reads the token in `path`, creating it (mode 0600) on first start.
+fn load_token(path: &Path) -> Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().as_bytes().to_vec()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+    }
+    let token = new_token()?;
+    let tmp = path.with_extension("tmp");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, token.as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    Ok(token.into_bytes())
+}
+
+impl ReplicaPool {
+    /// Starts a replica server for each of `disks` on `host` (ports kept
+    /// from the last start in `data_dir`).
+    pub async fn start(data_dir: &Path, disks: &[PathBuf], host: &str) -> Result<Self> {
+        let token_file = data_dir.join("replica.token");
+        let token = load_token(&token_file)?;
+        let record = data_dir.join("replica-servers.json");
+        let mut known: BTreeMap<String, String> = match std::fs::read(&record) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                Error::invalid(record.display().to_string(), format!("is not JSON: {e}"))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(Error::io(format!("read {}", record.display()), e)),
+        };
+        let mut started = Vec::new();
+        for path in disks {
+            std::fs::create_dir_all(path)
+                .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+            let key = path.display().to_string();
+            let server = ReplicaServer::new(path, token.clone())?;
+            let node = Arc::clone(server.node());
+            let wanted = match known.get(&key) {
+                Some(a) if a.rsplit_once(':').is_some_and(|(h, _)| h == host) => a.clone(),
+                _ => format!("{host}:0"),
+            };
+            let (addr, _task) = server
+                .spawn(&wanted)
+                .await
+                .map_err(|e| Error::Unavailable {
+                    what: format!("replica server for {} on {wanted}", path.display()),
+                    source: Some(e.to_string().into()),
+                })?;
+            let address = addr.to_string();
+            tracing::info!(disk = %path.display(), %address, "replica server started");
+            known.insert(key, address.clone());
+            started.push(ReplicaDisk {
+                path: path.clone(),
+                address,
+                node,
+            });
+        }
+        let json = serde_json::to_vec_pretty(&known)
+            .map_err(|e| Error::invalid("replica server record", e.to_string()))?;
+        std::fs::write(&record, json)
+            .map_err(|e| Error::io(format!("write {}", record.display()), e))?;
+        Ok(ReplicaPool {
+            token,
+            token_file,
+            disks: started,
+        })
+    }
+
+    /// The servers' addresses, in disk order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.disks.iter().map(|d| d.address.clone()).collect()
+    }
+
+    /// The disks.
+    pub fn disks(&self) -> &[ReplicaDisk] {
+        &self.disks
+    }
+
+    /// The file holding the servers' token (handed to VMM processes).
+    pub fn token_file(&self) -> &Path {
+        &self.token_file
+    }
+
+    /// The replica server at `address`, as an engine sees it.
+    pub fn node(&self, address: &str) -> Arc<dyn ReplicaNode> {
+        Arc::new(RemoteNode::new(ServerAddr::new(
+            address,
+            self.token.clone(),
+        )))
+    }
+
+    /// A backend over the replica servers at `addresses` (one replica each).
+    pub fn backend(&self, addresses: &[String]) -> Result<ReplicatedVolumeBackend> {
+        let nodes = addresses.iter().map(|a| self.node(a)).collect();
+        ReplicatedVolumeBackend::new(nodes, EngineOptions::default())
+    }
+
+    /// Removes this node's replicas of volume `name` (deleted).
+    pub async fn remove_local(&self, name: &str) {
+        for disk in &self.disks {
+            disk.node.forget(name);
+            match disk.node.local().delete(name).await {
+                Ok(()) => {
+                    tracing::info!(volume = name, disk = %disk.path.display(), "replica deleted")
+                }
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => tracing::warn!(volume = name, error = %e, "cannot remove a replica"),
+            }
+        }
+    }
+
+    /// Removes, from this node's disks, replicas of volumes not in `keep`.
+    pub async fn sweep(&self, keep: &BTreeSet<String>) {
+        for disk in &self.disks {
+            let local = disk.node.local();
+            let Ok(volumes) = local.list().await else {
+                continue;
+            };
+            for v in volumes {
+                if !keep.contains(&v.name) {
+                    tracing::info!(volume = v.name, disk = %disk.path.display(), "removing a replica whose volume is gone");
+                    disk.node.forget(&v.name);
+                    if let Err(e) = local.delete(&v.name).await {
+                        tracing::warn!(volume = v.name, error = %e, "cannot remove an orphaned replica");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Chooses where `want` replicas of a volume go among `nodes` (each with
+/// its replica servers): one per node while nodes last, spreading over the
+/// nodes with the fewest `used` replicas, then on further disks of the
+/// nodes. Returns `(node, address)` pairs, possibly fewer than `want`.
+pub fn place(
+    want: usize,
+    nodes: &[(String, Vec<String>)],
+    used: &BTreeMap<String, usize>,
+) -> Vec<(String, String)> {
+    let mut chosen: Vec<(String, String)> = Vec::new();
+    let mut order: Vec<&(String, Vec<String>)> = nodes.iter().collect();
+    order.sort_by_key(|(n, _)| (used.get(n).copied().unwrap_or(0), n.clone()));
+    // Round after round: one more disk of every node.
+    let deepest = nodes.iter().map(|(_, d)| d.len()).max().unwrap_or(0);
+    for round in 0..deepest {
+        for (node, disks) in &order {
+            if chosen.len() == want {
+                return chosen;
+            }
+            if let Some(addr) = disks.get(round) {
+                chosen.push((node.clone(), addr.clone()));
+            }
+        }
+    }
+    chosen
+}
+
+/// The replica servers of every node that can take replicas: Ready and not
+/// cordoned (this node always counts, with its own servers).
+pub fn candidates(all: &[Node], this: &str, own: &[String]) -> Vec<(String, Vec<String>)> {
+    let mut out = vec![(this.to_string(), own.to_vec())];
+    for n in all {
+        if n.name() == this || n.spec.cordoned {
+            continue;
+        }
+        let st = n.status_or_default();
+        let ready = st
+            .conditions
+            .iter()
+            .any(|c| c.kind == "Ready" && c.status == hci_core::model::ConditionStatus::True);
+        if ready && !st.replica_servers.is_empty() {
+            out.push((n.name().to_string(), st.replica_servers.clone()));
+        }
+    }
+    out
+}
+
+/// The replica servers in a volume's recorded placement.
+pub fn placed(vol: &Volume) -> Vec<String> {
+    vol.status_or_default()
+        .replicas
+        .iter()
+        .filter_map(|r| r.address.clone())
+        .collect()
+}
+
+/// Replica statuses for a placement, all healthy.
+pub fn statuses(placement: &[(String, String)]) -> Vec<ReplicaStatus> {
+    placement
+        .iter()
+        .map(|(node, address)| ReplicaStatus {
+            node: node.clone(),
+            healthy: true,
+            rebuild_percent: None,
+            address: Some(address.clone()),
+        })
+        .collect()
+}
+
+/// Checks which replicas of `name` answer: `(address, healthy)` pairs.
+pub async fn probe(pool: &ReplicaPool, name: &str, addresses: &[String]) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    for a in addresses {
+        let ok = match pool.backend(std::slice::from_ref(a)) {
+            Ok(b) => tokio::time::timeout(std::time::Duration::from_secs(3), b.info(name))
+                .await
+                .is_ok_and(|r| r.is_ok()),
+            Err(_) => false,
+        };
+        out.push((a.clone(), ok));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(spec: &[(&str, usize)]) -> Vec<(String, Vec<String>)> {
+        spec.iter()
+            .map(|(n, disks)| {
+                (
+                    n.to_string(),
+                    (0..*disks).map(|d| format!("{n}:{}", 7000 + d)).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn replicas_go_to_distinct_nodes_first() {
+        let got = place(3, &nodes(&[("a", 2), ("b", 2), ("c", 2)]), &BTreeMap::new());
+        let names: BTreeSet<_> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names.len(), 3, "{got:?}");
+    }
+
+    #[test]
+    fn one_node_spreads_over_its_disks() {
+        let got = place(3, &nodes(&[("a", 3)]), &BTreeMap::new());
+        let addrs: BTreeSet<_> = got.iter().map(|(_, a)| a.as_str()).collect();
+        assert_eq!(addrs.len(), 3, "{got:?}");
+        // Not enough disks: as many as there are, never two on one disk.
+        let got = place(3, &nodes(&[("a", 2)]), &BTreeMap::new());
+        assert_eq!(got.len(), 2, "{got:?}");
+    }
+
+    #[test]
+    fn the_least_used_nodes_come_first() {
+        let used = BTreeMap::from([("a".to_string(), 5), ("b".to_string(), 1)]);
+        let got = place(1, &nodes(&[("a", 1), ("b", 1), ("c", 1)]), &used);
+        assert_eq!(got[0].0, "c");
+    }
+}
