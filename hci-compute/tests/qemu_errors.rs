@@ -283,3 +283,75 @@ async fn dropping_the_last_handle_kills_qemu() {
     }
     assert!(gone, "QEMU {pid} still runs after its handle was dropped");
 }
+
+/// A `DiskBackend::Replicated` disk: the backend opens the volume's engine
+/// over the replica servers itself and SeaBIOS boots from it over NBD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seabios_boots_a_replicated_volume_the_backend_opens_itself() {
+    use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
+    use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
+    use hci_storage::replica::ReplicaNode;
+    use hci_storage::replica::client::{RemoteNode, ServerAddr};
+    use hci_storage::replica::server::ReplicaServer;
+
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("run-qemu")
+        .join(format!("replicated-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token = "qemu-replicated";
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token).expect("token");
+    let mut addrs = Vec::new();
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let server = ReplicaServer::new(dir.join(format!("replica{i}")), token).expect("server");
+        let (addr, task) = server.spawn("127.0.0.1:0").await.expect("listen");
+        addrs.push(addr.to_string());
+        servers.push(task);
+    }
+    // Put the boot sector on the volume with an engine of our own, then close it.
+    let nodes: Vec<Arc<dyn ReplicaNode>> = addrs
+        .iter()
+        .map(|a| {
+            Arc::new(RemoteNode::new(ServerAddr::new(a.clone(), token))) as Arc<dyn ReplicaNode>
+        })
+        .collect();
+    let backend = ReplicatedVolumeBackend::new(nodes, EngineOptions::default()).expect("backend");
+    backend
+        .create("boot", CreateVolume::new(1 << 20))
+        .await
+        .expect("create");
+    let engine = backend
+        .open_engine("boot", OpenVolume::default())
+        .await
+        .expect("open");
+    engine
+        .write_at(&boot_sector(&dir.join("mbr")), 0, WriteFlags::default())
+        .await
+        .expect("write the boot sector");
+    engine.close().await.expect("close");
+    drop(engine);
+    drop(backend);
+
+    boots_and_resets(firmware_config(
+        "fw-replicated",
+        DiskConfig {
+            name: "root".into(),
+            backend: DiskBackend::Replicated {
+                volume: "boot".into(),
+                replicas: addrs,
+                token_file,
+                key_file: None,
+                control: None,
+            },
+            bus: DiskBus::Virtio,
+            read_only: false,
+            boot_order: Some(1),
+        },
+    ))
+    .await;
+    for s in servers {
+        s.abort();
+    }
+}
