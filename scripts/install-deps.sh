@@ -27,6 +27,10 @@ done
 # well-known types (descriptor.proto, struct.proto).
 [[ -f /usr/include/google/protobuf/descriptor.proto ]] || missing+=(libprotobuf-dev)
 
+# Debian's cloud kernel: the QEMU backend's real-Linux test boots it (with
+# modules from /lib/modules) under TCG.
+compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null || missing+=(linux-image-cloud-amd64)
+
 if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}" >&2
   SUDO=""

@@ -1,9 +1,10 @@
 //! # hci-compute
 //!
-//! Hypervisor backends of the hci SDK. Today: **hci's own KVM VMM**, built on
+//! Hypervisor backends of the hci SDK: **hci's own KVM VMM**, built on
 //! rust-vmm crates (kvm-ioctls, vm-memory, virtio-queue, linux-loader,
 //! vm-superio), exposed as hci-core's [`Hypervisor`](hci_core::compute::Hypervisor)
-//! through [`KvmHypervisor`].
+//! through [`KvmHypervisor`] (and [`ProcessHypervisor`], one process per VM),
+//! and **QEMU** driven over QMP ([`qemu::QemuHypervisor`]).
 //!
 //! ## Layout
 //!
@@ -30,6 +31,10 @@
 //!   [`vmm_api::RemoteVm`];
 //! - [`process`]: [`ProcessHypervisor`], one `hci-vmm` process per VM (VMs
 //!   outlive their caller and can be adopted again);
+//! - [`qemu`] (feature `qemu`, on by default): [`QemuHypervisor`], the same
+//!   trait over one `qemu-system-x86_64` process per VM driven by QMP, for
+//!   firmware boots, any guest OS and real Linux guests under TCG; disks
+//!   served to QEMU over NBD from this process; cloud-init NoCloud seeds;
 //! - [`test_guests`]: tiny PVH guests built with gcc for tests and benchmarks
 //!   (including `net`, which answers ARP and ping on a virtio-net NIC, and
 //!   `rng`, which reads virtio-rng).
@@ -84,6 +89,8 @@ pub mod kvm;
 pub mod memory;
 pub mod migration;
 pub mod process;
+#[cfg(feature = "qemu")]
+pub mod qemu;
 pub mod seccomp;
 pub mod snapshot;
 mod sys;
@@ -96,4 +103,6 @@ pub use error::{Result, VmmError};
 pub use hypervisor::{KvmHypervisor, KvmVm, TapRegistry};
 pub use memory::MemoryBacking;
 pub use process::ProcessHypervisor;
+#[cfg(feature = "qemu")]
+pub use qemu::QemuHypervisor;
 pub use vm::{DiskSpec, NicSpec, Vm, VmSpec};

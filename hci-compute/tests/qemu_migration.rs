@@ -1,0 +1,164 @@
+//! Live migration between two QEMU processes through QMP `migrate`: the
+//! `dirty` test guest keeps counting (and dirtying memory) across the
+//! switch — the target's console continues the source's count, with no
+//! restart from zero. Loopback TCP; both QEMUs under TCG here.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use hci_compute::qemu::QemuHypervisor;
+use hci_compute::test_guests::Guest;
+use hci_core::compute::{
+    ExitReason, Migratable, MigrationOptions, MigrationProgress, VmConfig, VmHandle, VmState,
+};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn own(mut c: VmConfig, tag: &str) -> VmConfig {
+    c.run_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("run-qemu")
+        .join(format!("{}-{tag}-{}", c.name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&c.run_dir);
+    std::fs::create_dir_all(&c.run_dir).expect("run dir");
+    c
+}
+
+/// The `count N` values printed so far.
+fn counts(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("count ")?.trim().parse().ok())
+        .collect()
+}
+
+fn console(vm: &hci_compute::qemu::QemuVm) -> String {
+    String::from_utf8_lossy(&vm.console_hub().history()).into_owned()
+}
+
+async fn wait_counts(vm: &hci_compute::qemu::QemuVm, n: usize) -> Vec<u64> {
+    let start = std::time::Instant::now();
+    loop {
+        let c = counts(&console(vm));
+        if c.len() >= n {
+            return c;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{} printed {} counts: {:?}",
+            vm.name(),
+            c.len(),
+            console(vm)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_guest_migrates_and_keeps_counting() {
+    let hv = QemuHypervisor::new();
+    hv.resolve_binary()
+        .expect("needs qemu-system-x86_64 (scripts/install-deps.sh installs it)");
+    let base = config("qmig", guest(Guest::Dirty), 1, "mib=2 every=100000");
+    let src = hv
+        .create_vm(own(base.clone(), "src"))
+        .await
+        .expect("create the source");
+    src.start().await.expect("start");
+    let before = wait_counts(&src, 2).await;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let target = format!("127.0.0.1:{port}");
+    let dst = hv
+        .prepare_incoming(own(base, "dst"), &target)
+        .await
+        .expect("start the target QEMU");
+    assert_eq!(dst.state().await.expect("state"), VmState::Created);
+
+    let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+    let done = tokio::time::timeout(
+        WAIT,
+        src.migrate(
+            &target,
+            MigrationOptions {
+                max_downtime: Duration::from_millis(100),
+                timeout: WAIT,
+                token: String::new(),
+            },
+            tx,
+        ),
+    )
+    .await
+    .expect("migrate returns")
+    .expect("migrate");
+    tokio::time::timeout(WAIT, dst.finish_incoming())
+        .await
+        .expect("the target resumes")
+        .expect("finish the incoming migration");
+    assert_eq!(dst.state().await.expect("state"), VmState::Running);
+    assert!(done.bytes_sent > 0, "{done:?}");
+    eprintln!(
+        "migration: {} passes, {} bytes, downtime {:?}",
+        done.iteration, done.bytes_sent, done.downtime
+    );
+
+    // The source is gone; the guest counts on, from where it was.
+    assert_eq!(
+        tokio::time::timeout(WAIT, src.wait())
+            .await
+            .expect("source stops")
+            .expect("wait"),
+        ExitReason::Killed
+    );
+    let last_src = *counts(&console(&src)).last().expect("source counts");
+    assert!(last_src >= before[1]);
+    let after = wait_counts(&dst, 2).await;
+    assert!(
+        after[0] > last_src,
+        "the target's count restarted: source ended at {last_src}, target printed {after:?}"
+    );
+    assert!(after.windows(2).all(|w| w[1] > w[0]), "{after:?}");
+    dst.kill().await.expect("kill the target");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_to_nowhere_fails_and_the_source_keeps_running() {
+    let hv = QemuHypervisor::new();
+    hv.resolve_binary()
+        .expect("needs qemu-system-x86_64 (scripts/install-deps.sh installs it)");
+    let src = hv
+        .create_vm(own(
+            config("qmig-fail", guest(Guest::Dirty), 1, "mib=1 every=100000"),
+            "src",
+        ))
+        .await
+        .expect("create");
+    src.start().await.expect("start");
+    wait_counts(&src, 1).await;
+    // Nothing listens on a port we just bound and released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+    let err = tokio::time::timeout(
+        WAIT,
+        src.migrate(
+            &format!("127.0.0.1:{port}"),
+            MigrationOptions::default(),
+            tx,
+        ),
+    )
+    .await
+    .expect("migrate returns")
+    .expect_err("nobody listens");
+    assert!(err.to_string().contains("failed"), "{err}");
+    assert_eq!(src.state().await.expect("state"), VmState::Running);
+    let n = counts(&console(&src)).len();
+    wait_counts(&src, n + 1).await;
+    src.kill().await.expect("kill");
+}
