@@ -91,6 +91,7 @@ pub mod migration;
 pub mod process;
 #[cfg(feature = "qemu")]
 pub mod qemu;
+pub mod replicated;
 pub mod seccomp;
 pub mod snapshot;
 mod sys;

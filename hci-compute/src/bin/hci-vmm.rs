@@ -7,7 +7,7 @@
 //! one-line message on errors (missing kernel, bad sizes, KVM unavailable,
 //! a volume missing or in use) or when the guest crashed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -169,9 +169,6 @@ fn options(s: &str) -> Vec<(&str, &str)> {
 /// A volume the VMM owns: its replica and directory (for its control socket).
 type OwnedVolume = (Arc<hci_storage::local::Replica>, PathBuf);
 
-/// How long a replica may take to answer before the engine drops it.
-const REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
-
 /// Opens a replicated volume's engine from
 /// `replicas=A+B,volume=V,token-file=F[,key-file=K][,control=S][,readonly][,name=N]`,
 /// serving its control socket when asked. Returns the disk, the engine (to
@@ -187,9 +184,6 @@ async fn open_replicated(
     ),
     String,
 > {
-    use hci_storage::engine::{EngineOptions, ReplicatedVolume};
-    use hci_storage::replica::ReplicaNode;
-    use hci_storage::replica::client::{RemoteNode, ServerAddr};
     let (mut replicas, mut volume, mut token_file) = (Vec::new(), None, None);
     let (mut key_file, mut control, mut ro, mut name) = (None, None, false, format!("disk{i}"));
     for (k, v) in options(spec) {
@@ -220,55 +214,17 @@ async fn open_replicated(
             "--disk {spec:?}: replicas= names no replica server"
         ));
     }
-    let read = |what: &str, f: &Path| {
-        std::fs::read(f)
-            .map_err(|e| format!("--disk {spec:?}: read the {what} {}: {e}", f.display()))
-    };
-    let token = read("token file", &token_file)?;
-    let token = String::from_utf8_lossy(&token).trim().as_bytes().to_vec();
-    let key = match &key_file {
-        Some(f) => Some(hci_core::volume::EncryptionKey::new(read("key file", f)?)),
-        None => None,
-    };
-    let node = {
-        let token = token.clone();
-        move |at: &str| -> Arc<dyn ReplicaNode> {
-            let mut sa = ServerAddr::new(at, token.clone());
-            sa.timeout = REPLICA_TIMEOUT;
-            Arc::new(RemoteNode::new(sa))
-        }
-    };
-    let nodes: Vec<Arc<dyn ReplicaNode>> = replicas.iter().map(|a| node(a)).collect();
-    let engine = ReplicatedVolume::open(
-        &volume,
-        &nodes,
-        hci_core::volume::OpenVolume {
-            read_only: ro,
-            encryption_key: key,
-        },
-        EngineOptions::default(),
-    )
+    let opened = hci_compute::replicated::open(hci_compute::replicated::ReplicatedDisk {
+        volume: &volume,
+        replicas: &replicas,
+        token_file: &token_file,
+        key_file: key_file.as_deref(),
+        control: control.as_deref(),
+        read_only: ro,
+    })
     .await
     .map_err(|e| format!("--disk {spec:?}: {e}"))?;
-    if let Some(path) = &control {
-        let vol = volume.clone();
-        let resolve = move |r: &str| -> hci_core::Result<Arc<dyn ReplicaNode>> {
-            let at = match r.rsplit_once('/') {
-                Some((at, v)) if v == vol => at,
-                Some((_, v)) => {
-                    return Err(hci_core::Error::invalid(
-                        format!("replica {r:?}"),
-                        format!("names volume {v}, this engine serves {vol}"),
-                    ));
-                }
-                None => r,
-            };
-            Ok(node(at))
-        };
-        hci_storage::control::Controller::new(engine.clone(), Box::new(resolve))
-            .serve(path)
-            .map_err(|e| format!("--disk {spec:?}: {e}"))?;
-    }
+    let engine = opened.engine;
     let device: Arc<dyn hci_core::block::BlockDevice> = engine.clone();
     Ok((
         DiskConfig {
