@@ -77,6 +77,11 @@ struct Args {
     /// Repeatable: one per disk. Default: DATA_DIR/replicas.
     #[arg(long, value_name = "DIR")]
     replica_disk: Vec<PathBuf>,
+    /// File holding the token replica servers require (created if missing).
+    /// Give every node of a cluster the same file: engines reach replicas
+    /// on other nodes with it. Default: DATA_DIR/replica.token.
+    #[arg(long, value_name = "FILE")]
+    replica_token_file: Option<PathBuf>,
     /// Memory kept for the host, not offered to VMs (e.g. 1G, 512M).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     reserved_memory: u64,
@@ -355,7 +360,7 @@ async fn main() -> anyhow::Result<()> {
         let host = args
             .address
             .map_or_else(|| "127.0.0.1".to_string(), |a| a.to_string());
-        let replicas = ReplicaPool::start(dir, &disks, &host)
+        let replicas = ReplicaPool::start(dir, &disks, &host, args.replica_token_file.as_deref())
             .await
             .context("failed to start the replica servers")?;
         rt.replicas = Some(Arc::new(replicas));

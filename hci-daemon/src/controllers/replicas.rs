@@ -6,8 +6,9 @@
 //! (`hci_storage::replica`) on a port that stays the same across daemon
 //! restarts (recorded in `DATA/replica-servers.json`), so a VMM process
 //! whose engine outlives the daemon finds its replicas again. The servers
-//! share one token (`DATA/replica.token`, mode 0600) that the VMM processes
-//! read. The node publishes its servers in `status.replicaServers`.
+//! share one token (`--replica-token-file`, default `DATA/replica.token`,
+//! mode 0600) that the VMM processes read; the nodes of a cluster must share
+//! it. The node publishes its servers in `status.replicaServers`.
 //!
 //! A replicated volume's replicas are placed on distinct nodes first, then
 //! on distinct disks of a node; the placement is kept in the volume's
@@ -82,8 +83,18 @@ fn load_token(path: &Path) -> Result<Vec<u8>> {
 impl ReplicaPool {
     /// Starts a replica server for each of `disks` on `host` (ports kept
     /// from the last start in `data_dir`).
-    pub async fn start(data_dir: &Path, disks: &[PathBuf], host: &str) -> Result<Self> {
-        let token_file = data_dir.join("replica.token");
+    ///
+    /// The servers' token is read from `token_file` (every node of a
+    /// cluster must share it: engines reach replicas on other nodes), or
+    /// from `DATA/replica.token`, created on first start.
+    pub async fn start(
+        data_dir: &Path,
+        disks: &[PathBuf],
+        host: &str,
+        token_file: Option<&Path>,
+    ) -> Result<Self> {
+        let token_file =
+            token_file.map_or_else(|| data_dir.join("replica.token"), Path::to_path_buf);
         let token = load_token(&token_file)?;
         let record = data_dir.join("replica-servers.json");
         let mut known: BTreeMap<String, String> = match std::fs::read(&record) {
