@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hci_core::model::{
     BootSpec, ByteSize, ConditionStatus, EvictionStrategy, Node, Resource, RunStrategy,
-    VirtualMachine, VmPhase, Volume,
+    VirtualMachine, VmPhase, Volume, VolumeSpec,
 };
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::{EtcdServer, EtcdStateStore};
@@ -63,6 +63,9 @@ impl Daemon {
             .arg(format!("unix:{}", self.socket().display()))
             .args(["--node", &self.name, "--store", &self.store_url])
             .args(["--node-lease-ttl", &lease(), "--failover-grace", &grace()])
+            // Engines reach replicas on every node: one token for all.
+            .arg("--replica-token-file")
+            .arg(self.dir.with_file_name("replica.token"))
             .args(["--vm-mode", "in-process"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -483,4 +486,97 @@ async fn etcd_restart_mid_operation_converges() {
         .expect("leader");
     assert!(leader.is_some_and(|l| ["e1", "e2", "e3"].contains(&l.as_str())));
     c.daemon_mut("e1").kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_on_a_replicated_volume_fails_over_after_fencing() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut c = Cluster::start(&["r1", "r2", "r3"]).await;
+    // Every node publishes its replica server before the volume is placed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in ["r1", "r2", "r3"] {
+        loop {
+            let node: Node = c.resources.get(n).await.expect("node");
+            if !node.status_or_default().replica_servers.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{n} publishes no replica server");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    c.resources
+        .create(Volume::new(
+            "rv",
+            VolumeSpec::blank(ByteSize::mib(16)).with_replicas(2),
+        ))
+        .await
+        .expect("create volume");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let replica_nodes = loop {
+        let v: Volume = c.resources.get("rv").await.expect("volume");
+        let st = v.status_or_default();
+        let nodes: std::collections::BTreeSet<String> =
+            st.replicas.iter().map(|r| r.node.clone()).collect();
+        if st.phase == hci_core::model::VolumePhase::Detached && st.replicas.len() == 2 {
+            assert_eq!(nodes.len(), 2, "replicas share a node: {st:?}");
+            break nodes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "volume not ready: {v:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("replicas of rv on {replica_nodes:?}");
+    let mut spec = vm("rvm", RunStrategy::Always);
+    spec.spec.boot = BootSpec::kernel("guest:blk", "stay=1");
+    spec.spec.disks = VirtualMachine::builder("x")
+        .disk("data", "rv")
+        .build()
+        .spec
+        .disks;
+    c.resources.create(spec).await.expect("create VM");
+    let first = wait_blk(&c, None).await;
+    eprintln!("rvm runs on {first}");
+    // Kill a node that holds a replica and runs the VM if possible.
+    let killed = Instant::now();
+    c.daemon_mut(&first).kill();
+    let second = wait_blk(&c, Some(&first)).await;
+    eprintln!(
+        "replicated failover: guest wrote and read its disk on {second} {:.1} s after kill -9 of {first}",
+        killed.elapsed().as_secs_f64()
+    );
+    let all_logs = c.logs();
+    assert!(
+        all_logs.contains("fenced") || !replica_nodes.contains(&first),
+        "no fencing was logged:\n{all_logs}"
+    );
+}
+
+/// Waits until VM `rvm` runs on a node other than `not_on` and its `blk`
+/// guest wrote and read back its disk there; returns that node.
+async fn wait_blk(c: &Cluster, not_on: Option<&str>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(Some(v)) = c.resources.try_get::<VirtualMachine>("rvm").await {
+            let s = v.status_or_default();
+            if let Some(node) = s.node.clone()
+                && Some(node.as_str()) != not_on
+                && s.phase == VmPhase::Running
+                && c.daemon(&node).console("rvm").contains("virtio-blk OK")
+            {
+                return node;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rvm not running: {:?}\n{}",
+            c.resources.try_get::<VirtualMachine>("rvm").await,
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

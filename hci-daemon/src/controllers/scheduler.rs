@@ -277,7 +277,7 @@ async fn failover(
         ),
         None => format!("node {on} was removed"),
     };
-    if restart && let Some(blocker) = fence(&rt.resources, vm, on).await? {
+    if restart && let Some(blocker) = fence(&rt.resources, rt.replicas.as_deref(), vm, on).await? {
         let message = format!("{down}; not restarted elsewhere: {blocker}");
         let before = status
             .conditions
@@ -347,14 +347,15 @@ async fn failover(
 /// - A volume without a healthy replica outside `dead` (every local
 ///   volume of a VM that ran there) cannot move: the VM waits for its
 ///   node.
-/// - A replicated volume is fenced by bumping its engine generation, so
-///   the replicas refuse the lost node's engine (hci-storage's replicated
-///   engine does this on open with a newer generation); the daemon does
-///   not run replicated engines yet, so such volumes are refused here with
-///   a message saying so.
+/// - A replicated volume with a replica on `dead` is fenced by opening its
+///   engine here over its replica servers: the new engine generation makes
+///   the replicas refuse the lost node's engine from then on (the replica
+///   on `dead` does not answer and is left out; it rebuilds when its node
+///   returns). Without `replicas` (this node serves none) it cannot be.
 /// - A volume that lives only on other nodes needs nothing.
 pub async fn fence(
     resources: &ResourceStore,
+    replicas: Option<&super::replicas::ReplicaPool>,
     vm: &VirtualMachine,
     dead: &str,
 ) -> Result<Option<String>> {
@@ -371,11 +372,48 @@ pub async fn fence(
                 disk.volume
             )));
         }
-        if on_dead {
+        if !on_dead {
+            continue;
+        }
+        let addresses = super::replicas::placed(&vol);
+        let (Some(pool), true) = (replicas, vol.spec.replicas > 1 && !addresses.is_empty()) else {
             return Ok(Some(format!(
-                "volume {:?} has a replica on node {dead} and the daemon cannot fence replicated volumes yet (engine generations are not wired in)",
+                "volume {:?} has a replica on node {dead} and cannot be fenced from here",
                 disk.volume
             )));
+        };
+        let key = super::volume::encryption_key(&vol)?;
+        let fenced = async {
+            let engine = pool
+                .backend(&addresses)?
+                .open_engine(
+                    vol.name(),
+                    hci_core::volume::OpenVolume {
+                        read_only: false,
+                        encryption_key: key,
+                    },
+                )
+                .await?;
+            let generation = engine.generation();
+            engine.close().await?;
+            Ok::<_, hci_core::Error>(generation)
+        }
+        .await;
+        match fenced {
+            Ok(generation) => {
+                tracing::info!(
+                    volume = vol.name(),
+                    node = dead,
+                    generation,
+                    "fenced: the lost node's engine is refused from now on"
+                );
+            }
+            Err(e) => {
+                return Ok(Some(format!(
+                    "volume {:?} could not be fenced: {e}",
+                    disk.volume
+                )));
+            }
         }
     }
     Ok(None)
@@ -720,7 +758,9 @@ mod tests {
         }
         let diskless = vm(64);
         assert_eq!(
-            fence(&resources, &diskless, "a").await.expect("fence"),
+            fence(&resources, None, &diskless, "a")
+                .await
+                .expect("fence"),
             None
         );
         let mut remote = vm(64);
@@ -729,14 +769,17 @@ mod tests {
             .build()
             .spec
             .disks;
-        assert_eq!(fence(&resources, &remote, "a").await.expect("fence"), None);
+        assert_eq!(
+            fence(&resources, None, &remote, "a").await.expect("fence"),
+            None
+        );
         let mut local = vm(64);
         local.spec.disks = VirtualMachine::builder("x")
             .disk("d", "local")
             .build()
             .spec
             .disks;
-        let why = fence(&resources, &local, "a")
+        let why = fence(&resources, None, &local, "a")
             .await
             .expect("fence")
             .expect("a local volume on the lost node blocks");

@@ -245,12 +245,21 @@ impl VolumeController {
             }
             // Record where the replicas go before making them, so a crash
             // in between never leaves replicas nobody knows about.
+            // The first to record a placement owns the volume (in cluster
+            // mode every node's controller sees it): claim, then check.
             let st = replicas::statuses(&placement);
             set_status(&self.rt.resources, name, |v: &mut Volume| {
-                v.status_mut().phase = VolumePhase::Creating;
-                v.status_mut().replicas = st.clone();
+                if replicas::placed(v).is_empty() {
+                    v.status_mut().phase = VolumePhase::Creating;
+                    v.status_mut().replicas = st.clone();
+                }
             })
             .await?;
+            let now: Volume = self.rt.resources.get(name).await?;
+            let mine: Vec<String> = placement.iter().map(|p| p.1.clone()).collect();
+            if replicas::placed(&now) != mine {
+                return Ok(None);
+            }
         }
         let addresses: Vec<String> = placement.iter().map(|p| p.1.clone()).collect();
         let backend = Arc::new(pool.backend(&addresses)?);
