@@ -1,5 +1,5 @@
 //! Live migration between two VMMs over TCP (pre-copy), in the
-//! [`snapshot`](crate::snapshot) stream format.
+//! [`snapshot`](mod@crate::snapshot) stream format.
 //!
 //! ```text
 //! source                                         target (listening)
