@@ -269,9 +269,12 @@ pub(crate) async fn take_snapshot(
 }
 
 /// Chooses where `want` replicas of a volume go among `nodes` (each with
-/// its replica servers): one per node while nodes last, spreading over the
-/// nodes with the fewest `used` replicas, then on further disks of the
-/// nodes. Returns `(node, address)` pairs, possibly fewer than `want`.
+/// its replica servers; the first is the node placing it): the first
+/// replica on that node — which thereby owns the volume, so that two nodes
+/// placing the same volume at once never agree and only one claim wins —
+/// then one per node while nodes last, spreading over the nodes with the
+/// fewest `used` replicas, then on further disks of the nodes. Returns
+/// `(node, address)` pairs, possibly fewer than `want`.
 pub fn place(
     want: usize,
     nodes: &[(String, Vec<String>)],
@@ -279,7 +282,9 @@ pub fn place(
 ) -> Vec<(String, String)> {
     let mut chosen: Vec<(String, String)> = Vec::new();
     let mut order: Vec<&(String, Vec<String>)> = nodes.iter().collect();
-    order.sort_by_key(|(n, _)| (used.get(n).copied().unwrap_or(0), n.clone()));
+    if let Some((_, rest)) = order.split_first_mut() {
+        rest.sort_by_key(|(n, _)| (used.get(n).copied().unwrap_or(0), n.clone()));
+    }
     // Round after round: one more disk of every node.
     let deepest = nodes.iter().map(|(_, d)| d.len()).max().unwrap_or(0);
     for round in 0..deepest {
@@ -385,9 +390,17 @@ mod tests {
     }
 
     #[test]
-    fn the_least_used_nodes_come_first() {
-        let used = BTreeMap::from([("a".to_string(), 5), ("b".to_string(), 1)]);
-        let got = place(1, &nodes(&[("a", 1), ("b", 1), ("c", 1)]), &used);
-        assert_eq!(got[0].0, "c");
+    fn the_placing_node_comes_first_then_the_least_used() {
+        let used = BTreeMap::from([
+            ("a".to_string(), 9),
+            ("b".to_string(), 5),
+            ("c".to_string(), 1),
+        ]);
+        let got = place(2, &nodes(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]), &used);
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "d"]);
+        // Two nodes placing the same volume never choose the same list.
+        let other = place(2, &nodes(&[("d", 1), ("a", 1), ("b", 1), ("c", 1)]), &used);
+        assert_ne!(got, other);
     }
 }
