@@ -752,6 +752,17 @@ fn replicated_volumes_spread_over_disks_and_serve_a_vm_process() {
         ok(&hcictl(s, &["delete", "snapshot", "rep-s1"]));
     }
     ok(&hcictl(s, &["delete", "snapshot", "wide-s1"]));
+    // Deleting a Snapshot removes it from every replica.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while disks.iter().any(|d| {
+        std::fs::read_to_string(d.join("wide/volume.json")).is_ok_and(|m| m.contains("wide-s1"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "snapshot wide-s1 left on a replica"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Deleting a volume removes its replicas from every disk.
     ok(&hcictl(s, &["delete", "volume", "wide"]));

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hci_core::model::{ByteSize, Snapshot, SnapshotPhase, Volume};
+use hci_core::model::{ByteSize, Resource, Snapshot, SnapshotPhase, Volume};
 use hci_core::volume::VolumeBackend;
 use hci_core::{Error, Result};
 
@@ -22,13 +22,29 @@ impl SnapshotController {
         SnapshotController { rt }
     }
 
-    /// Deletes pool snapshot `name` from whichever volume holds it.
+    /// Deletes snapshot `name` from whichever volume holds it: the pool's
+    /// volumes, and the replicated volumes on their replica servers.
     async fn delete_everywhere(&self, name: &str) -> Result<()> {
         for volume in self.rt.volumes.names()? {
             let snaps = self.rt.volumes.list_snapshots(&volume).await?;
             if snaps.iter().any(|s| s.name == name) {
                 self.rt.volumes.delete_snapshot(&volume, name).await?;
                 tracing::info!(volume, snapshot = name, "snapshot deleted");
+            }
+        }
+        for v in self.rt.resources.list::<Volume>().await?.items {
+            if v.spec.replicas <= 1 || super::replicas::placed(&v).is_empty() {
+                continue;
+            }
+            let (backend, _) = super::replicas::backend_for(&self.rt, &v)?;
+            let snaps = backend.list_snapshots(v.name()).await?;
+            if snaps.iter().any(|s| s.name == name) {
+                backend.delete_snapshot(v.name(), name).await?;
+                tracing::info!(
+                    volume = v.name(),
+                    snapshot = name,
+                    "snapshot deleted on every replica"
+                );
             }
         }
         Ok(())
@@ -83,32 +99,35 @@ impl Reconcile for SnapshotController {
                 .await?;
                 return Ok(None);
             }
-            None => match match &vol {
-                Some(v) => super::replicas::take_snapshot(&self.rt, v, name).await,
-                None => Err(Error::not_found("volume", volume.as_str())),
-            } {
-                Ok(info) => {
-                    tracing::info!(volume, snapshot = name, "snapshot taken");
-                    self.rt
-                        .events
-                        .normal("Snapshot", name, "Taken", format!("of volume {volume}"))
-                        .await;
-                    info
+            None => {
+                let taken = match &vol {
+                    Some(v) => super::replicas::take_snapshot(&self.rt, v, name).await,
+                    None => Err(Error::not_found("volume", volume.as_str())),
+                };
+                match taken {
+                    Ok(info) => {
+                        tracing::info!(volume, snapshot = name, "snapshot taken");
+                        self.rt
+                            .events
+                            .normal("Snapshot", name, "Taken", format!("of volume {volume}"))
+                            .await;
+                        info
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        self.rt
+                            .events
+                            .warning("Snapshot", name, "Failed", &message)
+                            .await;
+                        set_status(&self.rt.resources, name, |s: &mut Snapshot| {
+                            s.status_mut().phase = SnapshotPhase::Failed;
+                            s.status_mut().message = message.clone();
+                        })
+                        .await?;
+                        return Err(e);
+                    }
                 }
-                Err(e) => {
-                    let message = e.to_string();
-                    self.rt
-                        .events
-                        .warning("Snapshot", name, "Failed", &message)
-                        .await;
-                    set_status(&self.rt.resources, name, |s: &mut Snapshot| {
-                        s.status_mut().phase = SnapshotPhase::Failed;
-                        s.status_mut().message = message.clone();
-                    })
-                    .await?;
-                    return Err(e);
-                }
-            },
+            }
         };
         set_status(&self.rt.resources, name, |s: &mut Snapshot| {
             s.status_mut().phase = SnapshotPhase::Ready;
