@@ -579,36 +579,31 @@ impl VmController {
             .map_err(|e| Error::io(format!("create {}", run_dir.display()), e))?;
         let socket = super::volume::engine_socket(&self.rt, vm.name(), vol.name());
         let _ = std::fs::remove_file(&socket);
+        let key_file: Option<std::path::PathBuf> = vol
+            .spec
+            .encryption
+            .as_ref()
+            .map(|e| e.key_file.clone().into());
         if self.rt.vm_processes {
             return Ok(DiskBackend::Replicated {
                 volume: vol.name().to_string(),
                 replicas: addresses,
                 token_file: pool.token_file().to_path_buf(),
-                key_file: vol
-                    .spec
-                    .encryption
-                    .as_ref()
-                    .map(|e| e.key_file.clone().into()),
+                key_file,
                 control: Some(socket),
             });
         }
-        let backend = pool.backend(&addresses)?;
-        let engine = backend
-            .open_engine(
-                vol.name(),
-                OpenVolume {
-                    read_only,
-                    encryption_key: encryption_key(vol)?,
-                },
-            )
-            .await?;
-        let resolve_pool = Arc::clone(pool);
-        let resolve = move |r: &str| -> Result<Arc<dyn hci_storage::replica::ReplicaNode>> {
-            let at = r.rsplit_once('/').map_or(r, |(at, _)| at);
-            Ok(resolve_pool.node(at))
-        };
-        hci_storage::control::Controller::new(engine.clone(), Box::new(resolve)).serve(&socket)?;
-        Ok(DiskBackend::Device(engine))
+        // The same opener hci-vmm and the QEMU backend use.
+        let opened = hci_compute::replicated::open(hci_compute::replicated::ReplicatedDisk {
+            volume: vol.name(),
+            replicas: &addresses,
+            token_file: pool.token_file(),
+            key_file: key_file.as_deref(),
+            control: Some(&socket),
+            read_only,
+        })
+        .await?;
+        Ok(DiskBackend::Device(opened.engine))
     }
 
     /// Builds the hypervisor configuration, opening the VM's volumes.
