@@ -128,6 +128,46 @@ resource_service!(VirtualMachineService, VirtualMachine {
         self.vm_action(request, VmAction::Resume).await
     }
 
+    async fn migrate(
+        &self,
+        request: Request<proto::MigrateVmRequest>,
+    ) -> Result<Response<proto::Resource>, Status> {
+        let req = request.into_inner();
+        tracing::debug!(vm = req.name, target = req.target_node, "VM migration");
+        let target = req.target_node.trim().to_string();
+        let vm: VirtualMachine = self
+            .resources()
+            .modify(&req.name, nonzero(req.resource_version), |vm: &mut VirtualMachine| {
+                let status = vm.status_or_default();
+                if let Some(m) = &status.migration
+                    && !m.phase.is_finished()
+                {
+                    return Err(hci_core::Error::Busy {
+                        kind: "VirtualMachine",
+                        name: vm.metadata.name.clone(),
+                        reason: format!(
+                            "a live migration to node {} is under way",
+                            m.target_node
+                        ),
+                    });
+                }
+                if status.node.is_none() {
+                    return Err(hci_core::Error::invalid(
+                        format!("VM {:?}", vm.metadata.name),
+                        "it runs on no node: only a running VM can be live-migrated",
+                    ));
+                }
+                vm.metadata.annotations.insert(
+                    crate::controllers::MIGRATE_TO.to_string(),
+                    target.clone(),
+                );
+                Ok(())
+            })
+            .await
+            .or_status()?;
+        Ok(Response::new(to_proto(&vm)?))
+    }
+
     type ConsoleStream = ConsoleStream;
 
     async fn console(
