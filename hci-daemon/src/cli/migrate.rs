@@ -79,6 +79,7 @@ pub async fn migrate(
     }
     let start = Instant::now();
     let mut last = String::new();
+    let mut waited = false;
     let mut out = std::io::stdout();
     loop {
         let vm = parse(&c.get(Kind::Vm, name).await.map_err(|s| explain(&what, &s))?)?;
@@ -90,6 +91,15 @@ pub async fn migrate(
             let line = progress_line(&m);
             if line != last {
                 match m.phase {
+                    // The source adds the downtime just after the target
+                    // reports the VM running.
+                    MigrationPhase::Succeeded
+                        if m.downtime_ms.is_none() && start.elapsed() < FOLLOW_FOR && !waited =>
+                    {
+                        waited = true;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
                     MigrationPhase::Succeeded => return Ok(format!("{what} {line}\n")),
                     MigrationPhase::Failed => {
                         return Err(CliError::Failed(format!("{what}: live migration {line}")));

@@ -341,12 +341,19 @@ impl VmController {
         inst.stopping.store(true, Ordering::SeqCst);
         inst.recorded.store(true, Ordering::SeqCst);
         let downtime = progress.downtime.map(|d| d.as_millis() as u64);
+        // The final figures, also when the target has already recorded
+        // the success.
         let _ = self
-            .set_migration(name, |m| {
-                m.downtime_ms = downtime;
-                m.bytes_sent = progress.bytes_sent;
-                m.iteration = progress.iteration;
-                m.bytes_remaining = 0;
+            .status(name, |v| {
+                if let Some(m) = v.status_mut().migration.as_mut()
+                    && m.target_node == target
+                    && m.phase != MigrationPhase::Failed
+                {
+                    m.downtime_ms = downtime;
+                    m.bytes_sent = progress.bytes_sent;
+                    m.iteration = progress.iteration;
+                    m.bytes_remaining = 0;
+                }
             })
             .await;
         let deadline = Instant::now() + TAKEOVER_TIMEOUT;
