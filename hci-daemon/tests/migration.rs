@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hci_core::model::{
-    BootSpec, ByteSize, ConditionStatus, EvictionStrategy, HypervisorBackend, MigrationPhase, Node, RunStrategy,
-    VirtualMachine, VmPhase,
+    BootSpec, ByteSize, ConditionStatus, DiskSpec, EvictionStrategy, HypervisorBackend, MigrationPhase, Node, RunStrategy,
+    VirtualMachine, VmPhase, Volume, VolumeSpec,
 };
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::{EtcdServer, EtcdStateStore};
@@ -106,6 +106,24 @@ impl Drop for Daemon {
         kill_vmms_under(&self.dir);
         let _ = &self.store_url;
     }
+}
+
+/// How many hci-vmm processes run VM `vm` of `daemon`.
+fn vmms_of(daemon: &Daemon, vm: &str) -> usize {
+    let needle = daemon.dir.join("data/run").join(vm);
+    let needle = needle.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|cmd| {
+                let cmd = String::from_utf8_lossy(&cmd);
+                cmd.contains("hci-vmm") && cmd.contains(&needle)
+            })
+        })
+        .count()
 }
 
 /// Kills the hci-vmm processes whose command line mentions `dir`.
@@ -367,6 +385,87 @@ async fn vms_live_migrate_between_daemons_by_request_and_by_drain() {
     }
     let (ok, out) = c.daemon(&source).hcictl(&["node", "uncordon", target]);
     assert!(ok, "{out}");
+
+    c.resources
+        .delete::<VirtualMachine>("mover", None)
+        .await
+        .expect("delete");
+
+    // A VM on a volume that lives on one node only: refused, clearly.
+    c.resources
+        .create(Volume::new("local", VolumeSpec::blank(ByteSize::mib(16))))
+        .await
+        .expect("create volume");
+    let mut pinned = dirty_vm("pinned");
+    pinned.spec.disks.push(DiskSpec::new("data", "local"));
+    c.resources.create(pinned).await.expect("create VM");
+    let on = c.wait_counting("pinned", 1).await;
+    let (ok, out) = c.daemon(&on).hcictl(&["vm", "migrate", "pinned"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("not yet supported"), "{out}");
+    let s = c.vm("pinned").await.status_or_default();
+    assert_eq!(s.node.as_deref(), Some(on.as_str()));
+    assert_eq!(s.phase, VmPhase::Running);
+    c.resources
+        .delete::<VirtualMachine>("pinned", None)
+        .await
+        .expect("delete");
+
+    // Cancel mid-copy: a guest dirtying 400 MiB as fast as it can needs
+    // many passes; cancel after the second. The VM keeps counting where it
+    // was and the target's receiver is gone.
+    let mut big = dirty_vm("big");
+    big.spec.memory = ByteSize::mib(512);
+    big.spec.boot = BootSpec::kernel("guest:dirty", format!("mib=400 every={EVERY}"));
+    c.resources.create(big).await.expect("create VM");
+    let from = c.wait_counting("big", 2).await;
+    let to = if from == "m1" { "m2" } else { "m1" };
+    let (ok, out) = c
+        .daemon(&from)
+        .hcictl(&["vm", "migrate", "big", "--to", to, "--no-wait"]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = c.vm("big").await.status_or_default().migration;
+        if m.as_ref().is_some_and(|m| m.iteration >= 2) {
+            break;
+        }
+        assert!(
+            m.as_ref().is_none_or(|m| !m.phase.is_finished()),
+            "the migration ended before the cancel: {m:?}"
+        );
+        assert!(Instant::now() < deadline, "no second pass: {m:?}\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, out) = c.daemon(to).hcictl(&["vm", "migrate", "big", "--cancel"]);
+    assert!(ok, "{out}");
+    let counted = *counts_in(&c.daemon(&from).console("big"))
+        .last()
+        .expect("counts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = counts_in(&c.daemon(&from).console("big"));
+        let s = c.vm("big").await.status_or_default();
+        assert_eq!(s.node.as_deref(), Some(from.as_str()), "{s:?}");
+        if counts.last().is_some_and(|&n| n > counted + EVERY) && vmms_of(c.daemon(to), "big") == 0 {
+            assert_eq!(s.phase, VmPhase::Running);
+            let m = s.migration.expect("migration");
+            assert_eq!(m.phase, MigrationPhase::Failed);
+            assert!(m.message.contains("cancelled"), "{m:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the cancel: {s:?}, {} receivers\n{}",
+            vmms_of(c.daemon(to), "big"),
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.resources
+        .delete::<VirtualMachine>("big", None)
+        .await
+        .expect("delete");
 
     // The same with a QEMU-backed VM (QMP migrate to a QEMU started with
     // -incoming on the other node).

@@ -135,6 +135,32 @@ resource_service!(VirtualMachineService, VirtualMachine {
         let req = request.into_inner();
         tracing::debug!(vm = req.name, target = req.target_node, "VM migration");
         let target = req.target_node.trim().to_string();
+        if req.cancel {
+            let vm: VirtualMachine = self
+                .resources()
+                .modify(&req.name, nonzero(req.resource_version), |vm: &mut VirtualMachine| {
+                    vm.metadata.annotations.remove(crate::controllers::MIGRATE_TO);
+                    let Some(m) = vm
+                        .status_mut()
+                        .migration
+                        .as_mut()
+                        .filter(|m| !m.phase.is_finished())
+                    else {
+                        return Err(hci_core::Error::invalid(
+                            format!("VM {:?}", vm.metadata.name),
+                            "no live migration is under way",
+                        ));
+                    };
+                    m.phase = hci_core::model::MigrationPhase::Failed;
+                    m.message = "cancelled by request".into();
+                    m.finished_at = Some(chrono::Utc::now());
+                    m.token.clear();
+                    Ok(())
+                })
+                .await
+                .or_status()?;
+            return Ok(Response::new(to_proto(&vm)?));
+        }
         let vm: VirtualMachine = self
             .resources()
             .modify(&req.name, nonzero(req.resource_version), |vm: &mut VirtualMachine| {

@@ -50,6 +50,21 @@ pub fn progress_line(m: &VmMigration) -> String {
     }
 }
 
+/// `hcictl vm migrate NAME --cancel`.
+pub async fn cancel(c: &Client, name: &str) -> Result<String, CliError> {
+    let what = format!("vm/{name}");
+    c.vms()
+        .migrate(proto::MigrateVmRequest {
+            name: name.to_string(),
+            target_node: String::new(),
+            resource_version: 0,
+            cancel: true,
+        })
+        .await
+        .map_err(|s| explain(&what, &s))?;
+    Ok(format!("{what} live migration cancelled\n"))
+}
+
 /// `hcictl vm migrate NAME [--to NODE] [--no-wait]`.
 pub async fn migrate(
     c: &Client,
@@ -71,6 +86,7 @@ pub async fn migrate(
             name: name.to_string(),
             target_node: to.unwrap_or_default().to_string(),
             resource_version: 0,
+            cancel: false,
         })
         .await
         .map_err(|s| explain(&what, &s))?;

@@ -247,6 +247,11 @@ impl VmController {
             let result = tokio::select! {
                 r = migratable.migrate(&address, options, tx) => r,
                 () = reporter => unreachable_reporter(),
+                // Dropping the migration cancels it; the VM keeps running.
+                () = self.until_cancelled(name) => Err(Error::Unavailable {
+                    what: "the migration (cancelled)".into(),
+                    source: None,
+                }),
             };
             let e = match result {
                 Ok(p) => return Ok(p),
@@ -314,6 +319,16 @@ impl VmController {
                 });
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Returns once the VM's migration is marked failed (a cancel).
+    async fn until_cancelled(&self, name: &str) {
+        loop {
+            tokio::time::sleep(POLL * 2).await;
+            if self.migration_failed(name).await {
+                return;
+            }
         }
     }
 
