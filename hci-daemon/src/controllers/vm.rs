@@ -1221,6 +1221,15 @@ impl Reconcile for VmController {
         if !self.runs_here(&vm) {
             return self.not_here(name).await;
         }
+        if migration::orphaned_here(&vm, &self.rt.node.name) {
+            // The migration task was lost with a daemon restart; the VM
+            // stayed (a cancelled stream leaves the source running).
+            self.fail_migration(
+                name,
+                "interrupted: the source node's daemon restarted during the migration",
+            )
+            .await;
+        }
         let was_running = matches!(
             vm.status_or_default().phase,
             VmPhase::Running | VmPhase::Paused | VmPhase::Starting | VmPhase::Stopping

@@ -420,7 +420,7 @@ impl VmController {
     }
 
     /// Records a failed migration (unless it already finished).
-    async fn fail_migration(&self, name: &str, message: &str) {
+    pub(super) async fn fail_migration(&self, name: &str, message: &str) {
         self.rt
             .events
             .warning(KIND, name, "MigrationFailed", message)
@@ -619,22 +619,36 @@ impl VmController {
         })
         .await?;
         let mut poll = tokio::time::interval(Duration::from_millis(200));
+        let deadline = Instant::now() + TARGET_READY_TIMEOUT + MIGRATION_TIMEOUT;
         loop {
             tokio::select! {
                 r = &mut receiving => return r.map(|h| Some(Arc::from(h))),
                 _ = poll.tick() => {
                     let still = match self.rt.resources.try_get::<VirtualMachine>(name).await {
-                        Ok(Some(v)) => v
-                            .status_or_default()
-                            .migration
-                            .is_some_and(|m| !m.phase.is_finished()
-                                && m.target_node == self.rt.node.name),
+                        Ok(Some(v)) => {
+                            let s = v.status_or_default();
+                            // The source still runs it (not failed over
+                            // elsewhere meanwhile) and still sends it here.
+                            s.node.as_deref() == Some(migration.source_node.as_str())
+                                && s.migration.is_some_and(|m| !m.phase.is_finished()
+                                    && m.target_node == self.rt.node.name)
+                        }
                         Ok(None) => false,
                         Err(_) => true,
                     };
                     if !still {
                         tracing::info!(vm = name, "migration given up by the source; receiver dropped");
                         return Ok(None);
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Error::Unavailable {
+                            what: format!(
+                                "the migration stream from node {} (nothing complete within {}s)",
+                                migration.source_node,
+                                (TARGET_READY_TIMEOUT + MIGRATION_TIMEOUT).as_secs()
+                            ),
+                            source: None,
+                        });
                     }
                 }
             }
@@ -662,6 +676,14 @@ fn free_port(host: &str) -> Result<u16> {
         .local_addr()
         .map(|a| a.port())
         .map_err(|e| Error::io("read the migration port", e))
+}
+
+/// Whether `vm` has an unfinished migration from `node` (its source) that
+/// no task drives (the source daemon restarted meanwhile).
+pub(super) fn orphaned_here(vm: &VirtualMachine, node: &str) -> bool {
+    vm.status_or_default()
+        .migration
+        .is_some_and(|m| !m.phase.is_finished() && m.source_node == node)
 }
 
 /// Whether `vm` is the target of an unfinished migration to `node` not yet
