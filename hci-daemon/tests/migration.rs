@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hci_core::model::{
-    BootSpec, ByteSize, ConditionStatus, DiskSpec, EvictionStrategy, HypervisorBackend, MigrationPhase, Node, RunStrategy,
-    VirtualMachine, VmPhase, Volume, VolumeSpec,
+    BootSpec, ByteSize, ConditionStatus, DiskSpec, EvictionStrategy, HypervisorBackend,
+    MigrationPhase, Node, RunStrategy, VirtualMachine, VmPhase, Volume, VolumeSpec,
 };
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::{EtcdServer, EtcdStateStore};
@@ -64,7 +64,11 @@ impl Daemon {
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while !d.dir.join("hci.sock").exists() {
-            assert!(Instant::now() < deadline, "no daemon {name}: {}", d.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "no daemon {name}: {}",
+                d.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         d
@@ -306,7 +310,10 @@ async fn vms_live_migrate_between_daemons_by_request_and_by_drain() {
         .hcictl(&["vm", "migrate", "mover", "--to", target]);
     let took = started.elapsed();
     assert!(ok, "migrate failed: {out}\n{}", c.logs());
-    assert!(out.contains(&format!("migrated from {source} to {target}")), "{out}");
+    assert!(
+        out.contains(&format!("migrated from {source} to {target}")),
+        "{out}"
+    );
     eprintln!("hcictl vm migrate ({:.2} s):\n{out}", took.as_secs_f64());
     let v = c.vm("mover").await;
     let s = v.status_or_default();
@@ -324,8 +331,19 @@ async fn vms_live_migrate_between_daemons_by_request_and_by_drain() {
     );
     // The source writes the final figures once its VMM has them.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while c.vm("mover").await.status_or_default().migration.and_then(|m| m.downtime_ms).is_none() {
-        assert!(Instant::now() < deadline, "no downtime recorded\n{}", c.logs());
+    while c
+        .vm("mover")
+        .await
+        .status_or_default()
+        .migration
+        .and_then(|m| m.downtime_ms)
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no downtime recorded\n{}",
+            c.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -339,7 +357,11 @@ async fn vms_live_migrate_between_daemons_by_request_and_by_drain() {
         if counts.len() >= 2 {
             break counts;
         }
-        assert!(Instant::now() < deadline, "no counts on {target}\n{}", c.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no counts on {target}\n{}",
+            c.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(
@@ -366,7 +388,10 @@ async fn vms_live_migrate_between_daemons_by_request_and_by_drain() {
     let v = c.vm("mover").await;
     let s = v.status_or_default();
     assert_eq!(s.node.as_deref(), Some(source.as_str()), "{s:?}");
-    assert_eq!(s.restarts, before.restarts, "the drain restarted the VM: {s:?}");
+    assert_eq!(
+        s.restarts, before.restarts,
+        "the drain restarted the VM: {s:?}"
+    );
     let m = s.migration.clone().expect("migration status");
     assert_eq!(m.phase, MigrationPhase::Succeeded, "{m:?}");
     assert_eq!(m.source_node, target);
@@ -434,7 +459,11 @@ async fn vms_live_migrate_between_daemons_by_request_and_by_drain() {
             m.as_ref().is_none_or(|m| !m.phase.is_finished()),
             "the migration ended before the cancel: {m:?}"
         );
-        assert!(Instant::now() < deadline, "no second pass: {m:?}\n{}", c.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no second pass: {m:?}\n{}",
+            c.logs()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (ok, out) = c.daemon(to).hcictl(&["vm", "migrate", "big", "--cancel"]);
@@ -447,7 +476,8 @@ async fn vms_live_migrate_between_daemons_by_request_and_by_drain() {
         let counts = counts_in(&c.daemon(&from).console("big"));
         let s = c.vm("big").await.status_or_default();
         assert_eq!(s.node.as_deref(), Some(from.as_str()), "{s:?}");
-        if counts.last().is_some_and(|&n| n > counted + EVERY) && vmms_of(c.daemon(to), "big") == 0 {
+        if counts.last().is_some_and(|&n| n > counted + EVERY) && vmms_of(c.daemon(to), "big") == 0
+        {
             assert_eq!(s.phase, VmPhase::Running);
             let m = s.migration.expect("migration");
             assert_eq!(m.phase, MigrationPhase::Failed);
@@ -509,9 +539,8 @@ async fn vms_live_migrate_between_daemons_by_request_and_by_drain() {
 }
 
 fn have_qemu() -> bool {
-    let found = std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file())
-    });
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
     if !found {
         eprintln!("SKIPPED (QEMU part): qemu-system-x86_64 is not installed");
     }

@@ -174,9 +174,8 @@ fn wait_no_qemu(dir: &Path) {
 }
 
 fn have_qemu() -> bool {
-    let found = std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file())
-    });
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
     if !found {
         eprintln!("SKIPPED: qemu-system-x86_64 is not installed (scripts/install-deps.sh)");
     }
@@ -291,9 +290,12 @@ spec:
 
     // UEFI without OVMF installed (as on the CI machines): a clear error
     // naming the package. `auto` picks QEMU for firmware boots.
-    let ovmf = ["/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd"]
-        .iter()
-        .any(|p| Path::new(p).is_file());
+    let ovmf = [
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_CODE.fd",
+    ]
+    .iter()
+    .any(|p| Path::new(p).is_file());
     if ovmf {
         eprintln!("SKIPPED (UEFI part): OVMF is installed here");
     } else {
@@ -322,11 +324,8 @@ spec:
         "#!/bin/sh\necho 'qemu-system-x86_64: -machine foo: unsupported machine type' >&2\nexit 1\n",
     )
     .expect("fake qemu");
-    std::fs::set_permissions(
-        &fake,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
     let d = Daemon::start(&["--qemu", &fake.display().to_string()]);
     d.apply(
         r#"

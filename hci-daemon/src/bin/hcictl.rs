@@ -358,9 +358,7 @@ async fn run(args: Args) -> Result<(), CliError> {
             VmCommand::Pause { name } => cli::vm_action(&c, VmAction::Pause, &name).await?,
             VmCommand::Resume { name } => cli::vm_action(&c, VmAction::Resume, &name).await?,
             VmCommand::Migrate {
-                name,
-                cancel: true,
-                ..
+                name, cancel: true, ..
             } => cli::migrate::cancel(&c, &name).await?,
             VmCommand::Migrate {
                 name, to, no_wait, ..

@@ -98,7 +98,11 @@ pub async fn migrate(
     let mut waited = false;
     let mut out = std::io::stdout();
     loop {
-        let vm = parse(&c.get(Kind::Vm, name).await.map_err(|s| explain(&what, &s))?)?;
+        let vm = parse(
+            &c.get(Kind::Vm, name)
+                .await
+                .map_err(|s| explain(&what, &s))?,
+        )?;
         let current = vm
             .status
             .and_then(|s| s.migration)

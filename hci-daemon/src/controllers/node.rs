@@ -290,7 +290,10 @@ async fn live_migrate(
             _ => false,
         };
         if m.phase == MigrationPhase::Failed && recent {
-            tracing::info!(vm = vm.name(), "live migration failed during the drain: shutting it down");
+            tracing::info!(
+                vm = vm.name(),
+                "live migration failed during the drain: shutting it down"
+            );
             return false;
         }
     }

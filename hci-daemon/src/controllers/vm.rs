@@ -80,7 +80,11 @@ pub(crate) fn uses_qemu(vm: &VirtualMachine) -> bool {
         HypervisorBackend::Auto => {
             !matches!(vm.spec.boot, BootSpec::Kernel(_))
                 || vm.spec.disks.iter().any(|d| d.bus != ModelDiskBus::Virtio)
-                || vm.spec.nics.iter().any(|n| n.model != ModelNicModel::Virtio)
+                || vm
+                    .spec
+                    .nics
+                    .iter()
+                    .any(|n| n.model != ModelNicModel::Virtio)
         }
     }
 }

@@ -194,13 +194,9 @@ impl VmController {
             }
         }
         let wanted = (!wanted.is_empty()).then_some(wanted);
-        let target = super::super::scheduler::migration_target(
-            &self.rt,
-            vm,
-            &self.rt.node.name,
-            wanted,
-        )
-        .await?;
+        let target =
+            super::super::scheduler::migration_target(&self.rt, vm, &self.rt.node.name, wanted)
+                .await?;
         Ok(target
             .map(|t| (inst, t))
             .map_err(|why| format!("no node can take it: {why}")))
