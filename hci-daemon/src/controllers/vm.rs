@@ -1003,6 +1003,17 @@ impl VmController {
         self.track(name, inst);
         let volumes: Vec<String> = vm.spec.disks.iter().map(|d| d.volume.clone()).collect();
         self.mark_volumes(&volumes, Some(name)).await?;
+        tracing::info!(vm = name, "VM re-adopted");
+        // The event first: whoever sees the status sees the event too.
+        self.rt
+            .events
+            .normal(
+                KIND,
+                name,
+                "Adopted",
+                "still running after a daemon restart: taken over",
+            )
+            .await;
         self.status(name, |v| {
             let status = v.status_mut();
             status.phase = if paused {
@@ -1013,16 +1024,6 @@ impl VmController {
             status.message = "re-adopted after a daemon restart".into();
         })
         .await?;
-        tracing::info!(vm = name, "VM re-adopted");
-        self.rt
-            .events
-            .normal(
-                KIND,
-                name,
-                "Adopted",
-                "still running after a daemon restart: taken over",
-            )
-            .await;
         Ok(true)
     }
 
