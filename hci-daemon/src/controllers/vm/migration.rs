@@ -253,8 +253,9 @@ impl VmController {
                 Ok(p) => return Ok(p),
                 Err(e) => e,
             };
-            // The receiver may not listen yet: nothing was sent.
-            let nothing_sent = sent.borrow().bytes_sent == 0;
+            // The receiver may not listen yet: the connection was refused
+            // and nothing was sent.
+            let nothing_sent = sent.borrow().bytes_sent == 0 && refused(&e);
             if !nothing_sent
                 || started.elapsed() > CONNECT_RETRY
                 || self.migration_failed(name).await
@@ -650,6 +651,13 @@ impl VmController {
             }
         }
     }
+}
+
+/// Whether a migration failed because the target refused the connection
+/// (its receiver not listening yet).
+fn refused(e: &Error) -> bool {
+    let text = e.to_string();
+    text.contains("Connection refused") || text.contains("connection refused")
 }
 
 /// The report task never finishes on its own.
