@@ -592,7 +592,11 @@ async fn a_vm_on_a_replicated_volume_live_migrates() {
         {
             break n.to_string();
         }
-        assert!(start.elapsed() < Duration::from_secs(90), "{s:?}\n{}", c.logs());
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "{s:?}\n{}",
+            c.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let to = if from == "r1" { "r2" } else { "r1" };
@@ -606,7 +610,10 @@ async fn a_vm_on_a_replicated_volume_live_migrates() {
     assert_eq!(s.phase, VmPhase::Running);
     // The target's VMM runs the volume's engine now.
     assert!(
-        c.daemon(to).dir.join("data/run/rvm/rv.engine.sock").exists(),
+        c.daemon(to)
+            .dir
+            .join("data/run/rvm/rv.engine.sock")
+            .exists(),
         "no engine socket on {to}"
     );
     // A fresh boot on the target writes and reads the disk: the source
