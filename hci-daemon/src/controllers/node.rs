@@ -297,7 +297,7 @@ async fn live_migrate(
             return false;
         }
     }
-    if !matches!(status.phase, VmPhase::Running | VmPhase::Paused) {
+    if status.phase != VmPhase::Running {
         return false;
     }
     let requested = rt
@@ -319,7 +319,7 @@ async fn live_migrate(
 }
 
 /// Drains this node while it is asked to (`hcictl node drain`, maintenance
-/// mode): running VMs with eviction strategy `LiveMigrate` are
+/// mode): running (not paused) VMs with eviction strategy `LiveMigrate` are
 /// live-migrated to other nodes (shut down like the others if that fails);
 /// the others are shut down cleanly and handed back to the scheduler; VMs
 /// with eviction strategy `None` block the drain. Progress is the node's

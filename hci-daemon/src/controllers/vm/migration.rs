@@ -180,6 +180,11 @@ impl VmController {
                 self.rt.node.name
             )));
         };
+        if vm.status_or_default().phase == VmPhase::Paused {
+            return Ok(Err(
+                "the VM is paused (resume it first: a paused VM is not migrated)".into(),
+            ));
+        }
         if inst.handle.as_migratable().is_none() {
             return Ok(Err("its hypervisor backend cannot live-migrate".into()));
         }
