@@ -220,6 +220,7 @@ fn vm_status() -> impl Strategy<Value = VmStatus> {
                 started_at,
                 restarts,
                 message,
+                migration: None,
             },
         )
 }

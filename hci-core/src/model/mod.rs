@@ -127,8 +127,8 @@ pub use snapshot::{Snapshot, SnapshotPhase, SnapshotSpec, SnapshotStatus};
 pub use validation::{ValidationError, ValidationErrors};
 pub use vm::{
     BootSpec, CloudInit, DiskBus, DiskSpec, EvictionStrategy, FirmwareBoot, FirmwareKind,
-    HypervisorBackend, KernelBoot, MAX_CMDLINE, NicModel, NicSpec, RunStrategy, VirtualMachine,
-    VmBuilder, VmSpec, VmStatus,
+    HypervisorBackend, KernelBoot, MAX_CMDLINE, MigrationPhase, NicModel, NicSpec, RunStrategy,
+    VirtualMachine, VmBuilder, VmMigration, VmSpec, VmStatus,
 };
 pub use volume::{ReplicaStatus, Volume, VolumeEncryption, VolumeSource, VolumeSpec, VolumeStatus};
 

@@ -277,6 +277,76 @@ pub struct VmStatus {
     /// A human-readable note on the current state.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The VM's last (or current) live migration between nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<VmMigration>,
+}
+
+/// A live migration of a VM from one node to another (cluster mode), as
+/// the two nodes' daemons report it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmMigration {
+    /// Node the VM runs on when the migration starts.
+    pub source_node: String,
+    /// Node it moves to.
+    pub target_node: String,
+    /// Where it stands.
+    #[serde(default)]
+    pub phase: MigrationPhase,
+    /// Where the target's receiver listens (`HOST:PORT`), once ready.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    /// Secret the target checks on the migration stream.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
+    /// Pre-copy pass (1 = the full pass).
+    #[serde(default)]
+    pub iteration: u32,
+    /// Bytes sent so far.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Dirty bytes still to send.
+    #[serde(default)]
+    pub bytes_remaining: u64,
+    /// Guest dirty rate, bytes per second.
+    #[serde(default)]
+    pub dirty_rate: u64,
+    /// Pause of the guest at the switch-over, once done (milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// What happened (why it failed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When it was requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it succeeded or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Where a live migration stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationPhase {
+    /// Requested: the target node prepares its receiver.
+    #[default]
+    Pending,
+    /// The target listens ([`VmMigration::address`]); the source connects.
+    TargetReady,
+    /// Memory is being copied.
+    Running,
+    /// The VM runs on the target node.
+    Succeeded,
+    /// The VM stayed on the source node ([`VmMigration::message`] says why).
+    Failed,
+}
+
+impl MigrationPhase {
+    /// Whether the migration is over (succeeded or failed).
+    pub fn is_finished(self) -> bool {
+        matches!(self, MigrationPhase::Succeeded | MigrationPhase::Failed)
+    }
 }
 
 impl VmSpec {

@@ -128,6 +128,72 @@ resource_service!(VirtualMachineService, VirtualMachine {
         self.vm_action(request, VmAction::Resume).await
     }
 
+    async fn migrate(
+        &self,
+        request: Request<proto::MigrateVmRequest>,
+    ) -> Result<Response<proto::Resource>, Status> {
+        let req = request.into_inner();
+        tracing::debug!(vm = req.name, target = req.target_node, "VM migration");
+        let target = req.target_node.trim().to_string();
+        if req.cancel {
+            let vm: VirtualMachine = self
+                .resources()
+                .modify(&req.name, nonzero(req.resource_version), |vm: &mut VirtualMachine| {
+                    vm.metadata.annotations.remove(crate::controllers::MIGRATE_TO);
+                    let Some(m) = vm
+                        .status_mut()
+                        .migration
+                        .as_mut()
+                        .filter(|m| !m.phase.is_finished())
+                    else {
+                        return Err(hci_core::Error::invalid(
+                            format!("VM {:?}", vm.metadata.name),
+                            "no live migration is under way",
+                        ));
+                    };
+                    m.phase = hci_core::model::MigrationPhase::Failed;
+                    m.message = "cancelled by request".into();
+                    m.finished_at = Some(chrono::Utc::now());
+                    m.token.clear();
+                    Ok(())
+                })
+                .await
+                .or_status()?;
+            return Ok(Response::new(to_proto(&vm)?));
+        }
+        let vm: VirtualMachine = self
+            .resources()
+            .modify(&req.name, nonzero(req.resource_version), |vm: &mut VirtualMachine| {
+                let status = vm.status_or_default();
+                if let Some(m) = &status.migration
+                    && !m.phase.is_finished()
+                {
+                    return Err(hci_core::Error::Busy {
+                        kind: "VirtualMachine",
+                        name: vm.metadata.name.clone(),
+                        reason: format!(
+                            "a live migration to node {} is under way",
+                            m.target_node
+                        ),
+                    });
+                }
+                if status.node.is_none() {
+                    return Err(hci_core::Error::invalid(
+                        format!("VM {:?}", vm.metadata.name),
+                        "it runs on no node: only a running VM can be live-migrated",
+                    ));
+                }
+                vm.metadata.annotations.insert(
+                    crate::controllers::MIGRATE_TO.to_string(),
+                    target.clone(),
+                );
+                Ok(())
+            })
+            .await
+            .or_status()?;
+        Ok(Response::new(to_proto(&vm)?))
+    }
+
     type ConsoleStream = ConsoleStream;
 
     async fn console(

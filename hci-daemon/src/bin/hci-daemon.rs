@@ -98,6 +98,13 @@ struct Args {
     /// The hci-vmm binary (default: next to hci-daemon, then PATH).
     #[arg(long, value_name = "FILE")]
     vmm: Option<PathBuf>,
+    /// The QEMU binary VMs with `backend: qemu` run on (default:
+    /// qemu-system-x86_64 on PATH).
+    #[arg(long, value_name = "FILE")]
+    qemu: Option<PathBuf>,
+    /// How long a VM stop waits for the guest to shut down before killing it.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    stop_timeout: std::time::Duration,
     /// Serve the API only: run no controllers (nothing is created or started).
     #[arg(long)]
     no_controllers: bool,
@@ -338,6 +345,10 @@ async fn main() -> anyhow::Result<()> {
             .context("failed to prepare the storage pool")?;
         rt.vm_processes = vm_processes;
         rt.cluster = cluster;
+        rt.stop_timeout = args.stop_timeout;
+        if let Some(qemu) = &args.qemu {
+            rt.qemu = Arc::new(hci_compute::qemu::QemuHypervisor::new().with_binary(qemu));
+        }
         let networks = LinuxBridgeBackend::new(BackendOptions {
             state_dir: Some(dir.join("net")),
             ..BackendOptions::default()

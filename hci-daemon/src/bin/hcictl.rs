@@ -157,6 +157,26 @@ enum VmCommand {
     Pause { name: String },
     /// Resume a paused VM.
     Resume { name: String },
+    /// Live-migrate a running VM to another node (cluster mode), following
+    /// its progress until it runs there.
+    #[command(after_help = "Examples:\n  \
+        hcictl vm migrate web              # to the best node by the placement rules\n  \
+        hcictl vm migrate web --to node-b\n  \
+        hcictl vm migrate web --no-wait    # progress: hcictl describe vm web\n  \
+        hcictl vm migrate web --cancel")]
+    Migrate {
+        /// The VM.
+        name: String,
+        /// The node to move it to (default: the best node that fits).
+        #[arg(long, value_name = "NODE")]
+        to: Option<String>,
+        /// Return once requested instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Cancel the migration under way (the VM stays where it runs).
+        #[arg(long, conflicts_with_all = ["to", "no_wait"])]
+        cancel: bool,
+    },
     /// Attach to the serial console (Ctrl-] detaches).
     Console {
         /// The VM.
@@ -337,6 +357,12 @@ async fn run(args: Args) -> Result<(), CliError> {
             VmCommand::Restart { name } => cli::vm_action(&c, VmAction::Restart, &name).await?,
             VmCommand::Pause { name } => cli::vm_action(&c, VmAction::Pause, &name).await?,
             VmCommand::Resume { name } => cli::vm_action(&c, VmAction::Resume, &name).await?,
+            VmCommand::Migrate {
+                name, cancel: true, ..
+            } => cli::migrate::cancel(&c, &name).await?,
+            VmCommand::Migrate {
+                name, to, no_wait, ..
+            } => cli::migrate::migrate(&c, &name, to.as_deref(), !no_wait).await?,
             VmCommand::Console { name, until } => {
                 cli::console(&c, &name, until.as_deref()).await?;
                 String::new()

@@ -5,6 +5,7 @@
 //! person at the terminal.
 
 pub mod client;
+pub mod migrate;
 pub mod node;
 pub mod output;
 pub mod wait;

@@ -41,6 +41,7 @@ use crate::events::EventRecorder;
 use async_trait::async_trait;
 use futures::StreamExt;
 use hci_compute::TapRegistry;
+use hci_compute::qemu::QemuHypervisor;
 use hci_core::Result;
 use hci_core::compute::Hypervisor;
 use hci_core::model::Resource;
@@ -51,7 +52,7 @@ use tokio::task::JoinSet;
 
 pub use self::network::resolve as resolve_network;
 pub use self::node::{ClusterOptions, NodeInfo};
-pub use self::vm::VmController;
+pub use self::vm::{MIGRATE_TO, VmController};
 use crate::resources::ResourceStore;
 
 /// How often every controller relists its kind even without changes.
@@ -225,6 +226,9 @@ pub struct Runtime {
     pub images: Arc<LocalVolumeBackend>,
     /// The hypervisor VMs run on.
     pub hypervisor: Arc<dyn Hypervisor>,
+    /// The hypervisor of VMs with `backend: qemu` (or `auto` needing it):
+    /// one QEMU process per VM, killed with the daemon.
+    pub qemu: Arc<QemuHypervisor>,
     /// Runtime files of VMs (one directory each).
     pub run_dir: PathBuf,
     /// Where built-in test guests (`guest:NAME` kernels) are built.
@@ -269,6 +273,7 @@ impl Runtime {
             volumes,
             images,
             hypervisor,
+            qemu: Arc::new(QemuHypervisor::new()),
             run_dir: data_dir.join("run"),
             guests_dir: data_dir.join("guests"),
             stop_timeout: Duration::from_secs(30),
@@ -313,7 +318,7 @@ impl Controllers {
         let networks = Arc::new(network::NetworkController::new(rt.clone()));
         tasks.spawn(run(networks, rt.resources.clone(), kick, queue));
         let (kick, queue) = channel();
-        let vms = Arc::new(VmController::new(rt.clone(), kick.clone()));
+        let vms = VmController::new(rt.clone(), kick.clone());
         tasks.spawn(run(vms.clone(), rt.resources.clone(), kick, queue));
         tasks.spawn(node::heartbeat(rt.clone(), vms.clone()));
         if let Some(options) = rt.cluster {

@@ -258,11 +258,72 @@ pub(crate) async fn liveness(
     }
 }
 
+/// When the drain of `node` started (its `Drained` condition's first
+/// transition), if known.
+fn drain_started(node: &Node) -> Option<chrono::DateTime<chrono::Utc>> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.kind == "Drained"))
+        .and_then(|c| c.last_transition)
+}
+
+/// Drains a `LiveMigrate` VM by live migration: asks for one (any node)
+/// unless one is under way. False when the VM should be shut down instead:
+/// it does not run, or its migration failed since the drain started.
+async fn live_migrate(
+    rt: &Runtime,
+    vms: &VmController,
+    vm: &hci_core::model::VirtualMachine,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+) -> bool {
+    use hci_core::model::{MigrationPhase, Resource as _, VmPhase};
+    let status = vm.status_or_default();
+    if vms.is_migrating(vm.name()) || vm.metadata.annotations.contains_key(super::vm::MIGRATE_TO) {
+        return true;
+    }
+    if let Some(m) = &status.migration {
+        if !m.phase.is_finished() {
+            return true;
+        }
+        let recent = match (m.finished_at, since) {
+            (Some(done), Some(since)) => done >= since,
+            _ => false,
+        };
+        if m.phase == MigrationPhase::Failed && recent {
+            tracing::info!(
+                vm = vm.name(),
+                "live migration failed during the drain: shutting it down"
+            );
+            return false;
+        }
+    }
+    if status.phase != VmPhase::Running {
+        return false;
+    }
+    let requested = rt
+        .resources
+        .modify::<hci_core::model::VirtualMachine, _>(vm.name(), None, |v| {
+            v.metadata
+                .annotations
+                .insert(super::vm::MIGRATE_TO.to_string(), String::new());
+            Ok(())
+        })
+        .await;
+    match requested {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(vm = vm.name(), error = %e, "cannot ask for a live migration");
+            true
+        }
+    }
+}
+
 /// Drains this node while it is asked to (`hcictl node drain`, maintenance
-/// mode): each VM placed here is shut down cleanly and handed back to the
-/// scheduler (there is no live migration yet, so `LiveMigrate` VMs are shut
-/// down too); VMs with eviction strategy `None` block the drain. Progress is
-/// the node's `Drained` condition.
+/// mode): running (not paused) VMs with eviction strategy `LiveMigrate` are
+/// live-migrated to other nodes (shut down like the others if that fails);
+/// the others are shut down cleanly and handed back to the scheduler; VMs
+/// with eviction strategy `None` block the drain. Progress is the node's
+/// `Drained` condition.
 pub(crate) async fn drainer(rt: Runtime, vms: Arc<VmController>, options: ClusterOptions) {
     use hci_core::model::{EvictionStrategy, Resource as _, VirtualMachine};
     let mut evicting: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
@@ -311,6 +372,11 @@ pub(crate) async fn drainer(rt: Runtime, vms: Arc<VmController>, options: Cluste
                 continue;
             }
             leaving.push(name.clone());
+            if vm.spec.eviction_strategy == EvictionStrategy::LiveMigrate
+                && live_migrate(&rt, &vms, vm, drain_started(&node)).await
+            {
+                continue;
+            }
             if vms.start_eviction(&name) {
                 let vms = vms.clone();
                 let why = if node.spec.maintenance {

@@ -525,6 +525,49 @@ async fn schedule(
     Ok(placed_any)
 }
 
+/// Picks the node a live migration of `vm` goes to: `wanted` if given
+/// (checked like a placement), else the best node by the placement rules;
+/// never `source`. `Err` says why no node fits.
+pub(crate) async fn migration_target(
+    rt: &Runtime,
+    vm: &VirtualMachine,
+    source: &str,
+    wanted: Option<&str>,
+) -> Result<std::result::Result<String, String>> {
+    let alive = alive_nodes(&**rt.resources.state_store()).await?;
+    let nodes: BTreeMap<String, Node> = rt
+        .resources
+        .list::<Node>()
+        .await?
+        .items
+        .into_iter()
+        .filter(|n| n.name() != source && wanted.is_none_or(|w| n.name() == w))
+        .map(|n| (n.name().to_string(), n))
+        .collect();
+    if let Some(w) = wanted
+        && !nodes.contains_key(w)
+    {
+        return Ok(Err(if w == source {
+            format!("the VM already runs on node {w}")
+        } else {
+            format!("there is no node {w:?}")
+        }));
+    }
+    let mut load: BTreeMap<String, Load> = BTreeMap::new();
+    for other in rt.resources.list::<VirtualMachine>().await?.items {
+        if let Some(on) = &other.status_or_default().node
+            && consumes(&other)
+        {
+            let l = load.entry(on.clone()).or_default();
+            l.cpus += other.spec.cpus;
+            l.memory += other.spec.memory.0;
+            l.vms += 1;
+        }
+    }
+    let replicas = volume_nodes(rt, vm).await?;
+    Ok(choose(vm, &nodes, &alive, &load, replicas.as_ref()))
+}
+
 /// For each disk of `vm`, the nodes holding a healthy replica of its
 /// volume (`None` if the VM has no disks). A volume without replicas yet
 /// gives an empty set (the VM waits).

@@ -19,28 +19,44 @@
 //! with gcc), the volumes opened in-process and marked attached, each NIC a
 //! TAP port on its network's bridge (hci-net), with the MAC from the spec or
 //! derived from `vm/nic` names.
+//!
+//! Backends: `spec.backend: kvm` runs the VM on the node's hypervisor (hci's
+//! own VMM, in-process or one `hci-vmm` process per VM); `qemu` runs it in
+//! its own `qemu-system-x86_64` driven over QMP
+//! ([`QemuHypervisor`](hci_compute::qemu::QemuHypervisor)), with
+//! the VM's volumes served to QEMU over NBD from the daemon and a cloud-init
+//! seed built from `spec.cloudInit`; `auto` (the default) picks kvm for a
+//! direct kernel boot with virtio devices only, qemu otherwise. QEMU VMs die
+//! with the daemon (QEMU is killed when the daemon exits, even by `kill -9`):
+//! after a daemon restart they count as lost and start again as their run
+//! strategy says; no QEMU process is left behind.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::Utc;
+use hci_compute::qemu::seed::NoCloudSeed;
 use hci_compute::test_guests::{self, Guest};
 use hci_core::compute::{
-    BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, NicConfig, NicModel, VmConfig,
-    VmHandle, VmState,
+    BootSource, DiskBackend, DiskBus, DiskConfig, ExitReason, Hypervisor, NicConfig, NicModel,
+    VmConfig, VmHandle, VmState,
 };
 use hci_core::model::{
-    BootSpec, ConditionStatus, DiskBus as ModelDiskBus, MacAddress, NicModel as ModelNicModel,
-    Resource, RunStrategy, VirtualMachine, VmPhase, Volume, VolumePhase, set_condition,
+    BootSpec, ConditionStatus, DiskBus as ModelDiskBus, FirmwareKind, HypervisorBackend,
+    MacAddress, NicModel as ModelNicModel, Resource, RunStrategy, VirtualMachine, VmPhase, Volume,
+    VolumePhase, set_condition,
 };
 use hci_core::net::{NetworkBackend, PortConfig};
 use hci_core::volume::{OpenVolume, VolumeBackend};
 use hci_core::{Error, Result};
 use uuid::Uuid;
 
+mod migration;
+
+pub use self::migration::MIGRATE_TO;
 use super::volume::encryption_key;
 use super::{Kick, Reconcile, Runtime, join_err, set_status};
 use crate::api::{ConsoleIo, ConsoleProvider, REQUESTED_ACTION, REQUESTED_AT};
@@ -51,6 +67,27 @@ const KIND: &str = "VirtualMachine";
 const STABLE_RUN: Duration = Duration::from_secs(10);
 /// vCPUs per host CPU that admission allows in total.
 const CPU_OVERCOMMIT: u32 = 8;
+/// Longest a QEMU VM may take from spawning QEMU to running: past it the
+/// start fails (QEMU is killed) instead of holding the reconcile.
+const QEMU_START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether `vm` runs on QEMU: `backend: qemu`, or `auto` for what hci's
+/// own VMM cannot run (firmware boot, non-virtio disks or NICs).
+pub(crate) fn uses_qemu(vm: &VirtualMachine) -> bool {
+    match vm.spec.backend {
+        HypervisorBackend::Kvm => false,
+        HypervisorBackend::Qemu => true,
+        HypervisorBackend::Auto => {
+            !matches!(vm.spec.boot, BootSpec::Kernel(_))
+                || vm.spec.disks.iter().any(|d| d.bus != ModelDiskBus::Virtio)
+                || vm
+                    .spec
+                    .nics
+                    .iter()
+                    .any(|n| n.model != ModelNicModel::Virtio)
+        }
+    }
+}
 
 /// One VM this controller started.
 #[derive(Debug)]
@@ -69,6 +106,8 @@ struct Instance {
     /// (network, port) of each NIC, detached when the VM stops.
     ports: Vec<(String, String)>,
     nics: Vec<NicConfig>,
+    /// It runs on QEMU (dies with the daemon; never adopted).
+    qemu: bool,
 }
 
 impl Instance {
@@ -89,6 +128,11 @@ pub struct VmController {
     vms: Mutex<HashMap<String, Arc<Instance>>>,
     /// VMs being evicted from this node (drain): not reconciled meanwhile.
     evicting: Mutex<BTreeSet<String>>,
+    /// VMs a live migration from or to this node is moving: their
+    /// migration task owns them, the reconcile leaves them alone.
+    migrating: Mutex<BTreeSet<String>>,
+    /// This controller (migration tasks outlive a reconcile).
+    me: Weak<VmController>,
 }
 
 fn phase_after(reason: &ExitReason, strategy: RunStrategy, asked: bool) -> VmPhase {
@@ -104,6 +148,15 @@ fn phase_after(reason: &ExitReason, strategy: RunStrategy, asked: bool) -> VmPha
     }
 }
 
+/// Why a VM that should be running has no instance on this node.
+fn lost_message(vm: &VirtualMachine) -> String {
+    if uses_qemu(vm) {
+        "the VM was lost: QEMU VMs stop with the daemon (daemon restart)".into()
+    } else {
+        "the VM was lost (daemon restart)".into()
+    }
+}
+
 fn describe(reason: &ExitReason) -> String {
     match reason {
         ExitReason::Poweroff => "the guest powered off".into(),
@@ -115,17 +168,28 @@ fn describe(reason: &ExitReason) -> String {
 }
 
 impl VmController {
-    pub(crate) fn new(rt: Runtime, kick: Kick) -> Self {
-        VmController {
+    pub(crate) fn new(rt: Runtime, kick: Kick) -> Arc<Self> {
+        Arc::new_cyclic(|me| VmController {
             rt,
             kick,
             vms: Mutex::new(HashMap::new()),
             evicting: Mutex::new(BTreeSet::new()),
-        }
+            migrating: Mutex::new(BTreeSet::new()),
+            me: me.clone(),
+        })
     }
 
     fn evicting(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         self.evicting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn migrating(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.migrating.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a live migration from or to this node is moving `name`.
+    pub(crate) fn is_migrating(&self, name: &str) -> bool {
+        self.migrating().contains(name)
     }
 
     /// Whether this node should run `vm`: always on a single node; in
@@ -290,11 +354,12 @@ impl VmController {
     /// are adopted by the next daemon.
     pub async fn kill_all(&self) {
         let all: Vec<Arc<Instance>> = self.map().drain().map(|(_, i)| i).collect();
-        if self.rt.hypervisor.as_adopter().is_some() {
-            return;
-        }
+        let adoptable = self.rt.hypervisor.as_adopter().is_some();
         for inst in all {
-            if inst.alive()
+            // QEMU VMs never outlive the daemon: end them here rather than
+            // leave it to the kernel when the daemon exits.
+            if (inst.qemu || !adoptable)
+                && inst.alive()
                 && let Err(e) = inst.handle.kill().await
             {
                 tracing::warn!(vm = inst.handle.name(), error = %e, "cannot kill");
@@ -490,12 +555,17 @@ impl VmController {
                         ),
                     )
                 })?;
-                if nic.model != ModelNicModel::Virtio {
-                    return Err(Error::unsupported(
-                        format!("NIC model {:?}", nic.model),
-                        "the kvm backend (virtio only)",
-                    ));
-                }
+                let qemu = uses_qemu(vm);
+                let model = match nic.model {
+                    ModelNicModel::Virtio => NicModel::Virtio,
+                    ModelNicModel::E1000 if qemu => NicModel::E1000,
+                    ModelNicModel::E1000 => {
+                        return Err(Error::unsupported(
+                            "NIC model e1000",
+                            "the kvm backend (virtio only)",
+                        ));
+                    }
+                };
                 let mac = vm.nic_mac(i).unwrap_or_else(|| {
                     MacAddress::from_name(&format!("{}/{}", vm.name(), nic.name))
                 });
@@ -505,7 +575,9 @@ impl VmController {
                     queues: 1,
                 };
                 let tap = backend.attach_port(&nic.network, &port).await?;
-                if let Some(taps) = &self.rt.taps {
+                if qemu {
+                    self.rt.qemu.register_tap(&tap);
+                } else if let Some(taps) = &self.rt.taps {
                     taps.register(&tap);
                 }
                 Ok::<_, Error>((
@@ -514,7 +586,7 @@ impl VmController {
                         name: nic.name.clone(),
                         tap: tap.ifname.clone(),
                         mac: mac.0,
-                        model: NicModel::Virtio,
+                        model,
                         mtu: tap.mtu,
                     },
                 ))
@@ -536,10 +608,11 @@ impl VmController {
 
     /// Detaches ports made by [`VmController::attach_nics`] (best effort).
     async fn detach_ports(&self, ports: &[(String, String)], nics: &[NicConfig]) {
-        if let Some(taps) = &self.rt.taps {
-            for nic in nics {
+        for nic in nics {
+            if let Some(taps) = &self.rt.taps {
                 taps.unregister(&nic.tap);
             }
+            self.rt.qemu.unregister_tap(&nic.tap);
         }
         let Some(backend) = &self.rt.networks else {
             return;
@@ -560,6 +633,7 @@ impl VmController {
         vm: &VirtualMachine,
         vol: &Volume,
         read_only: bool,
+        by_spec: bool,
     ) -> Result<DiskBackend> {
         let pool = self.rt.replicas.as_ref().ok_or_else(|| {
             Error::unsupported(
@@ -584,7 +658,7 @@ impl VmController {
             .encryption
             .as_ref()
             .map(|e| e.key_file.clone().into());
-        if self.rt.vm_processes {
+        if by_spec {
             return Ok(DiskBackend::Replicated {
                 volume: vol.name().to_string(),
                 replicas: addresses,
@@ -606,14 +680,47 @@ impl VmController {
         Ok(DiskBackend::Device(opened.engine))
     }
 
-    /// Builds the hypervisor configuration, opening the VM's volumes.
-    async fn config(&self, vm: &VirtualMachine, nics: Vec<NicConfig>) -> Result<VmConfig> {
+    /// Builds the hypervisor configuration, opening the VM's volumes (or,
+    /// with `by_spec`, describing replicated ones for whoever runs the VM:
+    /// a VMM process, QEMU's opener, a migration receiver).
+    async fn config(
+        &self,
+        vm: &VirtualMachine,
+        nics: Vec<NicConfig>,
+        by_spec: bool,
+    ) -> Result<VmConfig> {
+        let qemu = uses_qemu(vm);
+        // A VMM process opens volumes itself; QEMU gets them over NBD from
+        // this process.
+        let vmm_opens = self.rt.vm_processes && !qemu;
         let boot = match &vm.spec.boot {
-            BootSpec::Kernel(k) => BootSource::Kernel {
-                kernel: self.kernel(&k.path).await?,
-                initrd: k.initrd.as_ref().map(Into::into),
-                cmdline: k.cmdline.clone(),
-            },
+            BootSpec::Kernel(k) => {
+                let initrd = match &k.initrd {
+                    Some(i) if !std::path::Path::new(i).is_file() => {
+                        return Err(Error::invalid(
+                            "spec.boot.initrd",
+                            format!("{i:?} is not a file on node {}", self.rt.node.name),
+                        ));
+                    }
+                    other => other.as_ref().map(Into::into),
+                };
+                BootSource::Kernel {
+                    kernel: self.kernel(&k.path).await?,
+                    initrd,
+                    cmdline: k.cmdline.clone(),
+                }
+            }
+            BootSpec::Firmware(f) if qemu => {
+                if f.secure_boot {
+                    return Err(Error::unsupported(
+                        "Secure Boot (spec.boot.secureBoot)",
+                        "the qemu backend of this daemon",
+                    ));
+                }
+                BootSource::Firmware {
+                    uefi: f.kind == FirmwareKind::Uefi,
+                }
+            }
             BootSpec::Firmware(_) => {
                 return Err(Error::unsupported(
                     "firmware boot",
@@ -625,8 +732,9 @@ impl VmController {
         for disk in &vm.spec.disks {
             let vol: Volume = self.rt.resources.get(&disk.volume).await?;
             let backend = if vol.spec.replicas > 1 {
-                self.replicated_disk(vm, &vol, disk.read_only).await?
-            } else if self.rt.vm_processes {
+                self.replicated_disk(vm, &vol, disk.read_only, by_spec || vmm_opens || qemu)
+                    .await?
+            } else if vmm_opens {
                 // The VMM process opens the volume itself (reading the key
                 // file of an encrypted one): let go of it.
                 self.rt.volumes.release(&disk.volume)?;
@@ -654,6 +762,9 @@ impl VmController {
             };
             let bus = match disk.bus {
                 ModelDiskBus::Virtio => DiskBus::Virtio,
+                ModelDiskBus::Sata if qemu => DiskBus::Sata,
+                ModelDiskBus::Scsi if qemu => DiskBus::Scsi,
+                ModelDiskBus::Cdrom if qemu => DiskBus::Cdrom,
                 other => {
                     return Err(Error::unsupported(
                         format!("disk bus {}", other.as_str()),
@@ -669,6 +780,17 @@ impl VmController {
                 boot_order: disk.boot_order,
             });
         }
+        let run_dir = self.rt.run_dir.join(vm.name());
+        let cloud_init_seed = match &vm.spec.cloud_init {
+            Some(ci) if qemu => Some(self.seed(vm, ci, &run_dir)?),
+            Some(_) => {
+                return Err(Error::unsupported(
+                    "cloud-init (spec.cloudInit)",
+                    "the kvm backend (no seed disk; use backend qemu)",
+                ));
+            }
+            None => None,
+        };
         Ok(VmConfig {
             name: vm.name().to_string(),
             cpus: vm.spec.cpus,
@@ -676,9 +798,43 @@ impl VmController {
             boot,
             disks,
             nics,
-            cloud_init_seed: None,
-            run_dir: self.rt.run_dir.join(vm.name()),
+            cloud_init_seed,
+            run_dir,
         })
+    }
+
+    /// Writes the VM's cloud-init NoCloud seed (`cidata` vfat image) into
+    /// its run directory.
+    fn seed(
+        &self,
+        vm: &VirtualMachine,
+        ci: &hci_core::model::CloudInit,
+        run_dir: &std::path::Path,
+    ) -> Result<std::path::PathBuf> {
+        let seed = NoCloudSeed {
+            instance_id: vm
+                .metadata
+                .uid
+                .map_or_else(|| vm.name().to_string(), |u| u.to_string()),
+            hostname: Some(vm.name().to_string()),
+            ssh_authorized_keys: ci.ssh_authorized_keys.clone(),
+            user_data: ci.user_data.clone().unwrap_or_default(),
+            network_config: ci.network_config.clone(),
+        };
+        std::fs::create_dir_all(run_dir)
+            .map_err(|e| Error::io(format!("create {}", run_dir.display()), e))?;
+        let path = run_dir.join("cidata.img");
+        seed.write_vfat(&path)?;
+        Ok(path)
+    }
+
+    /// The hypervisor that runs `vm`.
+    fn hypervisor_for(&self, vm: &VirtualMachine) -> Arc<dyn Hypervisor> {
+        if uses_qemu(vm) {
+            self.rt.qemu.clone()
+        } else {
+            self.rt.hypervisor.clone()
+        }
     }
 
     /// Starts the VM, or says why it cannot yet.
@@ -699,15 +855,32 @@ impl VmController {
         // Attached before the VMM opens them: the volume controller keeps
         // its hands off attached volumes that a VMM process owns.
         self.mark_volumes(&volumes, Some(name)).await?;
+        let qemu = uses_qemu(vm);
         let started = async {
-            let config = self.config(vm, nics).await?;
+            let config = self.config(vm, nics, false).await?;
             std::fs::create_dir_all(&config.run_dir)
                 .map_err(|e| Error::io(format!("create {}", config.run_dir.display()), e))?;
             self.status(name, |v| v.status_mut().phase = VmPhase::Starting)
                 .await?;
-            let handle: Arc<dyn VmHandle> = Arc::from(self.rt.hypervisor.create(config).await?);
-            handle.start().await?;
-            Ok::<_, Error>(handle)
+            let hypervisor = self.hypervisor_for(vm);
+            let launch = async {
+                let handle: Arc<dyn VmHandle> = Arc::from(hypervisor.create(config).await?);
+                handle.start().await?;
+                Ok::<_, Error>(handle)
+            };
+            if !qemu {
+                return launch.await;
+            }
+            // Dropping the launch on a timeout kills the QEMU it spawned.
+            tokio::time::timeout(QEMU_START_TIMEOUT, launch)
+                .await
+                .map_err(|_| Error::Unavailable {
+                    what: format!(
+                        "QEMU for VM {name:?} (not running {}s after it was spawned)",
+                        QEMU_START_TIMEOUT.as_secs()
+                    ),
+                    source: None,
+                })?
         }
         .await;
         let handle = match started {
@@ -731,6 +904,7 @@ impl VmController {
             exited: Mutex::new(None),
             ports,
             nics: nic_configs,
+            qemu,
         });
         self.track(name, inst);
         let node = self.rt.node.name.clone();
@@ -753,7 +927,9 @@ impl VmController {
         })
         .await?;
         tracing::info!(vm = name, "VM started");
-        let how = if self.rt.vm_processes {
+        let how = if qemu {
+            "in its own QEMU process (it stops with the daemon)"
+        } else if self.rt.vm_processes {
             "in its own hci-vmm process"
         } else {
             "in the daemon"
@@ -788,6 +964,10 @@ impl VmController {
     /// After a daemon restart: finds a VM the hypervisor still runs and
     /// takes it over. True if it did.
     async fn try_adopt(&self, vm: &VirtualMachine) -> Result<bool> {
+        // QEMU VMs die with the daemon that ran them: nothing to adopt.
+        if uses_qemu(vm) {
+            return Ok(false);
+        }
         let Some(adopter) = self.rt.hypervisor.as_adopter() else {
             return Ok(false);
         };
@@ -818,10 +998,22 @@ impl VmController {
                 .map(|n| (n.network.clone(), format!("{name}-{}", n.name)))
                 .collect(),
             nics: vec![],
+            qemu: false,
         });
         self.track(name, inst);
         let volumes: Vec<String> = vm.spec.disks.iter().map(|d| d.volume.clone()).collect();
         self.mark_volumes(&volumes, Some(name)).await?;
+        tracing::info!(vm = name, "VM re-adopted");
+        // The event first: whoever sees the status sees the event too.
+        self.rt
+            .events
+            .normal(
+                KIND,
+                name,
+                "Adopted",
+                "still running after a daemon restart: taken over",
+            )
+            .await;
         self.status(name, |v| {
             let status = v.status_mut();
             status.phase = if paused {
@@ -832,16 +1024,6 @@ impl VmController {
             status.message = "re-adopted after a daemon restart".into();
         })
         .await?;
-        tracing::info!(vm = name, "VM re-adopted");
-        self.rt
-            .events
-            .normal(
-                KIND,
-                name,
-                "Adopted",
-                "still running after a daemon restart: taken over",
-            )
-            .await;
         Ok(true)
     }
 
@@ -1034,8 +1216,24 @@ impl Reconcile for VmController {
             }
             return Ok(Some(Duration::ZERO));
         }
+        if self.migrating().contains(name) {
+            return Ok(None);
+        }
+        if self.rt.cluster.is_some() && migration::pending_here(&vm, &self.rt.node.name) {
+            self.start_receiving(&vm);
+            return Ok(None);
+        }
         if !self.runs_here(&vm) {
             return self.not_here(name).await;
+        }
+        if migration::orphaned_here(&vm, &self.rt.node.name) {
+            // The migration task was lost with a daemon restart; the VM
+            // stayed (a cancelled stream leaves the source running).
+            self.fail_migration(
+                name,
+                "interrupted: the source node's daemon restarted during the migration",
+            )
+            .await;
         }
         let was_running = matches!(
             vm.status_or_default().phase,
@@ -1046,6 +1244,9 @@ impl Reconcile for VmController {
         }
         if let Some(action) = vm.metadata.annotations.get(REQUESTED_ACTION).cloned() {
             return self.act(&vm, &action).await;
+        }
+        if let Some(to) = vm.metadata.annotations.get(MIGRATE_TO).cloned() {
+            return self.start_migration(&vm, &to).await;
         }
         let strategy = vm.spec.run_strategy;
         match &existing {
@@ -1070,6 +1271,12 @@ impl Reconcile for VmController {
             phase,
             VmPhase::Running | VmPhase::Paused | VmPhase::Starting | VmPhase::Stopping
         ) && existing.is_none();
+        if lost {
+            self.rt
+                .events
+                .warning(KIND, name, "Lost", lost_message(&vm))
+                .await;
+        }
         let run = match strategy {
             RunStrategy::Always => true,
             RunStrategy::RerunOnFailure => phase != VmPhase::Stopped,
@@ -1080,7 +1287,7 @@ impl Reconcile for VmController {
                 self.status(name, |v| {
                     v.status_mut().phase = VmPhase::Stopped;
                     if lost {
-                        v.status_mut().message = "the VM was lost (daemon restart)".into();
+                        v.status_mut().message = lost_message(&vm);
                     }
                 })
                 .await?;
