@@ -142,16 +142,30 @@ async fn sync_range(
             Some(q) => Some(q.write().await),
             None => None,
         };
-        let (s_data, d_data) = (has_data(src, off, n).await?, has_data(dst, off, n).await?);
+        // Both sides at once: each is a round trip to a replica server.
+        let (s_data, d_data) =
+            futures::future::join(has_data(src, off, n), has_data(dst, off, n)).await;
+        let (s_data, d_data) = (s_data?, d_data?);
         if s_data || d_data {
             let mut s = vec![0u8; n as usize];
             let mut d = vec![0u8; n as usize];
-            if s_data {
-                src.read_at(&mut s, off).await?;
-            }
-            if d_data {
-                dst.read_at(&mut d, off).await?;
-            }
+            let read_s = async {
+                if s_data {
+                    src.read_at(&mut s, off).await
+                } else {
+                    Ok(())
+                }
+            };
+            let read_d = async {
+                if d_data {
+                    dst.read_at(&mut d, off).await
+                } else {
+                    Ok(())
+                }
+            };
+            let (rs, rd) = futures::future::join(read_s, read_d).await;
+            rs?;
+            rd?;
             let bs = BLOCK_SIZE as usize;
             let mut i = 0;
             while i < s.len() {
