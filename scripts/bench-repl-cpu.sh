@@ -13,8 +13,13 @@
 # in-process + two replica servers, what a node with a replica runs), 3 remote
 # (three replica servers).
 #
+# With SYSCALLS=1 (needs `perf`, Debian linux-perf, and root) it also counts
+# system calls and context switches per I/O in the serving process and in the
+# replica servers (perf stat on the raw_syscalls:sys_enter tracepoint).
+#
 # Usage: scripts/bench-repl-cpu.sh                 (DURATION=5, RW=randwrite)
 #        RW=randread BS=4k QD=32 scripts/bench-repl-cpu.sh
+#        SYSCALLS=1 scripts/bench-repl-cpu.sh
 #        HS=/path/to/other/hci-storage scripts/bench-repl-cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,8 +63,20 @@ declare -A ARGS=(
 CONFIGS=(local 1 3-inproc 3 3-remote)
 "$HS" create "$W/local" --size "$SIZE" >/dev/null
 printf '\n%s %s QD%s, %s s, %s RAM-backed, threads %s; CPU µs per I/O by process (loadavg %s)\n\n' "$RW" "$BS" "$QD" "$DURATION" "$SIZE" "${THREADS:-default}" "$(cut -d' ' -f1 /proc/loadavg)"
-echo "| config | IOPS | fio | serve (engine) | replica servers | total µs/IO |"
-echo "|---|---:|---:|---:|---:|---:|"
+SYSCALLS=${SYSCALLS:-0}
+if [ "$SYSCALLS" = 1 ] && ! command -v perf >/dev/null; then
+  echo "bench-repl-cpu: SYSCALLS=1 needs perf (Debian linux-perf)" >&2; exit 1
+fi
+if [ "$SYSCALLS" = 1 ]; then
+  echo "| config | IOPS | fio | serve (engine) | replica servers | total µs/IO | serve syscalls/IO | serve ctx sw/IO | servers syscalls/IO |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+else
+  echo "| config | IOPS | fio | serve (engine) | replica servers | total µs/IO |"
+  echo "|---|---:|---:|---:|---:|---:|"
+fi
+# perf stat of one process during the job: prints "syscalls ctxsw".
+pstat_start() { perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$1" -o "$2" 2>/dev/null & }
+pstat_read() { awk -F, '/raw_syscalls/{s=$1} /context-switches/{c=$1} END{print (s==""?0:s)+0, (c==""?0:c)+0}' "$1" 2>/dev/null || echo "0 0"; }
 port=10960
 for c in "${CONFIGS[@]}"; do
   port=$((port + 1))
@@ -70,9 +87,22 @@ for c in "${CONFIGS[@]}"; do
   uri=nbd://127.0.0.1:$port/
   fio --name=fill --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 --size="$SIZE" --output-format=terse >/dev/null
   s0=$(ticks $SP); r0=0; for i in 1 2 3; do r0=$((r0 + $(ticks "${RS[$i]}"))); done
+  PERFS=()
+  if [ "$SYSCALLS" = 1 ]; then
+    pstat_start $SP "$W/ps.serve"; PERFS+=($!)
+    for i in 1 2 3; do pstat_start "${RS[$i]}" "$W/ps.rs$i"; PERFS+=($!); done
+  fi
   out=$(fio --name=job --ioengine=nbd --uri="$uri" --rw="$RW" --bs="$BS" --iodepth="$QD" --size="$SIZE" \
         --time_based --runtime="$DURATION" --output-format=json 2>/dev/null)
   s1=$(ticks $SP); r1=0; for i in 1 2 3; do r1=$((r1 + $(ticks "${RS[$i]}"))); done
+  sc="0 0 0"
+  if [ "$SYSCALLS" = 1 ]; then
+    for p in "${PERFS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+    for p in "${PERFS[@]}"; do wait "$p" 2>/dev/null || true; done
+    read -r ss sw <<<"$(pstat_read "$W/ps.serve")"
+    rs=0; for i in 1 2 3; do read -r a _ <<<"$(pstat_read "$W/ps.rs$i")"; rs=$((rs + a)); done
+    sc="$ss $sw $rs"
+  fi
   kill $SP 2>/dev/null || true; wait $SP 2>/dev/null || true
   python3 -c '
 import json,sys
@@ -83,6 +113,10 @@ tck=int(sys.argv[2]); s=int(sys.argv[3]); rs=int(sys.argv[4])
 us=lambda ticks: ticks*1e6/tck/ios
 fio=(j["usr_cpu"]+j["sys_cpu"])/100*j["job_runtime"]/1000*1e6/ios
 iops=round(r["iops"])
-print(f"| {sys.argv[1]} | {iops} | {fio:.1f} | {us(s):.1f} | {us(rs):.1f} | {fio+us(s)+us(rs):.1f} |")' \
-    "$c" "$TCK" $((s1 - s0)) $((r1 - r0)) <<<"$out"
+row=f"| {sys.argv[1]} | {iops} | {fio:.1f} | {us(s):.1f} | {us(rs):.1f} | {fio+us(s)+us(rs):.1f} |"
+if sys.argv[5] == "1":
+    ss, sw, rsc = (int(x) for x in sys.argv[6].split())
+    row += f" {ss/ios:.2f} | {sw/ios:.2f} | {rsc/ios:.2f} |"
+print(row)' \
+    "$c" "$TCK" $((s1 - s0)) $((r1 - r0)) "$SYSCALLS" "$sc" <<<"$out"
 done

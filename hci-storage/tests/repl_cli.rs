@@ -366,6 +366,10 @@ async fn engine_killed_mid_write_keeps_flushed_data_and_reconciles_replicas() {
     let fio = Command::new("fio")
         .args([
             "--name=inflight",
+            // Jobs as threads of the process we kill: a forked job calls
+            // setsid() and escaped the process-group kill (one was found
+            // idle 45 minutes after a run).
+            "--thread",
             "--ioengine=nbd",
             &format!("--uri={uri}"),
             "--rw=randwrite",
@@ -510,6 +514,10 @@ async fn engine_crash_reconciles_only_the_dirty_regions() {
     let fio = Command::new("fio")
         .args([
             "--name=inflight",
+            // Jobs as threads of the process we kill: a forked job calls
+            // setsid() and escaped the process-group kill (one was found
+            // idle 45 minutes after a run).
+            "--thread",
             "--ioengine=nbd",
             &format!("--uri={uri}"),
             "--rw=randwrite",

@@ -128,6 +128,11 @@ async fn sync_range(
     started: std::time::Instant,
     sent_before: u64,
 ) -> Result<()> {
+    // Buffers reused for every chunk (fresh 1 MiB allocations page-fault);
+    // `zeros` stands for a side without data.
+    let mut sbuf = vec![0u8; CHUNK as usize];
+    let mut dbuf = vec![0u8; CHUNK as usize];
+    let zeros = vec![0u8; CHUNK as usize];
     let mut off = start;
     while off < size {
         if let Some(rate) = rate.filter(|&r| r > 0) {
@@ -142,16 +147,39 @@ async fn sync_range(
             Some(q) => Some(q.write().await),
             None => None,
         };
-        let (s_data, d_data) = (has_data(src, off, n).await?, has_data(dst, off, n).await?);
+        // Both sides at once: each is a round trip to a replica server.
+        let (s_data, d_data) =
+            futures::future::join(has_data(src, off, n), has_data(dst, off, n)).await;
+        let (s_data, d_data) = (s_data?, d_data?);
         if s_data || d_data {
-            let mut s = vec![0u8; n as usize];
-            let mut d = vec![0u8; n as usize];
-            if s_data {
-                src.read_at(&mut s, off).await?;
-            }
-            if d_data {
-                dst.read_at(&mut d, off).await?;
-            }
+            let (sb, db) = (&mut sbuf[..n as usize], &mut dbuf[..n as usize]);
+            let read_s = async {
+                if s_data {
+                    src.read_at(sb, off).await
+                } else {
+                    Ok(())
+                }
+            };
+            let read_d = async {
+                if d_data {
+                    dst.read_at(db, off).await
+                } else {
+                    Ok(())
+                }
+            };
+            let (rs, rd) = futures::future::join(read_s, read_d).await;
+            rs?;
+            rd?;
+            let s = if s_data {
+                &sbuf[..n as usize]
+            } else {
+                &zeros[..n as usize]
+            };
+            let d = if d_data {
+                &dbuf[..n as usize]
+            } else {
+                &zeros[..n as usize]
+            };
             let bs = BLOCK_SIZE as usize;
             let mut i = 0;
             while i < s.len() {

@@ -657,8 +657,25 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
         }
         let release = Release(&self.queued);
         let mut w = self.out.lock().await;
-        w.write_all(reply).await?;
-        let mut batch = Vec::new();
+        // Let the other requests that completed at the same moment (a
+        // replicated volume's replica acknowledges a batch of writes at once)
+        // queue their replies first, so they leave in this write instead of
+        // one system call each. Costs one trip through the scheduler when
+        // nothing else is ready.
+        tokio::task::yield_now().await;
+        let mut batch = std::mem::take(&mut self.queued().0);
+        if batch.is_empty() {
+            w.write_all(reply).await?;
+        } else if reply.len() <= 64 << 10 {
+            // Replies may go out in any order (the client matches cookies).
+            batch.extend_from_slice(reply);
+            w.write_all(&batch).await?;
+            batch.clear();
+        } else {
+            w.write_all(reply).await?;
+            w.write_all(&batch).await?;
+            batch.clear();
+        }
         loop {
             {
                 let mut q = self.queued();
