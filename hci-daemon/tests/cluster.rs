@@ -6,6 +6,7 @@
 //! are printed, not asserted.
 #![cfg(feature = "etcd")]
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use hci_core::model::{
     BootSpec, ByteSize, ConditionStatus, EvictionStrategy, Node, Resource, RunStrategy,
-    VirtualMachine, VmPhase, Volume, VolumeSpec,
+    VirtualMachine, VmPhase, Volume, VolumePhase, VolumeSpec,
 };
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::{EtcdServer, EtcdStateStore};
@@ -27,6 +28,9 @@ fn lease() -> String {
 fn grace() -> String {
     std::env::var("HCI_TEST_GRACE").unwrap_or_else(|_| "2s".into())
 }
+
+/// How long a node is lost before its replicas are rebuilt elsewhere.
+const REPLICA_GRACE: &str = "6s";
 
 /// One hci-daemon, killed (with SIGKILL) on drop.
 struct Daemon {
@@ -63,6 +67,7 @@ impl Daemon {
             .arg(format!("unix:{}", self.socket().display()))
             .args(["--node", &self.name, "--store", &self.store_url])
             .args(["--node-lease-ttl", &lease(), "--failover-grace", &grace()])
+            .args(["--replica-rebuild-grace", REPLICA_GRACE])
             // Engines reach replicas on every node: one token for all.
             .arg("--replica-token-file")
             .arg(self.dir.with_file_name("replica.token"))
@@ -223,6 +228,131 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+impl Cluster {
+    /// Creates a 16 MiB volume `name` with two replicas (once every node
+    /// publishes its replica server) and waits until it is made; returns
+    /// the nodes holding its replicas.
+    async fn replicated_volume(&self, name: &str) -> BTreeSet<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for d in &self.daemons {
+            loop {
+                let node: Node = self.resources.get(&d.name).await.expect("node");
+                if !node.status_or_default().replica_servers.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} publishes no replica server",
+                    d.name
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        self.resources
+            .create(Volume::new(
+                name,
+                VolumeSpec::blank(ByteSize::mib(16)).with_replicas(2),
+            ))
+            .await
+            .expect("create volume");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v: Volume = self.resources.get(name).await.expect("volume");
+            let st = v.status_or_default();
+            let nodes: BTreeSet<String> = st.replicas.iter().map(|r| r.node.clone()).collect();
+            if st.phase == VolumePhase::Detached && st.replicas.len() == 2 {
+                assert_eq!(nodes.len(), 2, "replicas share a node: {st:?}");
+                return nodes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "volume not ready: {v:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until volume `name` has all its replicas healthy, none on
+    /// `not_on`, in phase `phase`; returns its replicas `(node, address)`.
+    async fn wait_whole(
+        &self,
+        name: &str,
+        not_on: Option<&str>,
+        phase: VolumePhase,
+        within: Duration,
+    ) -> Vec<(String, String)> {
+        let start = Instant::now();
+        loop {
+            let v: Volume = self.resources.get(name).await.expect("volume");
+            let st = v.status_or_default();
+            let whole = st.phase == phase
+                && st.replicas.len() == usize::from(v.spec.replicas)
+                && st
+                    .replicas
+                    .iter()
+                    .all(|r| r.healthy && r.rebuild_percent.is_none())
+                && st.replicas.iter().all(|r| Some(r.node.as_str()) != not_on);
+            if whole {
+                return st
+                    .replicas
+                    .iter()
+                    .map(|r| (r.node.clone(), r.address.clone().unwrap_or_default()))
+                    .collect();
+            }
+            assert!(
+                start.elapsed() < within,
+                "volume {name} not whole (off {not_on:?}) within {within:?}: {st:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The replica token every daemon shares.
+    fn token(&self) -> Vec<u8> {
+        let path = self.daemons[0].dir.with_file_name("replica.token");
+        std::fs::read_to_string(path)
+            .expect("replica token")
+            .trim()
+            .as_bytes()
+            .to_vec()
+    }
+}
+
+/// SHA-256 of the whole of replica `volume` at `address` (read through a
+/// read-only engine over that one replica).
+async fn replica_digest(address: &str, token: &[u8], volume: &str) -> String {
+    use hci_core::volume::{OpenVolume, VolumeBackend};
+    use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
+    use hci_storage::replica::client::{RemoteNode, ServerAddr};
+    use sha2::Digest;
+    let node: Arc<dyn hci_storage::replica::ReplicaNode> =
+        Arc::new(RemoteNode::new(ServerAddr::new(address, token.to_vec())));
+    let backend =
+        ReplicatedVolumeBackend::new(vec![node], EngineOptions::default()).expect("backend");
+    let dev = backend
+        .open(
+            volume,
+            OpenVolume {
+                read_only: true,
+                encryption_key: None,
+            },
+        )
+        .await
+        .expect("open the replica read-only");
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < dev.size() {
+        let n = ((dev.size() - off) as usize).min(buf.len());
+        dev.read_at(&mut buf[..n], off).await.expect("read replica");
+        hash.update(&buf[..n]);
+        off += n as u64;
+    }
+    format!("{:x}", hash.finalize())
 }
 
 fn vm(name: &str, strategy: RunStrategy) -> VirtualMachine {
@@ -494,42 +624,7 @@ async fn a_vm_on_a_replicated_volume_fails_over_after_fencing() {
         return;
     }
     let mut c = Cluster::start(&["r1", "r2", "r3"]).await;
-    // Every node publishes its replica server before the volume is placed.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for n in ["r1", "r2", "r3"] {
-        loop {
-            let node: Node = c.resources.get(n).await.expect("node");
-            if !node.status_or_default().replica_servers.is_empty() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{n} publishes no replica server");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    c.resources
-        .create(Volume::new(
-            "rv",
-            VolumeSpec::blank(ByteSize::mib(16)).with_replicas(2),
-        ))
-        .await
-        .expect("create volume");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let replica_nodes = loop {
-        let v: Volume = c.resources.get("rv").await.expect("volume");
-        let st = v.status_or_default();
-        let nodes: std::collections::BTreeSet<String> =
-            st.replicas.iter().map(|r| r.node.clone()).collect();
-        if st.phase == hci_core::model::VolumePhase::Detached && st.replicas.len() == 2 {
-            assert_eq!(nodes.len(), 2, "replicas share a node: {st:?}");
-            break nodes;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "volume not ready: {v:?}\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let replica_nodes = c.replicated_volume("rv").await;
     eprintln!("replicas of rv on {replica_nodes:?}");
     let mut spec = vm("rvm", RunStrategy::Always);
     spec.spec.boot = BootSpec::kernel("guest:blk", "stay=1");
@@ -578,5 +673,147 @@ async fn wait_blk(c: &Cluster, not_on: Option<&str>) -> String {
             c.logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Counts the `writes N` lines of a `blk writes=1` guest's console, and
+/// fails on any `FAIL`.
+fn guest_writes(console: &str) -> usize {
+    assert!(!console.contains("FAIL"), "guest I/O failed:\n{console}");
+    console.lines().filter(|l| l.starts_with("writes ")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_catch_up_or_are_rebuilt_elsewhere_while_the_guest_writes() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut c = Cluster::start(&["b1", "b2", "b3"]).await;
+    let replica_nodes = c.replicated_volume("bv").await;
+    let mut spec = vm("bvm", RunStrategy::Always);
+    spec.spec.boot = BootSpec::kernel("guest:blk", "stay=1 writes=1");
+    spec.spec.disks = VirtualMachine::builder("x")
+        .disk("data", "bv")
+        .build()
+        .spec
+        .disks;
+    c.resources.create(spec).await.expect("create VM");
+    let home = c
+        .wait_running_console("bvm", "writes ", Duration::from_secs(120))
+        .await;
+    let other = replica_nodes
+        .iter()
+        .find(|n| **n != home)
+        .expect("a replica off the VM's node")
+        .clone();
+    let spare = ["b1", "b2", "b3"]
+        .into_iter()
+        .find(|n| !replica_nodes.contains(*n))
+        .expect("a node without a replica")
+        .to_string();
+    eprintln!("bvm on {home}; replicas on {replica_nodes:?}; spare node {spare}");
+
+    // 1. The other replica's daemon dies and comes back at once (before
+    //    the grace): its replica is added back and catches up.
+    c.daemon_mut(&other).kill();
+    let start = Instant::now();
+    loop {
+        let v: Volume = c.resources.get("bv").await.expect("volume");
+        if v.status_or_default().replicas.iter().any(|r| !r.healthy) {
+            break;
+        }
+        // The engine notices at the guest's next write.
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{v:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.daemon_mut(&other).spawn();
+    let back = Instant::now();
+    let replicas = c
+        .wait_whole("bv", None, VolumePhase::Attached, Duration::from_secs(60))
+        .await;
+    assert!(replicas.iter().any(|(n, _)| *n == other), "{replicas:?}");
+    eprintln!(
+        "stale replica on {other} caught up {:.1} s after its daemon restarted",
+        back.elapsed().as_secs_f64()
+    );
+
+    // 2. It dies for good: after the grace its replica is rebuilt on the
+    //    spare node, and the guest's writes never fail meanwhile.
+    let before = guest_writes(&c.daemon(&home).console("bvm"));
+    let killed = Instant::now();
+    c.daemon_mut(&other).kill();
+    let replicas = c
+        .wait_whole(
+            "bv",
+            Some(&other),
+            VolumePhase::Attached,
+            Duration::from_secs(120),
+        )
+        .await;
+    eprintln!(
+        "replica of {other} rebuilt on {:?} {:.1} s after kill -9 (lease {}, replica grace {REPLICA_GRACE})",
+        replicas.iter().map(|r| &r.0).collect::<Vec<_>>(),
+        killed.elapsed().as_secs_f64(),
+        lease()
+    );
+    assert!(replicas.iter().any(|(n, _)| *n == spare), "{replicas:?}");
+    // The guest went on writing (and checking) all along, and still does.
+    let during = guest_writes(&c.daemon(&home).console("bvm"));
+    assert!(during > before, "the guest stopped writing");
+    let start = Instant::now();
+    while guest_writes(&c.daemon(&home).console("bvm")) <= during {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the guest stopped writing"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // 3. Stopped, the volume's replicas are identical byte for byte.
+    c.resources
+        .modify::<VirtualMachine, _>("bvm", None, |v| {
+            v.spec.run_strategy = RunStrategy::Halted;
+            Ok(())
+        })
+        .await
+        .expect("halt the VM");
+    c.wait_whole("bv", None, VolumePhase::Detached, Duration::from_secs(60))
+        .await;
+    let token = c.token();
+    let mut digests = BTreeSet::new();
+    for (node, address) in &replicas {
+        let d = replica_digest(address, &token, "bv").await;
+        eprintln!("replica on {node}: sha256 {d}");
+        digests.insert(d);
+    }
+    assert_eq!(digests.len(), 1, "the replicas differ");
+    let _ = &c.etcd;
+}
+
+impl Cluster {
+    /// Waits until `vm` runs and its console shows `text`; returns its node.
+    async fn wait_running_console(&self, vm: &str, text: &str, within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(v)) = self.resources.try_get::<VirtualMachine>(vm).await {
+                let s = v.status_or_default();
+                if let Some(node) = s.node.as_deref()
+                    && s.phase == VmPhase::Running
+                    && self.daemon(node).console(vm).contains(text)
+                {
+                    return node.to_string();
+                }
+            }
+            assert!(
+                start.elapsed() < within,
+                "VM {vm} not running with {text:?} on its console within {within:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

@@ -127,7 +127,7 @@ fn is_ready(node: &Node) -> bool {
 }
 
 /// Since when a node has been NotReady (`None`: it is Ready).
-fn not_ready_since(node: &Node) -> Option<DateTime<Utc>> {
+pub(crate) fn not_ready_since(node: &Node) -> Option<DateTime<Utc>> {
     match ready(node) {
         Some(c) if c.status != ConditionStatus::True => Some(c.last_transition.unwrap_or_default()),
         Some(_) => None,

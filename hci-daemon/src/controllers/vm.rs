@@ -430,18 +430,11 @@ impl VmController {
             let vol: Option<Volume> = self.rt.resources.try_get(&disk.volume).await?;
             let problem = match &vol {
                 None => Some(format!("volume {:?} does not exist", disk.volume)),
-                Some(v)
-                    if !matches!(
-                        v.status_or_default().phase,
-                        VolumePhase::Detached | VolumePhase::Attached
-                    ) =>
-                {
-                    Some(format!(
-                        "volume {:?} is {} (waiting for it to be ready)",
-                        disk.volume,
-                        v.status_or_default().phase
-                    ))
-                }
+                Some(v) if !volume_usable(v, name) => Some(format!(
+                    "volume {:?} is {} (waiting for it to be ready)",
+                    disk.volume,
+                    v.status_or_default().phase
+                )),
                 Some(v) => match v.status_or_default().attached_to.as_deref() {
                     Some(other) if other != name && !disk.read_only => Some(format!(
                         "volume {:?} is attached to VM {other:?}",
@@ -1138,6 +1131,18 @@ impl ConsoleProvider for VmController {
         })?;
         let console = inst.handle.console().await?;
         Ok(Box::new(tokio::io::join(console.output, console.input)))
+    }
+}
+
+/// Whether VM `vm` may start on volume `v`: ready, or degraded (still
+/// usable), or rebuilding in `vm`'s own engine (a rebuild of a detached
+/// volume runs in an engine the VM's would fence).
+fn volume_usable(v: &Volume, vm: &str) -> bool {
+    let st = v.status_or_default();
+    match st.phase {
+        VolumePhase::Detached | VolumePhase::Attached | VolumePhase::Degraded => true,
+        VolumePhase::Rebuilding => st.attached_to.as_deref() == Some(vm),
+        _ => false,
     }
 }
 
