@@ -791,6 +791,34 @@ async fn replicas_catch_up_or_are_rebuilt_elsewhere_while_the_guest_writes() {
         digests.insert(d);
     }
     assert_eq!(digests.len(), 1, "the replicas differ");
+
+    // 4. Detached, its owner lost: the node that died comes back (its old
+    //    copy is stale), the VM's node dies. Another node looks after the
+    //    volume, and after the grace its replica moves to the returned
+    //    node, rebuilt by a brief engine from the stale copy.
+    c.daemon_mut(&other).spawn();
+    c.wait_ready(&other, true, Duration::from_secs(30)).await;
+    let killed = Instant::now();
+    c.daemon_mut(&home).kill();
+    let replicas = c
+        .wait_whole(
+            "bv",
+            Some(&home),
+            VolumePhase::Detached,
+            Duration::from_secs(120),
+        )
+        .await;
+    eprintln!(
+        "detached volume: replica of {home} rebuilt on {:?} {:.1} s after kill -9",
+        replicas.iter().map(|r| &r.0).collect::<Vec<_>>(),
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(replicas.iter().any(|(n, _)| *n == other), "{replicas:?}");
+    let mut after = BTreeSet::new();
+    for (_, address) in &replicas {
+        after.insert(replica_digest(address, &token, "bv").await);
+    }
+    assert_eq!(after, digests, "the rebuilt replica differs");
     let _ = &c.etcd;
 }
 
