@@ -344,8 +344,11 @@ async fn main() -> anyhow::Result<()> {
             .context("failed to prepare the storage pool")?;
         rt.vm_processes = vm_processes;
         rt.cluster = cluster;
+        // Cluster mode: bridges of one network on two nodes get their own MACs.
+        let bridge_node = rt.cluster.is_some().then(|| name.clone());
         let networks = LinuxBridgeBackend::new(BackendOptions {
             state_dir: Some(dir.join("net")),
+            node: bridge_node,
             ..BackendOptions::default()
         })
         .await;
