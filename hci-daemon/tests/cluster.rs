@@ -636,6 +636,16 @@ async fn a_vm_on_a_replicated_volume_fails_over_after_fencing() {
     c.resources.create(spec).await.expect("create VM");
     let first = wait_blk(&c, None).await;
     eprintln!("rvm runs on {first}");
+    // The generation of the engine the VM's node runs now.
+    let socket = c.daemon(&first).dir.join("data/run/rvm/rv.engine.sock");
+    let old = tokio::task::spawn_blocking(move || {
+        hci_storage::control::call(&socket, &hci_storage::control::ControlRequest::Status)
+    })
+    .await
+    .expect("join")
+    .expect("engine status")
+    .status
+    .expect("status");
     // Kill a node that holds a replica and runs the VM if possible.
     let killed = Instant::now();
     c.daemon_mut(&first).kill();
@@ -648,6 +658,58 @@ async fn a_vm_on_a_replicated_volume_fails_over_after_fencing() {
     assert!(
         all_logs.contains("fenced") || !replica_nodes.contains(&first),
         "no fencing was logged:\n{all_logs}"
+    );
+
+    // The old engine is refused: a writer at its generation cannot open
+    // any replica the volume has now.
+    let v: Volume = c.resources.get("rv").await.expect("volume");
+    let token = c.token();
+    for r in v
+        .status_or_default()
+        .replicas
+        .iter()
+        .filter(|r| r.node != first)
+    {
+        use hci_storage::replica::ReplicaNode;
+        let address = r.address.clone().expect("address");
+        let node = hci_storage::replica::client::RemoteNode::new(
+            hci_storage::replica::client::ServerAddr::new(&address, token.clone()),
+        );
+        let opened = node
+            .open_fenced(
+                "rv",
+                old.generation,
+                hci_core::volume::OpenVolume {
+                    read_only: false,
+                    encryption_key: None,
+                },
+            )
+            .await;
+        match opened {
+            Err(hci_core::Error::Fenced { .. }) => {}
+            other => panic!(
+                "an engine at the old generation {} was not refused by {address}: {:?}",
+                old.generation,
+                other.map(|_| "opened")
+            ),
+        }
+    }
+
+    // The lost node's daemon comes back on the same data: it does not
+    // start the VM again (it moved), and the volume becomes whole.
+    let console_before = c.daemon(&first).console("rvm");
+    c.daemon_mut(&first).spawn();
+    c.wait_ready(&first, true, Duration::from_secs(30)).await;
+    let replicas = c
+        .wait_whole("rv", None, VolumePhase::Attached, Duration::from_secs(120))
+        .await;
+    eprintln!("rv whole again after {first} returned: {replicas:?}");
+    let v: VirtualMachine = c.resources.get("rvm").await.expect("vm");
+    assert_eq!(v.status_or_default().node.as_deref(), Some(second.as_str()));
+    assert_eq!(
+        c.daemon(&first).console("rvm"),
+        console_before,
+        "the returned node ran the VM again"
     );
 }
 
