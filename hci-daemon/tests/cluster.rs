@@ -235,21 +235,7 @@ impl Cluster {
     /// publishes its replica server) and waits until it is made; returns
     /// the nodes holding its replicas.
     async fn replicated_volume(&self, name: &str) -> BTreeSet<String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for d in &self.daemons {
-            loop {
-                let node: Node = self.resources.get(&d.name).await.expect("node");
-                if !node.status_or_default().replica_servers.is_empty() {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{} publishes no replica server",
-                    d.name
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        self.replicated_servers().await;
         self.resources
             .create(Volume::new(
                 name,
@@ -272,6 +258,25 @@ impl Cluster {
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every node publishes its replica server.
+    async fn replicated_servers(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for d in &self.daemons {
+            loop {
+                let node: Node = self.resources.get(&d.name).await.expect("node");
+                if !node.status_or_default().replica_servers.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} publishes no replica server",
+                    d.name
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 
@@ -556,6 +561,30 @@ async fn etcd_restart_mid_operation_converges() {
             .await
             .expect("create");
     }
+    // Volumes (local and replicated) and a VM using one, created just
+    // before etcd dies: their controllers are mid-way when it goes.
+    c.replicated_servers().await;
+    c.resources
+        .create(Volume::new(
+            "inflight-r",
+            VolumeSpec::blank(ByteSize::mib(16)).with_replicas(2),
+        ))
+        .await
+        .expect("create volume");
+    for i in 0..2 {
+        c.resources
+            .create(Volume::blank(&format!("inflight-{i}"), ByteSize::mib(16)))
+            .await
+            .expect("create volume");
+    }
+    let mut inflight = vm("inflight", RunStrategy::Always);
+    inflight.spec.boot = BootSpec::kernel("guest:blk", "stay=1");
+    inflight.spec.disks = VirtualMachine::builder("x")
+        .disk("data", "inflight-r")
+        .build()
+        .spec
+        .disks;
+    c.resources.create(inflight).await.expect("create VM");
     c.etcd.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Writes fail while etcd is down…
@@ -609,6 +638,26 @@ async fn etcd_restart_mid_operation_converges() {
         c.resources.list::<Node>().await.expect("nodes").items.len(),
         3
     );
+    // What was in flight finished: the volumes are made (the replicated
+    // one on two nodes) and the VM on it runs.
+    c.wait_running_console("inflight", "virtio-blk OK", Duration::from_secs(120))
+        .await;
+    c.wait_whole(
+        "inflight-r",
+        None,
+        VolumePhase::Attached,
+        Duration::from_secs(60),
+    )
+    .await;
+    for i in 0..2 {
+        c.wait_whole(
+            &format!("inflight-{i}"),
+            None,
+            VolumePhase::Detached,
+            Duration::from_secs(60),
+        )
+        .await;
+    }
     // Exactly one leader.
     let store = c.resources.state_store();
     let leader = hci_daemon::controllers::scheduler::leader(&**store)
