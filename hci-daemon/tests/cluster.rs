@@ -904,11 +904,22 @@ async fn replicas_catch_up_or_are_rebuilt_elsewhere_while_the_guest_writes() {
     assert_eq!(digests.len(), 1, "the replicas differ");
 
     // 4. Detached, its owner lost: the node that died comes back (its old
-    //    copy is stale), the VM's node dies. Another node looks after the
-    //    volume, and after the grace its replica moves to the returned
-    //    node, rebuilt by a brief engine from the stale copy.
+    //    copy, placed elsewhere now, is swept), the VM's node dies. Another
+    //    node looks after the volume, and after the grace its replica moves
+    //    to the returned node, rebuilt there by a brief engine.
     c.daemon_mut(&other).spawn();
     c.wait_ready(&other, true, Duration::from_secs(30)).await;
+    // Its copy, placed elsewhere now, is swept from its disk.
+    let stale_copy = c.daemon(&other).dir.join("data/replicas/bv");
+    let start = Instant::now();
+    while stale_copy.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} kept a replica placed elsewhere",
+            other
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let killed = Instant::now();
     c.daemon_mut(&home).kill();
     let replicas = c

@@ -409,6 +409,21 @@ pub(crate) fn percent(progress: &RebuildProgress) -> u8 {
     (done.saturating_mul(100) / total).min(99) as u8
 }
 
+/// The volumes whose replicas this node's disks (`mine`, their server
+/// addresses) should keep: every volume not yet placed, and every
+/// replicated volume placed on one of them. A replica of a volume placed
+/// elsewhere was moved off this node while it was lost.
+pub(crate) fn replicas_to_keep(volumes: &[Volume], mine: &[String]) -> BTreeSet<String> {
+    volumes
+        .iter()
+        .filter(|v| {
+            let placed = super::replicas::placed(v);
+            placed.is_empty() || placed.iter().any(|a| mine.contains(a))
+        })
+        .map(|v| v.name().to_string())
+        .collect()
+}
+
 /// Marks the volume of a lost node (a local volume, its only replica
 /// there) as such: its replica unhealthy, `Ready=False`/`NodeLost`. The
 /// node's own daemon rewrites the status when it is back.
@@ -472,6 +487,34 @@ mod tests {
         );
         let alive: BTreeSet<String> = ["a".to_string()].into();
         assert_eq!(replacement(&placement, &candidates, &alive, &used), None);
+    }
+
+    #[test]
+    fn replicas_placed_elsewhere_are_not_kept() {
+        use hci_core::model::{ByteSize, ReplicaStatus, VolumeSpec};
+        let vol = |name: &str, at: &[&str]| {
+            let mut v = Volume::new(name.to_string(), VolumeSpec::blank(ByteSize::mib(1)));
+            v.status_mut().replicas = at
+                .iter()
+                .map(|a| ReplicaStatus {
+                    node: String::new(),
+                    healthy: true,
+                    rebuild_percent: None,
+                    address: Some(a.to_string()),
+                })
+                .collect();
+            v
+        };
+        let volumes = [
+            vol("here", &["me:1", "b:1"]),
+            vol("moved", &["b:1", "c:1"]),
+            vol("new", &[]),
+        ];
+        let keep = replicas_to_keep(&volumes, &["me:1".to_string()]);
+        assert_eq!(
+            keep,
+            ["here", "new"].iter().map(|s| s.to_string()).collect()
+        );
     }
 
     #[test]

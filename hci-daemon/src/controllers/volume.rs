@@ -983,7 +983,15 @@ impl Reconcile for VolumeController {
 
     async fn sweep(&self, existing: &BTreeSet<String>) -> Result<()> {
         if let Some(replicas) = &self.rt.replicas {
-            replicas.sweep(existing).await;
+            // In a cluster, also the replicas of volumes placed elsewhere
+            // now (moved off this node while it was lost).
+            let keep = if self.rt.cluster.is_some() {
+                let volumes = self.rt.resources.list::<Volume>().await?.items;
+                repair::replicas_to_keep(&volumes, &replicas.addresses())
+            } else {
+                existing.clone()
+            };
+            replicas.sweep(&keep).await;
         }
         for info in self.rt.volumes.list().await? {
             if !existing.contains(&info.name) {
