@@ -32,26 +32,18 @@ fn grace() -> String {
 /// How long a node is lost before its replicas are rebuilt elsewhere.
 const REPLICA_GRACE: &str = "6s";
 
-/// One hci-daemon, killed (with SIGKILL) on drop.
+/// One hci-daemon, killed (with SIGKILL) on drop, with the `hci-vmm`
+/// processes of its VMs (process mode).
 struct Daemon {
     name: String,
     child: Option<Child>,
     dir: PathBuf,
     store_url: String,
+    /// Process mode with this hci-vmm; in-process VMs when `None`.
+    vmm: Option<PathBuf>,
 }
 
 impl Daemon {
-    fn start(root: &Path, name: &str, store_url: &str) -> Daemon {
-        let mut d = Daemon {
-            name: name.to_string(),
-            child: None,
-            dir: root.join(name),
-            store_url: store_url.to_string(),
-        };
-        d.spawn();
-        d
-    }
-
     fn socket(&self) -> PathBuf {
         self.dir.join("hci.sock")
     }
@@ -60,6 +52,15 @@ impl Daemon {
         let _ = std::fs::remove_file(self.socket());
         std::fs::create_dir_all(&self.dir).expect("data dir");
         let log = std::fs::File::create(self.dir.with_extension("log")).expect("log file");
+        let mode: Vec<String> = match &self.vmm {
+            Some(vmm) => vec![
+                "--vm-mode".into(),
+                "process".into(),
+                "--vmm".into(),
+                vmm.display().to_string(),
+            ],
+            None => vec!["--vm-mode".into(), "in-process".into()],
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_hci-daemon"))
             .arg("--data-dir")
             .arg(self.dir.join("data"))
@@ -71,7 +72,7 @@ impl Daemon {
             // Engines reach replicas on every node: one token for all.
             .arg("--replica-token-file")
             .arg(self.dir.with_file_name("replica.token"))
-            .args(["--vm-mode", "in-process"])
+            .args(&mode)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -128,6 +129,31 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        if self.vmm.is_some() {
+            kill_vmms_under(&self.dir);
+        }
+    }
+}
+
+/// Kills the hci-vmm processes whose command line mentions `dir` (VMs in
+/// their own processes outlive their daemon by design).
+fn kill_vmms_under(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("hci-vmm") && cmd.contains(&needle) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
@@ -140,11 +166,26 @@ struct Cluster {
 
 impl Cluster {
     async fn start(nodes: &[&str]) -> Cluster {
+        Cluster::start_with(nodes, None).await
+    }
+
+    /// Three daemons whose VMs run in `vmm` processes (in-process: `None`).
+    async fn start_with(nodes: &[&str], vmm: Option<&Path>) -> Cluster {
         let root = tempfile::tempdir().expect("temp dir");
         let etcd = EtcdServer::start_in(&root.path().join("etcd")).expect("start etcd");
         let daemons = nodes
             .iter()
-            .map(|n| Daemon::start(root.path(), n, &etcd.url()))
+            .map(|n| {
+                let mut d = Daemon {
+                    name: n.to_string(),
+                    child: None,
+                    dir: root.path().join(n),
+                    store_url: etcd.url(),
+                    vmm: vmm.map(Path::to_path_buf),
+                };
+                d.spawn();
+                d
+            })
             .collect();
         let store = EtcdStateStore::open(&etcd.url()).await.expect("connect");
         let c = Cluster {
@@ -640,7 +681,7 @@ async fn etcd_restart_mid_operation_converges() {
     );
     // What was in flight finished: the volumes are made (the replicated
     // one on two nodes) and the VM on it runs.
-    c.wait_running_console("inflight", "virtio-blk OK", Duration::from_secs(120))
+    c.wait_running_console("inflight", None, "virtio-blk OK", Duration::from_secs(120))
         .await;
     c.wait_whole(
         "inflight-r",
@@ -810,7 +851,7 @@ async fn replicas_catch_up_or_are_rebuilt_elsewhere_while_the_guest_writes() {
         .disks;
     c.resources.create(spec).await.expect("create VM");
     let home = c
-        .wait_running_console("bvm", "writes ", Duration::from_secs(120))
+        .wait_running_console("bvm", None, "writes ", Duration::from_secs(120))
         .await;
     let other = replica_nodes
         .iter()
@@ -945,13 +986,21 @@ async fn replicas_catch_up_or_are_rebuilt_elsewhere_while_the_guest_writes() {
 }
 
 impl Cluster {
-    /// Waits until `vm` runs and its console shows `text`; returns its node.
-    async fn wait_running_console(&self, vm: &str, text: &str, within: Duration) -> String {
+    /// Waits until `vm` runs (not on `not_on`) and its console shows
+    /// `text`; returns its node.
+    async fn wait_running_console(
+        &self,
+        vm: &str,
+        not_on: Option<&str>,
+        text: &str,
+        within: Duration,
+    ) -> String {
         let start = Instant::now();
         loop {
             if let Ok(Some(v)) = self.resources.try_get::<VirtualMachine>(vm).await {
                 let s = v.status_or_default();
                 if let Some(node) = s.node.as_deref()
+                    && Some(node) != not_on
                     && s.phase == VmPhase::Running
                     && self.daemon(node).console(vm).contains(text)
                 {
@@ -966,4 +1015,75 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Process mode: the daemon of the VM's node dies but its `hci-vmm` runs
+/// on. Once the VM is fenced and restarted elsewhere, the old `hci-vmm`
+/// notices (a replica follows a newer engine) and stops its guest with exit
+/// reason "fenced"; the daemon, back, does not start the VM again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nodes_vmm_stops_once_its_vm_moved() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let vmm = Path::new(env!("CARGO_BIN_EXE_hci-daemon")).with_file_name("hci-vmm");
+    if !vmm.is_file() {
+        eprintln!(
+            "SKIPPED: {} is not built (cargo build -p hci-compute --bin hci-vmm)",
+            vmm.display()
+        );
+        return;
+    }
+    let mut c = Cluster::start_with(&["p1", "p2", "p3"], Some(&vmm)).await;
+    c.replicated_volume("pv").await;
+    let mut spec = vm("pvm", RunStrategy::Always);
+    spec.spec.boot = BootSpec::kernel("guest:blk", "stay=1 writes=1");
+    spec.spec.disks = VirtualMachine::builder("x")
+        .disk("data", "pv")
+        .build()
+        .spec
+        .disks;
+    c.resources.create(spec).await.expect("create VM");
+    let first = c
+        .wait_running_console("pvm", None, "writes ", Duration::from_secs(120))
+        .await;
+    let exit_file = c.daemon(&first).dir.join("data/run/pvm/exit.json");
+    let killed = Instant::now();
+    c.daemon_mut(&first).kill();
+    let second = c
+        .wait_running_console(
+            "pvm",
+            Some(&first),
+            "virtio-blk OK",
+            Duration::from_secs(60),
+        )
+        .await;
+    let start = Instant::now();
+    let exit = loop {
+        let text = std::fs::read_to_string(&exit_file).unwrap_or_default();
+        if !text.is_empty() {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the old hci-vmm on {first} still runs after pvm moved to {second}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "old hci-vmm on {first} stopped {:.1} s after kill -9 of its daemon (VM now on {second}): {exit}",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(exit.contains("fenced"), "{exit}");
+    let console = c.daemon(&first).console("pvm");
+    c.daemon_mut(&first).spawn();
+    c.wait_ready(&first, true, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v: VirtualMachine = c.resources.get("pvm").await.expect("vm");
+    assert_eq!(v.status_or_default().node.as_deref(), Some(second.as_str()));
+    assert_eq!(
+        c.daemon(&first).console("pvm"),
+        console,
+        "the VM ran again on {first}"
+    );
 }
