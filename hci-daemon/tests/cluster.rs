@@ -614,7 +614,7 @@ async fn etcd_restart_mid_operation_converges() {
         .expect("create volume");
     for i in 0..2 {
         c.resources
-            .create(Volume::blank(&format!("inflight-{i}"), ByteSize::mib(16)))
+            .create(Volume::blank(format!("inflight-{i}"), ByteSize::mib(16)))
             .await
             .expect("create volume");
     }
