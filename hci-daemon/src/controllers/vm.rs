@@ -303,9 +303,19 @@ impl VmController {
     }
 
     /// Sets `attached_to` of every volume in `volumes` to `vm` (or clears it).
+    /// Attaching refuses a detached volume whose replicas a rebuild engine
+    /// holds (phase `Rebuilding`, claimed in the same compare-and-swap way):
+    /// the VM's engine would fence the rebuild's, or the other way round.
     async fn mark_volumes(&self, volumes: &[String], vm: Option<&str>) -> Result<()> {
         for v in volumes {
+            let refused = AtomicBool::new(false);
             let result = set_status(&self.rt.resources, v, |vol: &mut Volume| {
+                let st = vol.status_or_default();
+                let rebuilding = st.phase == VolumePhase::Rebuilding && st.attached_to.is_none();
+                refused.store(vm.is_some() && rebuilding, Ordering::Relaxed);
+                if vm.is_some() && rebuilding {
+                    return;
+                }
                 vol.status_mut().attached_to = vm.map(str::to_string);
                 if matches!(
                     vol.status_mut().phase,
@@ -322,6 +332,13 @@ impl VmController {
             match result {
                 Ok(()) | Err(Error::NotFound { .. }) => {}
                 Err(e) => return Err(e),
+            }
+            if refused.load(Ordering::Relaxed) {
+                return Err(Error::Busy {
+                    kind: "volume",
+                    name: v.clone(),
+                    reason: "its replicas are being rebuilt".into(),
+                });
             }
         }
         Ok(())

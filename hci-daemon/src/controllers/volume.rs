@@ -549,9 +549,20 @@ impl VolumeController {
             .map(|((a, _), _)| a.clone())
             .collect();
         if !need.is_empty() && current.iter().any(|c| *c) {
-            // Still detached? An engine opened here would fence a VM's.
-            let now: Volume = self.rt.resources.get(name).await?;
-            if now.status_or_default().attached_to.is_none() {
+            // Claim the volume while it is detached: phase Rebuilding,
+            // written only if no VM attached it meanwhile (a VM's attach
+            // refuses a claimed volume), so this engine and a VM's never
+            // fence each other.
+            let claimed = std::sync::atomic::AtomicBool::new(false);
+            set_status(&self.rt.resources, name, |v: &mut Volume| {
+                let free = v.status_or_default().attached_to.is_none();
+                claimed.store(free, std::sync::atomic::Ordering::Relaxed);
+                if free {
+                    v.status_mut().phase = VolumePhase::Rebuilding;
+                }
+            })
+            .await?;
+            if claimed.load(std::sync::atomic::Ordering::Relaxed) {
                 let progress = Arc::new(hci_storage::engine::rebuild::RebuildProgress::default());
                 let task = tokio::spawn(repair::rebuild_detached(
                     pool.clone(),
