@@ -5,6 +5,7 @@
  * The pattern byte i is (i * 31 + 7) & 0xff, so the host can check the disk.
  * With `reads=N`, it then does N 4 KiB reads at queue depth 1 between the
  * lines "reads start" and "reads done" (a host harness times them: IOPS).
+ * With `stay=1 writes=1` it keeps writing and checking blocks until reset.
  */
 #include "virtio.h"
 
@@ -101,9 +102,33 @@ void guest_main(const struct hvm_start_info *si) {
      * resetting; prints a '.' now and then so progress is visible, and
      * resets when Ctrl-Alt-Del arrives (a graceful shutdown request). */
     if (cmdline_u64(si, "stay", 0)) {
+        /* writes=1: meanwhile write, flush and read back a 4 KiB block
+         * (pattern changing each time) over the first 64 blocks after
+         * `sector`, reporting any failure as "virtio-blk FAIL: ..." and the
+         * count of good rounds every 100 as "writes N". */
+        u64 writes = cmdline_u64(si, "writes", 0);
         puts("staying up\n");
         for (u64 n = 1;; n++) {
             for (volatile u64 i = 0; i < 1000000; i++) __asm__ volatile("pause");
+            if (writes) {
+                u64 at = sector + 8 * (n % 64);
+                for (u32 i = 0; i < LEN; i++) wbuf[i] = (u8)(i * 31 + 7 + n);
+                s = request(&q, VIRTIO_BLK_T_OUT, at, wbuf, LEN, 0);
+                if (!s) s = request(&q, VIRTIO_BLK_T_FLUSH, 0, 0, 0, 0);
+                if (s) {
+                    fail("churn write status", s);
+                } else {
+                    memset(rbuf, 0, LEN);
+                    s = request(&q, VIRTIO_BLK_T_IN, at, rbuf, LEN, 1);
+                    if (s) fail("churn read status", s);
+                    else if (memcmp(wbuf, rbuf, LEN)) fail("churn read back differs", n);
+                    else if (n % 100 == 0) {
+                        puts("writes ");
+                        put_dec(n);
+                        puts("\n");
+                    }
+                }
+            }
             if (kbd_ctrl_alt_del()) {
                 puts("ctrl-alt-del: shutting down\n");
                 return;

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hci_core::block::BlockDevice;
 use hci_core::volume::{EncryptionKey, OpenVolume};
 use hci_core::{Error, Result};
 use hci_storage::engine::{EngineOptions, ReplicatedVolume};
@@ -110,4 +111,82 @@ pub async fn open(disk: ReplicatedDisk<'_>) -> Result<OpenedReplicated> {
         }
     };
     Ok(OpenedReplicated { engine, control })
+}
+
+/// Watches whether another engine has taken a volume over: the fencing
+/// watchdog of a process that runs a VM on a replicated volume.
+///
+/// When a node is lost, the cluster moves its VMs only after opening their
+/// volumes' engines elsewhere, which bumps the volumes' generation; the
+/// replicas refuse the old engine from then on. A VM process that outlived
+/// its node's daemon (or was cut off from the cluster) would run on
+/// headless with a disk that refuses every write. [`FenceWatch::fenced`]
+/// notices that — a replica reports a newer generation than the engine's
+/// own — so the process can stop its guest rather than run without its
+/// disk.
+#[derive(Debug)]
+pub struct FenceWatch {
+    engine: Arc<ReplicatedVolume>,
+    nodes: Vec<Arc<dyn ReplicaNode>>,
+}
+
+impl FenceWatch {
+    /// A watch over `engine`, asking `disk`'s replica servers (and the
+    /// engine's current healthy replicas, which may be new); reads the
+    /// token now, so it can run where opening files is no longer allowed.
+    pub fn new(engine: Arc<ReplicatedVolume>, disk: ReplicatedDisk<'_>) -> Result<Self> {
+        let token = String::from_utf8_lossy(&read("token file", disk.token_file)?)
+            .trim()
+            .as_bytes()
+            .to_vec();
+        let nodes = disk
+            .replicas
+            .iter()
+            .map(|at| {
+                let mut sa = ServerAddr::new(at, token.clone());
+                sa.timeout = REPLICA_TIMEOUT;
+                Arc::new(RemoteNode::new(sa)) as Arc<dyn ReplicaNode>
+            })
+            .collect();
+        Ok(FenceWatch { engine, nodes })
+    }
+
+    /// Whether a replica follows a newer engine now: a description of the
+    /// first one found (unreachable replicas say nothing).
+    pub async fn check(&self) -> Option<String> {
+        let ours = self.engine.generation();
+        let name = self.engine.name();
+        let mut seen = std::collections::BTreeSet::new();
+        let current = self.engine.healthy_nodes();
+        for node in self.nodes.iter().chain(current.iter()) {
+            if !seen.insert(node.label()) {
+                continue;
+            }
+            if let Ok(Ok(st)) = tokio::time::timeout(REPLICA_TIMEOUT, node.fence_state(name)).await
+                && st.generation > ours
+            {
+                return Some(format!(
+                    "volume {name}: replica {} follows engine generation {}, this engine's is {ours} (another engine took the volume over)",
+                    node.label(),
+                    st.generation
+                ));
+            }
+        }
+        None
+    }
+
+    /// Resolves once [`FenceWatch::check`] finds the engine fenced, looking
+    /// every `every`; never for a read-only engine (it does not fence, and
+    /// a writer elsewhere is normal).
+    pub async fn fenced(self, every: Duration) -> String {
+        if self.engine.is_read_only() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(every).await;
+            if let Some(why) = self.check().await {
+                return why;
+            }
+        }
+    }
 }

@@ -11,7 +11,9 @@
 //! - `blk`: writes a 4 KiB pattern (byte i = `(i*31+7) & 0xff`) at sector
 //!   `sector=` (8) of the first virtio-blk disk, flushes, reads back, checks a
 //!   read past the end fails, asks for the serial, prints `virtio-blk OK` or
-//!   `virtio-blk FAIL: …`, and resets;
+//!   `virtio-blk FAIL: …`, and resets (with `stay=1` it stays up until
+//!   Ctrl-Alt-Del; `writes=1` then keeps writing, flushing and checking
+//!   blocks after `sector`, printing `writes N` every 100 good rounds);
 //! - `net`: a tiny host on the first virtio-net NIC: takes its address from
 //!   `ip=a.b.c.d`, prints `net up mac … ip …`, then answers ARP requests and
 //!   ICMP echo requests for it (`arp reply N`, `icmp reply N`) forever, or

@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -461,4 +462,114 @@ async fn vms_outlive_their_hypervisor_and_are_adopted() {
         hci_compute::vmm_api::read_exit_file(&run_dir.join("exit.json")),
         Some(ExitReason::Killed)
     );
+}
+
+/// Kills a child process on drop (a failed test leaves no spinning VMM).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The fencing watchdog: an `hci-vmm` whose replicated volume is taken
+/// over by a newer engine (what the cluster does before it restarts a lost
+/// node's VM elsewhere) stops its guest, exit reason "fenced", instead of
+/// running on headless with a disk that refuses its writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_vmm_stops_its_guest() {
+    use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
+    use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
+    use hci_storage::replica::ReplicaNode;
+    use hci_storage::replica::client::{RemoteNode, ServerAddr};
+    use hci_storage::replica::server::ReplicaServer;
+
+    require_kvm();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = "fence-watch";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).expect("token");
+    let mut addrs = Vec::new();
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let server =
+            ReplicaServer::new(dir.path().join(format!("replica{i}")), token).expect("server");
+        let (addr, task) = server.spawn("127.0.0.1:0").await.expect("listen");
+        addrs.push(addr.to_string());
+        servers.push(task);
+    }
+    let nodes: Vec<Arc<dyn ReplicaNode>> = addrs
+        .iter()
+        .map(|a| {
+            Arc::new(RemoteNode::new(ServerAddr::new(a.clone(), token))) as Arc<dyn ReplicaNode>
+        })
+        .collect();
+    let backend = ReplicatedVolumeBackend::new(nodes, EngineOptions::default()).expect("backend");
+    backend
+        .create("fv", CreateVolume::new(4 << 20))
+        .await
+        .expect("create");
+
+    let mut cfg = unique(config("fenced", guest(Guest::Blk), 1, "stay=1 writes=1"));
+    cfg.disks.push(hci_core::compute::DiskConfig {
+        name: "data".into(),
+        backend: hci_core::compute::DiskBackend::Replicated {
+            volume: "fv".into(),
+            replicas: addrs.clone(),
+            token_file: token_file.clone(),
+            key_file: None,
+            control: None,
+        },
+        bus: hci_core::compute::DiskBus::Virtio,
+        read_only: false,
+        boot_order: None,
+    });
+    let run_dir = cfg.run_dir.clone();
+    let mut args = ProcessHypervisor::args(&cfg).expect("command line");
+    // Boot at once (ProcessHypervisor starts it over the API).
+    args.retain(|a| a != "--wait-start");
+    let stderr = std::fs::File::create(run_dir.join("stderr")).expect("stderr file");
+    let mut vmm = KillOnDrop(
+        Command::new(VMM)
+            .args(&args)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn hci-vmm"),
+    );
+    let log = run_dir.join("console.log");
+    wait_log(&log, Duration::from_secs(60), |l| l.contains("writes ")).await;
+
+    // Another engine takes the volume over (generation + 1).
+    let taken = std::time::Instant::now();
+    let engine = backend
+        .open_engine("fv", OpenVolume::default())
+        .await
+        .expect("open a newer engine");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = vmm.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hci-vmm still runs after its volume was taken over:\n{}",
+            std::fs::read_to_string(run_dir.join("stderr")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "fenced hci-vmm stopped {:.2} s after a newer engine opened the volume",
+        taken.elapsed().as_secs_f64()
+    );
+    assert!(!status.success());
+    let stderr = std::fs::read_to_string(run_dir.join("stderr")).unwrap_or_default();
+    assert!(stderr.contains("fenced"), "{stderr}");
+    let exit = std::fs::read_to_string(run_dir.join("exit.json")).unwrap_or_default();
+    assert!(exit.contains("fenced"), "exit file: {exit}");
+    engine.close().await.expect("close");
+    for s in servers {
+        s.abort();
+    }
 }

@@ -6,6 +6,7 @@
 //! are printed, not asserted.
 #![cfg(feature = "etcd")]
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use hci_core::model::{
     BootSpec, ByteSize, ConditionStatus, EvictionStrategy, Node, Resource, RunStrategy,
-    VirtualMachine, VmPhase, Volume, VolumeSpec,
+    VirtualMachine, VmPhase, Volume, VolumePhase, VolumeSpec,
 };
 use hci_daemon::resources::ResourceStore;
 use hci_daemon::store::{EtcdServer, EtcdStateStore};
@@ -28,26 +29,21 @@ fn grace() -> String {
     std::env::var("HCI_TEST_GRACE").unwrap_or_else(|_| "2s".into())
 }
 
-/// One hci-daemon, killed (with SIGKILL) on drop.
+/// How long a node is lost before its replicas are rebuilt elsewhere.
+const REPLICA_GRACE: &str = "6s";
+
+/// One hci-daemon, killed (with SIGKILL) on drop, with the `hci-vmm`
+/// processes of its VMs (process mode).
 struct Daemon {
     name: String,
     child: Option<Child>,
     dir: PathBuf,
     store_url: String,
+    /// Process mode with this hci-vmm; in-process VMs when `None`.
+    vmm: Option<PathBuf>,
 }
 
 impl Daemon {
-    fn start(root: &Path, name: &str, store_url: &str) -> Daemon {
-        let mut d = Daemon {
-            name: name.to_string(),
-            child: None,
-            dir: root.join(name),
-            store_url: store_url.to_string(),
-        };
-        d.spawn();
-        d
-    }
-
     fn socket(&self) -> PathBuf {
         self.dir.join("hci.sock")
     }
@@ -56,6 +52,15 @@ impl Daemon {
         let _ = std::fs::remove_file(self.socket());
         std::fs::create_dir_all(&self.dir).expect("data dir");
         let log = std::fs::File::create(self.dir.with_extension("log")).expect("log file");
+        let mode: Vec<String> = match &self.vmm {
+            Some(vmm) => vec![
+                "--vm-mode".into(),
+                "process".into(),
+                "--vmm".into(),
+                vmm.display().to_string(),
+            ],
+            None => vec!["--vm-mode".into(), "in-process".into()],
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_hci-daemon"))
             .arg("--data-dir")
             .arg(self.dir.join("data"))
@@ -63,10 +68,11 @@ impl Daemon {
             .arg(format!("unix:{}", self.socket().display()))
             .args(["--node", &self.name, "--store", &self.store_url])
             .args(["--node-lease-ttl", &lease(), "--failover-grace", &grace()])
+            .args(["--replica-rebuild-grace", REPLICA_GRACE])
             // Engines reach replicas on every node: one token for all.
             .arg("--replica-token-file")
             .arg(self.dir.with_file_name("replica.token"))
-            .args(["--vm-mode", "in-process"])
+            .args(&mode)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -123,6 +129,31 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        if self.vmm.is_some() {
+            kill_vmms_under(&self.dir);
+        }
+    }
+}
+
+/// Kills the hci-vmm processes whose command line mentions `dir` (VMs in
+/// their own processes outlive their daemon by design).
+fn kill_vmms_under(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("hci-vmm") && cmd.contains(&needle) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
@@ -135,11 +166,26 @@ struct Cluster {
 
 impl Cluster {
     async fn start(nodes: &[&str]) -> Cluster {
+        Cluster::start_with(nodes, None).await
+    }
+
+    /// Three daemons whose VMs run in `vmm` processes (in-process: `None`).
+    async fn start_with(nodes: &[&str], vmm: Option<&Path>) -> Cluster {
         let root = tempfile::tempdir().expect("temp dir");
         let etcd = EtcdServer::start_in(&root.path().join("etcd")).expect("start etcd");
         let daemons = nodes
             .iter()
-            .map(|n| Daemon::start(root.path(), n, &etcd.url()))
+            .map(|n| {
+                let mut d = Daemon {
+                    name: n.to_string(),
+                    child: None,
+                    dir: root.path().join(n),
+                    store_url: etcd.url(),
+                    vmm: vmm.map(Path::to_path_buf),
+                };
+                d.spawn();
+                d
+            })
             .collect();
         let store = EtcdStateStore::open(&etcd.url()).await.expect("connect");
         let c = Cluster {
@@ -223,6 +269,136 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+impl Cluster {
+    /// Creates a 16 MiB volume `name` with two replicas (once every node
+    /// publishes its replica server) and waits until it is made; returns
+    /// the nodes holding its replicas.
+    async fn replicated_volume(&self, name: &str) -> BTreeSet<String> {
+        self.replicated_servers().await;
+        self.resources
+            .create(Volume::new(
+                name,
+                VolumeSpec::blank(ByteSize::mib(16)).with_replicas(2),
+            ))
+            .await
+            .expect("create volume");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v: Volume = self.resources.get(name).await.expect("volume");
+            let st = v.status_or_default();
+            let nodes: BTreeSet<String> = st.replicas.iter().map(|r| r.node.clone()).collect();
+            if st.phase == VolumePhase::Detached && st.replicas.len() == 2 {
+                assert_eq!(nodes.len(), 2, "replicas share a node: {st:?}");
+                return nodes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "volume not ready: {v:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every node publishes its replica server.
+    async fn replicated_servers(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for d in &self.daemons {
+            loop {
+                let node: Node = self.resources.get(&d.name).await.expect("node");
+                if !node.status_or_default().replica_servers.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} publishes no replica server",
+                    d.name
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Waits until volume `name` has all its replicas healthy, none on
+    /// `not_on`, in phase `phase`; returns its replicas `(node, address)`.
+    async fn wait_whole(
+        &self,
+        name: &str,
+        not_on: Option<&str>,
+        phase: VolumePhase,
+        within: Duration,
+    ) -> Vec<(String, String)> {
+        let start = Instant::now();
+        loop {
+            let v: Volume = self.resources.get(name).await.expect("volume");
+            let st = v.status_or_default();
+            let whole = st.phase == phase
+                && st.replicas.len() == usize::from(v.spec.replicas)
+                && st
+                    .replicas
+                    .iter()
+                    .all(|r| r.healthy && r.rebuild_percent.is_none())
+                && st.replicas.iter().all(|r| Some(r.node.as_str()) != not_on);
+            if whole {
+                return st
+                    .replicas
+                    .iter()
+                    .map(|r| (r.node.clone(), r.address.clone().unwrap_or_default()))
+                    .collect();
+            }
+            assert!(
+                start.elapsed() < within,
+                "volume {name} not whole (off {not_on:?}) within {within:?}: {st:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The replica token every daemon shares.
+    fn token(&self) -> Vec<u8> {
+        let path = self.daemons[0].dir.with_file_name("replica.token");
+        std::fs::read_to_string(path)
+            .expect("replica token")
+            .trim()
+            .as_bytes()
+            .to_vec()
+    }
+}
+
+/// SHA-256 of the whole of replica `volume` at `address` (read through a
+/// read-only engine over that one replica).
+async fn replica_digest(address: &str, token: &[u8], volume: &str) -> String {
+    use hci_core::volume::{OpenVolume, VolumeBackend};
+    use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
+    use hci_storage::replica::client::{RemoteNode, ServerAddr};
+    use sha2::Digest;
+    let node: Arc<dyn hci_storage::replica::ReplicaNode> =
+        Arc::new(RemoteNode::new(ServerAddr::new(address, token.to_vec())));
+    let backend =
+        ReplicatedVolumeBackend::new(vec![node], EngineOptions::default()).expect("backend");
+    let dev = backend
+        .open(
+            volume,
+            OpenVolume {
+                read_only: true,
+                encryption_key: None,
+            },
+        )
+        .await
+        .expect("open the replica read-only");
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < dev.size() {
+        let n = ((dev.size() - off) as usize).min(buf.len());
+        dev.read_at(&mut buf[..n], off).await.expect("read replica");
+        hash.update(&buf[..n]);
+        off += n as u64;
+    }
+    format!("{:x}", hash.finalize())
 }
 
 fn vm(name: &str, strategy: RunStrategy) -> VirtualMachine {
@@ -426,6 +602,30 @@ async fn etcd_restart_mid_operation_converges() {
             .await
             .expect("create");
     }
+    // Volumes (local and replicated) and a VM using one, created just
+    // before etcd dies: their controllers are mid-way when it goes.
+    c.replicated_servers().await;
+    c.resources
+        .create(Volume::new(
+            "inflight-r",
+            VolumeSpec::blank(ByteSize::mib(16)).with_replicas(2),
+        ))
+        .await
+        .expect("create volume");
+    for i in 0..2 {
+        c.resources
+            .create(Volume::blank(format!("inflight-{i}"), ByteSize::mib(16)))
+            .await
+            .expect("create volume");
+    }
+    let mut inflight = vm("inflight", RunStrategy::Always);
+    inflight.spec.boot = BootSpec::kernel("guest:blk", "stay=1");
+    inflight.spec.disks = VirtualMachine::builder("x")
+        .disk("data", "inflight-r")
+        .build()
+        .spec
+        .disks;
+    c.resources.create(inflight).await.expect("create VM");
     c.etcd.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Writes fail while etcd is down…
@@ -479,6 +679,26 @@ async fn etcd_restart_mid_operation_converges() {
         c.resources.list::<Node>().await.expect("nodes").items.len(),
         3
     );
+    // What was in flight finished: the volumes are made (the replicated
+    // one on two nodes) and the VM on it runs.
+    c.wait_running_console("inflight", None, "virtio-blk OK", Duration::from_secs(120))
+        .await;
+    c.wait_whole(
+        "inflight-r",
+        None,
+        VolumePhase::Attached,
+        Duration::from_secs(60),
+    )
+    .await;
+    for i in 0..2 {
+        c.wait_whole(
+            &format!("inflight-{i}"),
+            None,
+            VolumePhase::Detached,
+            Duration::from_secs(60),
+        )
+        .await;
+    }
     // Exactly one leader.
     let store = c.resources.state_store();
     let leader = hci_daemon::controllers::scheduler::leader(&**store)
@@ -494,42 +714,7 @@ async fn a_vm_on_a_replicated_volume_fails_over_after_fencing() {
         return;
     }
     let mut c = Cluster::start(&["r1", "r2", "r3"]).await;
-    // Every node publishes its replica server before the volume is placed.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for n in ["r1", "r2", "r3"] {
-        loop {
-            let node: Node = c.resources.get(n).await.expect("node");
-            if !node.status_or_default().replica_servers.is_empty() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{n} publishes no replica server");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    c.resources
-        .create(Volume::new(
-            "rv",
-            VolumeSpec::blank(ByteSize::mib(16)).with_replicas(2),
-        ))
-        .await
-        .expect("create volume");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let replica_nodes = loop {
-        let v: Volume = c.resources.get("rv").await.expect("volume");
-        let st = v.status_or_default();
-        let nodes: std::collections::BTreeSet<String> =
-            st.replicas.iter().map(|r| r.node.clone()).collect();
-        if st.phase == hci_core::model::VolumePhase::Detached && st.replicas.len() == 2 {
-            assert_eq!(nodes.len(), 2, "replicas share a node: {st:?}");
-            break nodes;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "volume not ready: {v:?}\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let replica_nodes = c.replicated_volume("rv").await;
     eprintln!("replicas of rv on {replica_nodes:?}");
     let mut spec = vm("rvm", RunStrategy::Always);
     spec.spec.boot = BootSpec::kernel("guest:blk", "stay=1");
@@ -541,6 +726,16 @@ async fn a_vm_on_a_replicated_volume_fails_over_after_fencing() {
     c.resources.create(spec).await.expect("create VM");
     let first = wait_blk(&c, None).await;
     eprintln!("rvm runs on {first}");
+    // The generation of the engine the VM's node runs now.
+    let socket = c.daemon(&first).dir.join("data/run/rvm/rv.engine.sock");
+    let old = tokio::task::spawn_blocking(move || {
+        hci_storage::control::call(&socket, &hci_storage::control::ControlRequest::Status)
+    })
+    .await
+    .expect("join")
+    .expect("engine status")
+    .status
+    .expect("status");
     // Kill a node that holds a replica and runs the VM if possible.
     let killed = Instant::now();
     c.daemon_mut(&first).kill();
@@ -553,6 +748,58 @@ async fn a_vm_on_a_replicated_volume_fails_over_after_fencing() {
     assert!(
         all_logs.contains("fenced") || !replica_nodes.contains(&first),
         "no fencing was logged:\n{all_logs}"
+    );
+
+    // The old engine is refused: a writer at its generation cannot open
+    // any replica the volume has now.
+    let v: Volume = c.resources.get("rv").await.expect("volume");
+    let token = c.token();
+    for r in v
+        .status_or_default()
+        .replicas
+        .iter()
+        .filter(|r| r.node != first)
+    {
+        use hci_storage::replica::ReplicaNode;
+        let address = r.address.clone().expect("address");
+        let node = hci_storage::replica::client::RemoteNode::new(
+            hci_storage::replica::client::ServerAddr::new(&address, token.clone()),
+        );
+        let opened = node
+            .open_fenced(
+                "rv",
+                old.generation,
+                hci_core::volume::OpenVolume {
+                    read_only: false,
+                    encryption_key: None,
+                },
+            )
+            .await;
+        match opened {
+            Err(hci_core::Error::Fenced { .. }) => {}
+            other => panic!(
+                "an engine at the old generation {} was not refused by {address}: {:?}",
+                old.generation,
+                other.map(|_| "opened")
+            ),
+        }
+    }
+
+    // The lost node's daemon comes back on the same data: it does not
+    // start the VM again (it moved), and the volume becomes whole.
+    let console_before = c.daemon(&first).console("rvm");
+    c.daemon_mut(&first).spawn();
+    c.wait_ready(&first, true, Duration::from_secs(30)).await;
+    let replicas = c
+        .wait_whole("rv", None, VolumePhase::Attached, Duration::from_secs(120))
+        .await;
+    eprintln!("rv whole again after {first} returned: {replicas:?}");
+    let v: VirtualMachine = c.resources.get("rvm").await.expect("vm");
+    assert_eq!(v.status_or_default().node.as_deref(), Some(second.as_str()));
+    assert_eq!(
+        c.daemon(&first).console("rvm"),
+        console_before,
+        "the returned node ran the VM again"
     );
 }
 
@@ -579,4 +826,264 @@ async fn wait_blk(c: &Cluster, not_on: Option<&str>) -> String {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Counts the `writes N` lines of a `blk writes=1` guest's console, and
+/// fails on any `FAIL`.
+fn guest_writes(console: &str) -> usize {
+    assert!(!console.contains("FAIL"), "guest I/O failed:\n{console}");
+    console.lines().filter(|l| l.starts_with("writes ")).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_catch_up_or_are_rebuilt_elsewhere_while_the_guest_writes() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut c = Cluster::start(&["b1", "b2", "b3"]).await;
+    let replica_nodes = c.replicated_volume("bv").await;
+    let mut spec = vm("bvm", RunStrategy::Always);
+    spec.spec.boot = BootSpec::kernel("guest:blk", "stay=1 writes=1");
+    spec.spec.disks = VirtualMachine::builder("x")
+        .disk("data", "bv")
+        .build()
+        .spec
+        .disks;
+    c.resources.create(spec).await.expect("create VM");
+    let home = c
+        .wait_running_console("bvm", None, "writes ", Duration::from_secs(120))
+        .await;
+    let other = replica_nodes
+        .iter()
+        .find(|n| **n != home)
+        .expect("a replica off the VM's node")
+        .clone();
+    let spare = ["b1", "b2", "b3"]
+        .into_iter()
+        .find(|n| !replica_nodes.contains(*n))
+        .expect("a node without a replica")
+        .to_string();
+    eprintln!("bvm on {home}; replicas on {replica_nodes:?}; spare node {spare}");
+
+    // 1. The other replica's daemon dies and comes back at once (before
+    //    the grace): its replica is added back and catches up.
+    c.daemon_mut(&other).kill();
+    let start = Instant::now();
+    loop {
+        let v: Volume = c.resources.get("bv").await.expect("volume");
+        if v.status_or_default().replicas.iter().any(|r| !r.healthy) {
+            break;
+        }
+        // The engine notices at the guest's next write.
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{v:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.daemon_mut(&other).spawn();
+    let back = Instant::now();
+    let replicas = c
+        .wait_whole("bv", None, VolumePhase::Attached, Duration::from_secs(60))
+        .await;
+    assert!(replicas.iter().any(|(n, _)| *n == other), "{replicas:?}");
+    eprintln!(
+        "stale replica on {other} caught up {:.1} s after its daemon restarted",
+        back.elapsed().as_secs_f64()
+    );
+
+    // 2. It dies for good: after the grace its replica is rebuilt on the
+    //    spare node, and the guest's writes never fail meanwhile.
+    let before = guest_writes(&c.daemon(&home).console("bvm"));
+    let killed = Instant::now();
+    c.daemon_mut(&other).kill();
+    let replicas = c
+        .wait_whole(
+            "bv",
+            Some(&other),
+            VolumePhase::Attached,
+            Duration::from_secs(120),
+        )
+        .await;
+    eprintln!(
+        "replica of {other} rebuilt on {:?} {:.1} s after kill -9 (lease {}, replica grace {REPLICA_GRACE})",
+        replicas.iter().map(|r| &r.0).collect::<Vec<_>>(),
+        killed.elapsed().as_secs_f64(),
+        lease()
+    );
+    assert!(replicas.iter().any(|(n, _)| *n == spare), "{replicas:?}");
+    // The guest went on writing (and checking) all along, and still does.
+    let during = guest_writes(&c.daemon(&home).console("bvm"));
+    assert!(during > before, "the guest stopped writing");
+    let start = Instant::now();
+    while guest_writes(&c.daemon(&home).console("bvm")) <= during {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the guest stopped writing"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // 3. Stopped, the volume's replicas are identical byte for byte.
+    c.resources
+        .modify::<VirtualMachine, _>("bvm", None, |v| {
+            v.spec.run_strategy = RunStrategy::Halted;
+            Ok(())
+        })
+        .await
+        .expect("halt the VM");
+    c.wait_whole("bv", None, VolumePhase::Detached, Duration::from_secs(60))
+        .await;
+    let token = c.token();
+    let mut digests = BTreeSet::new();
+    for (node, address) in &replicas {
+        let d = replica_digest(address, &token, "bv").await;
+        eprintln!("replica on {node}: sha256 {d}");
+        digests.insert(d);
+    }
+    assert_eq!(digests.len(), 1, "the replicas differ");
+
+    // 4. Detached, its owner lost: the node that died comes back (its old
+    //    copy, placed elsewhere now, is swept), the VM's node dies. Another
+    //    node looks after the volume, and after the grace its replica moves
+    //    to the returned node, rebuilt there by a brief engine.
+    c.daemon_mut(&other).spawn();
+    c.wait_ready(&other, true, Duration::from_secs(30)).await;
+    // Its copy, placed elsewhere now, is swept from its disk.
+    let stale_copy = c.daemon(&other).dir.join("data/replicas/bv");
+    let start = Instant::now();
+    while stale_copy.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} kept a replica placed elsewhere",
+            other
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let killed = Instant::now();
+    c.daemon_mut(&home).kill();
+    let replicas = c
+        .wait_whole(
+            "bv",
+            Some(&home),
+            VolumePhase::Detached,
+            Duration::from_secs(120),
+        )
+        .await;
+    eprintln!(
+        "detached volume: replica of {home} rebuilt on {:?} {:.1} s after kill -9",
+        replicas.iter().map(|r| &r.0).collect::<Vec<_>>(),
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(replicas.iter().any(|(n, _)| *n == other), "{replicas:?}");
+    let mut after = BTreeSet::new();
+    for (_, address) in &replicas {
+        after.insert(replica_digest(address, &token, "bv").await);
+    }
+    assert_eq!(after, digests, "the rebuilt replica differs");
+    let _ = &c.etcd;
+}
+
+impl Cluster {
+    /// Waits until `vm` runs (not on `not_on`) and its console shows
+    /// `text`; returns its node.
+    async fn wait_running_console(
+        &self,
+        vm: &str,
+        not_on: Option<&str>,
+        text: &str,
+        within: Duration,
+    ) -> String {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(v)) = self.resources.try_get::<VirtualMachine>(vm).await {
+                let s = v.status_or_default();
+                if let Some(node) = s.node.as_deref()
+                    && Some(node) != not_on
+                    && s.phase == VmPhase::Running
+                    && self.daemon(node).console(vm).contains(text)
+                {
+                    return node.to_string();
+                }
+            }
+            assert!(
+                start.elapsed() < within,
+                "VM {vm} not running with {text:?} on its console within {within:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Process mode: the daemon of the VM's node dies but its `hci-vmm` runs
+/// on. Once the VM is fenced and restarted elsewhere, the old `hci-vmm`
+/// notices (a replica follows a newer engine) and stops its guest with exit
+/// reason "fenced"; the daemon, back, does not start the VM again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nodes_vmm_stops_once_its_vm_moved() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let vmm = Path::new(env!("CARGO_BIN_EXE_hci-daemon")).with_file_name("hci-vmm");
+    if !vmm.is_file() {
+        eprintln!(
+            "SKIPPED: {} is not built (cargo build -p hci-compute --bin hci-vmm)",
+            vmm.display()
+        );
+        return;
+    }
+    let mut c = Cluster::start_with(&["p1", "p2", "p3"], Some(&vmm)).await;
+    c.replicated_volume("pv").await;
+    let mut spec = vm("pvm", RunStrategy::Always);
+    spec.spec.boot = BootSpec::kernel("guest:blk", "stay=1 writes=1");
+    spec.spec.disks = VirtualMachine::builder("x")
+        .disk("data", "pv")
+        .build()
+        .spec
+        .disks;
+    c.resources.create(spec).await.expect("create VM");
+    let first = c
+        .wait_running_console("pvm", None, "writes ", Duration::from_secs(120))
+        .await;
+    let exit_file = c.daemon(&first).dir.join("data/run/pvm/exit.json");
+    let killed = Instant::now();
+    c.daemon_mut(&first).kill();
+    let second = c
+        .wait_running_console(
+            "pvm",
+            Some(&first),
+            "virtio-blk OK",
+            Duration::from_secs(60),
+        )
+        .await;
+    let start = Instant::now();
+    let exit = loop {
+        let text = std::fs::read_to_string(&exit_file).unwrap_or_default();
+        if !text.is_empty() {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the old hci-vmm on {first} still runs after pvm moved to {second}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "old hci-vmm on {first} stopped {:.1} s after kill -9 of its daemon (VM now on {second}): {exit}",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(exit.contains("fenced"), "{exit}");
+    let console = c.daemon(&first).console("pvm");
+    c.daemon_mut(&first).spawn();
+    c.wait_ready(&first, true, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v: VirtualMachine = c.resources.get("pvm").await.expect("vm");
+    assert_eq!(v.status_or_default().node.as_deref(), Some(second.as_str()));
+    assert_eq!(
+        c.daemon(&first).console("pvm"),
+        console,
+        "the VM ran again on {first}"
+    );
 }

@@ -34,6 +34,12 @@ pub struct BackendOptions {
     /// so a crashed process leaks nothing). On by default; per port with
     /// [`LinuxBridgeBackend::attach_port_with`].
     pub persistent_taps: bool,
+    /// Name of the node this backend manages, mixed into the bridges'
+    /// stable MACs so that the bridges of one network on two nodes differ
+    /// (they share an L2 through an uplink or overlay: with one MAC, each
+    /// would take the other's ARP replies for its own). `None`: the MAC
+    /// comes from the network's name alone (one node).
+    pub node: Option<String>,
 }
 
 /// How a TAP port is made (see [`LinuxBridgeBackend::attach_port_with`]).
@@ -55,6 +61,7 @@ impl Default for BackendOptions {
             vnet_hdr: true,
             default_mtu: 1500,
             persistent_taps: true,
+            node: None,
         }
     }
 }

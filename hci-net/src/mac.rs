@@ -29,6 +29,15 @@ pub(crate) fn with_prefix(prefix: [u8; 3], seed: &str) -> [u8; 6] {
     [prefix[0], prefix[1], prefix[2], h[5], h[6], h[7]]
 }
 
+/// The stable MAC of network `network`'s bridge on node `node` (on every
+/// node the same when `node` is `None`).
+pub(crate) fn bridge(node: Option<&str>, network: &str) -> [u8; 6] {
+    match node {
+        Some(node) => with_prefix(BRIDGE_PREFIX, &format!("{node}/{network}")),
+        None => with_prefix(BRIDGE_PREFIX, network),
+    }
+}
+
 /// The host-side MAC of a TAP carrying guest `mac`: first octet `0xfe`, so the
 /// bridge never adopts it as its own address and it never equals the guest's.
 pub(crate) fn host_side(mac: [u8; 6]) -> [u8; 6] {
@@ -72,6 +81,15 @@ pub fn is_valid_unicast(mac: [u8; 6]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bridges_of_one_network_on_two_nodes_differ() {
+        let (a, b) = (bridge(Some("n1"), "net"), bridge(Some("n2"), "net"));
+        assert_ne!(a, b);
+        assert_eq!(a, bridge(Some("n1"), "net"));
+        assert_eq!(&a[..3], &BRIDGE_PREFIX);
+        assert_eq!(bridge(None, "net"), with_prefix(BRIDGE_PREFIX, "net"));
+    }
 
     #[test]
     fn generated_macs_are_local_unicast() {

@@ -411,7 +411,7 @@ impl LinuxBridgeBackend {
                 .await?
             }
         };
-        let mac = crate::mac::with_prefix(crate::mac::BRIDGE_PREFIX, network);
+        let mac = crate::mac::bridge(self.opts.node.as_deref(), network);
         self.nl
             .reconcile(&link, Some(u32::from(mtu)), Some(mac), Some(&alias))
             .await?;

@@ -704,3 +704,59 @@ async fn network_stats_list_every_port() {
     );
     drop(st);
 }
+
+/// The bridges of one network on two nodes sharing an L2 (their uplinks
+/// joined by a veth pair) have distinct MACs (the node's name is mixed in),
+/// so the nodes' addresses on them reach each other. With one MAC each
+/// bridge took the other's frames for its own.
+#[tokio::test]
+async fn two_nodes_bridges_of_one_network_differ_and_reach_each_other() {
+    use hci_net::{BackendOptions, LinuxBridgeBackend};
+    let (a, b) = (Netns::new("mac-a"), Netns::new("mac-b"));
+    a.ip(&[
+        "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns", &b.name,
+    ]);
+    let backend = |ns: &Netns, node: &str| {
+        let (netns, node) = (ns.netns(), node.to_string());
+        async move {
+            LinuxBridgeBackend::new(BackendOptions {
+                netns,
+                node: Some(node),
+                ..Default::default()
+            })
+            .await
+            .expect("backend")
+        }
+    };
+    let (na, nb) = (backend(&a, "n1").await, backend(&b, "n2").await);
+    let mut cfg = bridge_net("lab");
+    cfg.kind = NetworkKind::Bridge {
+        uplink: Some("up0".into()),
+    };
+    let sa = na.ensure_network(&cfg).await.expect("ensure on a");
+    let sb = nb.ensure_network(&cfg).await.expect("ensure on b");
+    let mac = |ns: &Netns, dev: &str| {
+        let out = ns.ip(&["-o", "link", "show", dev]);
+        out.split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (ma, mb) = (mac(&a, &sa.bridge), mac(&b, &sb.bridge));
+    assert!(ma.starts_with("02:68:62"), "{ma}");
+    assert_ne!(ma, mb, "both nodes' bridges have one MAC");
+    a.ip(&["addr", "add", "10.77.0.1/24", "dev", &sa.bridge]);
+    b.ip(&["addr", "add", "10.77.0.2/24", "dev", &sb.bridge]);
+    b.ip(&["link", "set", "up0", "up"]);
+    a.ip(&["link", "set", "up0", "up"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.try_exec(&["ping", "-c", "1", "-W", "1", "10.77.0.2"]) {
+        assert!(
+            Instant::now() < deadline,
+            "node a cannot reach node b over the shared network"
+        );
+    }
+    na.remove_network("lab").await.expect("remove");
+    nb.remove_network("lab").await.expect("remove");
+}

@@ -172,7 +172,8 @@ type OwnedVolume = (Arc<hci_storage::local::Replica>, PathBuf);
 /// Opens a replicated volume's engine from
 /// `replicas=A+B,volume=V,token-file=F[,key-file=K][,control=S][,readonly][,name=N]`,
 /// serving its control socket when asked. Returns the disk, the engine (to
-/// close cleanly at exit) and the control socket.
+/// close cleanly at exit), the control socket and the engine's fencing
+/// watchdog.
 async fn open_replicated(
     i: usize,
     spec: &str,
@@ -181,6 +182,7 @@ async fn open_replicated(
         DiskConfig,
         Arc<hci_storage::engine::ReplicatedVolume>,
         Option<PathBuf>,
+        hci_compute::replicated::FenceWatch,
     ),
     String,
 > {
@@ -214,17 +216,20 @@ async fn open_replicated(
             "--disk {spec:?}: replicas= names no replica server"
         ));
     }
-    let opened = hci_compute::replicated::open(hci_compute::replicated::ReplicatedDisk {
+    let disk = hci_compute::replicated::ReplicatedDisk {
         volume: &volume,
         replicas: &replicas,
         token_file: &token_file,
         key_file: key_file.as_deref(),
         control: control.as_deref(),
         read_only: ro,
-    })
-    .await
-    .map_err(|e| format!("--disk {spec:?}: {e}"))?;
+    };
+    let opened = hci_compute::replicated::open(disk)
+        .await
+        .map_err(|e| format!("--disk {spec:?}: {e}"))?;
     let engine = opened.engine;
+    let watch = hci_compute::replicated::FenceWatch::new(engine.clone(), disk)
+        .map_err(|e| format!("--disk {spec:?}: {e}"))?;
     let device: Arc<dyn hci_core::block::BlockDevice> = engine.clone();
     Ok((
         DiskConfig {
@@ -236,6 +241,7 @@ async fn open_replicated(
         },
         engine,
         control,
+        watch,
     ))
 }
 
@@ -382,11 +388,13 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     let mut disks = Vec::new();
     let mut control_sockets = Vec::new();
     let mut engines = Vec::new();
+    let mut watches = Vec::new();
     for (i, d) in args.disk.iter().enumerate() {
         if d.split(',').any(|o| o.starts_with("replicas=")) {
-            let (disk, engine, control) = open_replicated(i, d).await?;
+            let (disk, engine, control, watch) = open_replicated(i, d).await?;
             disks.push(disk);
             engines.push(engine);
+            watches.push(watch);
             control_sockets.extend(control);
             continue;
         }
@@ -476,11 +484,35 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     if booted && !args.wait_start {
         vm.start().await.map_err(|e| e.to_string())?;
     }
+    // Fencing watchdog: once another engine has taken over a volume of
+    // this VM (its node was lost and the VM moved), stop the guest rather
+    // than run on headless with a disk that refuses every write.
+    let (fenced_tx, mut fenced_rx) = tokio::sync::mpsc::channel::<String>(1);
+    for watch in watches {
+        let tx = fenced_tx.clone();
+        tokio::spawn(async move {
+            let why = watch.fenced(FENCE_CHECK).await;
+            let _ = tx.send(why).await;
+        });
+    }
+    drop(fenced_tx);
+    let fenced = async move {
+        match fenced_rx.recv().await {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    };
     let reason = tokio::select! {
         r = vm.wait() => r.map_err(|e| e.to_string())?,
         _ = term.recv() => {
             vm.kill().await.map_err(|e| e.to_string())?;
             vm.wait().await.map_err(|e| e.to_string())?
+        }
+        why = fenced => {
+            eprintln!("hci-vmm: fenced: {why}; stopping the guest");
+            vm.kill().await.map_err(|e| e.to_string())?;
+            let _ = vm.wait().await;
+            ExitReason::VmmError(format!("fenced: {why}"))
         }
     };
     // A migrated VM stops as soon as it runs on the target: let the
@@ -509,6 +541,10 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     }
     Ok(reason)
 }
+
+/// How often the fencing watchdog asks a VM's replicas whether another
+/// engine took its volumes over.
+const FENCE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let args = Args::parse();

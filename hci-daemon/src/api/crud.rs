@@ -114,6 +114,17 @@ pub async fn delete<R: Resource>(
     req: proto::DeleteRequest,
 ) -> Result<Response<proto::DeleteResponse>, Status> {
     require_name(&req.name)?;
+    if R::KIND == <hci_core::model::Node as Resource>::KIND
+        && let Some(why) = crate::controllers::scheduler::node_removal_blocker(store, &req.name)
+            .await
+            .or_status()?
+    {
+        return Err(to_status(Error::Busy {
+            kind: "node",
+            name: req.name.clone(),
+            reason: why,
+        }));
+    }
     let version = (req.resource_version != 0).then_some(req.resource_version);
     let revision = store.delete::<R>(&req.name, version).await.or_status()?;
     Ok(Response::new(proto::DeleteResponse { revision }))

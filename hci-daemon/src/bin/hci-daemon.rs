@@ -66,6 +66,11 @@ struct Args {
     /// strategy Always or RerunOnFailure) are restarted on other nodes.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     failover_grace: std::time::Duration,
+    /// Cluster mode: how long a node stays NotReady before the replicas it
+    /// holds are rebuilt on other nodes (a node back sooner keeps them; they
+    /// catch up).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    replica_rebuild_grace: std::time::Duration,
     /// Name of this node (a DNS-1123 label). Default: the host name.
     #[arg(long, value_name = "NAME")]
     node: Option<String>,
@@ -279,6 +284,7 @@ async fn main() -> anyhow::Result<()> {
             let options = ClusterOptions {
                 lease_ttl: args.node_lease_ttl,
                 failover_grace: args.failover_grace,
+                replica_grace: args.replica_rebuild_grace,
                 ..ClusterOptions::default()
             };
             (Arc::new(store), Some(options))
@@ -349,8 +355,11 @@ async fn main() -> anyhow::Result<()> {
         if let Some(qemu) = &args.qemu {
             rt.qemu = Arc::new(hci_compute::qemu::QemuHypervisor::new().with_binary(qemu));
         }
+        // Cluster mode: bridges of one network on two nodes get their own MACs.
+        let bridge_node = rt.cluster.is_some().then(|| name.clone());
         let networks = LinuxBridgeBackend::new(BackendOptions {
             state_dir: Some(dir.join("net")),
+            node: bridge_node,
             ..BackendOptions::default()
         })
         .await;

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use hci_core::model::{ConditionStatus, Node, Resource, VirtualMachine, VmPhase, Volume};
+use hci_core::model::{ConditionStatus, Node, Resource, VirtualMachine, VmPhase};
 use tonic::Code;
 
 use super::{CliError, Client, Kind, explain};
@@ -290,48 +290,11 @@ async fn follow_drain(c: &Client, name: &str, timeout: Duration) -> Result<(), C
     }
 }
 
-/// `hcictl node remove NAME`: deletes a node that is gone for good.
-/// Refused while its daemon runs (the node is Ready), while VMs are placed
-/// on it, or while it holds the only healthy replica of a volume.
+/// `hcictl node remove NAME`: deletes a node that is gone for good. The
+/// daemon refuses while the node's daemon runs (it is Ready), while VMs are
+/// placed on it, or while it holds the only healthy replica of a volume
+/// (`scheduler::node_removal_blocker`).
 pub async fn remove(c: &Client, name: &str) -> Result<String, CliError> {
-    let node: Node = parse(
-        &c.get(Kind::Node, name)
-            .await
-            .map_err(|s| explain(&format!("node/{name}"), &s))?,
-    )?;
-    if ready(&node) == "Ready" {
-        return Err(CliError::Api(format!(
-            "node {name} is Ready: drain it and stop its daemon before removing it"
-        )));
-    }
-    let on: Vec<String> = vms(c)
-        .await?
-        .into_iter()
-        .filter(|vm| vm.status_or_default().node.as_deref() == Some(name))
-        .map(|vm| vm.name().to_string())
-        .collect();
-    if !on.is_empty() {
-        return Err(CliError::Api(format!(
-            "node {name} still holds VMs: {} (drain it first, or wait for the failover)",
-            on.join(", ")
-        )));
-    }
-    let list = c
-        .list(Kind::Volume)
-        .await
-        .map_err(|s| explain("list volumes", &s))?;
-    for r in &list.items {
-        let vol: Volume = parse(r)?;
-        let replicas = vol.status_or_default().replicas;
-        let here = replicas.iter().any(|r| r.node == name && r.healthy);
-        let elsewhere = replicas.iter().any(|r| r.node != name && r.healthy);
-        if here && !elsewhere {
-            return Err(CliError::Api(format!(
-                "node {name} holds the only healthy replica of volume {:?}",
-                vol.name()
-            )));
-        }
-    }
     c.delete(Kind::Node, name)
         .await
         .map_err(|s| explain(&format!("node/{name}"), &s))?;

@@ -25,6 +25,7 @@ pub mod backup;
 mod image;
 mod network;
 mod node;
+mod repair;
 pub mod replicas;
 pub mod schedule;
 pub mod scheduler;

@@ -4,6 +4,17 @@
 //!
 //! Overlays need the node's underlay address (`spec.addresses[0]` of this
 //! node's `Node`) and reach every other node's first address as a peer.
+//!
+//! Cluster mode: every node realises every network (so a VM can run
+//! anywhere), and looks again every lease TTL, so overlay peers follow the
+//! node list. Where the nodes' bridges share one L2 (an overlay, a VLAN, a
+//! bridge with an uplink) only the leader serves DHCP, so a client gets one
+//! answer; when the leader changes, the new one takes over. Its leases are
+//! its own (kept in its data directory): a client keeps its address by
+//! asking for it again, but a new client may be offered an address the old
+//! server handed out until that server's leases expire (see NOTES). Networks
+//! private to a node (management with NAT, a bridge without uplink) serve
+//! DHCP on every node.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -100,6 +111,16 @@ pub fn resolve(net: &Network, nodes: &[Node], this: &str) -> Result<NetworkConfi
     })
 }
 
+/// Whether the bridges of `net` on different nodes share one L2 (through
+/// an uplink or an overlay), so one DHCP server must serve them all.
+pub(crate) fn shared_l2(net: &Network) -> bool {
+    match &net.spec.kind {
+        ModelKind::Overlay { .. } | ModelKind::Vlan { .. } => true,
+        ModelKind::Bridge => net.spec.uplink.is_some(),
+        ModelKind::Management => false,
+    }
+}
+
 /// The names `network`'s DHCP server hands out: each VM's name to its NICs
 /// on that network (option 12), so guests learn their host names. One name
 /// per MAC: a MAC two VMs claim keeps the first VM's name.
@@ -165,10 +186,22 @@ impl Reconcile for NetworkController {
             let names = dhcp_names(&self.rt.resources, name).await?;
             backend.set_dhcp_names(name, names).await?;
         }
+        // Cluster mode: one DHCP server per shared network, on the leader.
+        let mut serve_dhcp = true;
+        if self.rt.cluster.is_some() && net.spec.dhcp.is_some() && shared_l2(&net) {
+            let leader = super::scheduler::leader(&**self.rt.resources.state_store()).await?;
+            serve_dhcp = leader.as_deref() == Some(this.as_str());
+        }
         let ensured = match resolve(&net, &nodes, &this) {
-            Ok(config) => backend.ensure_network(&config).await,
+            Ok(mut config) => {
+                if !serve_dhcp {
+                    config.dhcp = None;
+                }
+                backend.ensure_network(&config).await
+            }
             Err(e) => Err(e),
         };
+        let again = self.rt.cluster.as_ref().map(|c| c.lease_ttl);
         match ensured {
             Ok(status) => {
                 set_status(&self.rt.resources, name, |n: &mut Network| {
@@ -186,7 +219,7 @@ impl Reconcile for NetworkController {
                     );
                 })
                 .await?;
-                Ok(None)
+                Ok(again)
             }
             Err(e) => {
                 let message = e.to_string();
@@ -240,6 +273,20 @@ mod tests {
                 ..NodeSpec::default()
             },
         )
+    }
+
+    #[test]
+    fn dhcp_is_served_once_only_where_nodes_share_an_l2() {
+        let net = |kind, uplink: Option<&str>| {
+            let mut n = Network::new("n", NetworkSpec::new(kind));
+            n.spec.uplink = uplink.map(str::to_string);
+            n
+        };
+        assert!(shared_l2(&net(ModelKind::Overlay { vni: 7 }, None)));
+        assert!(shared_l2(&net(ModelKind::Vlan { id: 7 }, Some("eth0"))));
+        assert!(shared_l2(&net(ModelKind::Bridge, Some("eth0"))));
+        assert!(!shared_l2(&net(ModelKind::Bridge, None)));
+        assert!(!shared_l2(&net(ModelKind::Management, None)));
     }
 
     #[test]

@@ -158,6 +158,10 @@ pub struct ClusterOptions {
     /// How long a node stays NotReady before its VMs with run strategy
     /// `Always`/`RerunOnFailure` are restarted on other nodes.
     pub failover_grace: Duration,
+    /// How long a node stays NotReady before the replicas it holds are
+    /// rebuilt on other nodes (a node back sooner keeps its replicas, which
+    /// catch up).
+    pub replica_grace: Duration,
     /// How often the leader looks at every node and VM (it also looks at
     /// once after any change of its own).
     pub tick: Duration,
@@ -165,11 +169,13 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     /// 10 s lease, 10 s grace: a failed node's VMs are restarted elsewhere
-    /// about 20–25 s after the failure.
+    /// about 20–25 s after the failure; its replicas are rebuilt elsewhere
+    /// after 5 minutes.
     fn default() -> Self {
         ClusterOptions {
             lease_ttl: Duration::from_secs(10),
             failover_grace: Duration::from_secs(10),
+            replica_grace: Duration::from_secs(300),
             tick: Duration::from_secs(1),
         }
     }

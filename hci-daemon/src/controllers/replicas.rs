@@ -185,7 +185,8 @@ impl ReplicaPool {
         }
     }
 
-    /// Removes, from this node's disks, replicas of volumes not in `keep`.
+    /// Removes, from this node's disks, replicas of volumes not in `keep`
+    /// (deleted, or in a cluster placed on other nodes).
     pub async fn sweep(&self, keep: &BTreeSet<String>) {
         for disk in &self.disks {
             let local = disk.node.local();
@@ -194,7 +195,7 @@ impl ReplicaPool {
             };
             for v in volumes {
                 if !keep.contains(&v.name) {
-                    tracing::info!(volume = v.name, disk = %disk.path.display(), "removing a replica whose volume is gone");
+                    tracing::info!(volume = v.name, disk = %disk.path.display(), "removing a replica whose volume is gone or placed elsewhere");
                     disk.node.forget(&v.name);
                     if let Err(e) = local.delete(&v.name).await {
                         tracing::warn!(volume = v.name, error = %e, "cannot remove an orphaned replica");

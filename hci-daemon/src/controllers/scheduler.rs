@@ -127,7 +127,7 @@ fn is_ready(node: &Node) -> bool {
 }
 
 /// Since when a node has been NotReady (`None`: it is Ready).
-fn not_ready_since(node: &Node) -> Option<DateTime<Utc>> {
+pub(crate) fn not_ready_since(node: &Node) -> Option<DateTime<Utc>> {
     match ready(node) {
         Some(c) if c.status != ConditionStatus::True => Some(c.last_transition.unwrap_or_default()),
         Some(_) => None,
@@ -414,6 +414,47 @@ pub async fn fence(
                     disk.volume
                 )));
             }
+        }
+    }
+    Ok(None)
+}
+
+/// Why node `name` may not be removed now, if it may not: its daemon
+/// runs (the node is Ready), VMs are placed on it, or it holds the only
+/// healthy replica of a volume. The API refuses such deletes (hcictl checks
+/// the same first, for a friendlier message).
+pub async fn node_removal_blocker(resources: &ResourceStore, name: &str) -> Result<Option<String>> {
+    let Some(node) = resources.try_get::<Node>(name).await? else {
+        return Ok(None);
+    };
+    if is_ready(&node) {
+        return Ok(Some(format!(
+            "node {name} is Ready: drain it and stop its daemon before removing it"
+        )));
+    }
+    let on: Vec<String> = resources
+        .list::<VirtualMachine>()
+        .await?
+        .items
+        .into_iter()
+        .filter(|vm| vm.status_or_default().node.as_deref() == Some(name))
+        .map(|vm| vm.name().to_string())
+        .collect();
+    if !on.is_empty() {
+        return Ok(Some(format!(
+            "node {name} still holds VMs: {} (drain it first, or wait for the failover)",
+            on.join(", ")
+        )));
+    }
+    for vol in resources.list::<Volume>().await?.items {
+        let replicas = vol.status_or_default().replicas;
+        let here = replicas.iter().any(|r| r.node == name && r.healthy);
+        let elsewhere = replicas.iter().any(|r| r.node != name && r.healthy);
+        if here && !elsewhere {
+            return Ok(Some(format!(
+                "node {name} holds the only healthy replica of volume {:?}",
+                vol.name()
+            )));
         }
     }
     Ok(None)
@@ -830,6 +871,47 @@ mod tests {
             why.contains("volume \"local\" has no healthy replica outside node a"),
             "{why}"
         );
+    }
+
+    #[tokio::test]
+    async fn nodes_in_use_cannot_be_removed() {
+        use hci_core::model::{ReplicaStatus, VolumeSpec};
+        let resources =
+            ResourceStore::new(std::sync::Arc::new(hci_core::memory::MemStateStore::new()));
+        for (name, ready) in [("up", true), ("down", false), ("gone", false)] {
+            resources.create(node(name, 4, ready)).await.expect("node");
+        }
+        let mut v = vm(64);
+        v.status_mut().node = Some("down".into());
+        resources.create(v).await.expect("vm");
+        let mut vol = Volume::new("only", VolumeSpec::blank(ByteSize::mib(64)));
+        vol.status_mut().replicas = vec![ReplicaStatus {
+            node: "gone".into(),
+            healthy: true,
+            rebuild_percent: None,
+            address: None,
+        }];
+        resources.create(vol).await.expect("volume");
+        let why = |n: &'static str| {
+            let resources = resources.clone();
+            async move { node_removal_blocker(&resources, n).await.expect("check") }
+        };
+        assert!(why("up").await.is_some_and(|w| w.contains("is Ready")));
+        assert!(
+            why("down")
+                .await
+                .is_some_and(|w| w.contains("still holds VMs: v"))
+        );
+        assert!(
+            why("gone")
+                .await
+                .is_some_and(|w| w.contains("only healthy replica"))
+        );
+        assert_eq!(why("nowhere").await, None);
+        let mut moved: Volume = resources.get("only").await.expect("volume");
+        moved.status_mut().replicas[0].node = "up".into();
+        resources.update(moved).await.expect("status");
+        assert_eq!(why("gone").await, None);
     }
 
     #[test]

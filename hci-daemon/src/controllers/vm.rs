@@ -368,9 +368,19 @@ impl VmController {
     }
 
     /// Sets `attached_to` of every volume in `volumes` to `vm` (or clears it).
+    /// Attaching refuses a detached volume whose replicas a rebuild engine
+    /// holds (phase `Rebuilding`, claimed in the same compare-and-swap way):
+    /// the VM's engine would fence the rebuild's, or the other way round.
     async fn mark_volumes(&self, volumes: &[String], vm: Option<&str>) -> Result<()> {
         for v in volumes {
+            let refused = AtomicBool::new(false);
             let result = set_status(&self.rt.resources, v, |vol: &mut Volume| {
+                let st = vol.status_or_default();
+                let rebuilding = st.phase == VolumePhase::Rebuilding && st.attached_to.is_none();
+                refused.store(vm.is_some() && rebuilding, Ordering::Relaxed);
+                if vm.is_some() && rebuilding {
+                    return;
+                }
                 vol.status_mut().attached_to = vm.map(str::to_string);
                 if matches!(
                     vol.status_mut().phase,
@@ -387,6 +397,13 @@ impl VmController {
             match result {
                 Ok(()) | Err(Error::NotFound { .. }) => {}
                 Err(e) => return Err(e),
+            }
+            if refused.load(Ordering::Relaxed) {
+                return Err(Error::Busy {
+                    kind: "volume",
+                    name: v.clone(),
+                    reason: "its replicas are being rebuilt".into(),
+                });
             }
         }
         Ok(())
@@ -495,18 +512,11 @@ impl VmController {
             let vol: Option<Volume> = self.rt.resources.try_get(&disk.volume).await?;
             let problem = match &vol {
                 None => Some(format!("volume {:?} does not exist", disk.volume)),
-                Some(v)
-                    if !matches!(
-                        v.status_or_default().phase,
-                        VolumePhase::Detached | VolumePhase::Attached
-                    ) =>
-                {
-                    Some(format!(
-                        "volume {:?} is {} (waiting for it to be ready)",
-                        disk.volume,
-                        v.status_or_default().phase
-                    ))
-                }
+                Some(v) if !volume_usable(v, name) => Some(format!(
+                    "volume {:?} is {} (waiting for it to be ready)",
+                    disk.volume,
+                    v.status_or_default().phase
+                )),
                 Some(v) => match v.status_or_default().attached_to.as_deref() {
                     Some(other) if other != name && !disk.read_only => Some(format!(
                         "volume {:?} is attached to VM {other:?}",
@@ -1345,6 +1355,18 @@ impl ConsoleProvider for VmController {
         })?;
         let console = inst.handle.console().await?;
         Ok(Box::new(tokio::io::join(console.output, console.input)))
+    }
+}
+
+/// Whether VM `vm` may start on volume `v`: ready, or degraded (still
+/// usable), or rebuilding in `vm`'s own engine (a rebuild of a detached
+/// volume runs in an engine the VM's would fence).
+fn volume_usable(v: &Volume, vm: &str) -> bool {
+    let st = v.status_or_default();
+    match st.phase {
+        VolumePhase::Detached | VolumePhase::Attached | VolumePhase::Degraded => true,
+        VolumePhase::Rebuilding => st.attached_to.as_deref() == Some(vm),
+        _ => false,
     }
 }
 

@@ -23,6 +23,7 @@ use hci_storage::local::control::ControlClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::repair;
 use super::replicas::{self, ReplicaPool};
 use super::{Reconcile, Runtime, join_err, set_status};
 
@@ -45,6 +46,15 @@ pub(crate) struct VolumeController {
     rt: Runtime,
     /// Restores from backups running in the background, by volume.
     restores: Mutex<HashMap<String, Restore>>,
+    /// Rebuilds of detached replicated volumes' replicas, by volume.
+    rebuilds: Mutex<HashMap<String, DetachedRebuild>>,
+}
+
+/// Replicas of a detached volume being rebuilt by an engine of this daemon.
+struct DetachedRebuild {
+    task: JoinHandle<Result<()>>,
+    progress: Arc<hci_storage::engine::rebuild::RebuildProgress>,
+    replicas: Vec<String>,
 }
 
 /// A volume being filled from a backup by a task of its own, so a large
@@ -68,6 +78,7 @@ impl VolumeController {
         VolumeController {
             rt,
             restores: Mutex::new(HashMap::new()),
+            rebuilds: Mutex::new(HashMap::new()),
         }
     }
 
@@ -212,7 +223,7 @@ impl VolumeController {
     async fn reconcile_replicated(
         &self,
         vol: &Volume,
-        pool: &ReplicaPool,
+        pool: &Arc<ReplicaPool>,
     ) -> Result<Option<Duration>> {
         let name = vol.name();
         let want = usize::from(vol.spec.replicas);
@@ -261,6 +272,8 @@ impl VolumeController {
                 return Ok(None);
             }
         }
+        // Replicas on nodes lost for longer than the grace go elsewhere.
+        let placement = repair::replace_lost(&self.rt, pool, vol, placement).await?;
         let addresses: Vec<String> = placement.iter().map(|p| p.1.clone()).collect();
         let backend = Arc::new(pool.backend(&addresses)?);
         if let VolumeSource::Backup { name: backup } = &vol.spec.source {
@@ -271,7 +284,14 @@ impl VolumeController {
             }
         }
         let attached_to = status.attached_to.clone();
-        let (size, allocated, health, robustness) = if let Some(vm) = &attached_to {
+        let engine_here = match &attached_to {
+            Some(_) if self.rt.cluster.is_some() => repair::engine_here(&self.rt, vol).await?,
+            Some(_) => true,
+            None => false,
+        };
+        let (size, allocated, health, robustness) = if let (Some(vm), true) =
+            (&attached_to, engine_here)
+        {
             // The VM's engine owns the volume (opening it here would fence it).
             let socket = engine_socket(&self.rt, vm, name);
             let reply = tokio::task::spawn_blocking(move || {
@@ -287,6 +307,11 @@ impl VolumeController {
             let Some(view) = view else {
                 return Ok(Some(Duration::from_secs(2)));
             };
+            // Replicas the engine lost or lacks are added back (rebuilt).
+            let socket = engine_socket(&self.rt, vm, name);
+            if repair::engine_repair(pool, name, &socket, &view, &placement).await {
+                return Ok(Some(Duration::from_secs(1)));
+            }
             let health: Vec<(String, bool, Option<u8>)> = addresses
                 .iter()
                 .map(|a| {
@@ -303,6 +328,27 @@ impl VolumeController {
                 status.allocated.map(|a| a.0),
                 health,
                 view.robustness,
+            )
+        } else if attached_to.is_some() {
+            // Attached to a VM whose node is lost: its engine is out of
+            // reach (and fenced once the VM moves). Report what the replica
+            // servers hold; repairs wait for the VM's next engine.
+            let current = repair::current(&repair::probe(pool, name, &addresses).await);
+            let health: Vec<(String, bool, Option<u8>)> = addresses
+                .iter()
+                .zip(current)
+                .map(|(a, ok)| (a.clone(), ok, None))
+                .collect();
+            let robustness = match health.iter().filter(|h| h.1).count() {
+                0 => "faulted",
+                n if n == health.len() => "healthy",
+                _ => "degraded",
+            };
+            (
+                status.size.map_or(vol.spec.size.0, |s| s.0),
+                status.allocated.map(|a| a.0),
+                health,
+                robustness.to_string(),
             )
         } else {
             let info = match backend.info(name).await {
@@ -340,11 +386,7 @@ impl VolumeController {
             } else {
                 info
             };
-            let health: Vec<(String, bool, Option<u8>)> = replicas::probe(pool, name, &addresses)
-                .await
-                .into_iter()
-                .map(|(a, ok)| (a, ok, None))
-                .collect();
+            let health = self.detached_health(vol, pool, &addresses).await?;
             let robustness = match health.iter().filter(|h| h.1).count() {
                 0 => "faulted",
                 n if n == health.len() => "healthy",
@@ -427,8 +469,133 @@ impl VolumeController {
             set_condition(&mut st.conditions, "Replicated", replicated, reason, &message);
         })
         .await?;
-        // Watch health while the volume is in use or not whole.
+        // Watch health while the volume is in use or not whole; closely
+        // while a replica rebuilds.
+        if health.iter().any(|h| h.2.is_some()) {
+            return Ok(Some(Duration::from_secs(1)));
+        }
         Ok((attached_to.is_some() || healthy < want).then_some(Duration::from_secs(10)))
+    }
+
+    /// Health of a detached replicated volume's replicas (current: at the
+    /// highest membership epoch), rebuilding the stale or missing ones whose
+    /// servers answer, in the background, from a current one.
+    async fn detached_health(
+        &self,
+        vol: &Volume,
+        pool: &Arc<ReplicaPool>,
+        addresses: &[String],
+    ) -> Result<Vec<(String, bool, Option<u8>)>> {
+        enum Running {
+            Busy(u8, Vec<String>),
+            Done(DetachedRebuild),
+            Idle,
+        }
+        let name = vol.name();
+        let running = {
+            let mut rebuilds = self.rebuilds.lock().unwrap_or_else(|e| e.into_inner());
+            match rebuilds.get(name) {
+                Some(r) if !r.task.is_finished() => {
+                    Running::Busy(repair::percent(&r.progress), r.replicas.clone())
+                }
+                Some(_) => rebuilds.remove(name).map_or(Running::Idle, Running::Done),
+                None => Running::Idle,
+            }
+        };
+        if let Running::Done(r) = running {
+            let what = r.replicas.join(", ");
+            match r.task.await.map_err(join_err("rebuild"))? {
+                Ok(()) => {
+                    self.rt
+                        .events
+                        .normal(
+                            "Volume",
+                            name,
+                            "Rebuilt",
+                            format!("replicas {what} rebuilt"),
+                        )
+                        .await;
+                }
+                Err(e) => {
+                    self.rt
+                        .events
+                        .warning(
+                            "Volume",
+                            name,
+                            "RebuildFailed",
+                            format!("replicas {what}: {e}"),
+                        )
+                        .await;
+                }
+            }
+        } else if let Running::Busy(pct, replicas) = running {
+            let current = repair::current(&repair::probe(pool, name, addresses).await);
+            return Ok(addresses
+                .iter()
+                .zip(current)
+                .map(|(a, ok)| {
+                    let busy = replicas.contains(a);
+                    (a.clone(), ok && !busy, busy.then_some(pct))
+                })
+                .collect());
+        }
+        let probes = repair::probe(pool, name, addresses).await;
+        let current = repair::current(&probes);
+        let need: Vec<String> = addresses
+            .iter()
+            .zip(&probes)
+            .zip(&current)
+            .filter(|((_, p), ok)| !**ok && !matches!(p, repair::Probe::Down))
+            .map(|((a, _), _)| a.clone())
+            .collect();
+        if !need.is_empty() && current.iter().any(|c| *c) {
+            // Claim the volume while it is detached: phase Rebuilding,
+            // written only if no VM attached it meanwhile (a VM's attach
+            // refuses a claimed volume), so this engine and a VM's never
+            // fence each other.
+            let claimed = std::sync::atomic::AtomicBool::new(false);
+            set_status(&self.rt.resources, name, |v: &mut Volume| {
+                let free = v.status_or_default().attached_to.is_none();
+                claimed.store(free, std::sync::atomic::Ordering::Relaxed);
+                if free {
+                    v.status_mut().phase = VolumePhase::Rebuilding;
+                }
+            })
+            .await?;
+            if claimed.load(std::sync::atomic::Ordering::Relaxed) {
+                let progress = Arc::new(hci_storage::engine::rebuild::RebuildProgress::default());
+                let task = tokio::spawn(repair::rebuild_detached(
+                    pool.clone(),
+                    name.to_string(),
+                    addresses.to_vec(),
+                    need.clone(),
+                    encryption_key(vol)?,
+                    progress.clone(),
+                ));
+                tracing::info!(volume = name, replicas = ?need, "rebuilding replicas of a detached volume");
+                self.rebuilds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(
+                        name.to_string(),
+                        DetachedRebuild {
+                            task,
+                            progress,
+                            replicas: need.clone(),
+                        },
+                    );
+                return Ok(addresses
+                    .iter()
+                    .zip(current)
+                    .map(|(a, ok)| (a.clone(), ok, need.contains(a).then_some(0)))
+                    .collect());
+            }
+        }
+        Ok(addresses
+            .iter()
+            .zip(current)
+            .map(|(a, ok)| (a.clone(), ok, None))
+            .collect())
     }
 
     /// Creates a replicated volume's replicas, filled from its source.
@@ -672,15 +839,24 @@ impl Reconcile for VolumeController {
                 Err(e) => Err(e),
             };
         };
-        // Cluster mode: a volume lives on the node that took it first (its
-        // first replica; for a replicated volume, the node that placed the
-        // replicas, on other nodes' replica servers too); the others leave
-        // it alone.
-        if self.rt.cluster.is_some()
-            && let Some(first) = vol.status_or_default().replicas.first()
-            && first.node != self.rt.node.name
-        {
-            return Ok(None);
+        // Cluster mode: one node looks after a volume (`repair::handler`:
+        // the node of the VM using it, else its first replica's node, else
+        // the leader); the others look again now and then, as that changes.
+        if let Some(cluster) = &self.rt.cluster {
+            let st = vol.status_or_default();
+            if !st.replicas.is_empty() || st.attached_to.is_some() {
+                let store = self.rt.resources.state_store();
+                let alive = super::scheduler::alive_nodes(&**store).await?;
+                let me = self.rt.node.name.as_str();
+                if repair::handler(&self.rt, &vol, &alive).await?.as_deref() != Some(me) {
+                    return Ok(Some(cluster.lease_ttl));
+                }
+                // A local volume of a lost node (the leader looks after it).
+                if vol.spec.replicas <= 1 && st.replicas.first().is_some_and(|r| r.node != me) {
+                    repair::mark_node_lost(&self.rt, &vol).await?;
+                    return Ok(Some(cluster.lease_ttl));
+                }
+            }
         }
         if vol.spec.replicas > 1 {
             return match &self.rt.replicas {
@@ -818,7 +994,15 @@ impl Reconcile for VolumeController {
 
     async fn sweep(&self, existing: &BTreeSet<String>) -> Result<()> {
         if let Some(replicas) = &self.rt.replicas {
-            replicas.sweep(existing).await;
+            // In a cluster, also the replicas of volumes placed elsewhere
+            // now (moved off this node while it was lost).
+            let keep = if self.rt.cluster.is_some() {
+                let volumes = self.rt.resources.list::<Volume>().await?.items;
+                repair::replicas_to_keep(&volumes, &replicas.addresses())
+            } else {
+                existing.clone()
+            };
+            replicas.sweep(&keep).await;
         }
         for info in self.rt.volumes.list().await? {
             if !existing.contains(&info.name) {
