@@ -41,6 +41,7 @@ use hci_core::{Error, Result};
 use crate::console::ConsoleHub;
 use crate::devices::virtio::block::Executor;
 use crate::devices::virtio::net::TapSource;
+use crate::handover::{HandoverDisk, VolumeSource};
 use crate::memory::{self, MemoryBacking};
 use crate::sys;
 use crate::vm::{DiskSpec, NicSpec, Vm, VmSpec};
@@ -87,6 +88,7 @@ pub struct KvmHypervisor {
     entropy: bool,
     memory_backing: MemoryBacking,
     taps: TapRegistry,
+    volume_control: bool,
 }
 
 impl Default for KvmHypervisor {
@@ -102,7 +104,71 @@ impl KvmHypervisor {
             entropy: true,
             memory_backing: MemoryBacking::Anonymous,
             taps: TapRegistry::default(),
+            volume_control: false,
         }
+    }
+
+    /// Whether local volumes ([`DiskBackend::Volume`]) this process opens
+    /// serve `hci_storage::local::control` on their control socket while
+    /// open, so other processes can snapshot them (off by default; `hci-vmm`
+    /// turns it on).
+    pub fn with_volume_control_sockets(mut self, on: bool) -> Self {
+        self.volume_control = on;
+        self
+    }
+
+    /// Opens (or, with `prepare`, prepares to take over in a live
+    /// migration) the volumes of `config`'s [`DiskBackend::Volume`] and
+    /// [`DiskBackend::Replicated`] disks as [`HandoverDisk`]s, replacing
+    /// them with the opened devices. On error, what was opened is closed.
+    pub async fn open_disks(
+        &self,
+        config: &mut VmConfig,
+        prepare: bool,
+    ) -> Result<Vec<Arc<HandoverDisk>>> {
+        let mut opened: Vec<Arc<HandoverDisk>> = Vec::new();
+        for d in &mut config.disks {
+            let source = match &d.backend {
+                DiskBackend::Volume { path, key_file } => VolumeSource::Local {
+                    path: path.clone(),
+                    key_file: key_file.clone(),
+                    control: self.volume_control,
+                },
+                DiskBackend::Replicated {
+                    volume,
+                    replicas,
+                    token_file,
+                    key_file,
+                    control,
+                } => VolumeSource::Replicated {
+                    volume: volume.clone(),
+                    replicas: replicas.clone(),
+                    token_file: token_file.clone(),
+                    key_file: key_file.clone(),
+                    control: control.clone(),
+                },
+                _ => continue,
+            };
+            let what = format!("disk {} ({})", d.name, source.describe());
+            let r = if prepare {
+                HandoverDisk::prepare(&d.name, source, d.read_only).await
+            } else {
+                HandoverDisk::open(&d.name, source, d.read_only).await
+            };
+            match r {
+                Ok(disk) => {
+                    d.backend = DiskBackend::Device(disk.clone());
+                    opened.push(disk);
+                }
+                Err(e) => {
+                    for o in &opened {
+                        let _ = o.close().await;
+                    }
+                    return Err(Error::invalid(what, e.to_string()));
+                }
+            }
+        }
+        Ok(opened)
     }
 
     /// What backs the guest RAM of VMs this creates (anonymous memory by
@@ -163,11 +229,24 @@ impl KvmHypervisor {
     }
 
     /// Like [`Hypervisor::create`], returning the concrete handle.
-    pub async fn create_vm(&self, config: VmConfig) -> Result<KvmVm> {
-        let spec = self.spec(config)?;
-        let executor = Executor::current();
-        let vm = blocking(move || Vm::new(spec, executor).map_err(Error::from)).await?;
-        Ok(KvmVm { vm })
+    /// Volumes ([`DiskBackend::Volume`], [`DiskBackend::Replicated`]) are
+    /// opened here as [`HandoverDisk`]s, so the VM can migrate with them.
+    pub async fn create_vm(&self, mut config: VmConfig) -> Result<KvmVm> {
+        let disks = self.open_disks(&mut config, false).await?;
+        let built = match self.spec(config) {
+            Ok(spec) => {
+                let executor = Executor::current();
+                blocking(move || Vm::new(spec, executor).map_err(Error::from)).await
+            }
+            Err(e) => Err(e),
+        };
+        match built {
+            Ok(vm) => Ok(KvmVm::new(vm, disks)),
+            Err(e) => {
+                close_all(&disks).await;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -369,16 +448,33 @@ impl Hypervisor for KvmHypervisor {
     }
 }
 
+/// Closes every disk (best effort).
+pub(crate) async fn close_all(disks: &[Arc<HandoverDisk>]) {
+    for d in disks {
+        if let Err(e) = d.close().await {
+            tracing::warn!(disk = d.name(), error = %e, "closing a disk");
+        }
+    }
+}
+
 /// A VM of the KVM VMM.
 #[derive(Debug, Clone)]
 pub struct KvmVm {
     vm: Vm,
+    disks: Vec<Arc<HandoverDisk>>,
 }
 
 impl KvmVm {
-    /// Wraps a VM manager.
-    pub(crate) fn from_vm(vm: Vm) -> Self {
-        KvmVm { vm }
+    /// Wraps a VM manager and the volumes it owns.
+    pub(crate) fn new(vm: Vm, disks: Vec<Arc<HandoverDisk>>) -> Self {
+        KvmVm { vm, disks }
+    }
+
+    /// The volumes this VM opened itself (from [`DiskBackend::Volume`] and
+    /// [`DiskBackend::Replicated`] disks): a live migration hands them over;
+    /// close them ([`HandoverDisk::close`]) once the VM is gone.
+    pub fn handover_disks(&self) -> &[Arc<HandoverDisk>] {
+        &self.disks
     }
 
     /// The underlying VM manager (console hub, timings, vCPU usage).

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hci_core::volume::{EncryptionKey, OpenVolume};
 use hci_core::{Error, Result};
-use hci_storage::engine::{EngineOptions, ReplicatedVolume};
+use hci_storage::engine::{EngineOptions, PreparedVolume, ReplicatedVolume};
 use hci_storage::replica::ReplicaNode;
 use hci_storage::replica::client::{RemoteNode, ServerAddr};
 
@@ -49,28 +49,41 @@ fn read(what: &str, f: &Path) -> Result<Vec<u8>> {
     std::fs::read(f).map_err(|e| Error::io(format!("read the {what} {}", f.display()), e))
 }
 
-/// Opens `disk`'s engine and serves its control socket when asked.
-pub async fn open(disk: ReplicatedDisk<'_>) -> Result<OpenedReplicated> {
+/// The engine's view of `disk`'s replica servers and its key.
+fn nodes(disk: ReplicatedDisk<'_>) -> Result<(Vec<Arc<dyn ReplicaNode>>, Option<EncryptionKey>)> {
     if disk.replicas.is_empty() {
         return Err(Error::invalid(
             format!("replicated volume {}", disk.volume),
             "needs at least one replica server",
         ));
     }
-    let token = String::from_utf8_lossy(&read("token file", disk.token_file)?)
-        .trim()
-        .as_bytes()
-        .to_vec();
+    let token = token(disk)?;
     let key = match disk.key_file {
         Some(f) => Some(EncryptionKey::new(read("key file", f)?)),
         None => None,
     };
-    let node = move |at: &str| -> Arc<dyn ReplicaNode> {
-        let mut sa = ServerAddr::new(at, token.clone());
-        sa.timeout = REPLICA_TIMEOUT;
-        Arc::new(RemoteNode::new(sa))
-    };
-    let nodes: Vec<Arc<dyn ReplicaNode>> = disk.replicas.iter().map(|a| node(a)).collect();
+    let nodes = disk.replicas.iter().map(|a| node(a, &token)).collect();
+    Ok((nodes, key))
+}
+
+fn token(disk: ReplicatedDisk<'_>) -> Result<Vec<u8>> {
+    Ok(
+        String::from_utf8_lossy(&read("token file", disk.token_file)?)
+            .trim()
+            .as_bytes()
+            .to_vec(),
+    )
+}
+
+fn node(at: &str, token: &[u8]) -> Arc<dyn ReplicaNode> {
+    let mut sa = ServerAddr::new(at, token.to_vec());
+    sa.timeout = REPLICA_TIMEOUT;
+    Arc::new(RemoteNode::new(sa))
+}
+
+/// Opens `disk`'s engine and serves its control socket when asked.
+pub async fn open(disk: ReplicatedDisk<'_>) -> Result<OpenedReplicated> {
+    let (nodes, key) = nodes(disk)?;
     let engine = ReplicatedVolume::open(
         disk.volume,
         &nodes,
@@ -81,33 +94,56 @@ pub async fn open(disk: ReplicatedDisk<'_>) -> Result<OpenedReplicated> {
         EngineOptions::default(),
     )
     .await?;
-    let control = match disk.control {
-        None => None,
-        Some(path) => {
-            let vol = disk.volume.to_string();
-            let resolve = move |r: &str| -> Result<Arc<dyn ReplicaNode>> {
-                let at = match r.rsplit_once('/') {
-                    Some((at, v)) if v == vol => at,
-                    Some((_, v)) => {
-                        return Err(Error::invalid(
-                            format!("replica {r:?}"),
-                            format!("names volume {v}, this engine serves {vol}"),
-                        ));
-                    }
-                    None => r,
-                };
-                Ok(node(at))
-            };
-            match hci_storage::control::Controller::new(engine.clone(), Box::new(resolve))
-                .serve(path)
-            {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    let _ = engine.close().await;
-                    return Err(e);
-                }
-            }
+    match serve_control(&engine, disk) {
+        Ok(control) => Ok(OpenedReplicated { engine, control }),
+        Err(e) => {
+            let _ = engine.close().await;
+            Err(e)
         }
+    }
+}
+
+/// Prepares `disk`'s engine for a hand-over ([`ReplicatedVolume::prepare`]):
+/// replicas reached and size known, nobody fenced; activate it at the
+/// switch-over, then [`serve_control`].
+pub async fn prepare(disk: ReplicatedDisk<'_>) -> Result<PreparedVolume> {
+    let (nodes, key) = nodes(disk)?;
+    ReplicatedVolume::prepare(
+        disk.volume,
+        &nodes,
+        OpenVolume {
+            read_only: disk.read_only,
+            encryption_key: key,
+        },
+        EngineOptions::default(),
+    )
+    .await
+}
+
+/// Serves `engine`'s control socket when `disk` asks for one.
+pub fn serve_control(
+    engine: &Arc<ReplicatedVolume>,
+    disk: ReplicatedDisk<'_>,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(path) = disk.control else {
+        return Ok(None);
     };
-    Ok(OpenedReplicated { engine, control })
+    let token = token(disk)?;
+    let vol = disk.volume.to_string();
+    let resolve = move |r: &str| -> Result<Arc<dyn ReplicaNode>> {
+        let at = match r.rsplit_once('/') {
+            Some((at, v)) if v == vol => at,
+            Some((_, v)) => {
+                return Err(Error::invalid(
+                    format!("replica {r:?}"),
+                    format!("names volume {v}, this engine serves {vol}"),
+                ));
+            }
+            None => r,
+        };
+        Ok(node(at, &token))
+    };
+    hci_storage::control::Controller::new(engine.clone(), Box::new(resolve))
+        .serve(path)
+        .map(Some)
 }
