@@ -127,6 +127,8 @@ impl KvmHypervisor {
             };
             let incoming = accepted.read_state()?;
             let built = (|| -> Result<Vm> {
+                // Every disk at once: a fence round on the replicas, a lock.
+                let mut tasks = Vec::new();
                 for d in &disks {
                     let released = incoming.state.handover.iter().find(|r| r.disk == d.name());
                     let Some(released) = released else {
@@ -135,7 +137,21 @@ impl KvmHypervisor {
                             "the source did not hand it over (does it own the volume?)",
                         ));
                     };
-                    rt.block_on(d.activate(released.generation))?;
+                    let (d, g) = (Arc::clone(d), released.generation);
+                    tasks.push(rt.spawn(async move { d.activate(g).await }));
+                }
+                let mut first_err = None;
+                for t in tasks {
+                    let r = rt
+                        .block_on(t)
+                        .map_err(|e| Error::io("take a disk over", std::io::Error::other(e)))
+                        .and_then(|r| r);
+                    if let Err(e) = r {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                if let Some(e) = first_err {
+                    return Err(e);
                 }
                 let vm = match early {
                     Some(vm) => vm,

@@ -350,10 +350,11 @@ impl HandoverDisk {
     }
 
     /// Source side of a hand-over (the VM paused and its devices
-    /// quiesced): flushes, then lets the volume go — a local volume's lock
-    /// and control socket, a replicated volume's engine (released, not
-    /// closed: the target activates without a reconcile). I/O waits from
-    /// now on. On error the disk stays active.
+    /// quiesced): lets the volume go — a local volume's lock and control
+    /// socket, a replicated volume's engine ([released](ReplicatedVolume::release),
+    /// not closed: the target activates without a reconcile). No flush: the
+    /// target's flushes sync the same files. I/O waits from now on. On error
+    /// the disk stays active.
     pub async fn release(&self) -> Result<Released> {
         let _t = self.transition.lock().await;
         let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -371,18 +372,10 @@ impl HandoverDisk {
                 }
                 Some(engine.generation())
             }
-            Some(Owned::Local { replica, .. }) => {
-                let r = replica.clone();
-                let flushed = tokio::task::spawn_blocking(move || r.flush())
-                    .await
-                    .map_err(|e| Error::io("flush a volume", std::io::Error::other(e)))
-                    .and_then(|r| r);
-                if let Err(e) = flushed {
-                    *self.owned.lock().unwrap_or_else(|e| e.into_inner()) = owned;
-                    return Err(e);
-                }
-                None
-            }
+            // Nothing to flush: the target opens the same files on this
+            // host, and its flushes sync them (see
+            // [`ReplicatedVolume::release`] for the same argument).
+            Some(Owned::Local { .. }) => None,
         };
         self.set_slot(Slot::Waiting);
         let local = match &owned {
@@ -394,8 +387,15 @@ impl HandoverDisk {
             // The lock goes with the last reference: the control socket's
             // task (aborted) and its connections let go of theirs shortly.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            let mut spins = 0u32;
             while Arc::strong_count(&replica) > 1 && std::time::Instant::now() < deadline {
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                // Usually one turn of the runtime drops the aborted task.
+                if spins < 100 {
+                    tokio::task::yield_now().await;
+                    spins += 1;
+                } else {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
             }
             if Arc::strong_count(&replica) > 1 {
                 let dev: Arc<dyn BlockDevice> =

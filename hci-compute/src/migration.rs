@@ -320,11 +320,34 @@ fn precopy_and_switch(
             // The devices are stopped: flush and let the volumes go, so the
             // target can take them when it has the state.
             let t = Instant::now();
-            for d in disks {
-                let r = rt.block_on(d.release()).map_err(|e| {
-                    failed(format!("release disk {} for the target: {e}", d.name()))
-                })?;
-                released.push(r);
+            // All at once: each waits for its volume's requests in flight.
+            let tasks: Vec<_> = disks
+                .iter()
+                .map(|d| {
+                    let d = Arc::clone(d);
+                    rt.spawn(async move { d.release().await })
+                })
+                .collect();
+            let mut first_err = None;
+            for (d, t) in disks.iter().zip(tasks) {
+                match rt.block_on(t) {
+                    Ok(Ok(r)) => released.push(r),
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(failed(format!(
+                            "release disk {} for the target: {e}",
+                            d.name()
+                        )));
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(failed(format!(
+                            "release disk {} for the target: {e}",
+                            d.name()
+                        )));
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
             }
             release_time = t.elapsed();
             state.handover = released.clone();

@@ -702,17 +702,26 @@ impl ReplicatedVolume {
         }
     }
 
-    /// Hands the volume over (live migration): flushes every replica and
-    /// refuses further I/O, like [`ReplicatedVolume::close`] but without
-    /// recording a clean shutdown — the next engine, told this engine's
-    /// [generation](ReplicatedVolume::generation) by the caller, activates
-    /// with [`PreparedVolume::activate_after_release`] and needs no reconcile.
+    /// Hands the volume over (live migration): waits for the requests in
+    /// flight and refuses further I/O, like [`ReplicatedVolume::close`] but
+    /// without a flush or a clean-shutdown record — the next engine, told
+    /// this engine's [generation](ReplicatedVolume::generation) by the
+    /// caller, activates with [`PreparedVolume::activate_after_release`] and
+    /// needs no reconcile.
+    ///
+    /// No flush is needed: every write was acknowledged by every writable
+    /// replica, so the replicas hold the same data, and the next engine's
+    /// flushes sync the same files on the same replicas (durability asked
+    /// for by a guest flush that completed here is already there). Until
+    /// then, this engine's dirty-region marks stay on the replicas, so a
+    /// crash of a replica server before the next flush is reconciled as
+    /// before. This keeps the hand-over's downtime free of disk syncs.
     pub async fn release(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
         let _q = self.quiesce.write().await;
-        self.fan_out(|d| async move { d.flush().await }).await?;
+        self.check_fenced()?;
         self.closed.store(true, Ordering::SeqCst);
         tracing::info!(volume = %self.name, generation = self.generation, "replicated volume released");
         Ok(())
