@@ -132,6 +132,11 @@ impl Drop for Owned {
 enum Slot {
     /// This process owns the volume: I/O goes to `dev`.
     Active { dev: Arc<dyn BlockDevice> },
+    /// Prepared, not owned: reads go to `dev` (a read-only engine, which
+    /// fences nobody); writes wait, flushes have nothing to sync. A QEMU
+    /// started for an incoming migration reads its disks while the source
+    /// still runs (it drops what it read when the migration completes).
+    Reading { dev: Arc<dyn BlockDevice> },
     /// Not owned (yet, or any more): I/O waits.
     Waiting,
     /// Never owned again: I/O fails with this reason.
@@ -148,6 +153,8 @@ pub struct HandoverDisk {
     slot: RwLock<Slot>,
     owned: Mutex<Option<Owned>>,
     prepared: tokio::sync::Mutex<Option<PreparedVolume>>,
+    /// Set once this process owned the volume.
+    owned_once: std::sync::atomic::AtomicBool,
     /// Bumped whenever `slot` changes, to wake waiting I/O.
     changed: tokio::sync::watch::Sender<u64>,
     /// Serialises open/release/activate.
@@ -180,6 +187,7 @@ impl HandoverDisk {
             slot: RwLock::new(Slot::Waiting),
             owned: Mutex::new(None),
             prepared: tokio::sync::Mutex::new(None),
+            owned_once: std::sync::atomic::AtomicBool::new(false),
             changed: tokio::sync::watch::Sender::new(0),
             transition: tokio::sync::Mutex::new(()),
         })
@@ -212,6 +220,15 @@ impl HandoverDisk {
                 let prepared = replicated::prepare(spec).await?;
                 disk.set_size(prepared.size());
                 *disk.prepared.lock().await = Some(prepared);
+                let reader = replicated::prepare(ReplicatedDisk {
+                    read_only: true,
+                    control: None,
+                    ..spec
+                })
+                .await?
+                .activate()
+                .await?;
+                disk.set_slot(Slot::Reading { dev: reader });
             }
             VolumeSource::Local { path, .. } => {
                 if let (Some(parent), Some(n)) = (path.parent(), path.file_name()) {
@@ -237,6 +254,17 @@ impl HandoverDisk {
     /// Where its volume lives.
     pub fn source(&self) -> &VolumeSource {
         &self.source
+    }
+
+    /// The generation of the engine that owned a replicated volume when
+    /// this disk was prepared (the one the hand-over takes it from), while
+    /// prepared and not yet activated.
+    pub async fn prepared_from(&self) -> Option<u64> {
+        self.prepared
+            .lock()
+            .await
+            .as_ref()
+            .map(|p| p.generation().saturating_sub(1))
     }
 
     /// Whether this process owns the volume now.
@@ -265,7 +293,15 @@ impl HandoverDisk {
         self.size.store(size, std::sync::atomic::Ordering::SeqCst);
     }
 
+    fn was_owned(&self) -> bool {
+        self.owned_once.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn set_slot(&self, slot: Slot) {
+        if matches!(slot, Slot::Active { .. }) {
+            self.owned_once
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = slot;
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
@@ -489,22 +525,26 @@ impl HandoverDisk {
         Ok(())
     }
 
-    /// The device I/O goes to, waiting while the volume is not owned here.
-    async fn device(&self) -> Result<Arc<dyn BlockDevice>> {
-        if let Slot::Active { dev } = &*self.slot.read().unwrap_or_else(|e| e.into_inner()) {
-            return Ok(dev.clone());
+    /// The device I/O goes to, waiting while the volume is not owned here
+    /// (reads are served while prepared, when `read` and a reader exists).
+    async fn device(&self, read: bool) -> Result<Arc<dyn BlockDevice>> {
+        match &*self.slot.read().unwrap_or_else(|e| e.into_inner()) {
+            Slot::Active { dev } => return Ok(dev.clone()),
+            Slot::Reading { dev } if read => return Ok(dev.clone()),
+            _ => {}
         }
         let mut rx = self.changed.subscribe();
         loop {
             match &*self.slot.read().unwrap_or_else(|e| e.into_inner()) {
                 Slot::Active { dev } => return Ok(dev.clone()),
+                Slot::Reading { dev } if read => return Ok(dev.clone()),
                 Slot::Failed(why) => {
                     return Err(Error::Unavailable {
                         what: format!("disk {}", self.name),
                         source: Some(why.clone().into()),
                     });
                 }
-                Slot::Waiting => {}
+                Slot::Waiting | Slot::Reading { .. } => {}
             }
             if rx.changed().await.is_err() {
                 return Err(Error::Cancelled);
@@ -534,26 +574,115 @@ impl BlockDevice for HandoverDisk {
     }
 
     async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.device().await?.read_at(buf, offset).await
+        self.device(true).await?.read_at(buf, offset).await
     }
 
     async fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> Result<()> {
-        self.device().await?.write_at(buf, offset, flags).await
+        self.device(false).await?.write_at(buf, offset, flags).await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.device().await?.flush().await
+        enum Next {
+            Flush(Arc<dyn BlockDevice>),
+            Done,
+            Wait,
+            Fail(String),
+        }
+        let next = match &*self.slot.read().unwrap_or_else(|e| e.into_inner()) {
+            Slot::Active { dev } => Next::Flush(dev.clone()),
+            // Prepared, never owned: nothing was written through this disk.
+            Slot::Waiting | Slot::Reading { .. } if !self.was_owned() => Next::Done,
+            // Released: a flush waits like a write (none comes from a
+            // quiesced source).
+            Slot::Waiting | Slot::Reading { .. } => Next::Wait,
+            Slot::Failed(why) => Next::Fail(why.clone()),
+        };
+        match next {
+            Next::Flush(dev) => dev.flush().await,
+            Next::Done => Ok(()),
+            Next::Wait => self.device(false).await?.flush().await,
+            Next::Fail(why) => Err(Error::Unavailable {
+                what: format!("disk {}", self.name),
+                source: Some(why.into()),
+            }),
+        }
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.device().await?.discard(offset, len).await
+        self.device(false).await?.discard(offset, len).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.device().await?.write_zeroes(offset, len, flags).await
+        self.device(false)
+            .await?
+            .write_zeroes(offset, len, flags)
+            .await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.device().await?.block_status(offset, len).await
+        self.device(true).await?.block_status(offset, len).await
     }
+}
+
+/// Opens (or, with `prepare`, prepares to take over in a live migration)
+/// the volumes of `config`'s [`DiskBackend::Volume`] and
+/// [`DiskBackend::Replicated`] disks as [`HandoverDisk`]s and replaces them
+/// with the opened devices ([`DiskBackend::Device`]); `volume_control`:
+/// local volumes serve their control socket while owned here; without
+/// `local`, [`DiskBackend::Volume`] disks are left as they are. On error,
+/// what was opened is closed.
+///
+/// [`DiskBackend::Volume`]: hci_core::compute::DiskBackend::Volume
+/// [`DiskBackend::Replicated`]: hci_core::compute::DiskBackend::Replicated
+/// [`DiskBackend::Device`]: hci_core::compute::DiskBackend::Device
+pub async fn open_config_disks(
+    config: &mut hci_core::compute::VmConfig,
+    prepare: bool,
+    volume_control: bool,
+    local: bool,
+) -> Result<Vec<Arc<HandoverDisk>>> {
+    use hci_core::compute::DiskBackend;
+    let mut opened: Vec<Arc<HandoverDisk>> = Vec::new();
+    for d in &mut config.disks {
+        let source = match &d.backend {
+            DiskBackend::Volume { path, key_file } if local => VolumeSource::Local {
+                path: path.clone(),
+                key_file: key_file.clone(),
+                control: volume_control,
+            },
+            DiskBackend::Replicated {
+                volume,
+                replicas,
+                token_file,
+                key_file,
+                control,
+            } => VolumeSource::Replicated {
+                volume: volume.clone(),
+                replicas: replicas.clone(),
+                token_file: token_file.clone(),
+                key_file: key_file.clone(),
+                control: control.clone(),
+            },
+            _ => continue,
+        };
+        let what = format!("disk {} ({})", d.name, source.describe());
+        let r = if prepare {
+            HandoverDisk::prepare(&d.name, source, d.read_only).await
+        } else {
+            HandoverDisk::open(&d.name, source, d.read_only).await
+        };
+        match r {
+            Ok(disk) => {
+                d.backend = DiskBackend::Device(disk.clone());
+                opened.push(disk);
+            }
+            Err(e) => {
+                for o in &opened {
+                    let _ = o.close().await;
+                }
+                return Err(Error::invalid(what, e.to_string()));
+            }
+        }
+    }
+    Ok(opened)
 }

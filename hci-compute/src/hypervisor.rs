@@ -41,7 +41,7 @@ use hci_core::{Error, Result};
 use crate::console::ConsoleHub;
 use crate::devices::virtio::block::Executor;
 use crate::devices::virtio::net::TapSource;
-use crate::handover::{HandoverDisk, VolumeSource};
+use crate::handover::HandoverDisk;
 use crate::memory::{self, MemoryBacking};
 use crate::sys;
 use crate::vm::{DiskSpec, NicSpec, Vm, VmSpec};
@@ -120,55 +120,13 @@ impl KvmHypervisor {
     /// Opens (or, with `prepare`, prepares to take over in a live
     /// migration) the volumes of `config`'s [`DiskBackend::Volume`] and
     /// [`DiskBackend::Replicated`] disks as [`HandoverDisk`]s, replacing
-    /// them with the opened devices. On error, what was opened is closed.
+    /// them with the opened devices (see [`crate::handover::open_config_disks`]).
     pub async fn open_disks(
         &self,
         config: &mut VmConfig,
         prepare: bool,
     ) -> Result<Vec<Arc<HandoverDisk>>> {
-        let mut opened: Vec<Arc<HandoverDisk>> = Vec::new();
-        for d in &mut config.disks {
-            let source = match &d.backend {
-                DiskBackend::Volume { path, key_file } => VolumeSource::Local {
-                    path: path.clone(),
-                    key_file: key_file.clone(),
-                    control: self.volume_control,
-                },
-                DiskBackend::Replicated {
-                    volume,
-                    replicas,
-                    token_file,
-                    key_file,
-                    control,
-                } => VolumeSource::Replicated {
-                    volume: volume.clone(),
-                    replicas: replicas.clone(),
-                    token_file: token_file.clone(),
-                    key_file: key_file.clone(),
-                    control: control.clone(),
-                },
-                _ => continue,
-            };
-            let what = format!("disk {} ({})", d.name, source.describe());
-            let r = if prepare {
-                HandoverDisk::prepare(&d.name, source, d.read_only).await
-            } else {
-                HandoverDisk::open(&d.name, source, d.read_only).await
-            };
-            match r {
-                Ok(disk) => {
-                    d.backend = DiskBackend::Device(disk.clone());
-                    opened.push(disk);
-                }
-                Err(e) => {
-                    for o in &opened {
-                        let _ = o.close().await;
-                    }
-                    return Err(Error::invalid(what, e.to_string()));
-                }
-            }
-        }
-        Ok(opened)
+        crate::handover::open_config_disks(config, prepare, self.volume_control, true).await
     }
 
     /// What backs the guest RAM of VMs this creates (anonymous memory by

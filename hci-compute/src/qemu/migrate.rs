@@ -11,10 +11,18 @@
 //! guest now runs on the target; the source VM stops as `Killed`). On
 //! failure, cancel or timeout the source keeps running.
 //!
+//! Replicated volumes move with the guest (see [`crate::handover`]): the
+//! target prepares their engines before its QEMU starts (the NBD exports
+//! exist, QEMU connects; requests would wait), and takes the volumes over
+//! when its QEMU reports the incoming migration `completed` — the source
+//! QEMU has then stopped the guest and drained its disks, so the source's
+//! engine is idle; the target's activation fences it. The source releases
+//! its engines when its QEMU reports `completed`. Both sides react to QMP
+//! `MIGRATION` events (polling `query-migrate` as a fallback). Local
+//! volumes are not handed over by this backend (refused at the target).
+//!
 //! Limits: QEMU's migration stream is neither authenticated nor encrypted
-//! (the token is not checked; use a trusted network); disks are not
-//! copied — both sides must reach the same storage, and handing a
-//! replicated volume's engine over at switchover is not done yet.
+//! (the token is not checked; use a trusted network).
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +37,47 @@ use tokio::sync::watch;
 use super::{QemuHypervisor, QemuVm};
 
 const POLL: Duration = Duration::from_millis(50);
+
+/// Waits for a QMP `MIGRATION` event, or `POLL` at most.
+async fn migration_event(events: &mut tokio::sync::broadcast::Receiver<super::qmp::Event>) {
+    let _ = tokio::time::timeout(POLL, async {
+        loop {
+            match events.recv().await {
+                Ok(e) if e.name == "MIGRATION" => return,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    // QEMU is gone: the state check says so next.
+                    tokio::time::sleep(POLL).await;
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// Runs `f` on every volume at once; the first error wins.
+async fn on_volumes<F, Fut>(
+    volumes: &[std::sync::Arc<crate::handover::HandoverDisk>],
+    f: F,
+) -> Result<()>
+where
+    F: Fn(std::sync::Arc<crate::handover::HandoverDisk>) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let tasks: Vec<_> = volumes.iter().map(|d| tokio::spawn(f(d.clone()))).collect();
+    let mut first = None;
+    for t in tasks {
+        let r = t
+            .await
+            .map_err(|e| Error::io("hand a volume over", std::io::Error::other(e)))
+            .and_then(|r| r);
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
 
 fn failed(message: String) -> Error {
     Error::Backend {
@@ -62,8 +111,23 @@ impl QemuHypervisor {
             ));
         }
         let mut extra = self.extra_args.clone();
-        extra.extend(["-incoming".to_string(), format!("tcp:{listen}")]);
-        self.launch(config, extra).await
+        extra.extend(["-incoming".to_string(), "defer".to_string()]);
+        let vm = self.launch(config, extra, true).await?;
+        // MIGRATION events tell finish_incoming at once when the stream is
+        // in (the switch-over waits for it); then listen.
+        vm.qmp()
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [{ "capability": "events", "state": true }] })),
+            )
+            .await?;
+        vm.qmp()
+            .execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("tcp:{listen}") })),
+            )
+            .await?;
+        Ok(vm)
     }
 }
 
@@ -71,6 +135,20 @@ impl QemuVm {
     /// Waits until the incoming migration of a VM from
     /// [`QemuHypervisor::prepare_incoming`] has arrived, then runs it.
     pub async fn finish_incoming(&self) -> Result<()> {
+        let mut events = self.qmp().events();
+        let r = self.await_incoming(&mut events).await;
+        if let Err(e) = &r {
+            for d in self.volumes() {
+                d.fail(&format!("the incoming migration failed: {e}")).await;
+            }
+        }
+        r
+    }
+
+    async fn await_incoming(
+        &self,
+        events: &mut tokio::sync::broadcast::Receiver<super::qmp::Event>,
+    ) -> Result<()> {
         loop {
             if let VmState::Stopped(r) = self.state().await? {
                 return Err(failed(format!(
@@ -85,7 +163,21 @@ impl QemuVm {
                 _ => {
                     let m = self.qmp().execute("query-migrate", None).await?;
                     match m["status"].as_str().unwrap_or_default() {
-                        "completed" => return self.start().await,
+                        "completed" => {
+                            // The source QEMU stopped the guest and drained
+                            // its disks: its engines are idle. Take the
+                            // volumes over (fences them), then run.
+                            let t = Instant::now();
+                            on_volumes(self.volumes(), |d| async move {
+                                let from = d.prepared_from().await;
+                                d.activate(from).await
+                            })
+                            .await?;
+                            if !self.volumes().is_empty() {
+                                tracing::info!(vm = %self.name(), took = ?t.elapsed(), "volumes taken over");
+                            }
+                            return self.start().await;
+                        }
                         "failed" | "cancelled" => {
                             return Err(failed(format!(
                                 "the incoming migration of VM {} failed: {}",
@@ -97,7 +189,7 @@ impl QemuVm {
                     }
                 }
             }
-            tokio::time::sleep(POLL).await;
+            migration_event(events).await;
         }
     }
 }
@@ -119,6 +211,7 @@ impl Migratable for QemuVm {
             });
         }
         let qmp = self.qmp();
+        let mut events = qmp.events();
         qmp.execute(
             "migrate-set-capabilities",
             Some(json!({ "capabilities": [
@@ -145,7 +238,17 @@ impl Migratable for QemuVm {
             match q["status"].as_str().unwrap_or_default() {
                 "completed" => {
                     tracing::info!(vm = %self.name(), target, downtime = ?p.downtime, "migrated");
-                    // The guest runs on the target now: end this QEMU.
+                    // The target takes the volumes over now: let them go
+                    // (this QEMU issues no more I/O), then end this QEMU.
+                    if let Err(e) =
+                        on_volumes(
+                            self.volumes(),
+                            |d| async move { d.release().await.map(|_| ()) },
+                        )
+                        .await
+                    {
+                        tracing::warn!(vm = %self.name(), error = %e, "releasing a volume failed");
+                    }
                     self.kill().await?;
                     return Ok(p);
                 }
@@ -166,7 +269,7 @@ impl Migratable for QemuVm {
                     options.timeout
                 )));
             }
-            tokio::time::sleep(POLL).await;
+            migration_event(&mut events).await;
         }
     }
 }
