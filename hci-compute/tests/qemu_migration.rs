@@ -164,7 +164,7 @@ async fn a_migration_to_nowhere_fails_and_the_source_keeps_running() {
 }
 
 /// A replicated volume (two in-process replica servers) moves with the
-/// guest: the target's engine is only prepared until its QEMU has the
+/// guest, over a TLS-PSK stream keyed by the token: the target's engine is only prepared until its QEMU has the
 /// whole stream, then takes the volume over (the source's generation is
 /// refused from then on); data written through the source's engine before
 /// is read through the target's after.
@@ -230,7 +230,7 @@ async fn a_replicated_disk_is_handed_over_at_the_switch() {
         .port();
     let target = format!("127.0.0.1:{port}");
     let dst = hv
-        .prepare_incoming(own(base, "dst"), &target)
+        .prepare_incoming_with_token(own(base, "dst"), &target, "s3cret")
         .await
         .expect("start the target QEMU");
     // Prepared only: nobody fenced the source yet.
@@ -253,7 +253,7 @@ async fn a_replicated_disk_is_handed_over_at_the_switch() {
                 MigrationOptions {
                     max_downtime: Duration::from_millis(100),
                     timeout: WAIT,
-                    token: String::new(),
+                    token: "s3cret".into(),
                 },
                 tx,
             ),
@@ -315,4 +315,48 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_fails_the_tls_handshake_and_the_source_keeps_running() {
+    let hv = QemuHypervisor::new();
+    hv.resolve_binary()
+        .expect("needs qemu-system-x86_64 (scripts/install-deps.sh installs it)");
+    let base = config("qmigt", guest(Guest::Dirty), 1, "mib=1 every=100000");
+    let src = hv
+        .create_vm(own(base.clone(), "src"))
+        .await
+        .expect("create");
+    src.start().await.expect("start");
+    wait_counts(&src, 1).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let target = format!("127.0.0.1:{port}");
+    let dst = hv
+        .prepare_incoming_with_token(own(base, "dst"), &target, "right")
+        .await
+        .expect("start the target QEMU");
+    let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+    let r = tokio::time::timeout(
+        WAIT,
+        src.migrate(
+            &target,
+            MigrationOptions {
+                max_downtime: Duration::from_millis(100),
+                timeout: WAIT,
+                token: "wrong".into(),
+            },
+            tx,
+        ),
+    )
+    .await
+    .expect("migrate returns");
+    assert!(r.is_err(), "a wrong token was accepted: {r:?}");
+    assert_eq!(src.state().await.expect("state"), VmState::Running);
+    let n = counts(&console(&src)).len();
+    wait_counts(&src, n + 1).await;
+    src.kill().await.expect("kill");
+    dst.kill().await.expect("kill");
 }
