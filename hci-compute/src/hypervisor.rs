@@ -13,9 +13,12 @@
 //! namespace). Every VM also gets a virtio-rng entropy device unless
 //! [`KvmHypervisor::with_entropy`] turns it off.
 //!
+//! Disks: an in-process [`BlockDevice`](hci_core::block::BlockDevice), or a
+//! local or replicated volume, which this process opens itself as a
+//! [`HandoverDisk`] so a live migration can hand it over.
+//!
 //! Not yet supported (refused with [`Error::Unsupported`] at `create`):
-//! firmware boot, disk backends other than an in-process
-//! [`BlockDevice`](hci_core::block::BlockDevice), non-virtio disk buses and
+//! firmware boot, NBD and raw-file disk backends, non-virtio disk buses and
 //! NIC models, multi-queue TAP descriptors, and cloud-init seeds.
 //!
 //! Graceful shutdown: [`VmHandle::shutdown`] presses Ctrl-Alt-Del on the

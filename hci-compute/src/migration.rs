@@ -10,8 +10,8 @@
 //!   pass n: pages dirtied since pass n-1    →      (zero pages as ZEROS)
 //!   … until the dirty set fits max_downtime at the measured bandwidth,
 //!     or the pass limit forces the switch-over
-//!   pause vCPUs, quiesce devices
-//!   last dirty pages, STATE, END            →      builds the VM (opens disks),
+//!   pause vCPUs, quiesce devices, release disks
+//!   last dirty pages, STATE, END            →      takes the disks over,
 //!                                                  loads state, resumes
 //!                                           ←      REPLY ok (running) | error
 //!   stop (the guest lives on the target)           or: source resumes
@@ -23,10 +23,14 @@
 //! final `REPLY`, any error, a timeout or a cancel leaves the source running
 //! (resumed if it was paused for the switch-over).
 //!
-//! Disks are not copied: the target opens the same volumes when it builds
-//! the VM, after the source has paused and stopped its devices. For
-//! replicated volumes the target's engine takes a newer fencing generation,
-//! so the source's engine is refused from then on.
+//! Disks are not copied: the volumes the source owns
+//! ([`HandoverDisk`](crate::handover::HandoverDisk)s) are released once its
+//! devices stopped, their release (a replicated engine's generation) goes
+//! with the machine state, and the target — which prepared them before
+//! accepting — takes them over before it runs the guest: a local volume's
+//! lock, a replicated volume's engine with a newer fencing generation, so
+//! the source's engine is refused from then on. If the target does not
+//! answer "running", the source takes its volumes back and resumes.
 
 use std::io::{BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};

@@ -49,8 +49,11 @@ fn read(what: &str, f: &Path) -> Result<Vec<u8>> {
     std::fs::read(f).map_err(|e| Error::io(format!("read the {what} {}", f.display()), e))
 }
 
+/// The replica servers of a volume, as the engine sees them.
+type Nodes = Vec<Arc<dyn ReplicaNode>>;
+
 /// The engine's view of `disk`'s replica servers and its key.
-fn nodes(disk: ReplicatedDisk<'_>) -> Result<(Vec<Arc<dyn ReplicaNode>>, Option<EncryptionKey>)> {
+fn nodes(disk: ReplicatedDisk<'_>) -> Result<(Nodes, Option<EncryptionKey>)> {
     if disk.replicas.is_empty() {
         return Err(Error::invalid(
             format!("replicated volume {}", disk.volume),
