@@ -8,6 +8,8 @@
 #   scripts/bench-migration.sh
 #   RATES=idle,50,200,400 scripts/bench-migration.sh
 #   NO_QEMU=1 scripts/bench-migration.sh
+#   DISKS=1 scripts/bench-migration.sh   # also ours with a local and a
+#                                        # 2-replica volume handed over
 #
 # Per run: total migration time, pre-copy passes (ours: passes including the
 # final one; QEMU: dirty-sync-count), downtime (ours: vCPUs paused on the
@@ -22,4 +24,5 @@ cargo build --release -q -p hci-compute --bin hci-vmm --example migration_bench
 T="${CARGO_TARGET_DIR:-target}/release"
 ARGS=(--vmm "$T/hci-vmm" --rates "$RATES")
 [ -n "${NO_QEMU:-}" ] && ARGS+=(--no-qemu)
+[ -n "${DISKS:-}" ] && ARGS+=(--disks)
 exec "$T/examples/migration_bench" "${ARGS[@]}"

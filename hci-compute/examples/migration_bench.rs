@@ -4,8 +4,13 @@
 //! and then rewritten at a chosen rate. Prints one line per run and the
 //! ratios. Driven by `scripts/bench-migration.sh`.
 //!
+//! With `--disks`, each rate also runs ours with two disks handed over at
+//! the switch-over — a local volume and a volume replicated on two replica
+//! servers on loopback — while the guest writes to both (about 100 blocks
+//! a second; not when idle).
+//!
 //! ```text
-//! migration_bench --vmm target/release/hci-vmm [--rates idle,50,200] [--no-qemu]
+//! migration_bench --vmm target/release/hci-vmm [--rates idle,50,200] [--no-qemu] [--disks]
 //! ```
 
 // A benchmark's report is its standard output.
@@ -77,7 +82,87 @@ fn wait_file(path: &Path, needle: &str, within: Duration) -> Result<()> {
     Ok(())
 }
 
-async fn ours(vmm: &Path, guest: &Path, line: &str, dir: &Path) -> Result<Run> {
+/// Disks for the runs with disks: replica servers on loopback.
+struct Disks {
+    dir: PathBuf,
+    token_file: PathBuf,
+    replicas: Vec<String>,
+    nodes: Vec<std::sync::Arc<dyn hci_storage::replica::ReplicaNode>>,
+    _tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Disks {
+    async fn new(dir: &Path) -> Result<Disks> {
+        use hci_storage::replica::client::{RemoteNode, ServerAddr};
+        use hci_storage::replica::server::ReplicaServer;
+        let token_file = dir.join("replica.token");
+        std::fs::write(&token_file, "bench")?;
+        let (mut replicas, mut nodes, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..2 {
+            let srv = ReplicaServer::new(dir.join(format!("replicas{i}")), "bench")?;
+            let (addr, task) = srv.spawn("127.0.0.1:0").await?;
+            let node: std::sync::Arc<dyn hci_storage::replica::ReplicaNode> =
+                std::sync::Arc::new(RemoteNode::new(ServerAddr::new(addr.to_string(), "bench")));
+            replicas.push(addr.to_string());
+            nodes.push(node);
+            tasks.push(task);
+        }
+        Ok(Disks {
+            dir: dir.to_path_buf(),
+            token_file,
+            replicas,
+            nodes,
+            _tasks: tasks,
+        })
+    }
+
+    /// A fresh local volume and replicated volume for run `tag`.
+    async fn make(&self, tag: &str) -> Result<Vec<hci_core::compute::DiskConfig>> {
+        use hci_core::compute::{DiskBackend, DiskBus, DiskConfig};
+        use hci_core::volume::CreateVolume;
+        let size = 256 << 20;
+        let local = self.dir.join(format!("vol-{tag}"));
+        drop(hci_storage::local::Replica::create(&local, size, None)?);
+        let name = format!("rv-{tag}");
+        for n in &self.nodes {
+            n.backend().create(&name, CreateVolume::new(size)).await?;
+        }
+        let disk = |n: &str, backend| DiskConfig {
+            name: n.into(),
+            backend,
+            bus: DiskBus::Virtio,
+            read_only: false,
+            boot_order: None,
+        };
+        Ok(vec![
+            disk(
+                "local",
+                DiskBackend::Volume {
+                    path: local,
+                    key_file: None,
+                },
+            ),
+            disk(
+                "repl",
+                DiskBackend::Replicated {
+                    volume: name,
+                    replicas: self.replicas.clone(),
+                    token_file: self.token_file.clone(),
+                    key_file: None,
+                    control: None,
+                },
+            ),
+        ])
+    }
+}
+
+async fn ours(
+    vmm: &Path,
+    guest: &Path,
+    line: &str,
+    dir: &Path,
+    disks: Vec<hci_core::compute::DiskConfig>,
+) -> Result<Run> {
     let hv = ProcessHypervisor::with_vmm(vmm);
     let config = |name: &str| VmConfig {
         name: name.into(),
@@ -88,7 +173,7 @@ async fn ours(vmm: &Path, guest: &Path, line: &str, dir: &Path) -> Result<Run> {
             initrd: None,
             cmdline: line.into(),
         },
-        disks: vec![],
+        disks: disks.clone(),
         nics: vec![],
         cloud_init_seed: None,
         run_dir: dir.join(name),
@@ -127,6 +212,7 @@ async fn ours(vmm: &Path, guest: &Path, line: &str, dir: &Path) -> Result<Run> {
     let (p, total) = sent?;
     dst.kill().await?;
     let _ = src.kill().await;
+    let _ = dst.wait().await;
     Ok(Run {
         total,
         passes: u64::from(p.iteration),
@@ -289,10 +375,16 @@ async fn main() -> Result<()> {
     let vmm = PathBuf::from(opt("--vmm").context("--vmm PATH to hci-vmm")?);
     let rates = opt("--rates").unwrap_or_else(|| "idle,50,200".into());
     let with_qemu = !args.iter().any(|a| a == "--no-qemu");
+    let with_disks = args.iter().any(|a| a == "--disks");
     let dir = std::env::temp_dir().join(format!("hci-bench-migration-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let guest = test_guests::build(Guest::Dirty, &dir)?;
     let tsc = tsc_khz();
+    let disks = if with_disks {
+        Some(Disks::new(&dir).await?)
+    } else {
+        None
+    };
     println!(
         "1 GiB guest, {AREA_MIB} MiB area filled then rewritten at RATE MiB/s (TSC {tsc} kHz); max downtime 50 ms both"
     );
@@ -304,8 +396,25 @@ async fn main() -> Result<()> {
         };
         let line = cmdline(r, tsc);
         let run_dir = dir.join(format!("ours-{rate}"));
-        let a = ours(&vmm, &guest, &line, &run_dir).await;
+        let a = ours(&vmm, &guest, &line, &run_dir, vec![]).await;
         show("ours", rate, &a);
+        if let Some(d) = &disks {
+            // About 100 guest disk writes a second (none when idle).
+            let every = r.map_or(1, |r| (r * 256 / 100).max(1));
+            let line = format!("{line} disks=2 diskevery={every}");
+            let run_dir = dir.join(format!("disks-{rate}"));
+            let b = match d.make(rate).await {
+                Ok(cfg) => ours(&vmm, &guest, &line, &run_dir, cfg).await,
+                Err(e) => Err(e),
+            };
+            show("disks", rate, &b);
+            if let (Ok(a), Ok(b)) = (&a, &b) {
+                println!(
+                    "disks rate {rate:>5}: downtime +{:.2} ms with the hand-over of 2 disks (local + 2 replicas)",
+                    (b.downtime.as_secs_f64() - a.downtime.as_secs_f64()) * 1e3
+                );
+            }
+        }
         if with_qemu {
             let qdir = dir.join(format!("qemu-{rate}"));
             std::fs::create_dir_all(&qdir)?;

@@ -15,7 +15,7 @@ use hci_core::{Error, Result};
 use tokio::sync::watch;
 
 use crate::devices::virtio::block::Executor;
-use crate::hypervisor::{KvmHypervisor, KvmVm, blocking};
+use crate::hypervisor::{KvmHypervisor, KvmVm, blocking, close_all};
 use crate::vm::Vm;
 use crate::{migration, snapshot};
 
@@ -48,9 +48,10 @@ impl Migratable for KvmVm {
         let cancel = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(Arc::clone(&cancel));
         let vm = self.vm().clone();
+        let disks = self.handover_disks().to_vec();
         let target = target.to_string();
         blocking(move || {
-            migration::send(&vm, &target, &options, &progress, &cancel).map_err(Error::from)
+            migration::send(&vm, &disks, &target, &options, &progress, &cancel).map_err(Error::from)
         })
         .await
     }
@@ -59,31 +60,51 @@ impl Migratable for KvmVm {
 impl KvmHypervisor {
     /// Restores the VM saved in `path` (see [`Snapshottable::save`]) with
     /// `config` (the same shape as when it was saved); it comes back paused.
-    pub async fn restore_vm(&self, config: VmConfig, path: &Path) -> Result<KvmVm> {
-        let spec = self.spec(config)?;
-        let executor = Executor::current();
-        let path = path.to_owned();
-        blocking(move || {
-            let vm = Vm::new_for_restore(spec, executor, None)?;
-            snapshot::restore(&vm, &path)?;
-            Ok(KvmVm::from_vm(vm))
-        })
-        .await
+    pub async fn restore_vm(&self, mut config: VmConfig, path: &Path) -> Result<KvmVm> {
+        let disks = self.open_disks(&mut config, false).await?;
+        let built = match self.spec(config) {
+            Ok(spec) => {
+                let executor = Executor::current();
+                let path = path.to_owned();
+                blocking(move || {
+                    let vm = Vm::new_for_restore(spec, executor, None)?;
+                    snapshot::restore(&vm, &path)?;
+                    Ok(vm)
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match built {
+            Ok(vm) => Ok(KvmVm::new(vm, disks)),
+            Err(e) => {
+                close_all(&disks).await;
+                Err(e)
+            }
+        }
     }
 
     /// Receives one migration on `listener` (see [`migration::receive`]) and
-    /// returns the VM running here. The VM's disks are opened only once the
-    /// source has paused and sent its state.
+    /// returns the VM running here. Volumes ([`DiskBackend::Volume`],
+    /// [`DiskBackend::Replicated`]) are prepared first without taking them
+    /// from the source (see [`crate::handover`]) and taken over at the
+    /// switch-over, once the source has paused and released them.
+    ///
+    /// [`DiskBackend::Volume`]: hci_core::compute::DiskBackend::Volume
+    /// [`DiskBackend::Replicated`]: hci_core::compute::DiskBackend::Replicated
     pub async fn receive_vm(
         &self,
-        config: VmConfig,
+        mut config: VmConfig,
         listener: std::net::TcpListener,
         token: &str,
     ) -> Result<KvmVm> {
+        let disks = self.open_disks(&mut config, true).await?;
         let hv = self.clone();
         let token = token.to_string();
         let executor = Executor::current();
-        blocking(move || {
+        let rt = tokio::runtime::Handle::current();
+        let all = disks.clone();
+        let r = blocking(move || {
             let accepted = migration::accept(
                 &listener,
                 &token,
@@ -91,10 +112,10 @@ impl KvmHypervisor {
                 config.memory,
                 hv.memory_backing(),
             )?;
-            // Without disks the VM is built while pages arrive (it is most of
-            // the fixed downtime); disks are opened only once the source has
-            // paused and sent its state.
-            let early = if config.disks.is_empty() {
+            // The VM is built while pages arrive (it is most of the fixed
+            // downtime) when every disk's size is known; a local volume
+            // whose owner serves no control socket is sized only once taken.
+            let early = if disks.iter().all(|d| d.size_known()) {
                 let spec = hv.spec(config.clone())?;
                 Some(Vm::new_for_restore(
                     spec,
@@ -106,6 +127,32 @@ impl KvmHypervisor {
             };
             let incoming = accepted.read_state()?;
             let built = (|| -> Result<Vm> {
+                // Every disk at once: a fence round on the replicas, a lock.
+                let mut tasks = Vec::new();
+                for d in &disks {
+                    let released = incoming.state.handover.iter().find(|r| r.disk == d.name());
+                    let Some(released) = released else {
+                        return Err(Error::invalid(
+                            format!("disk {}", d.name()),
+                            "the source did not hand it over (does it own the volume?)",
+                        ));
+                    };
+                    let (d, g) = (Arc::clone(d), released.generation);
+                    tasks.push(rt.spawn(async move { d.activate(g).await }));
+                }
+                let mut first_err = None;
+                for t in tasks {
+                    let r = rt
+                        .block_on(t)
+                        .map_err(|e| Error::io("take a disk over", std::io::Error::other(e)))
+                        .and_then(|r| r);
+                    if let Err(e) = r {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                if let Some(e) = first_err {
+                    return Err(e);
+                }
                 let vm = match early {
                     Some(vm) => vm,
                     None => {
@@ -124,15 +171,31 @@ impl KvmHypervisor {
                         vm.kill();
                         return Err(e.into());
                     }
-                    Ok(KvmVm::from_vm(vm))
+                    Ok(vm)
                 }
                 Err(e) => {
+                    // Let go of what was taken, so the source can take it back.
+                    for d in &disks {
+                        if d.is_active() {
+                            let _ = rt.block_on(d.release());
+                        }
+                    }
                     let _ = incoming.finish(Err(e.to_string()));
                     Err(e)
                 }
             }
         })
-        .await
+        .await;
+        match r {
+            Ok(vm) => Ok(KvmVm::new(vm, all)),
+            Err(e) => {
+                for d in &all {
+                    d.fail(&format!("the migration failed: {e}")).await;
+                }
+                close_all(&all).await;
+                Err(e)
+            }
+        }
     }
 }
 

@@ -13,9 +13,12 @@
 //! namespace). Every VM also gets a virtio-rng entropy device unless
 //! [`KvmHypervisor::with_entropy`] turns it off.
 //!
+//! Disks: an in-process [`BlockDevice`](hci_core::block::BlockDevice), or a
+//! local or replicated volume, which this process opens itself as a
+//! [`HandoverDisk`] so a live migration can hand it over.
+//!
 //! Not yet supported (refused with [`Error::Unsupported`] at `create`):
-//! firmware boot, disk backends other than an in-process
-//! [`BlockDevice`](hci_core::block::BlockDevice), non-virtio disk buses and
+//! firmware boot, NBD and raw-file disk backends, non-virtio disk buses and
 //! NIC models, multi-queue TAP descriptors, and cloud-init seeds.
 //!
 //! Graceful shutdown: [`VmHandle::shutdown`] presses Ctrl-Alt-Del on the
@@ -41,6 +44,7 @@ use hci_core::{Error, Result};
 use crate::console::ConsoleHub;
 use crate::devices::virtio::block::Executor;
 use crate::devices::virtio::net::TapSource;
+use crate::handover::HandoverDisk;
 use crate::memory::{self, MemoryBacking};
 use crate::sys;
 use crate::vm::{DiskSpec, NicSpec, Vm, VmSpec};
@@ -87,6 +91,7 @@ pub struct KvmHypervisor {
     entropy: bool,
     memory_backing: MemoryBacking,
     taps: TapRegistry,
+    volume_control: bool,
 }
 
 impl Default for KvmHypervisor {
@@ -102,7 +107,29 @@ impl KvmHypervisor {
             entropy: true,
             memory_backing: MemoryBacking::Anonymous,
             taps: TapRegistry::default(),
+            volume_control: false,
         }
+    }
+
+    /// Whether local volumes ([`DiskBackend::Volume`]) this process opens
+    /// serve `hci_storage::local::control` on their control socket while
+    /// open, so other processes can snapshot them (off by default; `hci-vmm`
+    /// turns it on).
+    pub fn with_volume_control_sockets(mut self, on: bool) -> Self {
+        self.volume_control = on;
+        self
+    }
+
+    /// Opens (or, with `prepare`, prepares to take over in a live
+    /// migration) the volumes of `config`'s [`DiskBackend::Volume`] and
+    /// [`DiskBackend::Replicated`] disks as [`HandoverDisk`]s, replacing
+    /// them with the opened devices (see [`crate::handover::open_config_disks`]).
+    pub async fn open_disks(
+        &self,
+        config: &mut VmConfig,
+        prepare: bool,
+    ) -> Result<Vec<Arc<HandoverDisk>>> {
+        crate::handover::open_config_disks(config, prepare, self.volume_control, true).await
     }
 
     /// What backs the guest RAM of VMs this creates (anonymous memory by
@@ -163,11 +190,24 @@ impl KvmHypervisor {
     }
 
     /// Like [`Hypervisor::create`], returning the concrete handle.
-    pub async fn create_vm(&self, config: VmConfig) -> Result<KvmVm> {
-        let spec = self.spec(config)?;
-        let executor = Executor::current();
-        let vm = blocking(move || Vm::new(spec, executor).map_err(Error::from)).await?;
-        Ok(KvmVm { vm })
+    /// Volumes ([`DiskBackend::Volume`], [`DiskBackend::Replicated`]) are
+    /// opened here as [`HandoverDisk`]s, so the VM can migrate with them.
+    pub async fn create_vm(&self, mut config: VmConfig) -> Result<KvmVm> {
+        let disks = self.open_disks(&mut config, false).await?;
+        let built = match self.spec(config) {
+            Ok(spec) => {
+                let executor = Executor::current();
+                blocking(move || Vm::new(spec, executor).map_err(Error::from)).await
+            }
+            Err(e) => Err(e),
+        };
+        match built {
+            Ok(vm) => Ok(KvmVm::new(vm, disks)),
+            Err(e) => {
+                close_all(&disks).await;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -369,16 +409,33 @@ impl Hypervisor for KvmHypervisor {
     }
 }
 
+/// Closes every disk (best effort).
+pub(crate) async fn close_all(disks: &[Arc<HandoverDisk>]) {
+    for d in disks {
+        if let Err(e) = d.close().await {
+            tracing::warn!(disk = d.name(), error = %e, "closing a disk");
+        }
+    }
+}
+
 /// A VM of the KVM VMM.
 #[derive(Debug, Clone)]
 pub struct KvmVm {
     vm: Vm,
+    disks: Vec<Arc<HandoverDisk>>,
 }
 
 impl KvmVm {
-    /// Wraps a VM manager.
-    pub(crate) fn from_vm(vm: Vm) -> Self {
-        KvmVm { vm }
+    /// Wraps a VM manager and the volumes it owns.
+    pub(crate) fn new(vm: Vm, disks: Vec<Arc<HandoverDisk>>) -> Self {
+        KvmVm { vm, disks }
+    }
+
+    /// The volumes this VM opened itself (from [`DiskBackend::Volume`] and
+    /// [`DiskBackend::Replicated`] disks): a live migration hands them over;
+    /// close them ([`HandoverDisk::close`]) once the VM is gone.
+    pub fn handover_disks(&self) -> &[Arc<HandoverDisk>] {
+        &self.disks
     }
 
     /// The underlying VM manager (console hub, timings, vCPU usage).

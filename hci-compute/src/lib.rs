@@ -84,6 +84,7 @@ mod capabilities;
 pub mod console;
 pub mod devices;
 pub mod error;
+pub mod handover;
 pub mod hypervisor;
 pub mod kvm;
 pub mod memory;

@@ -10,8 +10,8 @@
 //!   pass n: pages dirtied since pass n-1    →      (zero pages as ZEROS)
 //!   … until the dirty set fits max_downtime at the measured bandwidth,
 //!     or the pass limit forces the switch-over
-//!   pause vCPUs, quiesce devices
-//!   last dirty pages, STATE, END            →      builds the VM (opens disks),
+//!   pause vCPUs, quiesce devices, release disks
+//!   last dirty pages, STATE, END            →      takes the disks over,
 //!                                                  loads state, resumes
 //!                                           ←      REPLY ok (running) | error
 //!   stop (the guest lives on the target)           or: source resumes
@@ -23,10 +23,14 @@
 //! final `REPLY`, any error, a timeout or a cancel leaves the source running
 //! (resumed if it was paused for the switch-over).
 //!
-//! Disks are not copied: the target opens the same volumes when it builds
-//! the VM, after the source has paused and stopped its devices. For
-//! replicated volumes the target's engine takes a newer fencing generation,
-//! so the source's engine is refused from then on.
+//! Disks are not copied: the volumes the source owns
+//! ([`HandoverDisk`](crate::handover::HandoverDisk)s) are released once its
+//! devices stopped, their release (a replicated engine's generation) goes
+//! with the machine state, and the target — which prepared them before
+//! accepting — takes them over before it runs the guest: a local volume's
+//! lock, a replicated volume's engine with a newer fencing generation, so
+//! the source's engine is refused from then on. If the target does not
+//! answer "running", the source takes its volumes back and resumes.
 
 use std::io::{BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -40,6 +44,7 @@ use tracing::{info, info_span, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{Result, VmmError};
+use crate::handover::HandoverDisk;
 use crate::memory::GuestMemory;
 use crate::snapshot::{self, Hello, MachineState, PAGE, PageWriter, tag};
 use crate::vm::Vm;
@@ -113,9 +118,13 @@ fn clear_vmm_dirty(mem: &GuestMemory) {
 
 /// Runs a migration of `vm` to `target` (`host:port`). On success the guest
 /// runs on the target and `vm` is stopped; on any error, a timeout or
-/// `cancel`, `vm` keeps running.
+/// `cancel`, `vm` keeps running. `disks` (the volumes `vm` owns) are
+/// released at the switch-over, after the devices stopped and before the
+/// machine state goes out, and taken back if the target does not answer
+/// that it runs the guest.
 pub fn send(
     vm: &Vm,
+    disks: &[Arc<HandoverDisk>],
     target: &str,
     options: &MigrationOptions,
     progress: &watch::Sender<MigrationProgress>,
@@ -154,7 +163,7 @@ pub fn send(
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
-        let r = run_migration(vm, &mut w, &mut reader, options, progress, cancel);
+        let r = run_migration(vm, disks, &mut w, &mut reader, options, progress, cancel);
         done.store(true, Ordering::SeqCst);
         // A failure caused by the shutdown is the cancel.
         match r {
@@ -166,6 +175,7 @@ pub fn send(
 
 fn run_migration(
     vm: &Vm,
+    disks: &[Arc<HandoverDisk>],
     w: &mut BufWriter<TcpStream>,
     reader: &mut TcpStream,
     options: &MigrationOptions,
@@ -184,7 +194,7 @@ fn run_migration(
     read_reply(reader)?;
 
     vm.kvm().set_dirty_logging(true)?;
-    let result = precopy_and_switch(vm, w, reader, options, progress, cancel);
+    let result = precopy_and_switch(vm, disks, w, reader, options, progress, cancel);
     if result.is_err() {
         // The source carries on: stop logging (the dirty bitmaps are simply
         // cleared at the next migration's start).
@@ -197,6 +207,7 @@ fn run_migration(
 
 fn precopy_and_switch(
     vm: &Vm,
+    disks: &[Arc<HandoverDisk>],
     w: &mut BufWriter<TcpStream>,
     reader: &mut TcpStream,
     options: &MigrationOptions,
@@ -292,24 +303,86 @@ fn precopy_and_switch(
     vm.pause()?;
     let paused = Instant::now();
     vm.quiesce_devices();
+    let rt = if disks.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::runtime::Handle::try_current()
+                .map_err(|e| failed(format!("no runtime to release the disks on: {e}")))?,
+        )
+    };
+    let mut released = Vec::new();
+    let mut release_time = Duration::ZERO;
     let result = (|| -> Result<()> {
         let mut last = take_dirty(vm)?;
         last.extend_from_slice(&dirty);
         last.sort_unstable();
         last.dedup();
         pw.pages(w, mem, &last)?;
-        let state = vm.capture()?;
+        let mut state = vm.capture()?;
+        if let Some(rt) = &rt {
+            // The devices are stopped: flush and let the volumes go, so the
+            // target can take them when it has the state.
+            let t = Instant::now();
+            // All at once: each waits for its volume's requests in flight.
+            let tasks: Vec<_> = disks
+                .iter()
+                .map(|d| {
+                    let d = Arc::clone(d);
+                    rt.spawn(async move { d.release().await })
+                })
+                .collect();
+            let mut first_err = None;
+            for (d, t) in disks.iter().zip(tasks) {
+                match rt.block_on(t) {
+                    Ok(Ok(r)) => released.push(r),
+                    Ok(Err(e)) => {
+                        first_err.get_or_insert(failed(format!(
+                            "release disk {} for the target: {e}",
+                            d.name()
+                        )));
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(failed(format!(
+                            "release disk {} for the target: {e}",
+                            d.name()
+                        )));
+                    }
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            release_time = t.elapsed();
+            state.handover = released.clone();
+        }
         snapshot::write_state_and_end(w, &state, pw.sent.pages)?;
         w.flush().map_err(io_failed("send the machine state"))?;
         read_reply(reader)
     })();
     if let Err(e) = result {
         warn!(error = %e, "switch-over failed; the source resumes");
+        if let Some(rt) = &rt {
+            // Take back what was released (a replicated volume with a newer
+            // generation: a target that activated it is fenced again).
+            for d in disks {
+                if let Err(re) = rt.block_on(d.reacquire()) {
+                    warn!(disk = d.name(), error = %re, "cannot take the disk back");
+                    return Err(failed(format!(
+                        "{e}; then the source could not take disk {} back ({re}), so the VM stays paused",
+                        d.name()
+                    )));
+                }
+            }
+        }
         vm.unquiesce_devices()?;
         vm.resume()?;
         return Err(e);
     }
     let downtime = paused.elapsed();
+    if !released.is_empty() {
+        info!(?release_time, disks = released.len(), "disks handed over");
+    }
     p.iteration += 1;
     p.bytes_sent = pw.sent.bytes;
     p.bytes_remaining = 0;

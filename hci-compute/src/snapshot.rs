@@ -81,6 +81,10 @@ pub struct MachineState {
     pub i8042: I8042Snapshot,
     /// Every virtio-mmio transport, in slot order.
     pub transports: Vec<TransportSnapshot>,
+    /// Live migration: the disks the source released at the switch-over,
+    /// for the target to take over (empty in snapshot files).
+    #[serde(default)]
+    pub handover: Vec<crate::handover::Released>,
 }
 
 /// The first frame's content.

@@ -141,7 +141,10 @@ impl Guest {
                 v.push(("virtio.c", VIRTIO_C));
                 v.push(("rng.c", RNG_C));
             }
-            Guest::Dirty => v.push(("dirty.c", DIRTY_C)),
+            Guest::Dirty => {
+                v.push(("virtio.c", VIRTIO_C));
+                v.push(("dirty.c", DIRTY_C));
+            }
             Guest::Kbd => v.push(("kbd.c", KBD_C)),
         }
         v

@@ -561,6 +561,7 @@ impl Vm {
             serial,
             i8042,
             transports,
+            handover: Vec::new(),
         })
     }
 

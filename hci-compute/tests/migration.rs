@@ -618,3 +618,327 @@ async fn killing_the_target_process_mid_migration_leaves_the_source_running() {
     wait_log(&src_cfg, &format!("count {next}\n")).await;
     assert_counts_continue(&console_log(&src_cfg));
 }
+
+// ---- With disks: a local volume and a 2-replica volume handed over ----
+
+const DISK_TOKEN: &str = "disk-token";
+const DISK_SIZE: u64 = 64 << 20;
+
+/// A local volume and a replicated volume on two in-process replica servers.
+struct Disks {
+    dir: tempfile::TempDir,
+    local: std::path::PathBuf,
+    token_file: std::path::PathBuf,
+    replicas: Vec<String>,
+    nodes: Vec<std::sync::Arc<dyn hci_storage::replica::ReplicaNode>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Disks {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn disks() -> Disks {
+    use hci_core::volume::CreateVolume;
+    use hci_storage::replica::client::{RemoteNode, ServerAddr};
+    use hci_storage::replica::server::ReplicaServer;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = dir.path().join("vol");
+    drop(hci_storage::local::Replica::create(&local, DISK_SIZE, None).expect("local volume"));
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, DISK_TOKEN).expect("token");
+    let (mut replicas, mut nodes, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..2 {
+        let srv = ReplicaServer::new(dir.path().join(format!("r{i}")), DISK_TOKEN).expect("server");
+        let (addr, task) = srv.spawn("127.0.0.1:0").await.expect("spawn");
+        let node: std::sync::Arc<dyn hci_storage::replica::ReplicaNode> = std::sync::Arc::new(
+            RemoteNode::new(ServerAddr::new(addr.to_string(), DISK_TOKEN)),
+        );
+        node.backend()
+            .create("rv", CreateVolume::new(DISK_SIZE))
+            .await
+            .expect("create the replica");
+        replicas.push(addr.to_string());
+        nodes.push(node);
+        tasks.push(task);
+    }
+    Disks {
+        dir,
+        local,
+        token_file,
+        replicas,
+        nodes,
+        tasks,
+    }
+}
+
+impl Disks {
+    /// `c` with both disks attached and the guest writing to them.
+    fn attach(&self, mut c: hci_core::compute::VmConfig) -> hci_core::compute::VmConfig {
+        use hci_core::compute::{BootSource, DiskBackend, DiskBus, DiskConfig};
+        if let BootSource::Kernel { cmdline, .. } = &mut c.boot {
+            cmdline.push_str(" disks=2 diskevery=100000");
+        }
+        let disk = |name: &str, backend| DiskConfig {
+            name: name.into(),
+            backend,
+            bus: DiskBus::Virtio,
+            read_only: false,
+            boot_order: None,
+        };
+        c.disks = vec![
+            disk(
+                "local",
+                DiskBackend::Volume {
+                    path: self.local.clone(),
+                    key_file: None,
+                },
+            ),
+            disk(
+                "repl",
+                DiskBackend::Replicated {
+                    volume: "rv".into(),
+                    replicas: self.replicas.clone(),
+                    token_file: self.token_file.clone(),
+                    key_file: None,
+                    control: None,
+                },
+            ),
+        ];
+        c
+    }
+
+    async fn generation(&self) -> u64 {
+        self.nodes[0]
+            .fence_state("rv")
+            .await
+            .expect("fence state")
+            .generation
+    }
+
+    /// Checks that blocks 1..=upto of both volumes hold their number.
+    async fn check_blocks(&self, upto: u64) {
+        use hci_core::block::BlockDevice;
+        use hci_core::volume::OpenVolume;
+        // The last owner's process lets go of the lock as it exits.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let local = loop {
+            match hci_storage::local::Replica::open(&self.local, None) {
+                Err(hci_core::Error::Busy { .. }) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                r => break r.expect("open the volume"),
+            }
+        };
+        let engine = hci_storage::engine::ReplicatedVolume::open(
+            "rv",
+            &self.nodes,
+            OpenVolume::default(),
+            hci_storage::engine::EngineOptions::default(),
+        )
+        .await
+        .expect("open the replicated volume");
+        let mut buf = vec![0u8; 4096];
+        for seq in 1..=upto {
+            for (which, ok) in [
+                ("local", local.read(&mut buf, seq * 4096).is_ok()),
+                ("repl", engine.read_at(&mut buf, seq * 4096).await.is_ok()),
+            ] {
+                assert!(ok, "{which}: block {seq} unreadable");
+                let bad = buf
+                    .chunks(8)
+                    .position(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()) != seq);
+                assert_eq!(bad, None, "{which}: block {seq} does not hold its number");
+            }
+        }
+        engine.close().await.expect("close");
+        let _ = &self.dir;
+    }
+}
+
+/// The highest `disk N` line in `text` (blocks 1..=N were written).
+fn last_disk(text: &str) -> u64 {
+    assert!(!text.contains("disk FAIL"), "a disk request failed: {text}");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("disk ")?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_migration_hands_over_a_local_and_a_replicated_disk() {
+    use hci_core::compute::{Hypervisor, ReceiveMigration};
+    require_kvm();
+    let d = disks().await;
+    let hv = hci_compute::ProcessHypervisor::with_vmm(VMM);
+    let src_cfg = d.attach(proc_config("pdisk-src", 64 << 20, 8));
+    let dst_cfg = d.attach(proc_config("pdisk-dst", 64 << 20, 8));
+    let src = KillOnDrop(Some(hv.create(src_cfg.clone()).await.expect("create")));
+    src.start().await.expect("start");
+    wait_log(&src_cfg, "disk 128\n").await;
+    let old = d.generation().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let receiving = hv.receive(dst_cfg.clone(), &addr, "tok");
+    let sending = async {
+        let start = std::time::Instant::now();
+        loop {
+            let (tx, _rx) = watch::channel(MigrationProgress::default());
+            let options = MigrationOptions {
+                token: "tok".into(),
+                ..Default::default()
+            };
+            match src
+                .as_migratable()
+                .expect("migratable")
+                .migrate(&addr, options, tx)
+                .await
+            {
+                Ok(p) => return p,
+                Err(e)
+                    if e.to_string().contains("connect to")
+                        && start.elapsed() < Duration::from_secs(20) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("migrate: {e}"),
+            }
+        }
+    };
+    let (dst, progress) = tokio::join!(receiving, sending);
+    let dst = KillOnDrop(Some(dst.expect("receive")));
+    eprintln!("migration with 2 disks: {progress:?}");
+    assert!(progress.downtime.is_some());
+    // The source stopped after the switch-over; its engine's generation is
+    // refused from now on, and the local volume is locked by the target.
+    assert_eq!(src.wait().await.expect("wait"), ExitReason::Killed);
+    assert_eq!(
+        d.generation().await,
+        old + 1,
+        "the target fenced the source"
+    );
+    for n in &d.nodes {
+        let r = n
+            .open_fenced("rv", old, hci_core::volume::OpenVolume::default())
+            .await;
+        assert!(
+            matches!(r, Err(hci_core::Error::Fenced { .. })),
+            "the old engine's generation must be refused: {r:?}"
+        );
+        let r = n.fence("rv", old).await;
+        assert!(matches!(r, Err(hci_core::Error::Fenced { .. })), "{r:?}");
+    }
+    let r = hci_storage::local::Replica::open(&d.local, None);
+    assert!(
+        matches!(r, Err(hci_core::Error::Busy { .. })),
+        "the target owns the local volume: {r:?}"
+    );
+    drop(r);
+    // The guest goes on counting and writing both disks on the target.
+    let before = console_log(&src_cfg);
+    let on_source = last_disk(&before);
+    wait_log(&dst_cfg, &format!("disk {}\n", (on_source / 64 + 2) * 64)).await;
+    assert_counts_continue(&(before + &console_log(&dst_cfg)));
+    dst.kill().await.expect("kill");
+    let _ = dst.wait().await;
+    let upto = last_disk(&console_log(&dst_cfg));
+    assert!(upto > on_source);
+    d.check_blocks(upto).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_migration_with_disks_keeps_them_on_the_source() {
+    require_kvm();
+    let d = disks().await;
+    let src = create(d.attach(dirty_config("mig-dcancel-src"))).await;
+    src.start().await.expect("start");
+    wait_for(&src, "disk 64\n");
+    let (addr, target) = fake_target(1 << 20, true);
+    let (tx, _rx) = watch::channel(MigrationProgress::default());
+    let options = MigrationOptions {
+        token: "t".into(),
+        ..Default::default()
+    };
+    let r = tokio::time::timeout(Duration::from_millis(500), src.migrate(&addr, options, tx)).await;
+    assert!(r.is_err(), "the migration should still be stuck: {r:?}");
+    assert_eq!(src.state().await.expect("state"), VmState::Running);
+    let next = (last_disk(&history(&src)) / 64 + 2) * 64;
+    wait_for(&src, &format!("disk {next}\n"));
+    assert_eq!(d.generation().await, 1, "nobody took the replicated volume");
+    src.kill().await.expect("kill");
+    let upto = last_disk(&history(&src));
+    for disk in src.handover_disks() {
+        disk.close().await.expect("close");
+    }
+    d.check_blocks(upto).await;
+    target.join().expect("fake target");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_target_with_disks_mid_migration_leaves_the_source_writing() {
+    require_kvm();
+    let d = disks().await;
+    // 256 MiB dirtied continuously: the migration takes a while.
+    let mut src_cfg = d.attach(dirty_config("mig-dkill-src"));
+    src_cfg.memory = 320 << 20;
+    if let hci_core::compute::BootSource::Kernel { cmdline, .. } = &mut src_cfg.boot {
+        *cmdline = cmdline.replace("mib=8", "mib=256");
+    }
+    let src = create(src_cfg.clone()).await;
+    src.start().await.expect("start");
+    wait_for(&src, "disk 64\n");
+    let port = free_port();
+    let dst_cfg = d.attach(proc_config("pdkill-dst", 320 << 20, 256));
+    let target = std::process::Command::new(VMM)
+        .args(hci_compute::ProcessHypervisor::args(&dst_cfg).expect("args"))
+        .args(["--incoming", &format!("127.0.0.1:{port}")])
+        .env("HCI_MIGRATION_TOKEN", "tok")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the target");
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let target_pid = target.id();
+    let _reap = Reap(target);
+    let (tx, mut rx) = watch::channel(MigrationProgress::default());
+    let killer = tokio::spawn(async move {
+        let _ = rx.wait_for(|p| p.bytes_sent > 32 << 20).await;
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &target_pid.to_string()])
+            .status();
+    });
+    let addr = format!("127.0.0.1:{port}");
+    let result = loop {
+        let options = MigrationOptions {
+            token: "tok".into(),
+            max_downtime: Duration::from_micros(1),
+            ..Default::default()
+        };
+        match src.migrate(&addr, options, tx.clone()).await {
+            Err(e) if e.to_string().contains("connect to") => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other,
+        }
+    };
+    killer.await.expect("killer");
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(src.state().await.expect("state"), VmState::Running);
+    let next = (last_disk(&history(&src)) / 64 + 2) * 64;
+    wait_for(&src, &format!("disk {next}\n"));
+    assert_eq!(d.generation().await, 1, "the target never took the volume");
+    src.kill().await.expect("kill");
+    let upto = last_disk(&history(&src));
+    for disk in src.handover_disks() {
+        disk.close().await.expect("close");
+    }
+    d.check_blocks(upto).await;
+}

@@ -162,3 +162,201 @@ async fn a_migration_to_nowhere_fails_and_the_source_keeps_running() {
     wait_counts(&src, n + 1).await;
     src.kill().await.expect("kill");
 }
+
+/// A replicated volume (two in-process replica servers) moves with the
+/// guest, over a TLS-PSK stream keyed by the token: the target's engine is only prepared until its QEMU has the
+/// whole stream, then takes the volume over (the source's generation is
+/// refused from then on); data written through the source's engine before
+/// is read through the target's after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_disk_is_handed_over_at_the_switch() {
+    use hci_core::block::{BlockDevice, WriteFlags};
+    use hci_core::compute::{DiskBackend, DiskBus, DiskConfig};
+    use hci_core::volume::{CreateVolume, OpenVolume};
+    use hci_storage::replica::ReplicaNode;
+    use hci_storage::replica::client::{RemoteNode, ServerAddr};
+    use hci_storage::replica::server::ReplicaServer;
+    const TOKEN: &str = "qmig-token";
+    let hv = QemuHypervisor::new();
+    hv.resolve_binary()
+        .expect("needs qemu-system-x86_64 (scripts/install-deps.sh installs it)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).expect("token");
+    let (mut replicas, mut nodes, mut tasks) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..2 {
+        let srv = ReplicaServer::new(dir.path().join(format!("r{i}")), TOKEN).expect("server");
+        let (addr, task) = srv.spawn("127.0.0.1:0").await.expect("spawn");
+        let node: std::sync::Arc<dyn ReplicaNode> =
+            std::sync::Arc::new(RemoteNode::new(ServerAddr::new(addr.to_string(), TOKEN)));
+        node.backend()
+            .create("qv", CreateVolume::new(16 << 20))
+            .await
+            .expect("create the replica");
+        replicas.push(addr.to_string());
+        nodes.push(node);
+        tasks.push(AbortOnDrop(task));
+    }
+    let mut base = config("qmigd", guest(Guest::Dirty), 1, "mib=2 every=100000");
+    base.disks = vec![DiskConfig {
+        name: "data".into(),
+        backend: DiskBackend::Replicated {
+            volume: "qv".into(),
+            replicas,
+            token_file,
+            key_file: None,
+            control: None,
+        },
+        bus: DiskBus::Virtio,
+        read_only: false,
+        boot_order: None,
+    }];
+    let src = hv
+        .create_vm(own(base.clone(), "src"))
+        .await
+        .expect("create the source");
+    src.start().await.expect("start");
+    wait_counts(&src, 2).await;
+    let old = nodes[0].fence_state("qv").await.expect("state").generation;
+    let block = |b: u8| vec![b; 4096];
+    src.volumes()[0]
+        .write_at(&block(0xa1), 0, WriteFlags::default())
+        .await
+        .expect("write through the source's engine");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let target = format!("127.0.0.1:{port}");
+    let dst = hv
+        .prepare_incoming_with_token(own(base, "dst"), &target, "s3cret")
+        .await
+        .expect("start the target QEMU");
+    // Prepared only: nobody fenced the source yet.
+    assert_eq!(
+        nodes[0].fence_state("qv").await.expect("state").generation,
+        old
+    );
+    assert!(!dst.volumes()[0].is_active());
+    src.volumes()[0]
+        .write_at(&block(0xa2), 4096, WriteFlags::default())
+        .await
+        .expect("the source still writes while the target is prepared");
+
+    let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+    let (done, finished) = tokio::join!(
+        tokio::time::timeout(
+            WAIT,
+            src.migrate(
+                &target,
+                MigrationOptions {
+                    max_downtime: Duration::from_millis(100),
+                    timeout: WAIT,
+                    token: "s3cret".into(),
+                },
+                tx,
+            ),
+        ),
+        tokio::time::timeout(WAIT, dst.finish_incoming())
+    );
+    let done = done.expect("migrate returns").expect("migrate");
+    finished
+        .expect("the target resumes")
+        .expect("finish the incoming migration");
+    eprintln!(
+        "migration with a replicated disk: {} passes, {} bytes, downtime {:?}",
+        done.iteration, done.bytes_sent, done.downtime
+    );
+    assert_eq!(dst.state().await.expect("state"), VmState::Running);
+    assert_eq!(
+        tokio::time::timeout(WAIT, src.wait())
+            .await
+            .expect("source stops")
+            .expect("wait"),
+        ExitReason::Killed
+    );
+    // The target owns the volume; the source's generation is refused.
+    assert!(dst.volumes()[0].is_active());
+    assert_eq!(
+        nodes[0].fence_state("qv").await.expect("state").generation,
+        old + 1
+    );
+    for n in &nodes {
+        let r = n.open_fenced("qv", old, OpenVolume::default()).await;
+        assert!(matches!(r, Err(hci_core::Error::Fenced { .. })), "{r:?}");
+    }
+    assert!(
+        src.volumes()[0]
+            .write_at(&block(0xee), 0, WriteFlags::default())
+            .await
+            .is_err(),
+        "the source's disk must refuse writes after the hand-over"
+    );
+    let mut buf = vec![0u8; 4096];
+    dst.volumes()[0].read_at(&mut buf, 0).await.expect("read");
+    assert_eq!(buf, block(0xa1));
+    dst.volumes()[0]
+        .read_at(&mut buf, 4096)
+        .await
+        .expect("read");
+    assert_eq!(buf, block(0xa2));
+    dst.volumes()[0]
+        .write_at(&block(0xb1), 8192, WriteFlags::default())
+        .await
+        .expect("the target writes");
+    let _ = wait_counts(&dst, 2).await;
+    dst.kill().await.expect("kill the target");
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_fails_the_tls_handshake_and_the_source_keeps_running() {
+    let hv = QemuHypervisor::new();
+    hv.resolve_binary()
+        .expect("needs qemu-system-x86_64 (scripts/install-deps.sh installs it)");
+    let base = config("qmigt", guest(Guest::Dirty), 1, "mib=1 every=100000");
+    let src = hv
+        .create_vm(own(base.clone(), "src"))
+        .await
+        .expect("create");
+    src.start().await.expect("start");
+    wait_counts(&src, 1).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let target = format!("127.0.0.1:{port}");
+    let dst = hv
+        .prepare_incoming_with_token(own(base, "dst"), &target, "right")
+        .await
+        .expect("start the target QEMU");
+    let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+    let r = tokio::time::timeout(
+        WAIT,
+        src.migrate(
+            &target,
+            MigrationOptions {
+                max_downtime: Duration::from_millis(100),
+                timeout: WAIT,
+                token: "wrong".into(),
+            },
+            tx,
+        ),
+    )
+    .await
+    .expect("migrate returns");
+    assert!(r.is_err(), "a wrong token was accepted: {r:?}");
+    assert_eq!(src.state().await.expect("state"), VmState::Running);
+    let n = counts(&console(&src)).len();
+    wait_counts(&src, n + 1).await;
+    src.kill().await.expect("kill");
+    dst.kill().await.expect("kill");
+}

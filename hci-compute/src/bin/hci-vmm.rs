@@ -166,130 +166,90 @@ fn options(s: &str) -> Vec<(&str, &str)> {
         .collect()
 }
 
-/// A volume the VMM owns: its replica and directory (for its control socket).
-type OwnedVolume = (Arc<hci_storage::local::Replica>, PathBuf);
-
-/// Opens a replicated volume's engine from
-/// `replicas=A+B,volume=V,token-file=F[,key-file=K][,control=S][,readonly][,name=N]`,
-/// serving its control socket when asked. Returns the disk, the engine (to
-/// close cleanly at exit), the control socket and the engine's fencing
-/// watchdog.
-async fn open_replicated(
-    i: usize,
-    spec: &str,
-) -> Result<
-    (
-        DiskConfig,
-        Arc<hci_storage::engine::ReplicatedVolume>,
-        Option<PathBuf>,
-        hci_compute::replicated::FenceWatch,
-    ),
-    String,
-> {
-    let (mut replicas, mut volume, mut token_file) = (Vec::new(), None, None);
-    let (mut key_file, mut control, mut ro, mut name) = (None, None, false, format!("disk{i}"));
-    for (k, v) in options(spec) {
-        match k {
-            "replicas" => {
-                replicas = v
-                    .split('+')
-                    .filter(|a| !a.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            }
-            "volume" if !v.is_empty() => volume = Some(v.to_string()),
-            "token-file" if !v.is_empty() => token_file = Some(PathBuf::from(v)),
-            "key-file" if !v.is_empty() => key_file = Some(PathBuf::from(v)),
-            "control" if !v.is_empty() => control = Some(PathBuf::from(v)),
-            "readonly" | "ro" => ro = true,
-            "name" if !v.is_empty() => name = v.to_string(),
-            _ => return Err(format!("--disk {spec:?}: unknown option {k:?}")),
-        }
-    }
-    let (Some(volume), Some(token_file)) = (volume, token_file) else {
-        return Err(format!(
-            "--disk {spec:?}: a replicated volume needs volume=NAME and token-file=FILE"
-        ));
-    };
-    if replicas.is_empty() {
-        return Err(format!(
-            "--disk {spec:?}: replicas= names no replica server"
-        ));
-    }
-    let disk = hci_compute::replicated::ReplicatedDisk {
-        volume: &volume,
-        replicas: &replicas,
-        token_file: &token_file,
-        key_file: key_file.as_deref(),
-        control: control.as_deref(),
-        read_only: ro,
-    };
-    let opened = hci_compute::replicated::open(disk)
-        .await
-        .map_err(|e| format!("--disk {spec:?}: {e}"))?;
-    let engine = opened.engine;
-    let watch = hci_compute::replicated::FenceWatch::new(engine.clone(), disk)
-        .map_err(|e| format!("--disk {spec:?}: {e}"))?;
-    let device: Arc<dyn hci_core::block::BlockDevice> = engine.clone();
-    Ok((
-        DiskConfig {
-            name,
-            backend: DiskBackend::Device(device),
-            bus: DiskBus::Virtio,
-            read_only: ro,
-            boot_order: None,
-        },
-        engine,
-        control,
-        watch,
-    ))
-}
-
-fn parse_disk(i: usize, spec: &str) -> Result<(DiskConfig, Option<OwnedVolume>), String> {
+/// Parses a `--disk` option into a disk: `path=` becomes a local volume
+/// and `replicas=` a replicated one (both opened by the hypervisor, which
+/// serves their control sockets and can hand them over in a live
+/// migration), `file=` a raw image opened here.
+fn parse_disk(i: usize, spec: &str) -> Result<DiskConfig, String> {
     let (mut path, mut dir, mut ro, mut name) = (None, false, false, format!("disk{i}"));
     let mut key_file: Option<PathBuf> = None;
+    let (mut replicas, mut volume, mut token_file, mut control) = (None, None, None, None);
     for (k, v) in options(spec) {
         match k {
             "path" => (path, dir) = (Some(PathBuf::from(v)), true),
             "file" => (path, dir) = (Some(PathBuf::from(v)), false),
+            "replicas" => {
+                replicas = Some(
+                    v.split('+')
+                        .filter(|a| !a.is_empty())
+                        .map(str::to_string)
+                        .collect::<Vec<_>>(),
+                )
+            }
+            "volume" if !v.is_empty() => volume = Some(v.to_string()),
+            "token-file" if !v.is_empty() => token_file = Some(PathBuf::from(v)),
+            "control" if !v.is_empty() => control = Some(PathBuf::from(v)),
             "readonly" | "ro" => ro = true,
             "key-file" if !v.is_empty() => key_file = Some(PathBuf::from(v)),
             "name" if !v.is_empty() => name = v.to_string(),
             _ => return Err(format!("--disk {spec:?}: unknown option {k:?}")),
         }
     }
-    let Some(path) = path else {
-        return Err(format!(
-            "--disk {spec:?}: needs path=VOLUME_DIR or file=IMAGE"
-        ));
-    };
-    if key_file.is_some() && !dir {
-        return Err(format!(
-            "--disk {spec:?}: key-file= is for volumes (path=), not raw images"
-        ));
-    }
-    let mut owned = None;
-    let device: Arc<dyn hci_core::block::BlockDevice> = if dir {
-        let replica = hci_compute::hypervisor::open_replica(&path, key_file.as_deref())
-            .map_err(|e| format!("--disk {}: {e}", path.display()))?;
-        owned = Some((Arc::clone(&replica), path.clone()));
-        Arc::new(hci_storage::local::ReplicaDevice::new(replica, ro))
+    let backend = if let Some(replicas) = replicas {
+        let (Some(volume), Some(token_file)) = (volume, token_file) else {
+            return Err(format!(
+                "--disk {spec:?}: a replicated volume needs volume=NAME and token-file=FILE"
+            ));
+        };
+        if replicas.is_empty() {
+            return Err(format!(
+                "--disk {spec:?}: replicas= names no replica server"
+            ));
+        }
+        if path.is_some() {
+            return Err(format!(
+                "--disk {spec:?}: give replicas= or path=/file=, not both"
+            ));
+        }
+        DiskBackend::Replicated {
+            volume,
+            replicas,
+            token_file,
+            key_file,
+            control,
+        }
     } else {
-        Arc::new(
-            hci_storage::raw::RawFileDevice::open(&path, ro)
-                .map_err(|e| format!("--disk {}: {e}", path.display()))?,
-        )
+        if volume.is_some() || token_file.is_some() || control.is_some() {
+            return Err(format!(
+                "--disk {spec:?}: volume=, token-file= and control= are for replicated volumes (replicas=)"
+            ));
+        }
+        let Some(path) = path else {
+            return Err(format!(
+                "--disk {spec:?}: needs path=VOLUME_DIR, file=IMAGE or replicas=…"
+            ));
+        };
+        if key_file.is_some() && !dir {
+            return Err(format!(
+                "--disk {spec:?}: key-file= is for volumes (path=), not raw images"
+            ));
+        }
+        if dir {
+            DiskBackend::Volume { path, key_file }
+        } else {
+            DiskBackend::Device(Arc::new(
+                hci_storage::raw::RawFileDevice::open(&path, ro)
+                    .map_err(|e| format!("--disk {}: {e}", path.display()))?,
+            ))
+        }
     };
-    Ok((
-        DiskConfig {
-            name,
-            backend: DiskBackend::Device(device),
-            bus: DiskBus::Virtio,
-            read_only: ro,
-            boot_order: None,
-        },
-        owned,
-    ))
+    Ok(DiskConfig {
+        name,
+        backend,
+        bus: DiskBus::Virtio,
+        read_only: ro,
+        boot_order: None,
+    })
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -386,36 +346,18 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         return Err(format!("--kernel {}: no such file", args.kernel.display()));
     }
     let mut disks = Vec::new();
-    let mut control_sockets = Vec::new();
-    let mut engines = Vec::new();
-    let mut watches = Vec::new();
     for (i, d) in args.disk.iter().enumerate() {
-        if d.split(',').any(|o| o.starts_with("replicas=")) {
-            let (disk, engine, control, watch) = open_replicated(i, d).await?;
-            disks.push(disk);
-            engines.push(engine);
-            watches.push(watch);
-            control_sockets.extend(control);
-            continue;
-        }
-        let (disk, owned) = parse_disk(i, d)?;
-        if let Some((replica, dir)) = owned {
-            // This process owns the volume now: others (the daemon taking a
-            // snapshot, a backup reading changed blocks) ask it here.
-            let name = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            hci_storage::local::control::serve(replica, &name, &dir)
-                .map_err(|e| format!("--disk {d:?}: {e}"))?;
-            control_sockets.push(hci_storage::local::control::socket_path(&dir));
-        }
-        disks.push(disk);
+        disks.push(parse_disk(i, d)?);
     }
     let backing = parse_backing(&args.memory_backing, args.hugepages)?;
+    // Volumes are opened by the hypervisor (prepared only, with
+    // --incoming, and taken over at the switch-over), with their control
+    // sockets: this process owns them while the VM runs here, so others
+    // (the daemon taking a snapshot, `hci-storage replicas`) ask it there.
     let hv = KvmHypervisor::new()
         .with_entropy(!args.no_rng)
-        .with_memory_backing(backing);
+        .with_memory_backing(backing)
+        .with_volume_control_sockets(true);
     let mut nics = Vec::new();
     for (i, n) in args.net.iter().enumerate() {
         let (nic, fd) = parse_net(i, n)?;
@@ -448,7 +390,7 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         run_dir: PathBuf::new(),
     };
     let mut booted = true;
-    let vm: Arc<dyn VmHandle> = if let Some(file) = &args.restore {
+    let kvm_vm = if let Some(file) = &args.restore {
         booted = false;
         let vm = hv
             .restore_vm(config, file)
@@ -457,20 +399,31 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         if !args.wait_start {
             vm.resume().await.map_err(|e| e.to_string())?;
         }
-        Arc::new(vm)
+        vm
     } else if let Some(addr) = &args.incoming {
         booted = false;
         let token = std::env::var("HCI_MIGRATION_TOKEN").unwrap_or_default();
         let listener = hci_compute::migration::listen(addr).map_err(|e| e.to_string())?;
         eprintln!("hci-vmm: waiting for a migration on {addr}");
-        Arc::new(
-            hv.receive_vm(config, listener, &token)
-                .await
-                .map_err(|e| format!("--incoming {addr}: {e}"))?,
-        )
+        hv.receive_vm(config, listener, &token)
+            .await
+            .map_err(|e| format!("--incoming {addr}: {e}"))?
     } else {
-        Arc::new(hv.create_vm(config).await.map_err(|e| e.to_string())?)
+        hv.create_vm(config).await.map_err(|e| e.to_string())?
     };
+    // Closed at exit, unless a migration handed them over.
+    let volumes = kvm_vm.handover_disks().to_vec();
+    // Fencing watchdogs over the replicated ones (token read now: no file
+    // opens once seccomp is on).
+    let mut watches = Vec::new();
+    for disk in &volumes {
+        if let Some(w) = hci_compute::replicated::FenceWatch::new(disk.clone())
+            .map_err(|e| format!("disk {}: {e}", disk.name()))?
+        {
+            watches.push(w);
+        }
+    }
+    let vm: Arc<dyn VmHandle> = Arc::new(kvm_vm);
     let serial = pump_serial(vm.clone(), &args.serial).await?;
     if let Some(path) = &args.api_socket {
         let listener = vmm_api::bind(path).map_err(|e| e.to_string())?;
@@ -486,7 +439,8 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     }
     // Fencing watchdog: once another engine has taken over a volume of
     // this VM (its node was lost and the VM moved), stop the guest rather
-    // than run on headless with a disk that refuses every write.
+    // than run on headless with a disk that refuses every write. Volumes
+    // handed over by a live migration are not watched any more.
     let (fenced_tx, mut fenced_rx) = tokio::sync::mpsc::channel::<String>(1);
     for watch in watches {
         let tx = fenced_tx.clone();
@@ -530,13 +484,13 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     if let Some(path) = &args.api_socket {
         let _ = std::fs::remove_file(path);
     }
-    for path in control_sockets {
-        let _ = std::fs::remove_file(path);
-    }
-    // A clean close lets the next engine skip the crash reconcile.
-    for engine in engines {
-        if let Err(e) = engine.close().await {
-            eprintln!("hci-vmm: closing volume {}: {e}", engine.name());
+    // A clean close lets the next engine skip the crash reconcile; volumes
+    // handed over in a migration belong to the target and are left alone.
+    for disk in volumes {
+        if disk.is_active()
+            && let Err(e) = disk.close().await
+        {
+            eprintln!("hci-vmm: closing disk {}: {e}", disk.name());
         }
     }
     Ok(reason)

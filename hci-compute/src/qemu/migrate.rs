@@ -11,10 +11,22 @@
 //! guest now runs on the target; the source VM stops as `Killed`). On
 //! failure, cancel or timeout the source keeps running.
 //!
-//! Limits: QEMU's migration stream is neither authenticated nor encrypted
-//! (the token is not checked; use a trusted network); disks are not
-//! copied — both sides must reach the same storage, and handing a
-//! replicated volume's engine over at switchover is not done yet.
+//! Replicated volumes move with the guest (see [`crate::handover`]): the
+//! target prepares their engines before its QEMU starts (the NBD exports
+//! exist, QEMU connects; requests would wait), and takes the volumes over
+//! when its QEMU reports the incoming migration `completed` — the source
+//! QEMU has then stopped the guest and drained its disks, so the source's
+//! engine is idle; the target's activation fences it. The source releases
+//! its engines when its QEMU reports `completed`. Both sides react to QMP
+//! `MIGRATION` events (polling `query-migrate` as a fallback). Local
+//! volumes are not handed over by this backend (refused at the target).
+//!
+//! Authentication: with a non-empty token (`MigrationOptions::token` on the
+//! source, the `token` of [`ReceiveMigration::receive`] or
+//! [`QemuHypervisor::prepare_incoming_with_token`] on the target) the
+//! stream runs over TLS with the token as pre-shared key (QEMU's
+//! `tls-creds-psk`): encrypted, and a peer without the token fails the
+//! handshake. An empty token leaves the stream in the clear.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +41,47 @@ use tokio::sync::watch;
 use super::{QemuHypervisor, QemuVm};
 
 const POLL: Duration = Duration::from_millis(50);
+
+/// Waits for a QMP `MIGRATION` event, or `POLL` at most.
+async fn migration_event(events: &mut tokio::sync::broadcast::Receiver<super::qmp::Event>) {
+    let _ = tokio::time::timeout(POLL, async {
+        loop {
+            match events.recv().await {
+                Ok(e) if e.name == "MIGRATION" => return,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    // QEMU is gone: the state check says so next.
+                    tokio::time::sleep(POLL).await;
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// Runs `f` on every volume at once; the first error wins.
+async fn on_volumes<F, Fut>(
+    volumes: &[std::sync::Arc<crate::handover::HandoverDisk>],
+    f: F,
+) -> Result<()>
+where
+    F: Fn(std::sync::Arc<crate::handover::HandoverDisk>) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let tasks: Vec<_> = volumes.iter().map(|d| tokio::spawn(f(d.clone()))).collect();
+    let mut first = None;
+    for t in tasks {
+        let r = t
+            .await
+            .map_err(|e| Error::io("hand a volume over", std::io::Error::other(e)))
+            .and_then(|r| r);
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
 
 fn failed(message: String) -> Error {
     Error::Backend {
@@ -51,10 +104,77 @@ fn progress_of(q: &Value) -> MigrationProgress {
     }
 }
 
+/// Id of the TLS credentials object of a migration.
+const TLS_ID: &str = "hci-migration-tls";
+/// PSK identity both sides use.
+const TLS_IDENTITY: &str = "hci";
+
+/// Creates QEMU's TLS-PSK credentials for a migration authenticated by
+/// `token` (the pre-shared key is the token's bytes): a `keys.psk` in
+/// `run_dir/migration-tls` (0600), a `tls-creds-psk` object (`server` on the
+/// target, `client` on the source) and the migration's `tls-creds`. The
+/// stream is then encrypted and a peer without the token fails the TLS
+/// handshake. Nothing for an empty token.
+async fn set_up_tls(vm: &QemuVm, token: &str, server: bool) -> Result<()> {
+    if token.is_empty() {
+        return Ok(());
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = vm.run_dir().join("migration-tls");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let hex: String = token.bytes().map(|b| format!("{b:02x}")).collect();
+    let file = dir.join("keys.psk");
+    let _ = std::fs::remove_file(&file);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&file)
+        .and_then(|mut f| writeln!(f, "{TLS_IDENTITY}:{hex}"))
+        .map_err(|e| Error::io(format!("write {}", file.display()), e))?;
+    let mut object = json!({
+        "qom-type": "tls-creds-psk",
+        "id": TLS_ID,
+        "endpoint": if server { "server" } else { "client" },
+        "dir": dir.display().to_string(),
+    });
+    if !server {
+        object["username"] = json!(TLS_IDENTITY);
+    }
+    // A retried migration finds the object from the first attempt.
+    let _ = vm
+        .qmp()
+        .execute("object-del", Some(json!({ "id": TLS_ID })))
+        .await;
+    vm.qmp().execute("object-add", Some(object)).await?;
+    vm.qmp()
+        .execute(
+            "migrate-set-parameters",
+            Some(json!({ "tls-creds": TLS_ID })),
+        )
+        .await?;
+    Ok(())
+}
+
 impl QemuHypervisor {
     /// Starts a VM shaped like `config` whose QEMU waits for a migration
     /// stream on `listen` (`HOST:PORT`). When this returns, QEMU listens.
+    /// The stream is not authenticated; see
+    /// [`QemuHypervisor::prepare_incoming_with_token`].
     pub async fn prepare_incoming(&self, config: VmConfig, listen: &str) -> Result<QemuVm> {
+        self.prepare_incoming_with_token(config, listen, "").await
+    }
+
+    /// [`QemuHypervisor::prepare_incoming`] for a stream authenticated and
+    /// encrypted with TLS-PSK, the key being `token` (the source must
+    /// migrate with the same token; empty: no TLS).
+    pub async fn prepare_incoming_with_token(
+        &self,
+        config: VmConfig,
+        listen: &str,
+        token: &str,
+    ) -> Result<QemuVm> {
         if listen.is_empty() || listen.contains([',', ' ']) {
             return Err(Error::invalid(
                 "migration listen address",
@@ -62,8 +182,24 @@ impl QemuHypervisor {
             ));
         }
         let mut extra = self.extra_args.clone();
-        extra.extend(["-incoming".to_string(), format!("tcp:{listen}")]);
-        self.launch(config, extra).await
+        extra.extend(["-incoming".to_string(), "defer".to_string()]);
+        let vm = self.launch(config, extra, true).await?;
+        // MIGRATION events tell finish_incoming at once when the stream is
+        // in (the switch-over waits for it); then listen.
+        vm.qmp()
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [{ "capability": "events", "state": true }] })),
+            )
+            .await?;
+        set_up_tls(&vm, token, true).await?;
+        vm.qmp()
+            .execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("tcp:{listen}") })),
+            )
+            .await?;
+        Ok(vm)
     }
 }
 
@@ -71,6 +207,20 @@ impl QemuVm {
     /// Waits until the incoming migration of a VM from
     /// [`QemuHypervisor::prepare_incoming`] has arrived, then runs it.
     pub async fn finish_incoming(&self) -> Result<()> {
+        let mut events = self.qmp().events();
+        let r = self.await_incoming(&mut events).await;
+        if let Err(e) = &r {
+            for d in self.volumes() {
+                d.fail(&format!("the incoming migration failed: {e}")).await;
+            }
+        }
+        r
+    }
+
+    async fn await_incoming(
+        &self,
+        events: &mut tokio::sync::broadcast::Receiver<super::qmp::Event>,
+    ) -> Result<()> {
         loop {
             if let VmState::Stopped(r) = self.state().await? {
                 return Err(failed(format!(
@@ -85,7 +235,21 @@ impl QemuVm {
                 _ => {
                     let m = self.qmp().execute("query-migrate", None).await?;
                     match m["status"].as_str().unwrap_or_default() {
-                        "completed" => return self.start().await,
+                        "completed" => {
+                            // The source QEMU stopped the guest and drained
+                            // its disks: its engines are idle. Take the
+                            // volumes over (fences them), then run.
+                            let t = Instant::now();
+                            on_volumes(self.volumes(), |d| async move {
+                                let from = d.prepared_from().await;
+                                d.activate(from).await
+                            })
+                            .await?;
+                            if !self.volumes().is_empty() {
+                                tracing::info!(vm = %self.name(), took = ?t.elapsed(), "volumes taken over");
+                            }
+                            return self.start().await;
+                        }
                         "failed" | "cancelled" => {
                             return Err(failed(format!(
                                 "the incoming migration of VM {} failed: {}",
@@ -97,7 +261,7 @@ impl QemuVm {
                     }
                 }
             }
-            tokio::time::sleep(POLL).await;
+            migration_event(events).await;
         }
     }
 }
@@ -119,6 +283,7 @@ impl Migratable for QemuVm {
             });
         }
         let qmp = self.qmp();
+        let mut events = qmp.events();
         qmp.execute(
             "migrate-set-capabilities",
             Some(json!({ "capabilities": [
@@ -135,6 +300,7 @@ impl Migratable for QemuVm {
             Some(json!({ "downtime-limit": downtime_ms, "max-bandwidth": 10u64 << 30 })),
         )
         .await?;
+        set_up_tls(self, &options.token, false).await?;
         qmp.execute("migrate", Some(json!({ "uri": format!("tcp:{target}") })))
             .await?;
         let started = Instant::now();
@@ -145,7 +311,17 @@ impl Migratable for QemuVm {
             match q["status"].as_str().unwrap_or_default() {
                 "completed" => {
                     tracing::info!(vm = %self.name(), target, downtime = ?p.downtime, "migrated");
-                    // The guest runs on the target now: end this QEMU.
+                    // The target takes the volumes over now: let them go
+                    // (this QEMU issues no more I/O), then end this QEMU.
+                    if let Err(e) =
+                        on_volumes(
+                            self.volumes(),
+                            |d| async move { d.release().await.map(|_| ()) },
+                        )
+                        .await
+                    {
+                        tracing::warn!(vm = %self.name(), error = %e, "releasing a volume failed");
+                    }
                     self.kill().await?;
                     return Ok(p);
                 }
@@ -166,7 +342,7 @@ impl Migratable for QemuVm {
                     options.timeout
                 )));
             }
-            tokio::time::sleep(POLL).await;
+            migration_event(&mut events).await;
         }
     }
 }
@@ -177,9 +353,11 @@ impl ReceiveMigration for QemuHypervisor {
         &self,
         config: VmConfig,
         listen: &str,
-        _token: &str,
+        token: &str,
     ) -> Result<Box<dyn VmHandle>> {
-        let vm = self.prepare_incoming(config, listen).await?;
+        let vm = self
+            .prepare_incoming_with_token(config, listen, token)
+            .await?;
         vm.finish_incoming().await?;
         Ok(Box::new(vm))
     }

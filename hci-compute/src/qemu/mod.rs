@@ -231,13 +231,32 @@ impl QemuHypervisor {
 
     /// Like [`Hypervisor::create`], returning the concrete handle.
     pub async fn create_vm(&self, config: VmConfig) -> Result<QemuVm> {
-        self.launch(config, self.extra_args.clone()).await
+        self.launch(config, self.extra_args.clone(), false).await
     }
 
     /// Opens replicated volumes, checks the config and starts QEMU with `extra`.
-    async fn launch(&self, mut config: VmConfig, extra: Vec<String>) -> Result<QemuVm> {
+    async fn launch(
+        &self,
+        mut config: VmConfig,
+        extra: Vec<String>,
+        incoming: bool,
+    ) -> Result<QemuVm> {
         let binary = self.resolve_binary()?;
-        let engines = replicated::open_all(&mut config).await?;
+        if incoming
+            && let Some(d) = config
+                .disks
+                .iter()
+                .find(|d| matches!(d.backend, DiskBackend::Volume { .. }))
+        {
+            return Err(Error::unsupported(
+                format!(
+                    "live migration of a QEMU VM with the local volume of disk {} (only replicated volumes are handed over)",
+                    d.name
+                ),
+                "the qemu hypervisor",
+            ));
+        }
+        let engines = replicated::open_all(&mut config, incoming).await?;
         let plan = match self.plan(&config) {
             Ok(p) => p,
             Err(e) => {

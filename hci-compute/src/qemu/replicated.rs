@@ -1,70 +1,41 @@
 //! Replicated volumes ([`DiskBackend::Replicated`]) for QEMU VMs: this
-//! process opens the volume's engine over its replica servers (fencing any
-//! older engine), answers its control socket when one is asked for, and
-//! serves the engine to QEMU over NBD like any in-process device. The
-//! engine is closed cleanly when the VM's QEMU is gone.
+//! process runs the volume's engine over its replica servers (a
+//! [`HandoverDisk`]), answers its control socket when one is asked for, and
+//! serves it to QEMU over NBD like any in-process device. A VM that
+//! receives a live migration only prepares the engine (its NBD export
+//! exists, requests wait) and takes the volume over once the migration
+//! arrived; a VM that migrated away releases it. The engine is closed
+//! cleanly when the VM's QEMU is gone (unless it was handed over).
+//!
+//! [`DiskBackend::Replicated`]: hci_core::compute::DiskBackend::Replicated
 
 use std::sync::Arc;
 
-use hci_core::compute::{DiskBackend, VmConfig};
-use hci_core::{Error, Result};
-use hci_storage::engine::ReplicatedVolume;
+use hci_core::Result;
+use hci_core::compute::VmConfig;
 
-/// Engines opened for a VM, and their control-socket tasks.
-#[derive(Debug, Default)]
+use crate::handover::HandoverDisk;
+
+/// The replicated volumes of a VM.
+#[derive(Debug, Default, Clone)]
 pub(super) struct Engines {
-    pub(super) engines: Vec<Arc<ReplicatedVolume>>,
-    pub(super) control: Vec<tokio::task::JoinHandle<()>>,
+    pub(super) disks: Vec<Arc<HandoverDisk>>,
 }
 
 impl Engines {
-    /// Stops the control sockets and closes every engine (marks replicas clean).
+    /// Closes every volume still owned here (marks replicas clean).
     pub(super) async fn close(self) {
-        for t in self.control {
-            t.abort();
-        }
-        for e in self.engines {
-            if let Err(e) = e.close().await {
-                tracing::warn!(error = %e, "closing a replicated volume failed");
+        for d in self.disks {
+            if let Err(e) = d.close().await {
+                tracing::warn!(disk = d.name(), error = %e, "closing a replicated volume failed");
             }
         }
     }
 }
 
-/// Replaces every [`DiskBackend::Replicated`] disk of `config` by the
-/// opened engine ([`DiskBackend::Device`]).
-pub(super) async fn open_all(config: &mut VmConfig) -> Result<Engines> {
-    let mut out = Engines::default();
-    for d in &mut config.disks {
-        let DiskBackend::Replicated {
-            volume,
-            replicas,
-            token_file,
-            key_file,
-            control,
-        } = &d.backend
-        else {
-            continue;
-        };
-        let opened = crate::replicated::open(crate::replicated::ReplicatedDisk {
-            volume,
-            replicas,
-            token_file,
-            key_file: key_file.as_deref(),
-            control: control.as_deref(),
-            read_only: d.read_only,
-        })
-        .await;
-        let opened = match opened {
-            Ok(o) => o,
-            Err(e) => {
-                out.close().await;
-                return Err(Error::invalid(format!("disk {}", d.name), e.to_string()));
-            }
-        };
-        out.control.extend(opened.control);
-        d.backend = DiskBackend::Device(opened.engine.clone());
-        out.engines.push(opened.engine);
-    }
-    Ok(out)
+/// Replaces every replicated disk of `config` by its [`HandoverDisk`]
+/// (opened, or only prepared for an incoming migration).
+pub(super) async fn open_all(config: &mut VmConfig, incoming: bool) -> Result<Engines> {
+    let disks = crate::handover::open_config_disks(config, incoming, false, false).await?;
+    Ok(Engines { disks })
 }

@@ -106,6 +106,8 @@ struct Inner {
     accel: Accel,
     disks: Vec<String>,
     nic_taps: Vec<(String, String)>,
+    /// Volumes this process owns for the VM (handed over in a migration).
+    volumes: Vec<Arc<crate::handover::HandoverDisk>>,
 }
 
 /// Makes the child die with the thread that spawned it, and lets it
@@ -138,7 +140,7 @@ pub(super) async fn launch(
     extra: Vec<String>,
     engines: super::replicated::Engines,
 ) -> Result<QemuVm> {
-    match launch_inner(binary, plan, accel, extra).await {
+    match launch_inner(binary, plan, accel, extra, engines.disks.clone()).await {
         Ok((vm, watch)) => {
             tokio::spawn(async move {
                 watch_process(watch).await;
@@ -158,6 +160,7 @@ async fn launch_inner(
     plan: Plan,
     accel: Accel,
     extra: Vec<String>,
+    volumes: Vec<Arc<crate::handover::HandoverDisk>>,
 ) -> Result<(QemuVm, Watch)> {
     let Plan {
         mut spec,
@@ -320,6 +323,7 @@ async fn launch_inner(
             accel,
             disks: spec.disks.iter().map(|d| d.name.clone()).collect(),
             nic_taps,
+            volumes,
         }),
     };
     Ok((vm, watch))
@@ -466,6 +470,12 @@ impl QemuVm {
     /// The acceleration this VM runs with.
     pub fn accel(&self) -> Accel {
         self.inner.accel
+    }
+
+    /// The volumes this process owns for the VM (replicated volumes, as
+    /// [`HandoverDisk`](crate::handover::HandoverDisk)s).
+    pub fn volumes(&self) -> &[Arc<crate::handover::HandoverDisk>] {
+        &self.inner.volumes
     }
 
     /// The VM's run directory (`qmp.sock`, `console.sock`, `nbd.sock`,

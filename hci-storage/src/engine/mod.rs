@@ -176,6 +176,185 @@ pub struct ReplicatedVolume {
     last_reconcile: Mutex<Option<ReconcileReport>>,
 }
 
+/// A replicated volume made ready by [`ReplicatedVolume::prepare`]: replicas
+/// reached, size known, handles open — but no replica fenced yet, so the
+/// engine that owns the volume now keeps working. [`PreparedVolume::activate`]
+/// takes the volume over. Dropping it leaves the volume untouched.
+#[derive(Debug)]
+pub struct PreparedVolume {
+    name: String,
+    generation: u64,
+    options: OpenVolume,
+    engine: EngineOptions,
+    size: u64,
+    /// Newest membership epoch seen at prepare.
+    epoch: u64,
+    members: Vec<Arc<Member>>,
+}
+
+impl PreparedVolume {
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The volume's size in bytes (as the replicas reported it at prepare).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The generation [`PreparedVolume::activate`] will fence with.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether the engine will be read-only (then activating fences nobody).
+    pub fn is_read_only(&self) -> bool {
+        self.options.read_only
+    }
+
+    /// Takes the volume over: fences every replica with this generation
+    /// (from then on the previous engine is refused with [`Error::Fenced`]),
+    /// starts a new membership epoch, reconciles if the previous engine did
+    /// not close cleanly and resets the dirty-region logs — the rest of
+    /// [`ReplicatedVolume::open`]. Uses the fence state the replicas answer
+    /// now, not the one read at prepare: a replica the previous engine
+    /// dropped meanwhile (older epoch) is taken as stale, and a previous
+    /// engine that closed cleanly spares the reconcile. Fails with
+    /// [`Error::Fenced`] if a newer engine fenced the volume since prepare.
+    pub async fn activate(self) -> Result<Arc<ReplicatedVolume>> {
+        self.activate_after(None).await
+    }
+
+    /// [`PreparedVolume::activate`] after the previous engine, of generation
+    /// `released`, was [released](ReplicatedVolume::release) (flushed, nothing
+    /// in flight) and said so over a channel the caller trusts (the migration
+    /// stream): when every replica still names that generation as the newest,
+    /// the replicas are identical and no reconcile is needed, though the
+    /// previous engine recorded no clean shutdown. This spares the hand-over
+    /// the clean-shutdown write (an fsync on every replica) in its downtime.
+    pub async fn activate_after_release(self, released: u64) -> Result<Arc<ReplicatedVolume>> {
+        self.activate_after(Some(released)).await
+    }
+
+    async fn activate_after(self, released: Option<u64>) -> Result<Arc<ReplicatedVolume>> {
+        let PreparedVolume {
+            name,
+            generation,
+            options,
+            engine,
+            size,
+            epoch,
+            members,
+        } = self;
+        let read_only = options.read_only;
+        let vol = Arc::new(ReplicatedVolume {
+            name: name.clone(),
+            generation,
+            read_only,
+            options: engine,
+            key: options.encryption_key,
+            size: AtomicU64::new(size),
+            members: Mutex::new(members),
+            quiesce: tokio::sync::RwLock::new(()),
+            epoch: tokio::sync::Mutex::new(epoch),
+            fenced: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            next_read: AtomicUsize::new(0),
+            dirty: dirty::DirtyTracker::new(size),
+            last_reconcile: Mutex::new(None),
+        });
+        if !read_only {
+            let t = vol.options.timeout;
+            let healthy = vol.healthy();
+            let name = name.as_str();
+            // An engine opened since prepare may hold this very generation
+            // (it read the same fence state): refuse rather than share it.
+            let seen =
+                futures::future::join_all(healthy.iter().map(|m| async move {
+                    tokio::time::timeout(t, m.node.fence_state(name)).await
+                }))
+                .await;
+            if let Some(current) = seen
+                .iter()
+                .filter_map(|r| r.as_ref().ok()?.as_ref().ok())
+                .map(|st| st.generation)
+                .find(|&g| g >= generation)
+            {
+                return Err(Error::Fenced {
+                    what: format!("volume {name}"),
+                    ours: generation,
+                    current,
+                });
+            }
+            let fresh = futures::future::join_all(healthy.iter().map(|m| async move {
+                tokio::time::timeout(t, m.node.fence(name, generation)).await
+            }))
+            .await;
+            let mut now = Vec::new();
+            for (m, r) in healthy.iter().zip(fresh) {
+                match r {
+                    Ok(Ok(st)) => now.push((m, st)),
+                    Ok(Err(e @ Error::Fenced { .. })) => return Err(e),
+                    Ok(Err(e)) => m.set_state(ReplicaState::Failed(e.to_string())),
+                    Err(_) => m.set_state(ReplicaState::Failed("fence timed out".into())),
+                }
+            }
+            // The previous engine may have dropped a replica since prepare.
+            let newest = now
+                .iter()
+                .map(|(_, st)| st.epoch)
+                .max()
+                .unwrap_or(epoch)
+                .max(epoch);
+            for (m, st) in &now {
+                if st.epoch < newest {
+                    m.set_state(ReplicaState::Stale);
+                    m.dev.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
+            }
+            *vol.epoch.lock().await = newest;
+            // `fence` answers the state before our generation was recorded
+            // only in its other fields; the generation seen before is in `seen`.
+            let released_last = released.is_some_and(|g| {
+                seen.iter()
+                    .filter_map(|r| r.as_ref().ok()?.as_ref().ok())
+                    .all(|st| st.generation == g)
+            });
+            let unclean = !released_last
+                && now
+                    .iter()
+                    .any(|(m, st)| m.state() == ReplicaState::Healthy && !st.clean);
+            if vol.healthy().is_empty() {
+                return Err(faulted(name));
+            }
+            let all_healthy = vol.all().iter().all(|m| m.state() == ReplicaState::Healthy);
+            if released_last && all_healthy && now.iter().all(|(_, st)| !st.clean) {
+                // A hand-over with every replica in step: they already hold
+                // this epoch and are marked in use, and the previous engine's
+                // dirty-region log stays (a crash reconcile compares those
+                // regions too: more, never less). Nothing else to write, so
+                // the switch-over waits for the fence alone.
+            } else {
+                let reset = DirtyUpdate::Reset {
+                    region_size: vol.dirty.region_size(),
+                };
+                vol.new_epoch().await?;
+                if unclean {
+                    vol.reconcile().await?;
+                }
+                // A fresh, empty dirty-region log on every replica in the set.
+                vol.update_dirty_everywhere(reset).await?;
+            }
+            if let Some(every) = vol.options.keepalive {
+                tokio::spawn(keepalive(Arc::downgrade(&vol), every));
+            }
+        }
+        tracing::info!(volume = %name, generation, "replicated volume opened");
+        Ok(vol)
+    }
+}
+
 /// Errors that depend on the request, not on the replica: every replica would
 /// answer the same, so they go back to the caller and fail no replica.
 fn is_request_error(e: &Error) -> bool {
@@ -200,12 +379,31 @@ fn faulted(name: &str) -> Error {
 impl ReplicatedVolume {
     /// Opens `name` on `nodes`: fences older engines (unless read-only), skips
     /// unreachable and stale replicas, and starts a new membership epoch.
+    /// The same as [`ReplicatedVolume::prepare`] then
+    /// [`PreparedVolume::activate`].
     pub async fn open(
         name: &str,
         nodes: &[Arc<dyn ReplicaNode>],
         options: OpenVolume,
         engine: EngineOptions,
     ) -> Result<Arc<ReplicatedVolume>> {
+        Self::prepare(name, nodes, options, engine)
+            .await?
+            .activate()
+            .await
+    }
+
+    /// The first half of [`ReplicatedVolume::open`], for a hand-over (live
+    /// migration): connects to every replica, reads its fence state and the
+    /// volume's size and opens a handle on it for the next generation, but
+    /// fences nobody — another engine may keep writing until
+    /// [`PreparedVolume::activate`]. The prepared volume does no I/O.
+    pub async fn prepare(
+        name: &str,
+        nodes: &[Arc<dyn ReplicaNode>],
+        options: OpenVolume,
+        engine: EngineOptions,
+    ) -> Result<PreparedVolume> {
         if nodes.is_empty() {
             return Err(Error::invalid("replica set", "is empty"));
         }
@@ -289,50 +487,15 @@ impl ReplicatedVolume {
         if !members.iter().any(|m| m.state() == ReplicaState::Healthy) {
             return Err(faulted(name));
         }
-        let vol = Arc::new(ReplicatedVolume {
+        Ok(PreparedVolume {
             name: name.to_string(),
             generation,
-            read_only: options.read_only,
-            options: engine,
-            key: options.encryption_key,
-            size: AtomicU64::new(size),
-            members: Mutex::new(members),
-            quiesce: tokio::sync::RwLock::new(()),
-            epoch: tokio::sync::Mutex::new(max_epoch),
-            fenced: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            next_read: AtomicUsize::new(0),
-            dirty: dirty::DirtyTracker::new(size),
-            last_reconcile: Mutex::new(None),
-        });
-        if !options.read_only {
-            for m in vol.healthy() {
-                match tokio::time::timeout(t, m.node.fence(name, generation)).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e @ Error::Fenced { .. })) => return Err(e),
-                    Ok(Err(e)) => m.set_state(ReplicaState::Failed(e.to_string())),
-                    Err(_) => m.set_state(ReplicaState::Failed("fence timed out".into())),
-                }
-            }
-            vol.new_epoch().await?;
-            let unclean = nodes
-                .iter()
-                .zip(&states)
-                .any(|(_, s)| s.as_ref().is_ok_and(|s| !s.clean));
-            if unclean {
-                vol.reconcile().await?;
-            }
-            // A fresh, empty dirty-region log on every replica in the set.
-            vol.update_dirty_everywhere(DirtyUpdate::Reset {
-                region_size: vol.dirty.region_size(),
-            })
-            .await?;
-            if let Some(every) = vol.options.keepalive {
-                tokio::spawn(keepalive(Arc::downgrade(&vol), every));
-            }
-        }
-        tracing::info!(volume = name, generation, "replicated volume opened");
-        Ok(vol)
+            options,
+            engine,
+            size,
+            epoch: max_epoch,
+            members,
+        })
     }
 
     /// After an unclean shutdown (an engine crash), writes that were in flight
@@ -537,6 +700,31 @@ impl ReplicatedVolume {
                 tracing::warn!(volume = %self.name, replica = %m.node.label(), "could not clear dirty regions");
             }
         }
+    }
+
+    /// Hands the volume over (live migration): waits for the requests in
+    /// flight and refuses further I/O, like [`ReplicatedVolume::close`] but
+    /// without a flush or a clean-shutdown record — the next engine, told
+    /// this engine's [generation](ReplicatedVolume::generation) by the
+    /// caller, activates with [`PreparedVolume::activate_after_release`] and
+    /// needs no reconcile.
+    ///
+    /// No flush is needed: every write was acknowledged by every writable
+    /// replica, so the replicas hold the same data, and the next engine's
+    /// flushes sync the same files on the same replicas (durability asked
+    /// for by a guest flush that completed here is already there). Until
+    /// then, this engine's dirty-region marks stay on the replicas, so a
+    /// crash of a replica server before the next flush is reconciled as
+    /// before. This keeps the hand-over's downtime free of disk syncs.
+    pub async fn release(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let _q = self.quiesce.write().await;
+        self.check_fenced()?;
+        self.closed.store(true, Ordering::SeqCst);
+        tracing::info!(volume = %self.name, generation = self.generation, "replicated volume released");
+        Ok(())
     }
 
     /// Flushes every replica, records a clean shutdown on them (so the next
