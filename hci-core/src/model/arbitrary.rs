@@ -421,13 +421,14 @@ pub fn network() -> impl Strategy<Value = Network> {
                 mtu,
             }
         });
-    let status =
-        (vec(name(), 0..3), vec(condition(), 0..2)).prop_map(|(ready_nodes, conditions)| {
-            NetworkStatus {
-                ready_nodes,
-                conditions,
-            }
-        });
+    let lease = (mac(), any::<[u8; 4]>()).prop_map(|(mac, ip)| NetworkLease { mac, ip: ip.into() });
+    let status = (vec(name(), 0..3), vec(condition(), 0..2), vec(lease, 0..3)).prop_map(
+        |(ready_nodes, conditions, leases)| NetworkStatus {
+            ready_nodes,
+            conditions,
+            leases,
+        },
+    );
     (meta(), spec, option::of(status)).prop_map(|(metadata, spec, status)| Network {
         metadata,
         spec,

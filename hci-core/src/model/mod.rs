@@ -117,7 +117,7 @@ pub use meta::{
     API_VERSION, Condition, ConditionStatus, ObjectMeta, check_dns_label, set_condition,
     validate_name,
 };
-pub use network::{DhcpRange, Network, NetworkKind, NetworkSpec, NetworkStatus};
+pub use network::{DhcpRange, Network, NetworkKind, NetworkLease, NetworkSpec, NetworkStatus};
 pub use node::{Node, NodeResources, NodeSpec, NodeStatus};
 pub use phase::{InvalidTransition, VmPhase, VolumePhase};
 pub use quantity::{ByteSize, ParseByteSizeError};

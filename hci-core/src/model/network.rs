@@ -6,7 +6,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::resource::{Envelope, EnvelopeRef, Resource, check_envelope, resource};
-use super::{Condition, ObjectMeta, ValidationErrors};
+use super::{Condition, MacAddress, ObjectMeta, ValidationErrors};
 
 resource! {
     /// A virtual network VMs attach to.
@@ -92,6 +92,21 @@ pub struct NetworkStatus {
     /// Conditions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Addresses the network's DHCP server handed out, recorded in a
+    /// cluster so that the next server (on a new leader) gives every VM the
+    /// address it had.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<NetworkLease>,
+}
+
+/// An address a network's DHCP server leased to a NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkLease {
+    /// The NIC's MAC.
+    pub mac: MacAddress,
+    /// Its address.
+    pub ip: Ipv4Addr,
 }
 
 impl NetworkSpec {

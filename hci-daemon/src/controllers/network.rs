@@ -9,10 +9,11 @@
 //! anywhere), and looks again every lease TTL, so overlay peers follow the
 //! node list. Where the nodes' bridges share one L2 (an overlay, a VLAN, a
 //! bridge with an uplink) only the leader serves DHCP, so a client gets one
-//! answer; when the leader changes, the new one takes over. Its leases are
-//! its own (kept in its data directory): a client keeps its address by
-//! asking for it again, but a new client may be offered an address the old
-//! server handed out until that server's leases expire (see NOTES). Networks
+//! answer; when the leader changes, the new one takes over. The serving
+//! leader records its bound leases in the Network's `status.leases` (for
+//! NICs of VMs that exist), and a server taking over reserves those
+//! addresses for their MACs, so every VM keeps its address and no address
+//! is handed out twice across the change. Networks
 //! private to a node (management with NAT, a bridge without uplink) serve
 //! DHCP on every node.
 
@@ -22,12 +23,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hci_core::model::{
-    ConditionStatus, Network, NetworkKind as ModelKind, Node, Resource, VirtualMachine,
-    set_condition,
+    ConditionStatus, MacAddress, Network, NetworkKind as ModelKind, NetworkLease, Node, Resource,
+    VirtualMachine, set_condition,
 };
 use hci_core::net::{DhcpConfig, NetworkBackend, NetworkConfig, NetworkKind};
 use hci_core::{Error, Result};
-use hci_net::dhcp::DhcpNames;
+use hci_net::dhcp::{DhcpNames, Lease};
 
 use super::{Reconcile, Runtime, set_status};
 use crate::resources::ResourceStore;
@@ -143,6 +144,53 @@ pub(crate) async fn dhcp_names(resources: &ResourceStore, network: &str) -> Resu
     })
 }
 
+/// The leases to record for a shared network: what its server has bound
+/// now, then what was recorded before (a MAC the server does not know any
+/// more keeps its address), for NICs of VMs that still exist; one address
+/// per MAC and one MAC per address, sorted.
+fn record_leases(
+    recorded: &[NetworkLease],
+    served: &[Lease],
+    nics: &[[u8; 6]],
+) -> Vec<NetworkLease> {
+    let mut out: Vec<NetworkLease> = Vec::new();
+    let now = served.iter().filter(|l| l.bound).map(|l| NetworkLease {
+        mac: MacAddress(l.mac),
+        ip: l.ip,
+    });
+    for lease in now.chain(recorded.iter().copied()) {
+        if nics.contains(&lease.mac.0)
+            && !out.iter().any(|o| o.mac == lease.mac || o.ip == lease.ip)
+        {
+            out.push(lease);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Reservations for a server taking over a shared network: the spec's own,
+/// then the recorded leases of existing NICs inside the DHCP range that
+/// clash with none of them.
+fn carried_reservations(
+    recorded: &[NetworkLease],
+    nics: &[[u8; 6]],
+    dhcp: &DhcpConfig,
+) -> Vec<([u8; 6], IpAddr)> {
+    let mut out = dhcp.reservations.clone();
+    for lease in recorded {
+        let ip = IpAddr::V4(lease.ip);
+        let in_range = dhcp.range_start <= ip && ip <= dhcp.range_end;
+        if in_range
+            && nics.contains(&lease.mac.0)
+            && !out.iter().any(|(m, a)| *m == lease.mac.0 || *a == ip)
+        {
+            out.push((lease.mac.0, ip));
+        }
+    }
+    out
+}
+
 pub(crate) struct NetworkController {
     rt: Runtime,
 }
@@ -181,31 +229,53 @@ impl Reconcile for NetworkController {
             };
         };
         let nodes = self.rt.resources.list::<Node>().await?.items;
+        let mut nics = Vec::new();
         if net.spec.dhcp.is_some() {
             // Before the server starts, so that no guest is answered without its name.
             let names = dhcp_names(&self.rt.resources, name).await?;
+            nics = names.hostnames.iter().map(|(mac, _)| *mac).collect();
             backend.set_dhcp_names(name, names).await?;
         }
         // Cluster mode: one DHCP server per shared network, on the leader.
+        let shared = self.rt.cluster.is_some() && net.spec.dhcp.is_some() && shared_l2(&net);
         let mut serve_dhcp = true;
-        if self.rt.cluster.is_some() && net.spec.dhcp.is_some() && shared_l2(&net) {
+        if shared {
             let leader = super::scheduler::leader(&**self.rt.resources.state_store()).await?;
             serve_dhcp = leader.as_deref() == Some(this.as_str());
         }
+        let recorded = net
+            .status
+            .as_ref()
+            .map(|s| s.leases.clone())
+            .unwrap_or_default();
         let ensured = match resolve(&net, &nodes, &this) {
             Ok(mut config) => {
                 if !serve_dhcp {
                     config.dhcp = None;
+                } else if shared && let Some(dhcp) = config.dhcp.as_mut() {
+                    // A server that took over from another leader hands
+                    // out the addresses the last one did.
+                    dhcp.reservations = carried_reservations(&recorded, &nics, dhcp);
                 }
                 backend.ensure_network(&config).await
             }
             Err(e) => Err(e),
+        };
+        // What this server leased, recorded for the next one.
+        let leases = if shared && serve_dhcp && ensured.is_ok() {
+            let served = backend.leases(name).await.unwrap_or_default();
+            Some(record_leases(&recorded, &served, &nics))
+        } else {
+            None
         };
         let again = self.rt.cluster.as_ref().map(|c| c.lease_ttl);
         match ensured {
             Ok(status) => {
                 set_status(&self.rt.resources, name, |n: &mut Network| {
                     let st = n.status_mut();
+                    if let Some(leases) = &leases {
+                        st.leases.clone_from(leases);
+                    }
                     if !st.ready_nodes.contains(&this) {
                         st.ready_nodes.push(this.clone());
                         st.ready_nodes.sort();
@@ -273,6 +343,88 @@ mod tests {
                 ..NodeSpec::default()
             },
         )
+    }
+
+    fn lease(mac: u8, ip: [u8; 4]) -> NetworkLease {
+        NetworkLease {
+            mac: MacAddress([2, 0, 0, 0, 0, mac]),
+            ip: ip.into(),
+        }
+    }
+
+    #[test]
+    fn leases_are_recorded_for_existing_nics_with_the_server_winning() {
+        let nics = [[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]];
+        let recorded = [
+            lease(1, [10, 0, 0, 10]),
+            lease(2, [10, 0, 0, 11]),
+            // A NIC whose VM is gone: forgotten, its address free again.
+            lease(9, [10, 0, 0, 19]),
+        ];
+        let served = [
+            // The server moved NIC 2 to .12; NIC 3 is new; an offer that
+            // was never bound does not count.
+            Lease {
+                mac: [2, 0, 0, 0, 0, 2],
+                ip: [10, 0, 0, 12].into(),
+                expires: 0,
+                bound: true,
+                hostname: None,
+            },
+            Lease {
+                mac: [2, 0, 0, 0, 0, 3],
+                ip: [10, 0, 0, 10].into(),
+                expires: 0,
+                bound: false,
+                hostname: None,
+            },
+        ];
+        assert_eq!(
+            record_leases(&recorded, &served, &nics),
+            vec![lease(1, [10, 0, 0, 10]), lease(2, [10, 0, 0, 12])]
+        );
+        // A bound lease takes an address recorded for another MAC: the
+        // server's word wins, one MAC per address.
+        let served = [Lease {
+            mac: [2, 0, 0, 0, 0, 3],
+            ip: [10, 0, 0, 10].into(),
+            expires: 0,
+            bound: true,
+            hostname: None,
+        }];
+        assert_eq!(
+            record_leases(&recorded, &served, &nics),
+            vec![lease(2, [10, 0, 0, 11]), lease(3, [10, 0, 0, 10])]
+        );
+    }
+
+    #[test]
+    fn a_new_server_reserves_the_recorded_addresses_inside_its_range() {
+        let nics = [[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]];
+        let dhcp = DhcpConfig {
+            range_start: [10, 0, 0, 10].into(),
+            range_end: [10, 0, 0, 20].into(),
+            lease_time: LEASE_TIME,
+            dns: vec![],
+            // The spec's own reservation comes first.
+            reservations: vec![([2, 0, 0, 0, 0, 3], [10, 0, 0, 15].into())],
+        };
+        let recorded = [
+            lease(1, [10, 0, 0, 10]),
+            // Outside the range (the spec changed): not reserved.
+            lease(2, [10, 0, 0, 99]),
+            // Clashes with the spec's reservation.
+            lease(3, [10, 0, 0, 11]),
+            // Not a NIC any more.
+            lease(9, [10, 0, 0, 12]),
+        ];
+        assert_eq!(
+            carried_reservations(&recorded, &nics, &dhcp),
+            vec![
+                ([2, 0, 0, 0, 0, 3], [10, 0, 0, 15].into()),
+                ([2, 0, 0, 0, 0, 1], [10, 0, 0, 10].into()),
+            ]
+        );
     }
 
     #[test]
