@@ -24,7 +24,7 @@
 //! (resumed if it was paused for the switch-over).
 //!
 //! Disks are not copied: the volumes the source owns
-//! ([`HandoverDisk`](crate::handover::HandoverDisk)s) are released once its
+//! ([`HandoverDisk`]s) are released once its
 //! devices stopped, their release (a replicated engine's generation) goes
 //! with the machine state, and the target — which prepared them before
 //! accepting — takes them over before it runs the guest: a local volume's
