@@ -24,6 +24,8 @@ const SIZE: u64 = 1 << 20;
 const SERVE: u8 = 0;
 const GARBLED: u8 = 1;
 const LOST: u8 = 2;
+/// Reads are served, writes refused as a garbled reply would be.
+const WRITES_GARBLED: u8 = 3;
 
 /// A real local replica whose device can be switched to refuse reads.
 #[derive(Debug)]
@@ -95,6 +97,13 @@ impl RefusingDev {
             _ => Ok(()),
         }
     }
+
+    fn check_write(&self) -> Result<()> {
+        match self.mode.load(Ordering::SeqCst) {
+            WRITES_GARBLED => Err(Error::invalid("replica write reply", "garbled")),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[async_trait]
@@ -113,6 +122,7 @@ impl BlockDevice for RefusingDev {
         self.dev.read_at(buf, offset).await
     }
     async fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> Result<()> {
+        self.check_write()?;
         self.dev.write_at(buf, offset, flags).await
     }
     async fn flush(&self) -> Result<()> {
@@ -277,5 +287,41 @@ async fn an_error_every_replica_gives_reaches_the_caller_and_fails_none() {
         .await
         .expect_err("past the end");
     assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    assert_eq!(s.engine.status().await.robustness, Robustness::Healthy);
+}
+
+/// A write one replica refuses while a healthy one applies it: acknowledged,
+/// and the refuser (which now lacks it) is failed, never read from again.
+#[tokio::test]
+async fn a_write_one_replica_refuses_is_acknowledged_and_the_refuser_failed() {
+    let s = setup(2).await;
+    s.modes[1].store(WRITES_GARBLED, Ordering::SeqCst);
+    s.engine
+        .write_at(&pattern(5), 0, WriteFlags::default())
+        .await
+        .expect("write with a healthy replica applying it");
+    let st = s.engine.status().await;
+    assert!(
+        matches!(&st.replicas[1].state, ReplicaState::Failed(why) if why.contains("refused a write")),
+        "{st:?}"
+    );
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..8 {
+        s.engine.read_at(&mut buf, 0).await.expect("read");
+        assert_eq!(
+            buf,
+            pattern(5),
+            "a read came from the replica that missed the write"
+        );
+    }
+    // Every replica refusing: the request's fault, nobody failed.
+    let s = setup(2).await;
+    for m in &s.modes {
+        m.store(WRITES_GARBLED, Ordering::SeqCst);
+    }
+    s.engine
+        .write_at(&pattern(1), 0, WriteFlags::default())
+        .await
+        .expect_err("every replica refuses");
     assert_eq!(s.engine.status().await.robustness, Robustness::Healthy);
 }

@@ -768,19 +768,19 @@ impl ReplicatedVolume {
                 .map(|(_, d)| tokio::time::timeout(t, f(d.clone()))),
         )
         .await;
-        let mut request_err = None;
+        let mut fenced_err = None;
+        let mut refused: Vec<(&Arc<Member>, bool, Error)> = Vec::new();
         let mut dropped_healthy = false;
         let mut ok_healthy = false;
         for ((m, _), r) in targets.iter().zip(rs) {
             let was_healthy = m.state() == ReplicaState::Healthy;
             match r {
                 Ok(Ok(())) => ok_healthy |= was_healthy,
-                Ok(Err(e)) if is_request_error(&e) => {
-                    if matches!(e, Error::Fenced { .. }) {
-                        self.fenced.store(true, Ordering::SeqCst);
-                    }
-                    request_err.get_or_insert(e);
+                Ok(Err(e @ Error::Fenced { .. })) => {
+                    self.fenced.store(true, Ordering::SeqCst);
+                    fenced_err.get_or_insert(e);
                 }
+                Ok(Err(e)) if is_request_error(&e) => refused.push((m, was_healthy, e)),
                 Ok(Err(e)) => {
                     self.fail(m, e.to_string());
                     dropped_healthy |= was_healthy;
@@ -791,8 +791,21 @@ impl ReplicatedVolume {
                 }
             }
         }
-        if let Some(e) = request_err {
+        if let Some(e) = fenced_err {
             return Err(e);
+        }
+        if !refused.is_empty() {
+            if !ok_healthy {
+                // No healthy replica took it: the request's own fault.
+                return Err(refused.swap_remove(0).2);
+            }
+            // A healthy replica applied what these refused: they diverged
+            // (a garbled reply, a replica that lost the volume…), so they
+            // are failed and rebuilt, and the caller gets its success.
+            for (m, was_healthy, e) in refused {
+                self.fail(m, format!("refused a write a healthy replica applied: {e}"));
+                dropped_healthy |= was_healthy;
+            }
         }
         if dropped_healthy {
             // The survivors must know they are the only current replicas
