@@ -502,6 +502,15 @@ const FENCE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Warnings (a replica failed, a disk error behind an IOERR) go to stderr,
+    // which is the VM's vmm.log under the daemon.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let exit_file = args.exit_file.clone();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

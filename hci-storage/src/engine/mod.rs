@@ -956,19 +956,19 @@ impl ReplicatedVolume {
                 .map(|(_, d)| tokio::time::timeout(t, f(d.clone()))),
         )
         .await;
-        let mut request_err = None;
+        let mut fenced_err = None;
+        let mut refused: Vec<(&Arc<Member>, bool, Error)> = Vec::new();
         let mut dropped_healthy = false;
         let mut ok_healthy = false;
         for ((m, _), r) in targets.iter().zip(rs) {
             let was_healthy = m.state() == ReplicaState::Healthy;
             match r {
                 Ok(Ok(())) => ok_healthy |= was_healthy,
-                Ok(Err(e)) if is_request_error(&e) => {
-                    if matches!(e, Error::Fenced { .. }) {
-                        self.fenced.store(true, Ordering::SeqCst);
-                    }
-                    request_err.get_or_insert(e);
+                Ok(Err(e @ Error::Fenced { .. })) => {
+                    self.fenced.store(true, Ordering::SeqCst);
+                    fenced_err.get_or_insert(e);
                 }
+                Ok(Err(e)) if is_request_error(&e) => refused.push((m, was_healthy, e)),
                 Ok(Err(e)) => {
                     self.fail(m, e.to_string());
                     dropped_healthy |= was_healthy;
@@ -979,8 +979,21 @@ impl ReplicatedVolume {
                 }
             }
         }
-        if let Some(e) = request_err {
+        if let Some(e) = fenced_err {
             return Err(e);
+        }
+        if !refused.is_empty() {
+            if !ok_healthy {
+                // No healthy replica took it: the request's own fault.
+                return Err(refused.swap_remove(0).2);
+            }
+            // A healthy replica applied what these refused: they diverged
+            // (a garbled reply, a replica that lost the volume…), so they
+            // are failed and rebuilt, and the caller gets its success.
+            for (m, was_healthy, e) in refused {
+                self.fail(m, format!("refused a write a healthy replica applied: {e}"));
+                dropped_healthy |= was_healthy;
+            }
         }
         if dropped_healthy {
             // The survivors must know they are the only current replicas
@@ -994,13 +1007,18 @@ impl ReplicatedVolume {
     }
 
     /// The replica to read from: a healthy local one if there is one (no
-    /// network hop), else the healthy ones in turn.
-    fn pick_reader(&self) -> Result<(Arc<Member>, Arc<dyn BlockDevice>)> {
+    /// network hop), else the healthy ones in turn; never one in `skip`
+    /// (replicas that already refused this request).
+    fn pick_reader(
+        &self,
+        skip: &[(Arc<Member>, Error)],
+    ) -> Result<(Arc<Member>, Arc<dyn BlockDevice>)> {
         let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
         let healthy = || {
             members
                 .iter()
                 .filter(|m| m.state() == ReplicaState::Healthy)
+                .filter(|m| !skip.iter().any(|(s, _)| Arc::ptr_eq(s, m)))
                 .filter_map(|m| m.dev().map(|d| (m, d)))
         };
         if let Some((m, d)) = healthy().find(|(m, _)| m.node.is_local()) {
@@ -1017,6 +1035,51 @@ impl ReplicatedVolume {
             .ok_or_else(|| faulted(&self.name))
     }
 
+    /// A read-type request failed on replica `m` (`None`: it did not answer
+    /// in time). `Err` ends the request (this engine is fenced); `Ok` means
+    /// try another healthy replica. A request-type error (out of range,
+    /// invalid, not found…) is not trusted from one replica alone: the
+    /// engine checked the request itself, so the replica is set aside in
+    /// `refused` and the request goes to the next one — only if every
+    /// healthy replica refuses it does the error reach the caller.
+    async fn read_failed(
+        &self,
+        m: Arc<Member>,
+        why: Option<Error>,
+        refused: &mut Vec<(Arc<Member>, Error)>,
+    ) -> Result<()> {
+        match why {
+            Some(e @ Error::Fenced { .. }) => {
+                self.fenced.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+            Some(e) if is_request_error(&e) => {
+                tracing::debug!(volume = %self.name, replica = %m.node.label(), error = %e, "a replica refused a read; trying another");
+                refused.push((m, e));
+                return Ok(());
+            }
+            Some(e) => self.fail(&m, e.to_string()),
+            None => self.fail(&m, format!("no answer within {:?}", self.options.timeout)),
+        }
+        self.new_epoch().await
+    }
+
+    /// A read-type request succeeded after some replicas refused it: a
+    /// healthy peer served the very same request, so their refusal was
+    /// their own fault (a garbled reply, a replica that lost the volume or
+    /// is shorter than it): fail them, to be rebuilt.
+    async fn fail_refusers(&self, refused: Vec<(Arc<Member>, Error)>) {
+        if refused.is_empty() {
+            return;
+        }
+        for (m, e) in &refused {
+            self.fail(m, format!("refused a read a healthy replica served: {e}"));
+        }
+        // The data read is good either way; a failed epoch update fails the
+        // replicas that missed it, and the next request sees that.
+        let _ = self.new_epoch().await;
+    }
+
     /// Runs a read-type request on one healthy replica (local first, then
     /// round-robin), failing over to the next on replica errors.
     async fn read_one<T, F, Fut>(&self, f: F) -> Result<T>
@@ -1025,21 +1088,21 @@ impl ReplicatedVolume {
         Fut: Future<Output = Result<T>>,
     {
         self.check_fenced()?;
+        let mut refused = Vec::new();
         loop {
-            let (m, d) = self.pick_reader()?;
-            let t = self.options.timeout;
-            match tokio::time::timeout(t, f(d)).await {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if is_request_error(&e) => {
-                    if matches!(e, Error::Fenced { .. }) {
-                        self.fenced.store(true, Ordering::SeqCst);
-                    }
-                    return Err(e);
+            let (m, d) = match self.pick_reader(&refused) {
+                Ok(p) => p,
+                Err(e) => return Err(refused.into_iter().next().map_or(e, |(_, e)| e)),
+            };
+            let why = match tokio::time::timeout(self.options.timeout, f(d)).await {
+                Ok(Ok(v)) => {
+                    self.fail_refusers(refused).await;
+                    return Ok(v);
                 }
-                Ok(Err(e)) => self.fail(&m, e.to_string()),
-                Err(_) => self.fail(&m, format!("no answer within {t:?}")),
-            }
-            self.new_epoch().await?;
+                Ok(Err(e)) => Some(e),
+                Err(_) => None,
+            };
+            self.read_failed(m, why, &mut refused).await?;
         }
     }
 
@@ -1134,23 +1197,24 @@ impl BlockDevice for ReplicatedVolume {
     async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size())?;
         self.check_fenced()?;
+        let mut refused = Vec::new();
         loop {
-            let (m, d) = self.pick_reader()?;
-            let t = self.options.timeout;
+            let (m, d) = match self.pick_reader(&refused) {
+                Ok(p) => p,
+                Err(e) => return Err(refused.into_iter().next().map_or(e, |(_, e)| e)),
+            };
             // Straight into the caller's buffer: a failed attempt is simply
             // overwritten by the next replica's answer.
-            match tokio::time::timeout(t, d.read_at(buf, offset)).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) if is_request_error(&e) => {
-                    if matches!(e, Error::Fenced { .. }) {
-                        self.fenced.store(true, Ordering::SeqCst);
-                    }
-                    return Err(e);
+            let why = match tokio::time::timeout(self.options.timeout, d.read_at(buf, offset)).await
+            {
+                Ok(Ok(())) => {
+                    self.fail_refusers(refused).await;
+                    return Ok(());
                 }
-                Ok(Err(e)) => self.fail(&m, e.to_string()),
-                Err(_) => self.fail(&m, format!("no answer within {t:?}")),
-            }
-            self.new_epoch().await?;
+                Ok(Err(e)) => Some(e),
+                Err(_) => None,
+            };
+            self.read_failed(m, why, &mut refused).await?;
         }
     }
 

@@ -147,6 +147,20 @@ pub struct RequestHandler {
 /// Why a request failed (becomes the status byte).
 struct Failed(u8);
 
+/// Logs a disk backend's error that the guest will see as `IOERR` (the
+/// status byte says nothing about why), then makes that status. Only the
+/// first few and then every 1024th are logged: a guest retrying a broken
+/// disk must not fill the log.
+fn backend_failed(what: &str, offset: u64, e: &hci_core::Error) -> Failed {
+    use std::sync::atomic::AtomicU64;
+    static LOGGED: AtomicU64 = AtomicU64::new(0);
+    let n = LOGGED.fetch_add(1, Ordering::Relaxed);
+    if n < 16 || n.is_multiple_of(1024) {
+        tracing::warn!(request = what, offset, error = %e, "virtio-blk request failed: IOERR to the guest");
+    }
+    Failed(S_IOERR)
+}
+
 impl RequestHandler {
     /// A handler serving `disk`.
     pub fn new(
@@ -248,7 +262,7 @@ impl RequestHandler {
                     let n = left.min(BOUNCE_BYTES as u64) as usize;
                     self.bounce.resize(n, 0);
                     rt.block_on(self.disk.read_at(&mut self.bounce[..n], offset))
-                        .map_err(|_| Failed(S_IOERR))?;
+                        .map_err(|e| backend_failed("read", offset, &e))?;
                     writer
                         .write_all(&self.bounce[..n])
                         .map_err(|_| Failed(S_IOERR))?;
@@ -276,14 +290,16 @@ impl RequestHandler {
                         offset,
                         WriteFlags::default(),
                     ))
-                    .map_err(|_| Failed(S_IOERR))?;
+                    .map_err(|e| backend_failed("write", offset, &e))?;
                     offset += n as u64;
                     left -= n as u64;
                 }
                 self.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
                 Ok(())
             }
-            types::FLUSH => rt.block_on(self.disk.flush()).map_err(|_| Failed(S_IOERR)),
+            types::FLUSH => rt
+                .block_on(self.disk.flush())
+                .map_err(|e| backend_failed("flush", 0, &e)),
             types::GET_ID => {
                 let n = writer.available_bytes().min(self.serial.len());
                 writer
@@ -326,7 +342,7 @@ impl RequestHandler {
                         };
                         rt.block_on(self.disk.write_zeroes(offset, len, zf))
                     };
-                    done.map_err(|_| Failed(S_IOERR))?;
+                    done.map_err(|e| backend_failed("discard/write-zeroes", offset, &e))?;
                 }
                 Ok(())
             }
