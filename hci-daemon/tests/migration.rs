@@ -578,17 +578,21 @@ async fn a_vm_on_a_replicated_volume_live_migrates() {
         ))
         .await
         .expect("create volume");
+    // The guest keeps writing, flushing and reading back blocks across the
+    // migration and prints `virtio-blk FAIL` on any I/O error: the target
+    // must not take the volume from the source before the switch-over.
     let mut vm = dirty_vm("rvm");
-    vm.spec.boot = BootSpec::kernel("guest:blk", "stay=1");
+    vm.spec.boot = BootSpec::kernel("guest:blk", "stay=1 writes=1");
     vm.spec.disks.push(DiskSpec::new("data", "rv"));
     c.resources.create(vm).await.expect("create VM");
     let blk_ok = |node: &str| c.daemon(node).console("rvm").contains("virtio-blk OK");
+    let writes = |node: &str| c.daemon(node).console("rvm").matches("writes ").count();
     let start = Instant::now();
     let from = loop {
         let s = c.vm("rvm").await.status_or_default();
         if let Some(n) = s.node.as_deref()
             && s.phase == VmPhase::Running
-            && blk_ok(n)
+            && writes(n) >= 2
         {
             break n.to_string();
         }
@@ -608,6 +612,23 @@ async fn a_vm_on_a_replicated_volume_live_migrates() {
     let s = c.vm("rvm").await.status_or_default();
     assert_eq!(s.node.as_deref(), Some(to));
     assert_eq!(s.phase, VmPhase::Running);
+    assert_eq!(s.restarts, 0, "the guest restarted: {s:?}");
+    // The guest goes on writing on the target, and saw no I/O error on
+    // either side.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while writes(to) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest does not write on {to}:\n{}\n{}",
+            c.daemon(to).console("rvm"),
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in [from.as_str(), to] {
+        let console = c.daemon(n).console("rvm");
+        assert!(!console.contains("FAIL"), "{n}:\n{console}\n{}", c.logs());
+    }
     // The target's VMM runs the volume's engine now.
     assert!(
         c.daemon(to)
