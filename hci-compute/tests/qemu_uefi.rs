@@ -9,8 +9,19 @@
 //! line followed by the firmware vendor OVMF handed it in the system table,
 //! and the VM ends with a reset (`-no-reboot`).
 //!
+//! Then a real Linux through UEFI: Debian's cloud kernel (an EFI-stub PE)
+//! on a FAT disk with a `startup.nsh` that OVMF's UEFI shell runs (no
+//! `BOOTX64.EFI` there, so the boot manager falls through to the shell),
+//! giving the kernel its command line and an initramfs from the same disk.
+//! Its `/init` (a few lines of assembly) mounts sysfs, prints whether
+//! `/sys/firmware/efi` exists — the kernel's own word that it was booted by
+//! UEFI — and reboots.
+//!
 //! Skipped, with a message, where OVMF is not installed. Under TCG OVMF
-//! takes a few seconds to reach the boot manager.
+//! takes a few seconds to reach the boot manager, the shell counts down
+//! five before `startup.nsh`, and the kernel boots in a few more.
+
+mod common;
 
 use std::io::{Cursor, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -18,6 +29,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{cpio_entry, debian_cloud_kernel};
 use hci_compute::qemu::{OVMF_CANDIDATES, QemuHypervisor};
 use hci_core::block::{BlockDevice, WriteFlags};
 use hci_core::compute::{
@@ -108,7 +120,13 @@ crlf:   .string16 "\r\n"
 /// A FAT image (no partition table: OVMF mounts the whole disk) with
 /// `app` as `EFI/BOOT/BOOTX64.EFI`.
 fn esp_image(app: &[u8]) -> Vec<u8> {
-    let mut img = Cursor::new(vec![0u8; 4 << 20]);
+    fat_image(&[("EFI/BOOT/BOOTX64.EFI", app)])
+}
+
+/// A FAT image holding `files` (paths with `/`; directories are created).
+fn fat_image(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let payload: usize = files.iter().map(|(_, d)| d.len()).sum();
+    let mut img = Cursor::new(vec![0u8; (payload + (4 << 20)).next_multiple_of(1 << 20)]);
     fatfs::format_volume(
         &mut img,
         fatfs::FormatVolumeOptions::new().volume_label(*b"HCI-ESP    "),
@@ -117,15 +135,15 @@ fn esp_image(app: &[u8]) -> Vec<u8> {
     img.seek(SeekFrom::Start(0)).expect("rewind");
     {
         let fs = fatfs::FileSystem::new(&mut img, fatfs::FsOptions::new()).expect("open FAT");
-        {
-            let boot = fs
-                .root_dir()
-                .create_dir("EFI")
-                .and_then(|d| d.create_dir("BOOT"))
-                .expect("mkdir EFI/BOOT");
-            let mut f = boot.create_file("BOOTX64.EFI").expect("create BOOTX64.EFI");
+        for (path, data) in files {
+            let (dirs, name) = path.rsplit_once('/').unwrap_or(("", path));
+            let mut dir = fs.root_dir();
+            for d in dirs.split('/').filter(|d| !d.is_empty()) {
+                dir = dir.create_dir(d).expect("mkdir");
+            }
+            let mut f = dir.create_file(name).expect("create a file");
             f.truncate().expect("truncate");
-            f.write_all(app).expect("write BOOTX64.EFI");
+            f.write_all(data).expect("write a file");
             f.flush().expect("flush");
         }
         fs.unmount().expect("unmount");
@@ -133,7 +151,7 @@ fn esp_image(app: &[u8]) -> Vec<u8> {
     img.into_inner()
 }
 
-fn uefi_config(name: &str, disk: DiskConfig) -> VmConfig {
+fn uefi_config(name: &str, memory_mib: u64, disk: DiskConfig) -> VmConfig {
     let run_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("run-qemu")
         .join(format!("{name}-{}", std::process::id()));
@@ -142,7 +160,7 @@ fn uefi_config(name: &str, disk: DiskConfig) -> VmConfig {
     VmConfig {
         name: name.into(),
         cpus: 1,
-        memory: 128 << 20,
+        memory: memory_mib << 20,
         boot: BootSource::Firmware { uefi: true },
         disks: vec![disk],
         nics: vec![],
@@ -151,18 +169,36 @@ fn uefi_config(name: &str, disk: DiskConfig) -> VmConfig {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ovmf_runs_a_uefi_application_from_a_disk_served_over_nbd() {
+/// The backend, or `None` (with a message) where OVMF is not installed.
+fn uefi_hv() -> Option<QemuHypervisor> {
     if !ovmf_installed() {
         eprintln!(
             "SKIPPED: no OVMF ({OVMF_CANDIDATES:?}): install the Debian package ovmf \
              (scripts/install-deps.sh does)"
         );
-        return;
+        return None;
     }
     let hv = QemuHypervisor::new();
     hv.resolve_binary()
         .expect("the QEMU tests need qemu-system-x86_64 (scripts/install-deps.sh installs it)");
+    Some(hv)
+}
+
+/// Runs `config` to its end; returns the exit reason and the console.
+async fn run(hv: &QemuHypervisor, config: VmConfig) -> (ExitReason, String) {
+    let vm = hv.create_vm(config).await.expect("create");
+    vm.start().await.expect("start");
+    let reason = tokio::time::timeout(WAIT, vm.wait()).await;
+    let console = String::from_utf8_lossy(&vm.console_hub().history()).into_owned();
+    let reason = reason
+        .unwrap_or_else(|_| panic!("the VM did not end in {WAIT:?}; console: {console:?}"))
+        .expect("wait");
+    (reason, console)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ovmf_runs_a_uefi_application_from_a_disk_served_over_nbd() {
+    let Some(hv) = uefi_hv() else { return };
 
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("uefi-app");
     let img = esp_image(&uefi_app(&dir));
@@ -172,6 +208,7 @@ async fn ovmf_runs_a_uefi_application_from_a_disk_served_over_nbd() {
         .expect("write the FAT image");
     let config = uefi_config(
         "uefi-nbd",
+        128,
         DiskConfig {
             name: "esp".into(),
             backend: DiskBackend::Device(dev as Arc<dyn BlockDevice>),
@@ -197,5 +234,111 @@ async fn ovmf_runs_a_uefi_application_from_a_disk_served_over_nbd() {
         console.contains(&format!("{HELLO}EDK II")),
         "console: {console:?}"
     );
+    assert_eq!(reason, ExitReason::Reset, "console: {console:?}");
+}
+
+/// `/init`: mounts sysfs on /sys, prints [`EFI_YES`] or [`EFI_NO`] by
+/// whether `/sys/firmware/efi` exists, and reboots (`-no-reboot`: the VM
+/// ends with a reset). A static x86-64 ELF, no libc.
+fn init_binary(dir: &Path) -> Vec<u8> {
+    let src = format!(
+        r#"
+        .text
+        .globl _start
+_start:
+        mov $165, %eax              # mount("sysfs", "/sys", "sysfs", 0, 0)
+        lea sysfs(%rip), %rdi
+        lea sys(%rip), %rsi
+        lea sysfs(%rip), %rdx
+        xor %r10d, %r10d
+        xor %r8d, %r8d
+        syscall
+        mov $21, %eax               # access("/sys/firmware/efi", F_OK)
+        lea efi(%rip), %rdi
+        xor %esi, %esi
+        syscall
+        lea no(%rip), %rsi
+        mov $no_len, %edx
+        test %eax, %eax
+        jnz 1f
+        lea yes(%rip), %rsi
+        mov $yes_len, %edx
+1:      mov $1, %eax                # write(1, …)
+        mov $1, %edi
+        syscall
+        mov $169, %eax              # reboot(MAGIC1, MAGIC2, RESTART)
+        mov $0xfee1dead, %edi
+        mov $672274793, %esi
+        mov $0x01234567, %edx
+        syscall
+2:      jmp 2b
+sysfs:  .asciz "sysfs"
+sys:    .asciz "/sys"
+efi:    .asciz "/sys/firmware/efi"
+yes:    .ascii "{EFI_YES}\n"
+        yes_len = . - yes
+no:     .ascii "{EFI_NO}\n"
+        no_len = . - no
+"#
+    );
+    std::fs::create_dir_all(dir).expect("dir");
+    let (s, bin) = (dir.join("init.S"), dir.join("init"));
+    std::fs::write(&s, src).expect("write init.S");
+    let ok = Command::new("gcc")
+        .args(["-nostdlib", "-static", "-no-pie", "-o"])
+        .arg(&bin)
+        .arg(&s)
+        .status()
+        .expect("run gcc");
+    assert!(ok.success(), "gcc failed on /init");
+    std::fs::read(&bin).expect("read init")
+}
+
+const EFI_YES: &str = "hci-init: booted by UEFI (/sys/firmware/efi exists)";
+const EFI_NO: &str = "hci-init: /sys/firmware/efi is missing";
+
+/// A `newc` initramfs: /dev/console, /sys and [`init_binary`] as /init.
+fn initramfs(init: &[u8]) -> Vec<u8> {
+    let mut c = Vec::new();
+    cpio_entry(&mut c, 1, "dev", 0o040755, (0, 0), &[]);
+    cpio_entry(&mut c, 2, "dev/console", 0o020600, (5, 1), &[]);
+    cpio_entry(&mut c, 3, "sys", 0o040755, (0, 0), &[]);
+    cpio_entry(&mut c, 4, "init", 0o100755, (0, 0), init);
+    cpio_entry(&mut c, 0, "TRAILER!!!", 0, (0, 0), &[]);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linux_boots_through_ovmf_and_the_uefi_shell() {
+    let Some(hv) = uefi_hv() else { return };
+    let (kernel, _) = debian_cloud_kernel();
+    let kernel = std::fs::read(&kernel).expect("read the kernel");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("uefi-linux");
+    let initrd = initramfs(&init_binary(&dir));
+    // panic=-1: should the kernel not reach /init, it resets rather than hangs.
+    let nsh = b"FS0:\\vmlinuz console=ttyS0 initrd=\\initrd.img panic=-1\r\n";
+    let img = fat_image(&[
+        ("vmlinuz", &kernel),
+        ("initrd.img", &initrd),
+        ("startup.nsh", nsh),
+    ]);
+    let path = dir.join("esp.img");
+    std::fs::write(&path, img).expect("write the image");
+    // 256 MiB: with 128 the shell ran the kernel and nothing more was
+    // printed (not looked into further).
+    let config = uefi_config(
+        "uefi-linux",
+        256,
+        DiskConfig {
+            name: "esp".into(),
+            backend: DiskBackend::File(path),
+            bus: DiskBus::Virtio,
+            read_only: true,
+            boot_order: Some(1),
+        },
+    );
+    let (reason, console) = run(&hv, config).await;
+    assert!(console.contains("Linux version"), "console: {console:?}");
+    assert!(console.contains(EFI_YES), "console: {console:?}");
     assert_eq!(reason, ExitReason::Reset, "console: {console:?}");
 }
