@@ -31,6 +31,10 @@ done
 # modules from /lib/modules) under TCG.
 compgen -G '/boot/vmlinuz-*-cloud-amd64' >/dev/null || missing+=(linux-image-cloud-amd64)
 
+# OVMF (UEFI firmware): the QEMU backend's UEFI boot test (tests/qemu_uefi.rs)
+# and `boot: {type: firmware, kind: uefi}` VMs.
+[[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ]] || missing+=(ovmf)
+
 if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}" >&2
   SUDO=""

@@ -25,6 +25,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{cpio_entry, debian_cloud_kernel};
 use hci_compute::qemu::QemuHypervisor;
 use hci_compute::qemu::QemuVm;
 use hci_compute::qemu::seed::NoCloudSeed;
@@ -47,38 +48,6 @@ const BOOT_WAIT: Duration = Duration::from_secs(300);
 const TOKEN: &str = "qemu-linux-test";
 
 // ---------------------------------------------------------------- the guest
-
-/// Debian's cloud kernel and its module directory.
-fn debian_cloud_kernel() -> (PathBuf, PathBuf) {
-    let kernel = std::fs::read_dir("/boot")
-        .ok()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
-        })
-        .max()
-        .expect(
-            "no /boot/vmlinuz-*-cloud-amd64: install the Debian package linux-image-cloud-amd64 \
-             (scripts/install-deps.sh does)",
-        );
-    let version = kernel
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("vmlinuz-"))
-        .expect("kernel version")
-        .to_string();
-    let modules = PathBuf::from("/lib/modules").join(version);
-    assert!(
-        modules.join("modules.dep").is_file(),
-        "{} has no modules.dep",
-        modules.display()
-    );
-    (kernel, modules)
-}
 
 /// `wanted` modules and their dependencies, dependencies first, as paths
 /// relative to the module directory (from `modules.dep`).
@@ -124,38 +93,6 @@ fn module_load_order(modules: &Path, wanted: &[&str]) -> Vec<String> {
         visit(m, &deps, &mut seen, &mut out);
     }
     out
-}
-
-/// Appends one `newc` cpio entry.
-fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
-    let fields = [
-        ino,
-        mode,
-        0,
-        0,
-        1,
-        0,
-        u32::try_from(data.len()).expect("file under 4 GiB"),
-        0,
-        0,
-        rdev.0,
-        rdev.1,
-        name.len() as u32 + 1,
-        0,
-    ];
-    out.extend_from_slice(b"070701");
-    for f in fields {
-        out.extend_from_slice(format!("{f:08x}").as_bytes());
-    }
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-    out.extend_from_slice(data);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
 }
 
 /// The guest's /init. `hci.role=main` runs the checks; `hci.role=peer`

@@ -1,4 +1,4 @@
-//! Shared helpers for the KVM integration tests.
+//! Shared helpers for the KVM and QEMU integration tests.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -81,4 +81,75 @@ pub fn wait_console(vm: &KvmVm, needle: &str) {
         "console never showed {needle:?}; got {:?}",
         String::from_utf8_lossy(&vm.console_hub().history())
     );
+}
+
+/// Debian's cloud kernel and its module directory.
+pub fn debian_cloud_kernel() -> (PathBuf, PathBuf) {
+    let kernel = std::fs::read_dir("/boot")
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+        })
+        .max()
+        .expect(
+            "no /boot/vmlinuz-*-cloud-amd64: install the Debian package linux-image-cloud-amd64 \
+             (scripts/install-deps.sh does)",
+        );
+    let version = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .expect("kernel version")
+        .to_string();
+    let modules = PathBuf::from("/lib/modules").join(version);
+    assert!(
+        modules.join("modules.dep").is_file(),
+        "{} has no modules.dep",
+        modules.display()
+    );
+    (kernel, modules)
+}
+
+/// Appends one `newc` cpio entry.
+pub fn cpio_entry(
+    out: &mut Vec<u8>,
+    ino: u32,
+    name: &str,
+    mode: u32,
+    rdev: (u32, u32),
+    data: &[u8],
+) {
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        u32::try_from(data.len()).expect("file under 4 GiB"),
+        0,
+        0,
+        rdev.0,
+        rdev.1,
+        name.len() as u32 + 1,
+        0,
+    ];
+    out.extend_from_slice(b"070701");
+    for f in fields {
+        out.extend_from_slice(format!("{f:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+    out.extend_from_slice(data);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
 }
