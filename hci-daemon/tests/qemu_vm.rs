@@ -288,19 +288,17 @@ spec:
     let message = vm["status"]["message"].as_str().unwrap_or("");
     assert!(message.contains("/nonexistent/initrd.img"), "{message}");
 
-    // UEFI without OVMF installed (as on the CI machines): a clear error
-    // naming the package. `auto` picks QEMU for firmware boots.
-    let ovmf = [
-        "/usr/share/OVMF/OVMF_CODE_4M.fd",
-        "/usr/share/OVMF/OVMF_CODE.fd",
-    ]
-    .iter()
-    .any(|p| Path::new(p).is_file());
-    if ovmf {
-        eprintln!("SKIPPED (UEFI part): OVMF is installed here");
-    } else {
-        d.apply(
-            r#"
+    drop(d);
+
+    // UEFI without OVMF (the daemon pointed at files that do not exist):
+    // a clear error naming the package. `auto` picks QEMU for firmware
+    // boots.
+    let d = Daemon::start(&[
+        "--ovmf",
+        "/nonexistent/OVMF_CODE.fd,/nonexistent/OVMF_VARS.fd",
+    ]);
+    d.apply(
+        r#"
 apiVersion: hci.dev/v1
 kind: VirtualMachine
 metadata: { name: uefi }
@@ -308,11 +306,10 @@ spec:
   memory: 64Mi
   boot: { type: firmware, kind: uefi }
 "#,
-        );
-        let vm = d.wait_vm("uefi", "failed", |v| phase(v) == "Failed");
-        let message = vm["status"]["message"].as_str().unwrap_or("");
-        assert!(message.contains("ovmf"), "{message}");
-    }
+    );
+    let vm = d.wait_vm("uefi", "failed", |v| phase(v) == "Failed");
+    let message = vm["status"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("ovmf"), "{message}");
     drop(d);
 
     // A QEMU that dies at start (here a stand-in that prints an error and

@@ -107,6 +107,11 @@ struct Args {
     /// qemu-system-x86_64 on PATH).
     #[arg(long, value_name = "FILE")]
     qemu: Option<PathBuf>,
+    /// UEFI firmware for `boot: { type: firmware, kind: uefi }` VMs, as
+    /// `CODE,VARS` (the code image and the variable store template; default:
+    /// Debian's `ovmf` package files under /usr/share/OVMF).
+    #[arg(long, value_name = "CODE,VARS", value_parser = parse_ovmf)]
+    ovmf: Option<(PathBuf, PathBuf)>,
     /// How long a VM stop waits for the guest to shut down before killing it.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     stop_timeout: std::time::Duration,
@@ -148,6 +153,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// `10s`, `500ms`, `2m` or a number of seconds.
+/// `CODE,VARS`: the two OVMF files.
+fn parse_ovmf(s: &str) -> Result<(PathBuf, PathBuf), String> {
+    match s.split_once(',') {
+        Some((code, vars)) if !code.is_empty() && !vars.is_empty() => {
+            Ok((PathBuf::from(code), PathBuf::from(vars)))
+        }
+        _ => Err(format!("{s:?}: expected CODE,VARS (two file paths)")),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let bad = || format!("{s:?} is not a duration (e.g. 10s, 500ms, 2m)");
     let (num, unit) = s
@@ -352,8 +367,15 @@ async fn main() -> anyhow::Result<()> {
         rt.vm_processes = vm_processes;
         rt.cluster = cluster;
         rt.stop_timeout = args.stop_timeout;
-        if let Some(qemu) = &args.qemu {
-            rt.qemu = Arc::new(hci_compute::qemu::QemuHypervisor::new().with_binary(qemu));
+        if args.qemu.is_some() || args.ovmf.is_some() {
+            let mut qemu = hci_compute::qemu::QemuHypervisor::new();
+            if let Some(binary) = &args.qemu {
+                qemu = qemu.with_binary(binary);
+            }
+            if let Some(pair) = &args.ovmf {
+                qemu = qemu.with_ovmf(vec![pair.clone()]);
+            }
+            rt.qemu = Arc::new(qemu);
         }
         // Cluster mode: bridges of one network on two nodes get their own MACs.
         let bridge_node = rt.cluster.is_some().then(|| name.clone());
