@@ -403,56 +403,28 @@ impl Vm {
 
     /// Starts the vCPUs.
     pub fn start(&self) -> Result<()> {
-        let inner = &self.inner;
-        let _g = inner.lock_lifecycle();
-        let state = self.state();
-        if state != VmState::Created {
-            return Err(VmmError::BadState {
-                op: "start",
-                state: state_name(&state),
-            });
-        }
-        let _ = inner.started.set(Instant::now());
-        let rx = inner
-            .events_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(rx) = rx {
-            let weak = Arc::downgrade(inner);
-            std::thread::Builder::new()
-                .name(format!("vmm-{}", inner.name))
-                .spawn(move || control_loop(weak, rx))
-                .map_err(|e| VmmError::io("spawn the VM control thread", e))?;
-        }
-        let vcpus = std::mem::take(
-            &mut *inner
-                .pending_vcpus
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        let mut threads = inner.lock_threads();
-        for vcpu in vcpus {
-            threads.push(
-                vcpu::spawn(&inner.name, vcpu, inner.handlers.clone())
-                    .map_err(|e| VmmError::io("spawn a vCPU thread", e))?,
-            );
-        }
-        drop(threads);
-        inner.state.send_replace(VmState::Running);
-        info!(vm = %inner.name, "VM started");
+        self.launch("start", Want::Run)?;
+        info!(vm = %self.inner.name, "VM started");
         Ok(())
     }
 
     /// Starts the vCPU threads parked: the VM goes from created to paused
     /// (a restored VM, resumed with [`Vm::resume`]).
     pub fn start_paused(&self) -> Result<()> {
+        self.launch("start paused", Want::Pause)?;
+        info!(vm = %self.inner.name, "VM started paused");
+        Ok(())
+    }
+
+    /// From created to running (`Want::Run`) or paused (`Want::Pause`):
+    /// the control thread, then one thread per vCPU in that state.
+    fn launch(&self, op: &'static str, want: Want) -> Result<()> {
         let inner = &self.inner;
         let _g = inner.lock_lifecycle();
         let state = self.state();
         if state != VmState::Created {
             return Err(VmmError::BadState {
-                op: "start paused",
+                op,
                 state: state_name(&state),
             });
         }
@@ -478,19 +450,24 @@ impl Vm {
         let mut threads = inner.lock_threads();
         for vcpu in vcpus {
             threads.push(
-                vcpu::spawn_as(&inner.name, vcpu, inner.handlers.clone(), Want::Pause)
+                vcpu::spawn_as(&inner.name, vcpu, inner.handlers.clone(), want)
                     .map_err(|e| VmmError::io("spawn a vCPU thread", e))?,
             );
         }
-        if !threads
-            .iter()
-            .all(|t| t.drive(Want::Pause, VCPU_ACK_TIMEOUT))
-        {
-            return Err(VmmError::Timeout("start paused"));
-        }
+        let state = if want == Want::Pause {
+            // Parked threads acknowledge before the VM counts as paused.
+            if !threads
+                .iter()
+                .all(|t| t.drive(Want::Pause, VCPU_ACK_TIMEOUT))
+            {
+                return Err(VmmError::Timeout(op));
+            }
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
         drop(threads);
-        inner.state.send_replace(VmState::Paused);
-        info!(vm = %inner.name, "VM started paused");
+        inner.state.send_replace(state);
         Ok(())
     }
 
