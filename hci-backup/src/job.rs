@@ -3,65 +3,17 @@
 //! A [`Job`] carries a [`CancelToken`] and, optionally, a channel on which
 //! the job publishes [`JobProgress`] (bytes done of total, bytes uploaded,
 //! elapsed time, rate). A cancelled job stops at its next piece boundary
-//! and returns [`Error::Cancelled`]; a cancelled backup writes no manifest,
+//! and returns [`Error::Cancelled`](hci_core::Error::Cancelled); a cancelled backup writes no manifest,
 //! so the target only gains unreferenced (still valid) packs that garbage
 //! collection reclaims.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hci_core::backup::BackupProgress;
-use hci_core::{Error, Result};
-use tokio::sync::{Notify, watch};
+use hci_core::Result;
+use tokio::sync::watch;
 
-/// Cancels a running job; clones share one state.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<CancelInner>);
-
-#[derive(Debug, Default)]
-struct CancelInner {
-    cancelled: AtomicBool,
-    notify: Notify,
-}
-
-impl CancelToken {
-    /// A token nobody has cancelled yet.
-    pub fn new() -> Self {
-        CancelToken::default()
-    }
-
-    /// Asks every job holding this token to stop.
-    pub fn cancel(&self) {
-        self.0.cancelled.store(true, Ordering::Release);
-        self.0.notify.notify_waiters();
-    }
-
-    /// Whether [`CancelToken::cancel`] was called.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.cancelled.load(Ordering::Acquire)
-    }
-
-    /// Resolves once the token is cancelled.
-    pub async fn cancelled(&self) {
-        loop {
-            let notified = self.0.notify.notified();
-            if self.is_cancelled() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    /// `Err(Cancelled)` once cancelled.
-    pub fn check(&self) -> Result<()> {
-        if self.is_cancelled() {
-            Err(Error::Cancelled)
-        } else {
-            Ok(())
-        }
-    }
-}
+pub use hci_core::cancel::CancelToken;
 
 /// Progress of a job.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -200,7 +152,7 @@ mod tests {
         let waiter = tokio::spawn(async move { t2.cancelled().await });
         t.cancel();
         waiter.await.expect("waiter");
-        assert!(matches!(t.check(), Err(Error::Cancelled)));
+        assert!(matches!(t.check(), Err(hci_core::Error::Cancelled)));
     }
 
     #[test]

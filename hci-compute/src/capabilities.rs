@@ -45,12 +45,14 @@ impl Migratable for KvmVm {
         options: MigrationOptions,
         progress: watch::Sender<MigrationProgress>,
     ) -> Result<MigrationProgress> {
-        let cancel = Arc::new(AtomicBool::new(false));
-        let _guard = CancelOnDrop(Arc::clone(&cancel));
+        let dropped = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(Arc::clone(&dropped));
         let vm = self.vm().clone();
         let disks = self.handover_disks().to_vec();
         let target = target.to_string();
         blocking(move || {
+            let token = options.cancel.clone();
+            let cancel = move || dropped.load(Ordering::SeqCst) || token.is_cancelled();
             migration::send(&vm, &disks, &target, &options, &progress, &cancel).map_err(Error::from)
         })
         .await

@@ -20,8 +20,10 @@
 //! Dirty pages are KVM's dirty log (guest writes) joined with the bits
 //! guest memory's [`AtomicBitmap`](vm_memory::bitmap::AtomicBitmap) sets for
 //! every write the VMM makes (virtio devices). Until the target answers the
-//! final `REPLY`, any error, a timeout or a cancel leaves the source running
-//! (resumed if it was paused for the switch-over).
+//! final `REPLY`, any error or timeout leaves the source running (resumed if
+//! it was paused for the switch-over). A cancel stops the migration only
+//! before the switch-over begins; from the pause on it is ignored, so the
+//! caller learns from the result alone where the guest runs.
 //!
 //! Disks are not copied: the volumes the source owns
 //! ([`HandoverDisk`]s) are released once its
@@ -35,7 +37,7 @@
 use std::io::{BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use hci_core::compute::{MigrationOptions, MigrationProgress};
@@ -53,6 +55,47 @@ use crate::vm::Vm;
 pub const MAX_PASSES: u32 = 30;
 /// How long a peer may stay silent before the migration fails.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether a cancel request still stops the migration: it does until the
+/// source commits to the switch-over (pauses the guest for the last pass),
+/// never after, so a cancel either leaves the guest on the source or has
+/// no effect at all.
+struct CancelGate<'a> {
+    requested: &'a (dyn Fn() -> bool + Sync),
+    state: AtomicU8,
+}
+
+const COPYING: u8 = 0;
+const COMMITTED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+impl<'a> CancelGate<'a> {
+    fn new(requested: &'a (dyn Fn() -> bool + Sync)) -> Self {
+        CancelGate {
+            requested,
+            state: AtomicU8::new(COPYING),
+        }
+    }
+
+    /// Whether a cancel took effect (it can only before the commit).
+    fn cancelled(&self) -> bool {
+        if (self.requested)() {
+            let _ = self
+                .state
+                .compare_exchange(COPYING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        self.state.load(Ordering::SeqCst) == CANCELLED
+    }
+
+    /// Commits to the switch-over; false if a cancel came first.
+    fn commit(&self) -> bool {
+        !self.cancelled()
+            && self
+                .state
+                .compare_exchange(COPYING, COMMITTED, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+    }
+}
 
 fn failed(why: impl Into<String>) -> VmmError {
     VmmError::Migration(why.into())
@@ -118,7 +161,8 @@ fn clear_vmm_dirty(mem: &GuestMemory) {
 
 /// Runs a migration of `vm` to `target` (`host:port`). On success the guest
 /// runs on the target and `vm` is stopped; on any error, a timeout or
-/// `cancel`, `vm` keeps running. `disks` (the volumes `vm` owns) are
+/// a cancel (`cancel` returning true) before the switch-over, `vm` keeps
+/// running; a cancel after it is ignored. `disks` (the volumes `vm` owns) are
 /// released at the switch-over, after the devices stopped and before the
 /// machine state goes out, and taken back if the target does not answer
 /// that it runs the guest.
@@ -128,7 +172,7 @@ pub fn send(
     target: &str,
     options: &MigrationOptions,
     progress: &watch::Sender<MigrationProgress>,
-    cancel: &AtomicBool,
+    cancel: &(dyn Fn() -> bool + Sync),
 ) -> Result<MigrationProgress> {
     let _span = info_span!("migrate", vm = %vm.name(), target).entered();
     let addr = target
@@ -151,23 +195,24 @@ pub fn send(
     let watch_sock = stream.try_clone().map_err(io_failed("clone the socket"))?;
     let mut w = BufWriter::with_capacity(1 << 20, stream);
     let done = AtomicBool::new(false);
+    let gate = CancelGate::new(cancel);
     std::thread::scope(|scope| {
         // A cancel must not wait for a stuck peer: shutting the socket down
         // fails a blocked write or read at once.
         scope.spawn(|| {
             while !done.load(Ordering::SeqCst) {
-                if cancel.load(Ordering::SeqCst) {
+                if gate.cancelled() {
                     let _ = watch_sock.shutdown(std::net::Shutdown::Both);
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
-        let r = run_migration(vm, disks, &mut w, &mut reader, options, progress, cancel);
+        let r = run_migration(vm, disks, &mut w, &mut reader, options, progress, &gate);
         done.store(true, Ordering::SeqCst);
         // A failure caused by the shutdown is the cancel.
         match r {
-            Err(_) if cancel.load(Ordering::SeqCst) => Err(VmmError::Cancelled),
+            Err(_) if gate.cancelled() => Err(VmmError::Cancelled),
             other => other,
         }
     })
@@ -180,7 +225,7 @@ fn run_migration(
     reader: &mut TcpStream,
     options: &MigrationOptions,
     progress: &watch::Sender<MigrationProgress>,
-    cancel: &AtomicBool,
+    gate: &CancelGate<'_>,
 ) -> Result<MigrationProgress> {
     let hello = Hello {
         version: snapshot::FORMAT_VERSION,
@@ -194,7 +239,7 @@ fn run_migration(
     read_reply(reader)?;
 
     vm.kvm().set_dirty_logging(true)?;
-    let result = precopy_and_switch(vm, disks, w, reader, options, progress, cancel);
+    let result = precopy_and_switch(vm, disks, w, reader, options, progress, gate);
     if result.is_err() {
         // The source carries on: stop logging (the dirty bitmaps are simply
         // cleared at the next migration's start).
@@ -212,12 +257,12 @@ fn precopy_and_switch(
     reader: &mut TcpStream,
     options: &MigrationOptions,
     progress: &watch::Sender<MigrationProgress>,
-    cancel: &AtomicBool,
+    gate: &CancelGate<'_>,
 ) -> Result<MigrationProgress> {
     let started = Instant::now();
     let mem = vm.memory();
     let check = |p: &MigrationProgress| -> Result<()> {
-        if cancel.load(Ordering::SeqCst) {
+        if gate.cancelled() {
             return Err(VmmError::Cancelled);
         }
         if started.elapsed() > options.timeout {
@@ -299,7 +344,11 @@ fn precopy_and_switch(
         progress.send_replace(p.clone());
     }
 
-    // Switch-over: from here the guest is paused until one side runs it.
+    // Switch-over: from here the guest is paused until one side runs it,
+    // and a cancel no longer stops the migration.
+    if !gate.commit() {
+        return Err(VmmError::Cancelled);
+    }
     vm.pause()?;
     let paused = Instant::now();
     vm.quiesce_devices();
@@ -517,6 +566,24 @@ pub fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancel_wins_only_before_the_commit() {
+        let wanted = AtomicBool::new(false);
+        let requested = || wanted.load(Ordering::SeqCst);
+        let gate = CancelGate::new(&requested);
+        assert!(!gate.cancelled());
+        wanted.store(true, Ordering::SeqCst);
+        assert!(gate.cancelled());
+        assert!(!gate.commit(), "a cancelled migration cannot switch over");
+
+        let wanted = AtomicBool::new(false);
+        let requested = || wanted.load(Ordering::SeqCst);
+        let gate = CancelGate::new(&requested);
+        assert!(gate.commit());
+        wanted.store(true, Ordering::SeqCst);
+        assert!(!gate.cancelled(), "a cancel after the commit is ignored");
+    }
 
     #[test]
     fn tokens_compare_whole() {

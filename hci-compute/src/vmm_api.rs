@@ -416,16 +416,19 @@ async fn connection(vm: Arc<dyn VmHandle>, stream: UnixStream) -> std::io::Resul
                     reply(&mut w, &Response::error(e)).await?;
                     continue;
                 }
+                let cancel = hci_core::CancelToken::new();
                 let options = MigrationOptions {
                     max_downtime: Duration::from_millis(max_downtime_ms),
                     timeout: Duration::from_millis(timeout_ms),
                     token,
+                    cancel: cancel.clone(),
                 };
                 let (tx, mut rx) = watch::channel(MigrationProgress::default());
                 let answering = Answering::new();
                 let migration = m.migrate(&target, options, tx);
                 tokio::pin!(migration);
                 let mut probe = [0u8; 1];
+                let mut hung_up = false;
                 let result = loop {
                     tokio::select! {
                         r = &mut migration => break r,
@@ -436,14 +439,18 @@ async fn connection(vm: Arc<dyn VmHandle>, stream: UnixStream) -> std::io::Resul
                                     done: Some(false),
                                     ..Response::ok()
                                 };
-                                // A client that went away cancels (drops) the migration.
+                                // A client that went away entirely drops the
+                                // migration (cancelled unless switching over).
                                 reply(&mut w, &line).await?;
                             }
                         }
-                        n = r.read(&mut probe) => {
+                        n = r.read(&mut probe), if !hung_up => {
                             if matches!(n, Ok(0) | Err(_)) {
-                                // The client hung up: dropping `migration` cancels it.
-                                return Ok(());
+                                // The client closed its side: that is a cancel.
+                                // It takes effect unless the switch-over has
+                                // begun; the answer says which.
+                                hung_up = true;
+                                cancel.cancel();
                             }
                         }
                     }
@@ -759,8 +766,15 @@ impl RemoteVm {
             timeout_ms: options.timeout.as_millis().min(u128::from(u64::MAX)) as u64,
             token: options.token,
         };
-        // Dropping this future closes the connection, which cancels.
-        let (mut r, _w, mut resp) = self.client.open(&req).await?;
+        // Closing our side cancels the migration unless the switch-over has
+        // begun; the VMM answers either way. Dropping this future closes
+        // the connection entirely, which also cancels.
+        let (mut r, w, mut resp) = self.client.open(&req).await?;
+        let cancel = options.cancel.clone();
+        let _closer = AbortOnDrop(tokio::spawn(async move {
+            cancel.cancelled().await;
+            drop(w);
+        }));
         loop {
             if let Some(p) = resp.progress.take() {
                 let p: MigrationProgress = p.into();
@@ -807,6 +821,15 @@ impl Snapshottable for RemoteVm {
             path: path.to_path_buf(),
         })
         .await
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

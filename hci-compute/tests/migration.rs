@@ -288,6 +288,36 @@ async fn cancel_mid_migration_leaves_the_source_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_token_stops_the_migration_and_says_so() {
+    let src = create(dirty_config("mig-token-src")).await;
+    src.start().await.unwrap();
+    wait_for(&src, &format!("count {EVERY}\n"));
+    let (addr, target) = fake_target(1 << 20, true);
+    let (tx, _rx) = watch::channel(MigrationProgress::default());
+    let cancel = hci_core::CancelToken::new();
+    let options = MigrationOptions {
+        token: "t".into(),
+        cancel: cancel.clone(),
+        ..Default::default()
+    };
+    let canceller = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel();
+    };
+    let (r, ()) = tokio::join!(src.migrate(&addr, options, tx), canceller);
+    assert!(
+        matches!(r, Err(hci_core::Error::Cancelled)),
+        "a cancel before the switch-over is reported: {r:?}"
+    );
+    assert_eq!(src.state().await.unwrap(), VmState::Running);
+    let next = next_count(&history(&src), 3);
+    wait_for(&src, &format!("count {next}\n"));
+    assert_counts_continue(&history(&src));
+    src.kill().await.unwrap();
+    target.join().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_dying_mid_migration_leaves_the_source_running() {
     let src = create(dirty_config("mig-die-src")).await;
     src.start().await.unwrap();

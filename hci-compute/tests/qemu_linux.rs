@@ -846,6 +846,7 @@ async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
                 max_downtime: Duration::from_millis(100),
                 timeout: BOOT_WAIT,
                 token: String::new(),
+                ..Default::default()
             },
             tx,
         ),

@@ -88,6 +88,7 @@ async fn a_running_guest_migrates_and_keeps_counting() {
                 max_downtime: Duration::from_millis(100),
                 timeout: WAIT,
                 token: String::new(),
+                ..Default::default()
             },
             tx,
         ),
@@ -161,6 +162,57 @@ async fn a_migration_to_nowhere_fails_and_the_source_keeps_running() {
     let n = counts(&console(&src)).len();
     wait_counts(&src, n + 1).await;
     src.kill().await.expect("kill");
+}
+
+/// A cancel before the switch-over: QEMU drops the stream (to a peer that
+/// stopped reading, while pass 1 still has most of the guest's 40 dirtied
+/// MiB to send), `migrate` answers `Cancelled` and the guest counts on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_before_the_switch_over_leaves_the_source_running() {
+    let hv = QemuHypervisor::new();
+    hv.resolve_binary()
+        .expect("needs qemu-system-x86_64 (scripts/install-deps.sh installs it)");
+    let src = hv
+        .create_vm(own(
+            config("qmig-cancel", guest(Guest::Dirty), 1, "mib=40 every=100000"),
+            "src",
+        ))
+        .await
+        .expect("create");
+    src.start().await.expect("start");
+    wait_counts(&src, 1).await;
+    // A peer that takes the connection and never reads: pass 1 stalls.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let held = listener.accept();
+        let _ = released.recv_timeout(WAIT);
+        drop(held);
+    });
+    let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
+    let cancel = hci_core::CancelToken::new();
+    let options = MigrationOptions {
+        cancel: cancel.clone(),
+        timeout: WAIT,
+        ..Default::default()
+    };
+    let canceller = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cancel.cancel();
+    };
+    let (r, ()) = tokio::join!(
+        tokio::time::timeout(WAIT, src.migrate(&addr, options, tx)),
+        canceller
+    );
+    let r = r.expect("migrate returns");
+    assert!(matches!(r, Err(hci_core::Error::Cancelled)), "{r:?}");
+    assert_eq!(src.state().await.expect("state"), VmState::Running);
+    let n = counts(&console(&src)).len();
+    wait_counts(&src, n + 1).await;
+    src.kill().await.expect("kill");
+    let _ = release.send(());
+    holder.join().expect("holder");
 }
 
 /// A replicated volume (two in-process replica servers) moves with the
@@ -254,6 +306,7 @@ async fn a_replicated_disk_is_handed_over_at_the_switch() {
                     max_downtime: Duration::from_millis(100),
                     timeout: WAIT,
                     token: "s3cret".into(),
+                    ..Default::default()
                 },
                 tx,
             ),
@@ -347,6 +400,7 @@ async fn a_wrong_token_fails_the_tls_handshake_and_the_source_keeps_running() {
                 max_downtime: Duration::from_millis(100),
                 timeout: WAIT,
                 token: "wrong".into(),
+                ..Default::default()
             },
             tx,
         ),

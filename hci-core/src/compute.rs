@@ -348,6 +348,14 @@ pub struct MigrationOptions {
     pub timeout: Duration,
     /// Shared secret the target checks.
     pub token: String,
+    /// Stops the migration if it arrives before the switch-over: the VM
+    /// keeps running on the source and `migrate` returns
+    /// [`Error::Cancelled`](crate::Error::Cancelled). Once the switch-over
+    /// has begun (the source paused the guest for the last pass) a cancel
+    /// has no effect and the migration completes, so the caller always
+    /// learns where the guest runs from the result. Dropping the `migrate`
+    /// future also cancels, without that answer.
+    pub cancel: crate::CancelToken,
 }
 
 impl Default for MigrationOptions {
@@ -356,6 +364,7 @@ impl Default for MigrationOptions {
             max_downtime: Duration::from_millis(50),
             timeout: Duration::from_secs(600),
             token: String::new(),
+            cancel: crate::CancelToken::new(),
         }
     }
 }

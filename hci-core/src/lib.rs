@@ -17,6 +17,7 @@
 
 pub mod backup;
 pub mod block;
+pub mod cancel;
 pub mod compute;
 pub mod error;
 pub mod memory;
@@ -27,4 +28,5 @@ pub mod store;
 pub mod testing;
 pub mod volume;
 
+pub use cancel::CancelToken;
 pub use error::{Error, Result};

@@ -9,7 +9,10 @@
 //! throttled until the rest fits the limit), follows `query-migrate` for
 //! progress and, once QEMU reports `completed`, ends its own QEMU (the
 //! guest now runs on the target; the source VM stops as `Killed`). On
-//! failure, cancel or timeout the source keeps running.
+//! failure or timeout the source keeps running. QEMU pauses before the
+//! switch-over (`pause-before-switchover`) and goes on only on
+//! `migrate-continue`: a cancel seen before that resumes the source, one
+//! after it is ignored, so the result always says where the guest runs.
 //!
 //! Replicated volumes move with the guest (see [`crate::handover`]): the
 //! target prepares their engines before its QEMU starts (the NBD exports
@@ -284,11 +287,15 @@ impl Migratable for QemuVm {
         }
         let qmp = self.qmp();
         let mut events = qmp.events();
+        // `pause-before-switchover`: QEMU stops in `pre-switchover` with the
+        // guest paused and waits for `migrate-continue`; that is the one
+        // point where this side decides between a cancel and the switch.
         qmp.execute(
             "migrate-set-capabilities",
             Some(json!({ "capabilities": [
                 { "capability": "auto-converge", "state": true },
                 { "capability": "events", "state": true },
+                { "capability": "pause-before-switchover", "state": true },
             ]})),
         )
         .await?;
@@ -303,13 +310,19 @@ impl Migratable for QemuVm {
         set_up_tls(self, &options.token, false).await?;
         qmp.execute("migrate", Some(json!({ "uri": format!("tcp:{target}") })))
             .await?;
+        // Dropped before the switch-over (the caller gave up): cancel the
+        // migration QEMU would otherwise carry on with.
+        let mut guard = CancelOnDrop(Some(self.clone()));
         let started = Instant::now();
+        let mut committed = false;
+        let mut cancelling: Option<String> = None;
         loop {
             let q = qmp.execute("query-migrate", None).await?;
             let p = progress_of(&q);
             progress.send_replace(p.clone());
             match q["status"].as_str().unwrap_or_default() {
                 "completed" => {
+                    guard.0 = None;
                     tracing::info!(vm = %self.name(), target, downtime = ?p.downtime, "migrated");
                     // The target takes the volumes over now: let them go
                     // (this QEMU issues no more I/O), then end this QEMU.
@@ -326,23 +339,91 @@ impl Migratable for QemuVm {
                     return Ok(p);
                 }
                 "failed" | "cancelled" => {
+                    guard.0 = None;
+                    if let Some(why) = cancelling {
+                        tracing::info!(vm = %self.name(), target, "{why}");
+                        return Err(if options.cancel.is_cancelled() {
+                            Error::Cancelled
+                        } else {
+                            failed(why)
+                        });
+                    }
                     return Err(failed(format!(
                         "migration of VM {} to {target} failed: {}",
                         self.name(),
                         q["error-desc"].as_str().unwrap_or("no reason given")
                     )));
                 }
+                // Paused for the switch-over: go on unless cancelled (then
+                // the cancel below resumes the guest here).
+                "pre-switchover"
+                    if !committed && cancelling.is_none() && !options.cancel.is_cancelled() =>
+                {
+                    committed = true;
+                    guard.0 = None;
+                    qmp.execute(
+                        "migrate-continue",
+                        Some(json!({ "state": "pre-switchover" })),
+                    )
+                    .await?;
+                    continue;
+                }
                 _ => {}
             }
-            if started.elapsed() > options.timeout {
-                let _ = qmp.execute("migrate_cancel", None).await;
+            if !committed && cancelling.is_none() {
+                if options.cancel.is_cancelled() {
+                    cancelling = Some("cancelled".into());
+                } else if started.elapsed() > options.timeout {
+                    cancelling = Some(format!(
+                        "migration of VM {} to {target} did not finish within {:?}; cancelled",
+                        self.name(),
+                        options.timeout
+                    ));
+                }
+                if cancelling.is_some() {
+                    // QEMU resumes the guest here and reports `cancelled`.
+                    qmp.execute("migrate_cancel", None).await?;
+                    continue;
+                }
+            }
+            if (cancelling.is_some() || committed)
+                && started.elapsed() > options.timeout + CANCEL_WAIT
+            {
                 return Err(failed(format!(
-                    "migration of VM {} to {target} did not finish within {:?}; cancelled",
+                    "migration of VM {} to {target}: QEMU did not finish the {}",
                     self.name(),
-                    options.timeout
+                    if committed { "switch-over" } else { "cancel" }
                 )));
             }
-            migration_event(&mut events).await;
+            if options.cancel.is_cancelled() || cancelling.is_some() {
+                migration_event(&mut events).await;
+            } else {
+                tokio::select! {
+                    () = migration_event(&mut events) => {}
+                    () = options.cancel.cancelled() => {}
+                }
+            }
+        }
+    }
+}
+
+/// How long a cancelled QEMU migration may take to report `cancelled`.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+
+/// Cancels the QEMU migration of the VM it holds when dropped.
+struct CancelOnDrop(Option<QemuVm>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(vm) = self.0.take() else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = vm.qmp().execute("migrate_cancel", None).await {
+                    tracing::warn!(vm = %vm.name(), error = %e, "cannot cancel the migration");
+                }
+            });
         }
     }
 }

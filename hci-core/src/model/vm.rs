@@ -312,6 +312,10 @@ pub struct VmMigration {
     /// Guest dirty rate, bytes per second.
     #[serde(default)]
     pub dirty_rate: u64,
+    /// Someone asked to cancel it: the source stops the migration unless
+    /// the switch-over has begun, and records the outcome.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
     /// Pause of the guest at the switch-over, once done (milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,

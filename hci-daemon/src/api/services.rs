@@ -139,22 +139,30 @@ resource_service!(VirtualMachineService, VirtualMachine {
             let vm: VirtualMachine = self
                 .resources()
                 .modify(&req.name, nonzero(req.resource_version), |vm: &mut VirtualMachine| {
-                    vm.metadata.annotations.remove(crate::controllers::MIGRATE_TO);
-                    let Some(m) = vm
+                    // A request the source has not taken yet simply goes.
+                    let requested = vm
+                        .metadata
+                        .annotations
+                        .remove(crate::controllers::MIGRATE_TO)
+                        .is_some();
+                    let name = vm.metadata.name.clone();
+                    match vm
                         .status_mut()
                         .migration
                         .as_mut()
                         .filter(|m| !m.phase.is_finished())
-                    else {
-                        return Err(hci_core::Error::invalid(
-                            format!("VM {:?}", vm.metadata.name),
-                            "no live migration is under way",
-                        ));
-                    };
-                    m.phase = hci_core::model::MigrationPhase::Failed;
-                    m.message = "cancelled by request".into();
-                    m.finished_at = Some(chrono::Utc::now());
-                    m.token.clear();
+                    {
+                        // The source stops it unless the switch-over has
+                        // begun, and records which (the CLI follows).
+                        Some(m) => m.cancel_requested = true,
+                        None if requested => {}
+                        None => {
+                            return Err(hci_core::Error::invalid(
+                                format!("VM {name:?}"),
+                                "no live migration is under way",
+                            ));
+                        }
+                    }
                     Ok(())
                 })
                 .await

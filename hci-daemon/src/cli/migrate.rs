@@ -50,10 +50,17 @@ pub fn progress_line(m: &VmMigration) -> String {
     }
 }
 
-/// `hcictl vm migrate NAME --cancel`.
+/// How long `hcictl vm migrate --cancel` waits for the source to answer.
+const CANCEL_FOR: Duration = Duration::from_secs(60);
+
+/// `hcictl vm migrate NAME --cancel`: asks the source to stop the
+/// migration and waits for its answer. A cancel that comes after the
+/// switch-over began is too late: the VM then runs on the target, and
+/// this says so (an error).
 pub async fn cancel(c: &Client, name: &str) -> Result<String, CliError> {
     let what = format!("vm/{name}");
-    c.vms()
+    let vm = c
+        .vms()
         .migrate(proto::MigrateVmRequest {
             name: name.to_string(),
             target_node: String::new(),
@@ -61,8 +68,52 @@ pub async fn cancel(c: &Client, name: &str) -> Result<String, CliError> {
             cancel: true,
         })
         .await
-        .map_err(|s| explain(&what, &s))?;
-    Ok(format!("{what} live migration cancelled\n"))
+        .map_err(|s| explain(&what, &s))?
+        .into_inner();
+    let started_at = parse(&vm)?
+        .status
+        .and_then(|s| s.migration)
+        .filter(|m| m.cancel_requested)
+        .and_then(|m| m.started_at);
+    if started_at.is_none() {
+        return Ok(format!("{what} live migration request withdrawn\n"));
+    }
+    let start = Instant::now();
+    loop {
+        let vm = parse(
+            &c.get(Kind::Vm, name)
+                .await
+                .map_err(|s| explain(&what, &s))?,
+        )?;
+        let m = vm
+            .status
+            .and_then(|s| s.migration)
+            .filter(|m| m.started_at == started_at);
+        match m {
+            Some(m) if m.phase == MigrationPhase::Failed => {
+                return Ok(format!(
+                    "{what} live migration cancelled; the VM runs on node {}\n",
+                    m.source_node
+                ));
+            }
+            Some(m) if m.phase == MigrationPhase::Succeeded => {
+                return Err(CliError::Failed(format!(
+                    "{what}: too late to cancel: the switch-over had begun and the VM now runs on node {}",
+                    m.target_node
+                )));
+            }
+            Some(m) if start.elapsed() > CANCEL_FOR => {
+                return Err(CliError::Failed(format!(
+                    "{what}: cancel requested, but node {} has not answered within {}s (hcictl describe vm {name})",
+                    m.source_node,
+                    CANCEL_FOR.as_secs()
+                )));
+            }
+            Some(_) => {}
+            None => return Ok(format!("{what} live migration cancelled\n")),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `hcictl vm migrate NAME [--to NODE] [--no-wait]`.

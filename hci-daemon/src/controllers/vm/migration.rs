@@ -212,6 +212,13 @@ impl VmController {
         let outcome = self.send(name, &inst, target, token).await;
         match outcome {
             Ok(progress) => self.hand_over(name, &inst, target, &progress).await,
+            Err(Error::Cancelled) => {
+                let message = format!(
+                    "live migration to node {target} cancelled by request; the VM runs on here"
+                );
+                tracing::info!(vm = name, "{message}");
+                self.fail_migration(name, &message).await;
+            }
             Err(e) => {
                 let message = format!("live migration to node {target} failed: {e}");
                 tracing::warn!(vm = name, "{message}");
@@ -239,20 +246,27 @@ impl VmController {
         loop {
             let (tx, rx) = watch::channel(MigrationProgress::default());
             let reporter = self.report_progress(name, rx);
+            let cancel = hci_core::CancelToken::new();
             let options = MigrationOptions {
                 max_downtime: MAX_DOWNTIME,
                 timeout: MIGRATION_TIMEOUT,
                 token: token.to_string(),
+                cancel: cancel.clone(),
             };
             let sent = tx.subscribe();
+            // A cancel request (or the target giving up) cancels the
+            // migration unless the switch-over has begun; either way the
+            // backend's answer says where the guest runs, so the migration
+            // is never dropped half-way.
+            let watcher = async {
+                self.until_cancelled(name).await;
+                cancel.cancel();
+                std::future::pending::<()>().await;
+            };
             let result = tokio::select! {
                 r = migratable.migrate(&address, options, tx) => r,
                 () = reporter => unreachable_reporter(),
-                // Dropping the migration cancels it; the VM keeps running.
-                () = self.until_cancelled(name) => Err(Error::Unavailable {
-                    what: "the migration (cancelled)".into(),
-                    source: None,
-                }),
+                () = watcher => unreachable_reporter(),
             };
             let e = match result {
                 Ok(p) => return Ok(p),
@@ -261,11 +275,11 @@ impl VmController {
             // The receiver may not listen yet: the connection was refused
             // and nothing was sent.
             let nothing_sent = sent.borrow().bytes_sent == 0 && refused(&e);
-            if !nothing_sent
-                || started.elapsed() > CONNECT_RETRY
-                || self.migration_failed(name).await
-            {
+            if !nothing_sent || started.elapsed() > CONNECT_RETRY {
                 return Err(e);
+            }
+            if self.cancel_wanted(name).await {
+                return Err(Error::Cancelled);
             }
             tracing::debug!(vm = name, error = %e, "target not listening yet; retrying");
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -301,6 +315,9 @@ impl VmController {
         loop {
             let vm: VirtualMachine = self.rt.resources.get(name).await?;
             let m = vm.status_or_default().migration.unwrap_or_default();
+            if m.cancel_requested {
+                return Err(Error::Cancelled);
+            }
             match m.phase {
                 MigrationPhase::TargetReady if !m.address.is_empty() => return Ok(m.address),
                 MigrationPhase::Failed => {
@@ -324,22 +341,23 @@ impl VmController {
         }
     }
 
-    /// Returns once the VM's migration is marked failed (a cancel).
+    /// Returns once someone asked to cancel the VM's migration, or the
+    /// target marked it failed.
     async fn until_cancelled(&self, name: &str) {
         loop {
-            tokio::time::sleep(POLL * 2).await;
-            if self.migration_failed(name).await {
+            tokio::time::sleep(POLL).await;
+            if self.cancel_wanted(name).await {
                 return;
             }
         }
     }
 
-    async fn migration_failed(&self, name: &str) -> bool {
+    async fn cancel_wanted(&self, name: &str) -> bool {
         match self.rt.resources.try_get::<VirtualMachine>(name).await {
             Ok(Some(vm)) => vm
                 .status_or_default()
                 .migration
-                .is_some_and(|m| m.phase == MigrationPhase::Failed),
+                .is_some_and(|m| m.cancel_requested || m.phase == MigrationPhase::Failed),
             _ => false,
         }
     }
