@@ -6,7 +6,8 @@
 //! [`QemuVm::finish_incoming`] resumes it. The source
 //! ([`Migratable::migrate`]) sets the downtime limit, turns on
 //! auto-converge (guests that dirty memory faster than the link are
-//! throttled until the rest fits the limit), follows `query-migrate` for
+//! throttled until the rest fits the limit; after 30 passes the switch-over
+//! is forced, as in the kvm backend), follows `query-migrate` for
 //! progress and, once QEMU reports `completed`, ends its own QEMU (the
 //! guest now runs on the target; the source VM stops as `Killed`). On
 //! failure or timeout the source keeps running. QEMU pauses before the
@@ -269,6 +270,16 @@ impl QemuVm {
     }
 }
 
+/// Whether pre-copy keeps every guest write under TCG with this QEMU
+/// (its QMP greeting's `version`). Before QEMU 9.0 (commit 03bfc2188f,
+/// "physmem: Fix migration dirty bitmap coherency with TCG memory access")
+/// the dirty bitmap sync did not re-arm TCG's TLB, so writes to pages that
+/// stayed in the TLB were lost after the first pass: the target resumed
+/// with parts of memory from early in the migration.
+pub fn tcg_precopy_is_safe(version: &Value) -> bool {
+    version["qemu"]["major"].as_u64().is_some_and(|major| major >= 9)
+}
+
 #[async_trait]
 impl Migratable for QemuVm {
     async fn migrate(
@@ -285,6 +296,54 @@ impl Migratable for QemuVm {
                 reason: format!("cannot migrate a VM that is {state:?}"),
             });
         }
+        // Under TCG with an older QEMU a live pre-copy loses guest writes
+        // (see `tcg_precopy_is_safe`): copy with the guest paused instead.
+        // Correct, with the whole copy as downtime.
+        let stop_and_copy = state == VmState::Running
+            && self.accel() == super::cmdline::Accel::Tcg
+            && !tcg_precopy_is_safe(self.qmp().version());
+        if !stop_and_copy {
+            return self.precopy(target, options, progress).await;
+        }
+        tracing::info!(
+            vm = %self.name(),
+            qemu = %self.qmp().version()["qemu"],
+            "QEMU before 9.0 loses dirty pages in a TCG pre-copy: migrating with the guest paused"
+        );
+        let paused = Instant::now();
+        self.pause().await?;
+        // Dropped half-way: cancel and run the guest again.
+        let mut guard = CancelOnDrop {
+            vm: Some(self.clone()),
+            resume: true,
+        };
+        let result = self.precopy(target, options, progress.clone()).await;
+        guard.vm = None;
+        match result {
+            Ok(mut p) => {
+                p.downtime = Some(paused.elapsed());
+                progress.send_replace(p.clone());
+                Ok(p)
+            }
+            Err(e) => {
+                if let Err(re) = self.resume().await {
+                    tracing::warn!(vm = %self.name(), error = %re, "cannot resume after the failed migration");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl QemuVm {
+    /// QMP `migrate` with progress, cancel and forced switch-over (see the
+    /// module documentation); the guest's run state is left as it was.
+    async fn precopy(
+        &self,
+        target: &str,
+        options: MigrationOptions,
+        progress: watch::Sender<MigrationProgress>,
+    ) -> Result<MigrationProgress> {
         let qmp = self.qmp();
         let mut events = qmp.events();
         // `pause-before-switchover`: QEMU stops in `pre-switchover` with the
@@ -312,17 +371,38 @@ impl Migratable for QemuVm {
             .await?;
         // Dropped before the switch-over (the caller gave up): cancel the
         // migration QEMU would otherwise carry on with.
-        let mut guard = CancelOnDrop(Some(self.clone()));
+        let mut guard = CancelOnDrop {
+            vm: Some(self.clone()),
+            resume: false,
+        };
         let started = Instant::now();
         let mut committed = false;
+        let mut forced = false;
         let mut cancelling: Option<String> = None;
         loop {
             let q = qmp.execute("query-migrate", None).await?;
+            tracing::debug!(vm = %self.name(), state = %q, "query-migrate");
             let p = progress_of(&q);
             progress.send_replace(p.clone());
+            if !forced && !committed && p.iteration >= crate::migration::MAX_PASSES {
+                // Like the kvm backend: a guest that outpaces the link even
+                // throttled is switched over anyway, with a longer pause.
+                forced = true;
+                tracing::info!(
+                    vm = %self.name(),
+                    pass = p.iteration,
+                    remaining = p.bytes_remaining,
+                    "not converging; forcing the switch-over"
+                );
+                qmp.execute(
+                    "migrate-set-parameters",
+                    Some(json!({ "downtime-limit": FORCE_DOWNTIME_MS })),
+                )
+                .await?;
+            }
             match q["status"].as_str().unwrap_or_default() {
                 "completed" => {
-                    guard.0 = None;
+                    guard.vm = None;
                     tracing::info!(vm = %self.name(), target, downtime = ?p.downtime, "migrated");
                     // The target takes the volumes over now: let them go
                     // (this QEMU issues no more I/O), then end this QEMU.
@@ -339,7 +419,7 @@ impl Migratable for QemuVm {
                     return Ok(p);
                 }
                 "failed" | "cancelled" => {
-                    guard.0 = None;
+                    guard.vm = None;
                     if let Some(why) = cancelling {
                         tracing::info!(vm = %self.name(), target, "{why}");
                         return Err(if options.cancel.is_cancelled() {
@@ -360,7 +440,7 @@ impl Migratable for QemuVm {
                     if !committed && cancelling.is_none() && !options.cancel.is_cancelled() =>
                 {
                     committed = true;
-                    guard.0 = None;
+                    guard.vm = None;
                     qmp.execute(
                         "migrate-continue",
                         Some(json!({ "state": "pre-switchover" })),
@@ -407,21 +487,33 @@ impl Migratable for QemuVm {
     }
 }
 
+/// QEMU's largest downtime limit (2000 s): the next pass switches over,
+/// whatever is left to send.
+const FORCE_DOWNTIME_MS: u64 = 2_000_000;
+
 /// How long a cancelled QEMU migration may take to report `cancelled`.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
 
-/// Cancels the QEMU migration of the VM it holds when dropped.
-struct CancelOnDrop(Option<QemuVm>);
+/// Cancels the QEMU migration of the VM it holds when dropped, then
+/// resumes the guest if `resume`.
+struct CancelOnDrop {
+    vm: Option<QemuVm>,
+    resume: bool,
+}
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        let Some(vm) = self.0.take() else {
+        let Some(vm) = self.vm.take() else {
             return;
         };
+        let resume = self.resume;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Err(e) = vm.qmp().execute("migrate_cancel", None).await {
                     tracing::warn!(vm = %vm.name(), error = %e, "cannot cancel the migration");
+                }
+                if resume && let Err(e) = vm.resume().await {
+                    tracing::warn!(vm = %vm.name(), error = %e, "cannot resume after the cancelled migration");
                 }
             });
         }
@@ -447,6 +539,16 @@ impl ReceiveMigration for QemuHypervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcg_precopy_needs_qemu_9() {
+        let v = |major: u64| json!({"qemu": {"major": major, "minor": 2, "micro": 0}});
+        assert!(!tcg_precopy_is_safe(&v(7)));
+        assert!(!tcg_precopy_is_safe(&v(8)));
+        assert!(tcg_precopy_is_safe(&v(9)));
+        assert!(tcg_precopy_is_safe(&v(10)));
+        assert!(!tcg_precopy_is_safe(&Value::Null));
+    }
 
     #[test]
     fn progress_from_query_migrate() {
