@@ -9,8 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use hci_core::backup::BackupProgress;
 use hci_core::Result;
+use hci_core::backup::BackupProgress;
 use tokio::sync::watch;
 
 pub use hci_core::cancel::CancelToken;

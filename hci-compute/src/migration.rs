@@ -80,9 +80,9 @@ impl<'a> CancelGate<'a> {
     /// Whether a cancel took effect (it can only before the commit).
     fn cancelled(&self) -> bool {
         if (self.requested)() {
-            let _ = self
-                .state
-                .compare_exchange(COPYING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst);
+            let _ =
+                self.state
+                    .compare_exchange(COPYING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst);
         }
         self.state.load(Ordering::SeqCst) == CANCELLED
     }

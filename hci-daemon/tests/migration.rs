@@ -50,7 +50,10 @@ impl Daemon {
             .arg(dir.with_file_name("replica.token"))
             .args(["--vm-mode", "process", "--vmm"])
             .arg(vmm())
-            .env("RUST_LOG", std::env::var("HCI_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("HCI_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -277,7 +277,9 @@ impl QemuVm {
 /// stayed in the TLB were lost after the first pass: the target resumed
 /// with parts of memory from early in the migration.
 pub fn tcg_precopy_is_safe(version: &Value) -> bool {
-    version["qemu"]["major"].as_u64().is_some_and(|major| major >= 9)
+    version["qemu"]["major"]
+        .as_u64()
+        .is_some_and(|major| major >= 9)
 }
 
 #[async_trait]
