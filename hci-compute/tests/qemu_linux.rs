@@ -153,7 +153,22 @@ if [ "$role" = clock ]; then
         ip link set eth0 up
         ip addr add "$gip" dev eth0
     fi
-    while true; do echo "HCI: uptime $(cut -d' ' -f1 /proc/uptime)"; sleep 1; done
+    # With a `data` disk: block N (4 KiB at N * 4 KiB) gets "hci-block N",
+    # flushed, once a second.
+    data=$(disk_with_serial data)
+    n=0
+    while true; do
+        if [ -n "$data" ]; then
+            n=$((n + 1))
+            if printf 'hci-block %08d\n' $n | dd of=$data bs=4096 seek=$n conv=sync,fsync 2>/dev/null; then
+                echo "HCI: wrote $n"
+            else
+                echo "HCI: disk FAIL $n"
+            fi
+        fi
+        echo "HCI: uptime $(cut -d' ' -f1 /proc/uptime)"
+        sleep 1
+    done
 fi
 if [ "$role" = bench ]; then
     data=$(disk_with_serial data)
@@ -670,7 +685,12 @@ fn qemu_in(ns: &str, dir: &Path) -> PathBuf {
 /// losing at most a few. Each node has an hci-net bridge network whose
 /// uplink is its end of a veth pair between the nodes; the guest's NIC is a
 /// port (same MAC) on the source node's bridge, then on the target's. The
-/// migration stream crosses the same link.
+/// migration stream crosses the same link. The guest writes and flushes a
+/// numbered block a second to a 2-replica volume throughout: each node's
+/// QEMU reaches it through its own engine, the target's takes it over at
+/// the switch-over (the source's generation is refused from then on), and
+/// every block the guest wrote, on either node, is there afterwards with no
+/// I/O error in the guest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
     require_root();
@@ -743,6 +763,33 @@ async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
         hv.register_tap(&tap);
         nodes.push((net, tap, hv));
     }
+    // The guest's disk: a 2-replica volume on two replica servers.
+    let replicas = [
+        ReplicaProc::start(work.join("mig-replica0")),
+        ReplicaProc::start(work.join("mig-replica1")),
+    ];
+    for r in &replicas {
+        r.node()
+            .backend()
+            .create("migdata", CreateVolume::new(16 << 20))
+            .await
+            .expect("create the replica");
+    }
+    let token_file = work.join("replica-token");
+    std::fs::write(&token_file, TOKEN).expect("token file");
+    let disk = DiskConfig {
+        name: "data".into(),
+        backend: DiskBackend::Replicated {
+            volume: "migdata".into(),
+            replicas: replicas.iter().map(|r| r.addr.to_string()).collect(),
+            token_file,
+            key_file: None,
+            control: None,
+        },
+        bus: DiskBus::Virtio,
+        read_only: false,
+        boot_order: None,
+    };
     let config = |name: &str, tap: &str| VmConfig {
         name: name.into(),
         cpus: 1,
@@ -754,7 +801,7 @@ async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
                 "console=ttyS0 rdinit=/init panic=-1 quiet hci.role=clock hci.ip=10.78.0.10/24"
                     .into(),
         },
-        disks: vec![],
+        disks: vec![disk.clone()],
         nics: vec![NicConfig {
             name: "nic0".into(),
             tap: tap.into(),
@@ -910,6 +957,68 @@ async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
     assert!(
         after[0] > last_src && after.windows(2).all(|w| w[1] > w[0]),
         "uptime did not continue: source ended at {last_src}, target printed {after:?}"
+    );
+
+    // The disk: the guest wrote on both nodes, never saw an error, and every
+    // block it wrote is on the volume; the source's engine is fenced off.
+    let wrote = |vm: &QemuVm| -> Vec<u64> {
+        String::from_utf8_lossy(&vm.console_hub().history())
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("HCI: wrote ")?.parse().ok())
+            .collect()
+    };
+    let start = std::time::Instant::now();
+    let on_dst = loop {
+        let w = wrote(&dst);
+        if w.len() >= 2 {
+            break w;
+        }
+        assert!(
+            start.elapsed() < BOOT_WAIT,
+            "the migrated guest wrote nothing to its disk"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let on_src = wrote(&src);
+    assert!(
+        !on_src.is_empty(),
+        "the guest wrote nothing before the migration"
+    );
+    for vm in [&src, &dst] {
+        let text = String::from_utf8_lossy(&vm.console_hub().history()).into_owned();
+        assert!(
+            !text.contains("disk FAIL") && !text.to_ascii_lowercase().contains("i/o error"),
+            "the guest saw a disk error on {}:\n{text}",
+            vm.name()
+        );
+    }
+    let last = *on_dst.last().expect("blocks written on the target");
+    let mut block = vec![0u8; 4096];
+    for n in 1..=last {
+        dst.volumes()[0]
+            .read_at(&mut block, n * 4096)
+            .await
+            .expect("read a block");
+        let want = format!("hci-block {n:08}\n");
+        assert!(
+            block.starts_with(want.as_bytes()) && block[want.len()..].iter().all(|&b| b == 0),
+            "block {n} (source wrote up to {:?}, target from {:?}) holds {:?}",
+            on_src.last(),
+            on_dst.first(),
+            String::from_utf8_lossy(&block[..32])
+        );
+    }
+    assert!(
+        src.volumes()[0]
+            .write_at(&block, 0, hci_core::block::WriteFlags::default())
+            .await
+            .is_err(),
+        "the source's engine must be refused after the hand-over"
+    );
+    eprintln!(
+        "linux migration: the guest wrote blocks 1..={} (source up to {:?}), all present",
+        last,
+        on_src.last()
     );
     dst.kill().await.expect("kill the target");
     for (net, _, _) in &nodes {
