@@ -260,14 +260,29 @@ fn fake_target(take: usize, stall: bool) -> (String, std::thread::JoinHandle<()>
     (addr, t)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_mid_migration_leaves_the_source_running() {
-    let src = create(dirty_config("mig-cancel-src")).await;
+/// A counting source VM and a target that takes 1 MiB and then stops
+/// reading: a migration between them is stuck in pass 1 until cancelled.
+async fn stuck_migration(name: &str) -> (hci_compute::KvmVm, String, std::thread::JoinHandle<()>) {
+    let src = create(dirty_config(name)).await;
     src.start().await.unwrap();
     wait_for(&src, &format!("count {EVERY}\n"));
-    // The target takes 1 MiB and then stops reading: the source is stuck
-    // in pass 1 until the cancel.
     let (addr, target) = fake_target(1 << 20, true);
+    (src, addr, target)
+}
+
+/// The source counts on after a cancel, without a gap or a repeat.
+async fn still_counting(src: hci_compute::KvmVm, target: std::thread::JoinHandle<()>) {
+    assert_eq!(src.state().await.unwrap(), VmState::Running);
+    let next = next_count(&history(&src), 3);
+    wait_for(&src, &format!("count {next}\n"));
+    assert_counts_continue(&history(&src));
+    src.kill().await.unwrap();
+    target.join().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_migration_leaves_the_source_running() {
+    let (src, addr, target) = stuck_migration("mig-cancel-src").await;
     let (tx, _rx) = watch::channel(MigrationProgress::default());
     let options = MigrationOptions {
         token: "t".into(),
@@ -278,21 +293,12 @@ async fn cancel_mid_migration_leaves_the_source_running() {
     let r = tokio::time::timeout(Duration::from_millis(500), migrating).await;
     assert!(r.is_err(), "the migration should still be stuck: {r:?}");
     // The blocked writer notices the cancel within moments; the guest never stopped.
-    assert_eq!(src.state().await.unwrap(), VmState::Running);
-    let next = next_count(&history(&src), 3);
-    wait_for(&src, &format!("count {next}\n"));
-    assert_counts_continue(&history(&src));
-    // And a later migration can still be attempted (dirty logging was reset).
-    src.kill().await.unwrap();
-    target.join().unwrap();
+    still_counting(src, target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_token_stops_the_migration_and_says_so() {
-    let src = create(dirty_config("mig-token-src")).await;
-    src.start().await.unwrap();
-    wait_for(&src, &format!("count {EVERY}\n"));
-    let (addr, target) = fake_target(1 << 20, true);
+    let (src, addr, target) = stuck_migration("mig-token-src").await;
     let (tx, _rx) = watch::channel(MigrationProgress::default());
     let cancel = hci_core::CancelToken::new();
     let options = MigrationOptions {
@@ -309,12 +315,7 @@ async fn a_cancel_token_stops_the_migration_and_says_so() {
         matches!(r, Err(hci_core::Error::Cancelled)),
         "a cancel before the switch-over is reported: {r:?}"
     );
-    assert_eq!(src.state().await.unwrap(), VmState::Running);
-    let next = next_count(&history(&src), 3);
-    wait_for(&src, &format!("count {next}\n"));
-    assert_counts_continue(&history(&src));
-    src.kill().await.unwrap();
-    target.join().unwrap();
+    still_counting(src, target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,15 @@ pub fn progress_line(m: &VmMigration) -> String {
     }
 }
 
+/// The VM's current (or last) migration record.
+async fn migration_of(c: &Client, name: &str) -> Result<Option<VmMigration>, CliError> {
+    let vm = c
+        .get(Kind::Vm, name)
+        .await
+        .map_err(|s| explain(&format!("vm/{name}"), &s))?;
+    Ok(parse(&vm)?.status.and_then(|s| s.migration))
+}
+
 /// How long `hcictl vm migrate --cancel` waits for the source to answer.
 const CANCEL_FOR: Duration = Duration::from_secs(60);
 
@@ -80,14 +89,8 @@ pub async fn cancel(c: &Client, name: &str) -> Result<String, CliError> {
     }
     let start = Instant::now();
     loop {
-        let vm = parse(
-            &c.get(Kind::Vm, name)
-                .await
-                .map_err(|s| explain(&what, &s))?,
-        )?;
-        let m = vm
-            .status
-            .and_then(|s| s.migration)
+        let m = migration_of(c, name)
+            .await?
             .filter(|m| m.started_at == started_at);
         match m {
             Some(m) if m.phase == MigrationPhase::Failed => {
@@ -149,14 +152,8 @@ pub async fn migrate(
     let mut waited = false;
     let mut out = std::io::stdout();
     loop {
-        let vm = parse(
-            &c.get(Kind::Vm, name)
-                .await
-                .map_err(|s| explain(&what, &s))?,
-        )?;
-        let current = vm
-            .status
-            .and_then(|s| s.migration)
+        let current = migration_of(c, name)
+            .await?
             .filter(|m| m.started_at.is_some() && m.started_at != before);
         if let Some(m) = current {
             let line = progress_line(&m);
