@@ -264,7 +264,7 @@ fn fake_target(take: usize, stall: bool) -> (String, std::thread::JoinHandle<()>
 /// reading: a migration between them is stuck in pass 1 until cancelled.
 async fn stuck_migration(name: &str) -> (hci_compute::KvmVm, String, std::thread::JoinHandle<()>) {
     let src = create(dirty_config(name)).await;
-    src.start().await.unwrap();
+    src.start().await.expect("start");
     wait_for(&src, &format!("count {EVERY}\n"));
     let (addr, target) = fake_target(1 << 20, true);
     (src, addr, target)
@@ -272,12 +272,12 @@ async fn stuck_migration(name: &str) -> (hci_compute::KvmVm, String, std::thread
 
 /// The source counts on after a cancel, without a gap or a repeat.
 async fn still_counting(src: hci_compute::KvmVm, target: std::thread::JoinHandle<()>) {
-    assert_eq!(src.state().await.unwrap(), VmState::Running);
+    assert_eq!(src.state().await.expect("state"), VmState::Running);
     let next = next_count(&history(&src), 3);
     wait_for(&src, &format!("count {next}\n"));
     assert_counts_continue(&history(&src));
-    src.kill().await.unwrap();
-    target.join().unwrap();
+    src.kill().await.expect("kill");
+    target.join().expect("the fake target");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

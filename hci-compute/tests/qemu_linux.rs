@@ -777,19 +777,12 @@ async fn a_linux_guest_migrates_between_two_nodes_and_its_uptime_continues() {
     }
     let token_file = work.join("replica-token");
     std::fs::write(&token_file, TOKEN).expect("token file");
-    let disk = DiskConfig {
-        name: "data".into(),
-        backend: DiskBackend::Replicated {
-            volume: "migdata".into(),
-            replicas: replicas.iter().map(|r| r.addr.to_string()).collect(),
-            token_file,
-            key_file: None,
-            control: None,
-        },
-        bus: DiskBus::Virtio,
-        read_only: false,
-        boot_order: None,
-    };
+    let disk = common::replicated_disk(
+        "data",
+        "migdata",
+        replicas.iter().map(|r| r.addr.to_string()).collect(),
+        token_file,
+    );
     let config = |name: &str, tap: &str| VmConfig {
         name: name.into(),
         cpus: 1,

@@ -223,7 +223,6 @@ async fn a_cancel_before_the_switch_over_leaves_the_source_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicated_disk_is_handed_over_at_the_switch() {
     use hci_core::block::{BlockDevice, WriteFlags};
-    use hci_core::compute::{DiskBackend, DiskBus, DiskConfig};
     use hci_core::volume::{CreateVolume, OpenVolume};
     use hci_storage::replica::ReplicaNode;
     use hci_storage::replica::client::{RemoteNode, ServerAddr};
@@ -250,19 +249,7 @@ async fn a_replicated_disk_is_handed_over_at_the_switch() {
         tasks.push(AbortOnDrop(task));
     }
     let mut base = config("qmigd", guest(Guest::Dirty), 1, "mib=2 every=100000");
-    base.disks = vec![DiskConfig {
-        name: "data".into(),
-        backend: DiskBackend::Replicated {
-            volume: "qv".into(),
-            replicas,
-            token_file,
-            key_file: None,
-            control: None,
-        },
-        bus: DiskBus::Virtio,
-        read_only: false,
-        boot_order: None,
-    }];
+    base.disks = vec![replicated_disk("data", "qv", replicas, token_file)];
     let src = hv
         .create_vm(own(base.clone(), "src"))
         .await

@@ -64,6 +64,29 @@ pub fn disk(name: &str, dev: Arc<dyn BlockDevice>) -> DiskConfig {
     }
 }
 
+/// A virtio disk on the replicated volume `volume` (replica servers at
+/// `replicas`), which the backend opens (and hands over in a migration).
+pub fn replicated_disk(
+    name: &str,
+    volume: &str,
+    replicas: Vec<String>,
+    token_file: PathBuf,
+) -> DiskConfig {
+    DiskConfig {
+        name: name.into(),
+        backend: DiskBackend::Replicated {
+            volume: volume.into(),
+            replicas,
+            token_file,
+            key_file: None,
+            control: None,
+        },
+        bus: DiskBus::Virtio,
+        read_only: false,
+        boot_order: None,
+    }
+}
+
 /// Creates a VM from `config` on the KVM backend.
 pub async fn create(config: VmConfig) -> KvmVm {
     require_kvm();
