@@ -284,6 +284,30 @@ impl RawClient {
         Ok(doc(r))
     }
 
+    /// Asks for a live migration of VM `name` (to `target_node`, or the
+    /// best node when empty), or with `cancel` for the cancel of the one
+    /// under way. Returns the updated VM; the migration's progress and
+    /// outcome appear in its `status.migration`.
+    #[pyo3(signature = (name, target_node = "", cancel = false, resource_version = 0))]
+    fn migrate_vm(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        target_node: &str,
+        cancel: bool,
+        resource_version: u64,
+    ) -> PyResult<Doc> {
+        let req = proto::MigrateVmRequest {
+            name: name.to_string(),
+            target_node: target_node.to_string(),
+            resource_version,
+            cancel,
+        };
+        let mut c = VirtualMachineServiceClient::new(self.t());
+        let r = wait(py, async move { c.migrate(req).await.map(|r| r.into_inner()) })?.py_err()?;
+        Ok(doc(r))
+    }
+
     /// Snapshots volume `volume` as Snapshot resource `snapshot`.
     #[pyo3(signature = (volume, snapshot, labels = None))]
     fn snapshot_volume(

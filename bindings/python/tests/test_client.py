@@ -215,6 +215,14 @@ def test_vm_power_actions_and_console(client: hci.Client) -> None:
     with client.console("pw") as con:
         out = con.read_until("virtio-blk OK", timeout=60)
         assert b"virtio-blk OK" in out
+    # Live migration needs cluster mode: this single-node daemon records why
+    # it cannot move the VM, which keeps running; no migration to cancel.
+    client.migrate("pw")
+    with pytest.raises(hci.Unavailable, match="cluster mode"):
+        client.wait_for_migration("pw", timeout=60)
+    assert client.get(hci.VirtualMachine, "pw").phase == "Running"
+    with pytest.raises(hci.HciError, match="no live migration is under way"):
+        client.cancel_migration("pw")
     assert client.pause("pw").name == "pw"
     client.wait_for_phase("pw", "Paused", timeout=60)
     client.resume("pw")

@@ -514,6 +514,10 @@ class RawClient:
         """Follows changes."""
     def vm_action(self, action: str, name: str, resource_version: int = 0) -> tuple[str, int]:
         """start, stop, restart, pause or resume a VM."""
+    def migrate_vm(
+        self, name: str, target_node: str = "", cancel: bool = False, resource_version: int = 0
+    ) -> tuple[str, int]:
+        """Asks for (or cancels) a VM's live migration."""
     def snapshot_volume(
         self, volume: str, snapshot: str, labels: dict[str, str] | None = None
     ) -> tuple[str, int]:

@@ -12,7 +12,7 @@ backups, restores or daemon calls can be awaited at once.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from . import _hci
 from .client import Client
@@ -92,6 +92,18 @@ class AsyncClient:
     async def restart(self, vm: str) -> VirtualMachine:
         """Restarts a VM."""
         return await asyncio.to_thread(self.sync.restart, vm)
+
+    async def migrate(self, vm: str, to: str | None = None) -> VirtualMachine:
+        """Asks for a VM's live migration."""
+        return await asyncio.to_thread(self.sync.migrate, vm, to)
+
+    async def cancel_migration(self, vm: str) -> VirtualMachine:
+        """Asks for the cancel of a VM's live migration."""
+        return await asyncio.to_thread(self.sync.cancel_migration, vm)
+
+    async def wait_for_migration(self, vm: str, timeout: float = 600.0) -> dict[str, Any]:
+        """Waits until a VM's live migration ends; its record."""
+        return await asyncio.to_thread(self.sync.wait_for_migration, vm, timeout)
 
 
 async def backup(

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Generic, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
 from . import _hci
 from .resources import (
@@ -309,6 +309,35 @@ class Client:
     def resume(self, vm: str, *, resource_version: int = 0) -> VirtualMachine:
         """Resumes paused VM ``vm``."""
         return _load(VirtualMachine, self._raw.vm_action("resume", vm, resource_version))
+
+    def migrate(self, vm: str, to: str | None = None) -> VirtualMachine:
+        """Asks for a live migration of running VM ``vm`` to node ``to`` (or
+        the best node by the placement rules). Cluster mode only. Returns at
+        once; follow it with :meth:`wait_for_migration`."""
+        return _load(VirtualMachine, self._raw.migrate_vm(vm, to or ""))
+
+    def cancel_migration(self, vm: str) -> VirtualMachine:
+        """Asks the source node to cancel VM ``vm``'s live migration. It
+        takes effect only before the switch-over; :meth:`wait_for_migration`
+        then says where the VM ended (a cancelled migration raises)."""
+        return _load(VirtualMachine, self._raw.migrate_vm(vm, "", True))
+
+    def wait_for_migration(self, vm: str, timeout: float = 600.0) -> dict[str, Any]:
+        """Waits until VM ``vm``'s current live migration ends; returns its
+        record (``status.migration``: source and target node, passes, bytes
+        sent, downtime). Raises :class:`hci.Unavailable` with the reason if it
+        failed or was cancelled, :class:`TimeoutError` if still going."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.get(VirtualMachine, vm).status or {}
+            m = status.get("migration")
+            if m is not None and m.get("phase") == "Succeeded":
+                return dict(m)
+            if m is not None and m.get("phase") == "Failed":
+                raise _hci.Unavailable(f"live migration of VM {vm!r}: {m.get('message', '')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the live migration of VM {vm!r} still runs after {timeout}s")
+            time.sleep(0.2)
 
     def console(self, vm: str) -> Console:
         """Attaches to the serial console of running VM ``vm``."""
