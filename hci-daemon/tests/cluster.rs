@@ -6,18 +6,19 @@
 //! are printed, not asserted.
 #![cfg(feature = "etcd")]
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::Cluster;
+
 use hci_core::model::{
-    BootSpec, ByteSize, ConditionStatus, EvictionStrategy, Node, Resource, RunStrategy,
-    VirtualMachine, VmPhase, Volume, VolumePhase, VolumeSpec,
+    BootSpec, ByteSize, EvictionStrategy, Node, Resource, RunStrategy, VirtualMachine, VmPhase,
+    Volume, VolumePhase, VolumeSpec,
 };
-use hci_daemon::resources::ResourceStore;
-use hci_daemon::store::{EtcdServer, EtcdStateStore};
 
 /// Lease TTL and failover grace of the test daemons: short, so the tests
 /// are quick; `HCI_TEST_LEASE=10s HCI_TEST_GRACE=10s` measures the defaults.
@@ -34,217 +35,34 @@ fn grace() -> String {
 /// even on a loaded 2-core machine (6 s was not: its replica moved away).
 const REPLICA_GRACE: &str = "15s";
 
-/// One hci-daemon, killed (with SIGKILL) on drop, with the `hci-vmm`
-/// processes of its VMs (process mode).
-struct Daemon {
-    name: String,
-    child: Option<Child>,
-    dir: PathBuf,
-    store_url: String,
-    /// Process mode with this hci-vmm; in-process VMs when `None`.
-    vmm: Option<PathBuf>,
-}
-
-impl Daemon {
-    fn socket(&self) -> PathBuf {
-        self.dir.join("hci.sock")
-    }
-
-    fn spawn(&mut self) {
-        let _ = std::fs::remove_file(self.socket());
-        std::fs::create_dir_all(&self.dir).expect("data dir");
-        let log = std::fs::File::create(self.dir.with_extension("log")).expect("log file");
-        let mode: Vec<String> = match &self.vmm {
-            Some(vmm) => vec![
-                "--vm-mode".into(),
-                "process".into(),
-                "--vmm".into(),
-                vmm.display().to_string(),
-            ],
-            None => vec!["--vm-mode".into(), "in-process".into()],
-        };
-        let child = Command::new(env!("CARGO_BIN_EXE_hci-daemon"))
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--listen")
-            .arg(format!("unix:{}", self.socket().display()))
-            .args(["--node", &self.name, "--store", &self.store_url])
-            .args(["--node-lease-ttl", &lease(), "--failover-grace", &grace()])
-            .args(["--replica-rebuild-grace", REPLICA_GRACE])
-            // Engines reach replicas on every node: one token for all.
-            .arg("--replica-token-file")
-            .arg(self.dir.with_file_name("replica.token"))
-            .args(&mode)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn hci-daemon");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
-                "hci-daemon {} did not start: {}",
-                self.name,
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn console(&self, vm: &str) -> String {
-        std::fs::read_to_string(self.dir.join("data/run").join(vm).join("console.log"))
-            .unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    fn hcictl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_hcictl"))
-            .arg("--server")
-            .arg(format!("unix:{}", self.socket().display()))
-            .args(args)
-            .output()
-            .expect("run hcictl");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-        if self.vmm.is_some() {
-            kill_vmms_under(&self.dir);
-        }
-    }
-}
-
-/// Kills the hci-vmm processes whose command line mentions `dir` (VMs in
-/// their own processes outlive their daemon by design).
-fn kill_vmms_under(dir: &Path) {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("hci-vmm") && cmd.contains(&needle) {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-struct Cluster {
-    daemons: Vec<Daemon>,
-    resources: ResourceStore,
-    etcd: EtcdServer,
-    _root: tempfile::TempDir,
-}
-
 impl Cluster {
     async fn start(nodes: &[&str]) -> Cluster {
         Cluster::start_with(nodes, None).await
     }
 
-    /// Three daemons whose VMs run in `vmm` processes (in-process: `None`).
+    /// Daemons whose VMs run in `vmm` processes (in-process: `None`).
     async fn start_with(nodes: &[&str], vmm: Option<&Path>) -> Cluster {
-        let root = tempfile::tempdir().expect("temp dir");
-        let etcd = EtcdServer::start_in(&root.path().join("etcd")).expect("start etcd");
-        let daemons = nodes
-            .iter()
-            .map(|n| {
-                let mut d = Daemon {
-                    name: n.to_string(),
-                    child: None,
-                    dir: root.path().join(n),
-                    store_url: etcd.url(),
-                    vmm: vmm.map(Path::to_path_buf),
-                };
-                d.spawn();
-                d
-            })
-            .collect();
-        let store = EtcdStateStore::open(&etcd.url()).await.expect("connect");
-        let c = Cluster {
-            daemons,
-            resources: ResourceStore::new(Arc::new(store)),
-            etcd,
-            _root: root,
-        };
-        for n in nodes {
-            c.wait_ready(n, true, Duration::from_secs(60)).await;
+        let mut args: Vec<String> = [
+            "--node-lease-ttl",
+            &lease(),
+            "--failover-grace",
+            &grace(),
+            "--replica-rebuild-grace",
+            REPLICA_GRACE,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        match vmm {
+            Some(vmm) => args.extend([
+                "--vm-mode".into(),
+                "process".into(),
+                "--vmm".into(),
+                vmm.display().to_string(),
+            ]),
+            None => args.extend(["--vm-mode".into(), "in-process".into()]),
         }
-        c
-    }
-
-    fn daemon(&self, node: &str) -> &Daemon {
-        self.daemons
-            .iter()
-            .find(|d| d.name == node)
-            .expect("no such daemon")
-    }
-
-    fn daemon_mut(&mut self, node: &str) -> &mut Daemon {
-        self.daemons
-            .iter_mut()
-            .find(|d| d.name == node)
-            .expect("no such daemon")
-    }
-
-    fn logs(&self) -> String {
-        self.daemons
-            .iter()
-            .map(|d| format!("--- {} ---\n{}\n", d.name, d.log_tail()))
-            .collect()
-    }
-
-    async fn wait_ready(&self, node: &str, want: bool, within: Duration) -> Duration {
-        let start = Instant::now();
-        loop {
-            let ready = match self.resources.try_get::<Node>(node).await {
-                Ok(Some(n)) => n.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.kind == "Ready" && c.status == ConditionStatus::True)
-                }),
-                _ => false,
-            };
-            if ready == want {
-                return start.elapsed();
-            }
-            assert!(
-                start.elapsed() < within,
-                "node {node} not {} within {within:?}\n{}",
-                if want { "Ready" } else { "NotReady" },
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        Cluster::start_with_args(nodes, args).await
     }
 
     /// Waits until `vm` runs on a node other than `not_on` and its guest

@@ -1,10 +1,13 @@
 //! `hcictl` against a real `hci-daemon` process: the quickstart, output
 //! formats, apply semantics, and the errors users see.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::kill_vmms_under;
 use serde_json::Value;
 
 struct Daemon {
@@ -20,27 +23,6 @@ impl Drop for Daemon {
         // VMs run in their own hci-vmm processes and outlive their daemon
         // by design: end the ones this test started.
         kill_vmms_under(self._dir.path());
-    }
-}
-
-/// Kills the hci-vmm processes whose command line mentions `dir`.
-fn kill_vmms_under(dir: &Path) {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("hci-vmm") && cmd.contains(&needle) {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
     }
 }
 

@@ -7,220 +7,32 @@
 //! Figures (migration time, passes, downtime) are printed, not asserted.
 #![cfg(feature = "etcd")]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::{Cluster, process_mode, vmm};
+
 use hci_core::model::{
-    BootSpec, ByteSize, ConditionStatus, DiskSpec, EvictionStrategy, HypervisorBackend,
-    MigrationPhase, Node, RunStrategy, VirtualMachine, VmPhase, Volume, VolumeSpec,
+    BootSpec, ByteSize, DiskSpec, EvictionStrategy, HypervisorBackend, MigrationPhase, Node,
+    RunStrategy, VirtualMachine, VmPhase, Volume, VolumeSpec,
 };
-use hci_daemon::resources::ResourceStore;
-use hci_daemon::store::{EtcdServer, EtcdStateStore};
 
 /// Counter lines of the dirty guest every this many page writes.
 const EVERY: u64 = 1_000_000;
 
-fn vmm() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_hci-daemon")).with_file_name("hci-vmm")
-}
-
-/// One hci-daemon in process mode, killed on drop with its hci-vmm processes.
-struct Daemon {
-    name: String,
-    child: Option<Child>,
-    dir: PathBuf,
-    store_url: String,
-}
-
-impl Daemon {
-    fn start(root: &Path, name: &str, store_url: &str) -> Daemon {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).expect("data dir");
-        let log = std::fs::File::create(dir.with_extension("log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_hci-daemon"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--listen")
-            .arg(format!("unix:{}", dir.join("hci.sock").display()))
-            .args(["--node", name, "--store", store_url])
-            .args(["--node-lease-ttl", "2s", "--failover-grace", "10s"])
-            .arg("--replica-token-file")
-            .arg(dir.with_file_name("replica.token"))
-            .args(["--vm-mode", "process", "--vmm"])
-            .arg(vmm())
-            .env(
-                "RUST_LOG",
-                std::env::var("HCI_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn hci-daemon");
-        let d = Daemon {
-            name: name.to_string(),
-            child: Some(child),
-            dir,
-            store_url: store_url.to_string(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !d.dir.join("hci.sock").exists() {
-            assert!(
-                Instant::now() < deadline,
-                "no daemon {name}: {}",
-                d.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn console(&self, vm: &str) -> String {
-        std::fs::read_to_string(self.dir.join("data/run").join(vm).join("console.log"))
-            .unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(25)..].join("\n")
-    }
-
-    fn hcictl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_hcictl"))
-            .arg("--server")
-            .arg(format!("unix:{}", self.dir.join("hci.sock").display()))
-            .args(args)
-            .output()
-            .expect("run hcictl");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        kill_vmms_under(&self.dir);
-        let _ = &self.store_url;
-    }
-}
-
-/// How many hci-vmm processes run VM `vm` of `daemon`.
-fn vmms_of(daemon: &Daemon, vm: &str) -> usize {
-    let needle = daemon.dir.join("data/run").join(vm);
-    let needle = needle.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline")).is_ok_and(|cmd| {
-                let cmd = String::from_utf8_lossy(&cmd);
-                cmd.contains("hci-vmm") && cmd.contains(&needle)
-            })
-        })
-        .count()
-}
-
-/// Kills the hci-vmm processes whose command line mentions `dir`.
-fn kill_vmms_under(dir: &Path) {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("hci-vmm") && cmd.contains(&needle) {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-struct Cluster {
-    daemons: Vec<Daemon>,
-    resources: ResourceStore,
-    _etcd: EtcdServer,
-    _root: tempfile::TempDir,
+/// Two daemons (VMs in `hci-vmm` processes) on one etcd, all Ready.
+async fn cluster(nodes: &[&str]) -> Cluster {
+    let mut args: Vec<String> = ["--node-lease-ttl", "2s", "--failover-grace", "10s"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(process_mode());
+    Cluster::start_with_args(nodes, args).await
 }
 
 impl Cluster {
-    async fn start(nodes: &[&str]) -> Cluster {
-        let root = tempfile::tempdir().expect("temp dir");
-        let etcd = EtcdServer::start_in(&root.path().join("etcd")).expect("start etcd");
-        let daemons = nodes
-            .iter()
-            .map(|n| Daemon::start(root.path(), n, &etcd.url()))
-            .collect();
-        let store = EtcdStateStore::open(&etcd.url()).await.expect("connect");
-        let c = Cluster {
-            daemons,
-            resources: ResourceStore::new(Arc::new(store)),
-            _etcd: etcd,
-            _root: root,
-        };
-        for n in nodes {
-            c.wait_ready(n).await;
-        }
-        c
-    }
-
-    fn daemon(&self, node: &str) -> &Daemon {
-        self.daemons
-            .iter()
-            .find(|d| d.name == node)
-            .expect("no such daemon")
-    }
-
-    fn logs(&self) -> String {
-        self.daemons
-            .iter()
-            .map(|d| format!("--- {} ---\n{}\n", d.name, d.log_tail()))
-            .collect()
-    }
-
-    async fn wait_ready(&self, node: &str) {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(n)) = self.resources.try_get::<Node>(node).await
-                && n.status.as_ref().is_some_and(|s| {
-                    s.conditions
-                        .iter()
-                        .any(|c| c.kind == "Ready" && c.status == ConditionStatus::True)
-                })
-            {
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "node {node} not Ready\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn vm(&self, name: &str) -> VirtualMachine {
-        self.resources.get(name).await.expect("get VM")
-    }
-
     /// Waits until `vm` runs and its guest printed at least `counts`
     /// counter lines on its node; returns the node.
     async fn wait_counting(&self, vm: &str, counts: usize) -> String {
@@ -289,7 +101,7 @@ async fn vms_live_migrate_between_daemons_by_request_and_by_drain() {
     if !can_run() {
         return;
     }
-    let c = Cluster::start(&["m1", "m2"]).await;
+    let c = cluster(&["m1", "m2"]).await;
     c.resources
         .create(dirty_vm("mover"))
         .await
@@ -507,14 +319,14 @@ async fn vms_live_migrate_between_daemons_by_request_and_by_drain() {
             assert_eq!(s.node.as_deref(), Some(from.as_str()), "{s:?}");
             assert_eq!(s.phase, VmPhase::Running);
             if counts.last().is_some_and(|&n| n > counted + EVERY)
-                && vmms_of(c.daemon(to), "big") == 0
+                && c.daemon(to).vmms_of("big") == 0
             {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
                 "after the cancel: {s:?}, {} receivers\n{}",
-                vmms_of(c.daemon(to), "big"),
+                c.daemon(to).vmms_of("big"),
                 c.logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -540,7 +352,7 @@ async fn a_qemu_backed_vm_live_migrates_between_daemons() {
     if !can_run() || !have_qemu() {
         return;
     }
-    let c = Cluster::start(&["m1", "m2"]).await;
+    let c = cluster(&["m1", "m2"]).await;
     let mut q = dirty_vm("qmover");
     q.spec.backend = HypervisorBackend::Qemu;
     c.resources.create(q).await.expect("create VM");
@@ -595,7 +407,7 @@ async fn a_vm_on_a_replicated_volume_live_migrates() {
     if !can_run() {
         return;
     }
-    let c = Cluster::start(&["r1", "r2"]).await;
+    let c = cluster(&["r1", "r2"]).await;
     for n in ["r1", "r2"] {
         let deadline = Instant::now() + Duration::from_secs(30);
         while c

@@ -304,7 +304,11 @@ impl RawClient {
             cancel,
         };
         let mut c = VirtualMachineServiceClient::new(self.t());
-        let r = wait(py, async move { c.migrate(req).await.map(|r| r.into_inner()) })?.py_err()?;
+        let r = wait(
+            py,
+            async move { c.migrate(req).await.map(|r| r.into_inner()) },
+        )?
+        .py_err()?;
         Ok(doc(r))
     }
 
