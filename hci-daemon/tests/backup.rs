@@ -2,6 +2,8 @@
 //! store, the controllers on a local storage pool, and a `file://` backup
 //! target read back with hci-backup itself.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,29 +80,15 @@ async fn start() -> Daemon {
     }
 }
 
-/// Polls `R` named `name` until `done` holds (panics with the last state
-/// seen if it never does).
+/// Polls `R` named `name` until `done` holds, panicking with the last
+/// state seen after [`WAIT`].
 async fn wait_for<R: Resource + std::fmt::Debug>(
     d: &Daemon,
     name: &str,
     what: &str,
     done: impl Fn(&R) -> bool,
 ) -> R {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r: Option<R> = d.resources.try_get(name).await.expect("read");
-        if let Some(r) = &r
-            && done(r)
-        {
-            return r.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} {name} never became {what}: {r:#?}",
-            R::KIND
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_for(&d.resources, name, what, WAIT, done).await
 }
 
 async fn create(d: &Daemon, kind: &str, json: String) {

@@ -2,6 +2,8 @@
 //! the volume/snapshot/VM controllers on a local storage pool, and VMs on
 //! hci's KVM VMM running the `blk` test guest on daemon-managed volumes.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,21 +108,7 @@ async fn wait_for<R: Resource + std::fmt::Debug>(
     what: &str,
     done: impl Fn(&R) -> bool,
 ) -> R {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let r: Option<R> = d.resources.try_get(name).await.expect("read");
-        if let Some(r) = &r
-            && done(r)
-        {
-            return r.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} {name} never became {what}: {r:#?}",
-            R::KIND
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_for(&d.resources, name, what, WAIT, done).await
 }
 
 fn vm_phase(vm: &VirtualMachine) -> VmPhase {

@@ -163,6 +163,32 @@ pub fn kill_vmms_under(dir: &Path) {
     }
 }
 
+/// Polls resource `R` named `name` in `resources` until `done` holds;
+/// panics with the last state seen (never `what`) after `within`.
+pub async fn wait_for<R: hci_core::model::Resource + std::fmt::Debug>(
+    resources: &hci_daemon::resources::ResourceStore,
+    name: &str,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&R) -> bool,
+) -> R {
+    let deadline = Instant::now() + within;
+    loop {
+        let r: Option<R> = resources.try_get(name).await.expect("read");
+        if let Some(r) = &r
+            && done(r)
+        {
+            return r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} {name} never became {what}: {r:#?}",
+            R::KIND
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(feature = "etcd")]
 #[allow(unused_imports)] // not every test binary uses it
 pub use cluster::Cluster;
