@@ -5,6 +5,8 @@
 //! starts again with the next daemon), and bad inputs give a Failed VM
 //! with a clear message.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -84,18 +86,7 @@ impl Daemon {
     }
 
     fn hcictl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_hcictl"))
-            .arg("--server")
-            .arg(format!("unix:{}", self.socket().display()))
-            .args(args)
-            .output()
-            .expect("run hcictl");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        common::hcictl(&self.socket(), args)
     }
 
     fn apply(&self, yaml: &str) {

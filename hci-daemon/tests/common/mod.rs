@@ -110,18 +110,7 @@ impl Daemon {
 
     /// Runs `hcictl` against this daemon: (success, stdout + stderr).
     pub fn hcictl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_hcictl"))
-            .arg("--server")
-            .arg(format!("unix:{}", self.socket().display()))
-            .args(args)
-            .output()
-            .expect("run hcictl");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        hcictl(&self.socket(), args)
     }
 
     /// How many `hci-vmm` processes run VM `vm` of this daemon.
@@ -129,6 +118,23 @@ impl Daemon {
         let needle = self.dir.join("data/run").join(vm);
         vmm_pids(&needle.to_string_lossy()).len()
     }
+}
+
+/// Runs `hcictl` against the daemon on unix socket `socket`: (success,
+/// stdout + stderr).
+pub fn hcictl(socket: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hcictl"))
+        .arg("--server")
+        .arg(format!("unix:{}", socket.display()))
+        .args(args)
+        .output()
+        .expect("run hcictl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 impl Drop for Daemon {
