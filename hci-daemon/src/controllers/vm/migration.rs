@@ -213,9 +213,10 @@ impl VmController {
         match outcome {
             Ok(progress) => self.hand_over(name, &inst, target, &progress).await,
             Err(Error::Cancelled) => {
-                let message = format!(
-                    "live migration to node {target} cancelled by request; the VM runs on here"
-                );
+                // By request, or because the target gave up (its own
+                // record of why stays: a finished record is not rewritten).
+                let message =
+                    format!("live migration to node {target} cancelled; the VM runs on here");
                 tracing::info!(vm = name, "{message}");
                 self.fail_migration(name, &message).await;
             }
