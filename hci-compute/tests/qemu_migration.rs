@@ -126,20 +126,31 @@ async fn a_running_guest_migrates_and_keeps_counting() {
     dst.kill().await.expect("kill the target");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_migration_to_nowhere_fails_and_the_source_keeps_running() {
+/// A started `dirty` guest named `name` (`cmdline`) that has counted once.
+async fn counting_source(name: &str, cmdline: &str) -> hci_compute::qemu::QemuVm {
     let hv = QemuHypervisor::new();
     hv.resolve_binary()
         .expect("needs qemu-system-x86_64 (scripts/install-deps.sh installs it)");
     let src = hv
-        .create_vm(own(
-            config("qmig-fail", guest(Guest::Dirty), 1, "mib=1 every=100000"),
-            "src",
-        ))
+        .create_vm(own(config(name, guest(Guest::Dirty), 1, cmdline), "src"))
         .await
         .expect("create");
     src.start().await.expect("start");
     wait_counts(&src, 1).await;
+    src
+}
+
+/// After a failed or cancelled migration: the source runs and counts on.
+async fn still_counting(src: &hci_compute::qemu::QemuVm) {
+    assert_eq!(src.state().await.expect("state"), VmState::Running);
+    let n = counts(&console(src)).len();
+    wait_counts(src, n + 1).await;
+    src.kill().await.expect("kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_to_nowhere_fails_and_the_source_keeps_running() {
+    let src = counting_source("qmig-fail", "mib=1 every=100000").await;
     // Nothing listens on a port we just bound and released.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -158,10 +169,7 @@ async fn a_migration_to_nowhere_fails_and_the_source_keeps_running() {
     .expect("migrate returns")
     .expect_err("nobody listens");
     assert!(err.to_string().contains("failed"), "{err}");
-    assert_eq!(src.state().await.expect("state"), VmState::Running);
-    let n = counts(&console(&src)).len();
-    wait_counts(&src, n + 1).await;
-    src.kill().await.expect("kill");
+    still_counting(&src).await;
 }
 
 /// A cancel before the switch-over: QEMU drops the stream (to a peer that
@@ -169,18 +177,7 @@ async fn a_migration_to_nowhere_fails_and_the_source_keeps_running() {
 /// MiB to send), `migrate` answers `Cancelled` and the guest counts on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_before_the_switch_over_leaves_the_source_running() {
-    let hv = QemuHypervisor::new();
-    hv.resolve_binary()
-        .expect("needs qemu-system-x86_64 (scripts/install-deps.sh installs it)");
-    let src = hv
-        .create_vm(own(
-            config("qmig-cancel", guest(Guest::Dirty), 1, "mib=40 every=100000"),
-            "src",
-        ))
-        .await
-        .expect("create");
-    src.start().await.expect("start");
-    wait_counts(&src, 1).await;
+    let src = counting_source("qmig-cancel", "mib=40 every=100000").await;
     // A peer that takes the connection and never reads: pass 1 stalls.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address").to_string();
@@ -207,10 +204,7 @@ async fn a_cancel_before_the_switch_over_leaves_the_source_running() {
     );
     let r = r.expect("migrate returns");
     assert!(matches!(r, Err(hci_core::Error::Cancelled)), "{r:?}");
-    assert_eq!(src.state().await.expect("state"), VmState::Running);
-    let n = counts(&console(&src)).len();
-    wait_counts(&src, n + 1).await;
-    src.kill().await.expect("kill");
+    still_counting(&src).await;
     let _ = release.send(());
     holder.join().expect("holder");
 }
@@ -395,9 +389,6 @@ async fn a_wrong_token_fails_the_tls_handshake_and_the_source_keeps_running() {
     .await
     .expect("migrate returns");
     assert!(r.is_err(), "a wrong token was accepted: {r:?}");
-    assert_eq!(src.state().await.expect("state"), VmState::Running);
-    let n = counts(&console(&src)).len();
-    wait_counts(&src, n + 1).await;
-    src.kill().await.expect("kill");
+    still_counting(&src).await;
     dst.kill().await.expect("kill");
 }

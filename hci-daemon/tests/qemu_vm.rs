@@ -57,11 +57,7 @@ impl Daemon {
             .spawn()
             .expect("spawn hci-daemon");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.socket().exists() {
-            assert!(Instant::now() < deadline, "no daemon: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_for_socket(&self.socket(), || format!("no daemon: {}", self.log()));
     }
 
     fn kill(&mut self) {

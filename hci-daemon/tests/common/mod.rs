@@ -75,16 +75,13 @@ impl Daemon {
             .spawn()
             .expect("spawn hci-daemon");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.socket().exists() {
-            assert!(
-                Instant::now() < deadline,
+        wait_for_socket(&self.socket(), || {
+            format!(
                 "hci-daemon {} did not start: {}",
                 self.name,
                 self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            )
+        });
     }
 
     /// Kills the daemon (SIGKILL); its `hci-vmm` processes live on.
@@ -117,6 +114,16 @@ impl Daemon {
     pub fn vmms_of(&self, vm: &str) -> usize {
         let needle = self.dir.join("data/run").join(vm);
         vmm_pids(&needle.to_string_lossy()).len()
+    }
+}
+
+/// Waits up to 60 s for a daemon's API socket to appear; panics with
+/// `why()` (e.g. the daemon's log) if it does not.
+pub fn wait_for_socket(socket: &Path, why: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
