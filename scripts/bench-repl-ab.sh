@@ -6,12 +6,19 @@
 # the CPU µs per I/O of the engine plus its replica servers (utime+stime from
 # /proc), which load from other processes disturbs far less than IOPS.
 #
+# RATE=N caps fio at N IOPS: the CPU per I/O at a fixed rate is stable to
+# ±2% between rounds, the figure to decide by (IOPS at saturation swing
+# ±15% on this box).
+#
 # Usage: scripts/bench-repl-ab.sh ROUNDS randwrite|randread HS_A HS_B [HS_C …]
+#        RATE=20000 scripts/bench-repl-ab.sh 3 randwrite HS_A HS_B
 # (each HS a path to an hci-storage binary, or a wrapper script adding options)
 set -euo pipefail
 command -v fio >/dev/null || { echo "bench-repl-ab: fio missing (scripts/install-deps.sh)" >&2; exit 1; }
 [ $# -ge 3 ] || { echo "usage: $0 ROUNDS randwrite|randread HS_A [HS_B …]" >&2; exit 2; }
 ROUNDS=$1; RW=$2; shift 2
+RATE_ARGS=()
+[ -n "${RATE:-}" ] && RATE_ARGS=(--rate_iops="$RATE")
 TCK=$(getconf CLK_TCK)
 W=$(mktemp -d /dev/shm/hci-bench-ab.XXXXXX)
 PIDS=()
@@ -45,7 +52,7 @@ for r in $(seq "$ROUNDS"); do
     # shellcheck disable=SC2086
     t0=$(ticks ${GROUP[$k]})
     out=$(fio --name=job --ioengine=nbd --uri=nbd://127.0.0.1:110${k}5/ --rw="$RW" --bs=4k --iodepth=32 --size=256M \
-          --time_based --runtime=4 --output-format=json 2>/dev/null)
+          "${RATE_ARGS[@]}" --time_based --runtime=4 --output-format=json 2>/dev/null)
     # shellcheck disable=SC2086
     t1=$(ticks ${GROUP[$k]})
     line="$line $(python3 -c '

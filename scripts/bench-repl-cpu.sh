@@ -17,7 +17,13 @@
 # system calls and context switches per I/O in the serving process and in the
 # replica servers (perf stat on the raw_syscalls:sys_enter tracepoint).
 #
+# RATE=N caps fio at N IOPS (fio --rate_iops): CPU per I/O at a fixed rate
+# barely moves between runs (±2%), unlike IOPS at saturation (±15% here),
+# so it is the figure to compare builds or options by; at saturation the
+# batching grows with the load and hides per-request costs.
+#
 # Usage: scripts/bench-repl-cpu.sh                 (DURATION=5, RW=randwrite)
+#        RATE=20000 scripts/bench-repl-cpu.sh
 #        RW=randread BS=4k QD=32 scripts/bench-repl-cpu.sh
 #        SYSCALLS=1 scripts/bench-repl-cpu.sh
 #        HS=/path/to/other/hci-storage scripts/bench-repl-cpu.sh
@@ -28,10 +34,19 @@ SIZE=${SIZE:-256M}
 RW=${RW:-randwrite}
 BS=${BS:-4k}
 QD=${QD:-32}
-# THREADS=N passes --threads N to every serve and replica-server (0: one worker per CPU).
+RATE=${RATE:-}
+RATE_ARGS=()
+[ -n "$RATE" ] && RATE_ARGS=(--rate_iops="$RATE")
+# THREADS=N passes --threads N to every serve and replica-server (0: one worker
+# per CPU; the defaults are 1 for serve, 0 for replica-server).
 THREADS=${THREADS:-}
 TH=()
 [ -n "$THREADS" ] && TH=(--threads "$THREADS")
+# PIN=1 models replicas on other nodes: fio and the serving process run on
+# CPU 0 only (the engine's node), the replica servers on CPU 1 only.
+PIN=${PIN:-0}
+NODE=(); REMOTE=()
+if [ "$PIN" = 1 ]; then NODE=(taskset -c 0); REMOTE=(taskset -c 1); fi
 command -v fio >/dev/null || { echo "bench-repl-cpu: fio missing (scripts/install-deps.sh)" >&2; exit 1; }
 if [ -z "${HS:-}" ]; then
   cargo build --release -q -p hci-storage --bin hci-storage
@@ -48,7 +63,7 @@ wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 for i in 1 2 3; do
-  "$HS" replica-server "${TH[@]}" --listen 127.0.0.1:1095$i --root "$W/node$i" --token-file "$W/token" >/dev/null 2>&1 & PIDS+=($!)
+  "${REMOTE[@]}" "$HS" replica-server "${TH[@]}" --listen 127.0.0.1:1095$i --root "$W/node$i" --token-file "$W/token" >/dev/null 2>&1 & PIDS+=($!)
   RS[$i]=$!
   wait_port 1095$i
 done
@@ -62,7 +77,7 @@ declare -A ARGS=(
 )
 CONFIGS=(local 1 3-inproc 3 3-remote)
 "$HS" create "$W/local" --size "$SIZE" >/dev/null
-printf '\n%s %s QD%s, %s s, %s RAM-backed, threads %s; CPU µs per I/O by process (loadavg %s)\n\n' "$RW" "$BS" "$QD" "$DURATION" "$SIZE" "${THREADS:-default}" "$(cut -d' ' -f1 /proc/loadavg)"
+printf '\n%s %s QD%s, %s s, %s RAM-backed, rate %s, threads %s, pinned %s; CPU µs per I/O by process (loadavg %s)\n\n' "$RW" "$BS" "$QD" "$DURATION" "$SIZE" "${RATE:-unlimited}" "${THREADS:-default}" "$PIN" "$(cut -d' ' -f1 /proc/loadavg)"
 SYSCALLS=${SYSCALLS:-0}
 if [ "$SYSCALLS" = 1 ] && ! command -v perf >/dev/null; then
   echo "bench-repl-cpu: SYSCALLS=1 needs perf (Debian linux-perf)" >&2; exit 1
@@ -81,7 +96,7 @@ port=10960
 for c in "${CONFIGS[@]}"; do
   port=$((port + 1))
   # shellcheck disable=SC2086
-  "$HS" serve "${TH[@]}" ${ARGS[$c]} --listen 127.0.0.1:$port >/dev/null 2>&1 & SP=$!
+  "${NODE[@]}" "$HS" serve "${TH[@]}" ${ARGS[$c]} --listen 127.0.0.1:$port >/dev/null 2>&1 & SP=$!
   PIDS+=($SP)
   wait_port $port
   uri=nbd://127.0.0.1:$port/
@@ -92,8 +107,8 @@ for c in "${CONFIGS[@]}"; do
     pstat_start $SP "$W/ps.serve"; PERFS+=($!)
     for i in 1 2 3; do pstat_start "${RS[$i]}" "$W/ps.rs$i"; PERFS+=($!); done
   fi
-  out=$(fio --name=job --ioengine=nbd --uri="$uri" --rw="$RW" --bs="$BS" --iodepth="$QD" --size="$SIZE" \
-        --time_based --runtime="$DURATION" --output-format=json 2>/dev/null)
+  out=$("${NODE[@]}" fio --name=job --ioengine=nbd --uri="$uri" --rw="$RW" --bs="$BS" --iodepth="$QD" --size="$SIZE" \
+        "${RATE_ARGS[@]}" --time_based --runtime="$DURATION" --output-format=json 2>/dev/null)
   s1=$(ticks $SP); r1=0; for i in 1 2 3; do r1=$((r1 + $(ticks "${RS[$i]}"))); done
   sc="0 0 0"
   if [ "$SYSCALLS" = 1 ]; then

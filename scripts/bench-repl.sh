@@ -13,8 +13,14 @@
 # served from one replica server, and `hci-storage replicas add --wait` adds
 # an empty replica on another: time, MiB/s and bytes sent.
 #
+# With PIN=1 the run models replicas on other nodes: fio and every serving
+# process (local, engines, nbdkit) run on CPU 0 only, the replica servers on
+# CPU 1 only, so remote replicas no longer take CPU from the engine's node
+# (loopback still runs the receiver's TCP input on the sender's CPU).
+#
 # Usage: scripts/bench-repl.sh            (DURATION=10 seconds per job)
 #        DURATION=3 SIZE=256M scripts/bench-repl.sh
+#        PIN=1 REBUILD=0 scripts/bench-repl.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
@@ -28,6 +34,9 @@ if [ -z "${HS:-}" ]; then
   HS=${CARGO_TARGET_DIR:-target}/release/hci-storage
 fi
 REBUILD=${REBUILD:-1}
+PIN=${PIN:-0}
+NODE=(); REMOTE=()
+if [ "$PIN" = 1 ]; then NODE=(taskset -c 0); REMOTE=(taskset -c 1); fi
 REBUILD_SIZE=${REBUILD_SIZE:-4G}
 REBUILD_DATA=${REBUILD_DATA:-1G}
 
@@ -41,22 +50,22 @@ wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 
 # Three replica servers.
 for i in 1 2 3; do
-  "$HS" replica-server --listen 127.0.0.1:1092$i --root "$W/node$i" --token-file "$W/token" >/dev/null 2>&1 & PIDS+=($!)
+  "${REMOTE[@]}" "$HS" replica-server --listen 127.0.0.1:1092$i --root "$W/node$i" --token-file "$W/token" >/dev/null 2>&1 & PIDS+=($!)
   wait_port 1092$i
 done
 # Exports: local replica; replicated volumes with an in-process replica plus
 # 0, 1, 2 remote ones; 3 remote replicas.
 "$HS" create "$W/local" --size "$SIZE" >/dev/null
-"$HS" serve "$W/local" --listen 127.0.0.1:10930 >/dev/null 2>&1 & PIDS+=($!)
-"$HS" serve --replica "$W/engine1/r1" --size "$SIZE" --listen 127.0.0.1:10931 >/dev/null 2>&1 & PIDS+=($!)
-"$HS" serve --replica "$W/engine2/r2" --replica 127.0.0.1:10921/r2 --token-file "$W/token" --size "$SIZE" \
+"${NODE[@]}" "$HS" serve "$W/local" --listen 127.0.0.1:10930 >/dev/null 2>&1 & PIDS+=($!)
+"${NODE[@]}" "$HS" serve --replica "$W/engine1/r1" --size "$SIZE" --listen 127.0.0.1:10931 >/dev/null 2>&1 & PIDS+=($!)
+"${NODE[@]}" "$HS" serve --replica "$W/engine2/r2" --replica 127.0.0.1:10921/r2 --token-file "$W/token" --size "$SIZE" \
   --listen 127.0.0.1:10932 >/dev/null 2>&1 & PIDS+=($!)
-"$HS" serve --replica "$W/engine3/r3" --replica 127.0.0.1:10921/r3 --replica 127.0.0.1:10922/r3 \
+"${NODE[@]}" "$HS" serve --replica "$W/engine3/r3" --replica 127.0.0.1:10921/r3 --replica 127.0.0.1:10922/r3 \
   --token-file "$W/token" --size "$SIZE" --listen 127.0.0.1:10933 >/dev/null 2>&1 & PIDS+=($!)
-"$HS" serve --replica 127.0.0.1:10921/r3r --replica 127.0.0.1:10922/r3r --replica 127.0.0.1:10923/r3r \
+"${NODE[@]}" "$HS" serve --replica 127.0.0.1:10921/r3r --replica 127.0.0.1:10922/r3r --replica 127.0.0.1:10923/r3r \
   --token-file "$W/token" --size "$SIZE" --listen 127.0.0.1:10935 >/dev/null 2>&1 & PIDS+=($!)
 truncate -s "$SIZE" "$W/nbdkit.img"
-nbdkit -f -p 10934 file file="$W/nbdkit.img" & PIDS+=($!)
+"${NODE[@]}" nbdkit -f -p 10934 file file="$W/nbdkit.img" & PIDS+=($!)
 for p in 10930 10931 10932 10933 10934 10935; do wait_port $p; done
 
 declare -A URI=([local]=nbd://127.0.0.1:10930/ [repl1]=nbd://127.0.0.1:10931/ [repl2]=nbd://127.0.0.1:10932/
@@ -72,7 +81,7 @@ JOBS=("randwrite-4k-qd32:randwrite:4k:32" "randread-4k-qd32:randread:4k:32" "ran
 RESULTS=$W/results.txt
 run_job() { # server job rw bs qd
   local out
-  out=$(fio --name="$2" --ioengine=nbd --uri="${URI[$1]}" --rw="$3" --bs="$4" --iodepth="$5" --size="$SIZE" \
+  out=$("${NODE[@]}" fio --name="$2" --ioengine=nbd --uri="${URI[$1]}" --rw="$3" --bs="$4" --iodepth="$5" --size="$SIZE" \
         --time_based --runtime="$DURATION" --ramp_time=1 --output-format=json 2>/dev/null)
   python3 -c '
 import json,sys
@@ -86,13 +95,16 @@ for spec in "${JOBS[@]}"; do
   for s in "${SERVERS[@]}"; do run_job "$s" "$name" "$rw" "$bs" "$qd"; done
 done
 
-python3 - "$RESULTS" "$DURATION" "$SIZE" <<'PY'
+python3 - "$RESULTS" "$DURATION" "$SIZE" "$PIN" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1])]
 res = {(s, j): (int(i), float(b)) for s, j, i, b in rows}
 jobs = list(dict.fromkeys(j for _, j, _, _ in rows))
 print(f"\nReplicated volumes over loopback, fio nbd engine, {sys.argv[3]} RAM-backed, {sys.argv[2]} s per job")
-print("(N replicas = one in the serving process + N-1 on replica servers; 3 remote = all on replica servers)\n")
+print("(N replicas = one in the serving process + N-1 on replica servers; 3 remote = all on replica servers)")
+if sys.argv[4] == "1":
+    print("(pinned: fio and the serving processes on CPU 0, the replica servers on CPU 1)")
+print()
 print("| job | local IOPS | 1 replica | 2 replicas | 3 replicas | 3 remote | nbdkit | 3 replicas / local | 3 remote / local |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for j in jobs:

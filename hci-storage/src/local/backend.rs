@@ -70,11 +70,19 @@ impl BlockDevice for ReplicaDevice {
 
     async fn write_at(&self, buf: &[u8], offset: u64, flags: WriteFlags) -> Result<()> {
         self.writable()?;
-        self.replica.write(buf, offset, flags.fua)
+        self.replica.write(buf, offset, false)?;
+        if flags.fua {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
+    /// `fdatasync` (milliseconds on a disk) runs on the blocking pool, so
+    /// the thread keeps serving other requests meanwhile; this matters most
+    /// on a single-threaded runtime, where it would stall every request.
     async fn flush(&self) -> Result<()> {
-        self.replica.flush()
+        let replica = self.replica.clone();
+        LocalVolumeBackend::blocking(move || replica.flush()).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -84,7 +92,11 @@ impl BlockDevice for ReplicaDevice {
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.writable()?;
-        self.replica.zero(offset, len, flags.no_hole, flags.fua)
+        self.replica.zero(offset, len, flags.no_hole, false)?;
+        if flags.fua {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
