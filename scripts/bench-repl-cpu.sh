@@ -13,6 +13,12 @@
 # in-process + two replica servers, what a node with a replica runs), 3 remote
 # (three replica servers).
 #
+# "engine node bound" = local's total CPU per I/O over this configuration's
+# fio + serve: the ratio to local that CPU allows on the engine's node when
+# the replica servers run on other machines, as in production (here they
+# share the two CPUs, and loopback even charges their TCP input to the
+# sender).
+#
 # With SYSCALLS=1 (needs `perf`, Debian linux-perf, and root) it also counts
 # system calls and context switches per I/O in the serving process and in the
 # replica servers (perf stat on the raw_syscalls:sys_enter tracepoint).
@@ -83,11 +89,11 @@ if [ "$SYSCALLS" = 1 ] && ! command -v perf >/dev/null; then
   echo "bench-repl-cpu: SYSCALLS=1 needs perf (Debian linux-perf)" >&2; exit 1
 fi
 if [ "$SYSCALLS" = 1 ]; then
-  echo "| config | IOPS | fio | serve (engine) | replica servers | total µs/IO | serve syscalls/IO | serve ctx sw/IO | servers syscalls/IO |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| config | IOPS | fio | serve (engine) | replica servers | total µs/IO | engine node bound | serve syscalls/IO | serve ctx sw/IO | servers syscalls/IO |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 else
-  echo "| config | IOPS | fio | serve (engine) | replica servers | total µs/IO |"
-  echo "|---|---:|---:|---:|---:|---:|"
+  echo "| config | IOPS | fio | serve (engine) | replica servers | total µs/IO | engine node bound |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
 fi
 # perf stat of one process during the job: prints "syscalls ctxsw".
 pstat_start() { perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$1" -o "$2" 2>/dev/null & }
@@ -128,10 +134,17 @@ tck=int(sys.argv[2]); s=int(sys.argv[3]); rs=int(sys.argv[4])
 us=lambda ticks: ticks*1e6/tck/ios
 fio=(j["usr_cpu"]+j["sys_cpu"])/100*j["job_runtime"]/1000*1e6/ios
 iops=round(r["iops"])
-row=f"| {sys.argv[1]} | {iops} | {fio:.1f} | {us(s):.1f} | {us(rs):.1f} | {fio+us(s)+us(rs):.1f} |"
+total=fio+us(s)+us(rs)
+# The engine node bound: local CPU per I/O over this config'"'"'s CPU on the
+# engine'"'"'s node (fio + serve), i.e. the ratio to local that CPU allows when
+# the replica servers run on other machines.
+if sys.argv[1] == "local":
+    open(sys.argv[7], "w").write(str(total))
+base=float(open(sys.argv[7]).read())
+row=f"| {sys.argv[1]} | {iops} | {fio:.1f} | {us(s):.1f} | {us(rs):.1f} | {total:.1f} | {base/(fio+us(s)):.2f}x |"
 if sys.argv[5] == "1":
     ss, sw, rsc = (int(x) for x in sys.argv[6].split())
     row += f" {ss/ios:.2f} | {sw/ios:.2f} | {rsc/ios:.2f} |"
 print(row)' \
-    "$c" "$TCK" $((s1 - s0)) $((r1 - r0)) "$SYSCALLS" "$sc" <<<"$out"
+    "$c" "$TCK" $((s1 - s0)) $((r1 - r0)) "$SYSCALLS" "$sc" "$W/local-total" <<<"$out"
 done
