@@ -347,8 +347,8 @@ async fn read_replies(rd: &mut BufReader<OwnedReadHalf>, sh: &Shared) -> String 
             Ok(h) => h,
             Err(e) => return e.to_string(),
         };
-        let mut payload = vec![0u8; h.payload_len as usize];
-        if let Err(e) = rd.read_exact(&mut payload).await {
+        let mut payload = Vec::new();
+        if let Err(e) = proto::read_payload(rd, &mut payload, h.payload_len as usize).await {
             return format!("receive: {e}");
         }
         let r = proto::check_crc(&payload, h.crc).and_then(|()| {

@@ -241,6 +241,26 @@ pub fn reply_frame(id: u64, error: bool, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Reads exactly `n` bytes of a frame's payload into `buf` (cleared first)
+/// without zero-filling it beforehand: the bytes land in `buf`'s spare
+/// capacity straight from the reader (a megabyte write would otherwise be
+/// written twice, once as zeroes).
+pub async fn read_payload<R>(rd: &mut R, buf: &mut Vec<u8>, n: usize) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    buf.clear();
+    buf.reserve(n);
+    while buf.len() < n {
+        let want = (n - buf.len()) as u64;
+        if (&mut *rd).take(want).read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
 /// Checks a payload against its CRC32C.
 pub fn check_crc(payload: &[u8], crc: u32) -> Result<()> {
     if crc32c::crc32c(payload) != crc {
@@ -838,6 +858,22 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[tokio::test]
+    async fn read_payload_reads_exactly_n_bytes_and_reports_a_short_stream() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        // A reader that hands out 1,000 bytes at a time, like a socket.
+        let mut rd = tokio::io::BufReader::with_capacity(1000, &data[..]);
+        let mut buf = vec![0xAA; 3];
+        read_payload(&mut rd, &mut buf, 6000).await.expect("read");
+        assert_eq!(buf, &data[..6000]);
+        read_payload(&mut rd, &mut buf, 0).await.expect("empty");
+        assert!(buf.is_empty());
+        let e = read_payload(&mut rd, &mut buf, 5000)
+            .await
+            .expect_err("only 4000 bytes left");
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
     proptest! {

@@ -201,9 +201,7 @@ async fn read_loop(
             Err(e) => return Err(Error::io("read request", e)),
         }
         let h = RequestHeader::decode(&hb)?;
-        payload.clear();
-        payload.resize(h.payload_len as usize, 0);
-        rd.read_exact(&mut payload)
+        proto::read_payload(rd, &mut payload, h.payload_len as usize)
             .await
             .map_err(|e| Error::io("read request payload", e))?;
         if let Err(e) = proto::check_crc(&payload, h.crc) {
