@@ -21,6 +21,7 @@
 # Usage: scripts/bench-repl.sh            (ROUNDS=3 of DURATION=5 seconds per job and server)
 #        DURATION=3 SIZE=256M scripts/bench-repl.sh
 #        PIN=1 REBUILD=0 scripts/bench-repl.sh
+#        REPLICA_SERVERS="10.0.0.2:7000 10.0.0.3:7000 10.0.0.4:7000" TOKEN_FILE=tok REBUILD=0 scripts/bench-repl.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
@@ -49,21 +50,36 @@ echo "bench-token-$$" >"$W/token"
 
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "no listener on $1" >&2; exit 1; }
 
-# Three replica servers.
-for i in 1 2 3; do
-  "${REMOTE[@]}" "$HS" replica-server --listen 127.0.0.1:1092$i --root "$W/node$i" --token-file "$W/token" >/dev/null 2>&1 & PIDS+=($!)
-  wait_port 1092$i
-done
+# Three replica servers: started here on loopback, or REPLICA_SERVERS="A:PORT
+# B:PORT C:PORT" already running on other machines (RAM-backed roots, e.g.
+# `hci-storage replica-server --listen 0.0.0.0:7000 --root /dev/shm/bench
+# --token-file F`), with TOKEN_FILE holding their token. Their volumes are
+# named after this run (…-PID) and stay on those servers afterwards. The
+# rebuild part always runs on loopback.
+if [ -n "${REPLICA_SERVERS:-}" ]; then
+  read -r -a RS <<<"$REPLICA_SERVERS"
+  [ "${#RS[@]}" = 3 ] || { echo "bench-repl: REPLICA_SERVERS needs three HOST:PORT" >&2; exit 2; }
+  [ -n "${TOKEN_FILE:-}" ] || { echo "bench-repl: REPLICA_SERVERS needs TOKEN_FILE" >&2; exit 2; }
+  cp "$TOKEN_FILE" "$W/token"
+  V=-$$
+else
+  RS=(127.0.0.1:10921 127.0.0.1:10922 127.0.0.1:10923)
+  V=
+  for i in 1 2 3; do
+    "${REMOTE[@]}" "$HS" replica-server --listen 127.0.0.1:1092$i --root "$W/node$i" --token-file "$W/token" >/dev/null 2>&1 & PIDS+=($!)
+    wait_port 1092$i
+  done
+fi
 # Exports: local replica; replicated volumes with an in-process replica plus
 # 0, 1, 2 remote ones; 3 remote replicas.
 "$HS" create "$W/local" --size "$SIZE" >/dev/null
 "${NODE[@]}" "$HS" serve "$W/local" --listen 127.0.0.1:10930 >/dev/null 2>&1 & PIDS+=($!)
 "${NODE[@]}" "$HS" serve --replica "$W/engine1/r1" --size "$SIZE" --listen 127.0.0.1:10931 >/dev/null 2>&1 & PIDS+=($!)
-"${NODE[@]}" "$HS" serve --replica "$W/engine2/r2" --replica 127.0.0.1:10921/r2 --token-file "$W/token" --size "$SIZE" \
+"${NODE[@]}" "$HS" serve --replica "$W/engine2/r2$V" --replica "${RS[0]}/r2$V" --token-file "$W/token" --size "$SIZE" \
   --listen 127.0.0.1:10932 >/dev/null 2>&1 & PIDS+=($!)
-"${NODE[@]}" "$HS" serve --replica "$W/engine3/r3" --replica 127.0.0.1:10921/r3 --replica 127.0.0.1:10922/r3 \
+"${NODE[@]}" "$HS" serve --replica "$W/engine3/r3$V" --replica "${RS[0]}/r3$V" --replica "${RS[1]}/r3$V" \
   --token-file "$W/token" --size "$SIZE" --listen 127.0.0.1:10933 >/dev/null 2>&1 & PIDS+=($!)
-"${NODE[@]}" "$HS" serve --replica 127.0.0.1:10921/r3r --replica 127.0.0.1:10922/r3r --replica 127.0.0.1:10923/r3r \
+"${NODE[@]}" "$HS" serve --replica "${RS[0]}/r3r$V" --replica "${RS[1]}/r3r$V" --replica "${RS[2]}/r3r$V" \
   --token-file "$W/token" --size "$SIZE" --listen 127.0.0.1:10935 >/dev/null 2>&1 & PIDS+=($!)
 truncate -s "$SIZE" "$W/nbdkit.img"
 "${NODE[@]}" nbdkit -f -p 10934 file file="$W/nbdkit.img" & PIDS+=($!)
