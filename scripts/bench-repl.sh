@@ -125,7 +125,7 @@ rows = [l.split() for l in open(sys.argv[1])]
 samples = {}
 for s, j, i, b in rows:
     samples.setdefault((s, j), []).append(int(i))
-res = {k: (round(statistics.median(v)), 0) for k, v in samples.items()}
+res = {k: round(statistics.median(v)) for k, v in samples.items()}
 rounds = max(len(v) for v in samples.values())
 jobs = list(dict.fromkeys(j for _, j, _, _ in rows))
 print(f"\nReplicated volumes over loopback, fio nbd engine, {sys.argv[3]} RAM-backed, median IOPS of {rounds} rounds of {sys.argv[2]} s per job")
@@ -136,7 +136,7 @@ print()
 print("| job | local IOPS | 1 replica | 2 replicas | 3 replicas | 3 remote | nbdkit | 3 replicas / local | 3 remote / local | 3 replicas / local, per round |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for j in jobs:
-    g = lambda s: res.get((s, j), (0, 0))[0]
+    g = lambda s: res.get((s, j), 0)
     l = g("local")
     r = lambda s: f"{g(s) / l:.2f}x" if l else "n/a"
     # Ratios within each round (the two ran seconds apart), lowest to highest.
