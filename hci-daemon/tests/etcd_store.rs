@@ -3,6 +3,7 @@
 //! of etcd under a live client).
 #![cfg(feature = "etcd")]
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -12,30 +13,40 @@ use hci_core::store::{PutOptions, StateStore, WatchEvent};
 use hci_daemon::store::{EtcdServer, EtcdStateStore};
 
 /// One etcd for every case of this test binary (cases use their own key
-/// prefixes); it is killed when the binary exits.
+/// prefixes). nextest runs each case in its own process, so this is one etcd
+/// per case: statics are never dropped, so an exit hook kills it and removes
+/// its data (etcd preallocates ~120 MiB of WAL; leaking it filled CI's disk).
 fn server() -> &'static EtcdServer {
     static SERVER: OnceLock<EtcdServer> = OnceLock::new();
     SERVER.get_or_init(|| {
-        let s = EtcdServer::start().expect("start etcd (install Debian's etcd-server)");
-        // Statics are not dropped: kill etcd when the test process ends.
-        kill_at_exit(&s);
+        let root = tempfile::TempDir::new().expect("create a temp dir").keep();
+        let s = EtcdServer::start_in(&root.join("etcd"))
+            .expect("start etcd (install Debian's etcd-server)");
+        clean_up_at_exit(&s, root);
         s
     })
 }
 
-fn kill_at_exit(s: &EtcdServer) {
-    static PID: OnceLock<i32> = OnceLock::new();
-    if let Some(pid) = s.pid() {
-        let _ = PID.set(pid);
-        extern "C" fn kill_etcd() {
-            if let Some(pid) = PID.get() {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(*pid, libc::SIGKILL) };
-            }
-        }
-        // SAFETY: registers a plain extern "C" function with no captured state.
-        unsafe { libc::atexit(kill_etcd) };
+fn clean_up_at_exit(s: &EtcdServer, root: PathBuf) {
+    static AT_EXIT: OnceLock<(Option<i32>, PathBuf)> = OnceLock::new();
+    if AT_EXIT.set((s.pid(), root)).is_err() {
+        return;
     }
+    extern "C" fn clean_up() {
+        if let Some((pid, root)) = AT_EXIT.get() {
+            if let Some(pid) = pid {
+                // SAFETY: kill and waitpid have no memory-safety preconditions;
+                // the status pointer may be null.
+                unsafe {
+                    libc::kill(*pid, libc::SIGKILL);
+                    libc::waitpid(*pid, std::ptr::null_mut(), 0);
+                }
+            }
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
+    // SAFETY: registers a plain extern "C" function with no captured state.
+    unsafe { libc::atexit(clean_up) };
 }
 
 async fn make() -> Arc<EtcdStateStore> {
