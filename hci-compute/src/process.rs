@@ -15,6 +15,14 @@
 //! NICs: a TAP registered with [`ProcessHypervisor::register_tap`] (its
 //! queue descriptor, e.g. from hci-net's `attach_port`) is inherited by the
 //! VMM process (`--net tap=NAME,fd=N`); others are attached by name there.
+//!
+//! QEMU VMs ([`ProcessHypervisor::with_qemu`]): the same `hci-vmm` process
+//! runs the [`QemuHypervisor`](crate::qemu::QemuHypervisor) instead of the
+//! KVM VMM (`hci-vmm --qemu-config FILE`, the [`QemuProcessConfig`] as
+//! JSON). It opens the VM's volumes, serves them to its QEMU over NBD,
+//! answers their control sockets and the same API socket, so a QEMU VM
+//! outlives the daemon too and is adopted the same way. QEMU dies with
+//! its `hci-vmm`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -42,7 +50,35 @@ const STARTUP: Duration = Duration::from_secs(20);
 pub struct ProcessHypervisor {
     vmm: PathBuf,
     taps: TapRegistry,
+    #[cfg(feature = "qemu")]
+    qemu: Option<crate::qemu::QemuOptions>,
 }
+
+/// What `hci-vmm --qemu-config FILE` reads: a QEMU VM to run.
+#[cfg(feature = "qemu")]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QemuProcessConfig {
+    /// The VM (no in-process devices: volumes by path or by replicas).
+    pub config: VmConfig,
+    /// The QEMU settings.
+    pub qemu: crate::qemu::QemuOptions,
+    /// TAP queue descriptors the process inherits.
+    pub taps: Vec<InheritedTap>,
+}
+
+/// A TAP queue descriptor handed to a VMM process.
+#[cfg(feature = "qemu")]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InheritedTap {
+    /// The TAP's interface name.
+    pub ifname: String,
+    /// The descriptor number in the VMM process.
+    pub fd: RawFd,
+}
+
+/// The file holding a QEMU VM's [`QemuProcessConfig`] in its run directory.
+#[cfg(feature = "qemu")]
+pub const QEMU_CONFIG_FILE: &str = "qemu-vm.json";
 
 /// The `hci-vmm` next to the current executable, else the one on `PATH`.
 fn default_vmm() -> PathBuf {
@@ -66,10 +102,7 @@ impl Default for ProcessHypervisor {
 impl ProcessHypervisor {
     /// Uses the `hci-vmm` next to the current executable (or on `PATH`).
     pub fn new() -> Self {
-        ProcessHypervisor {
-            vmm: default_vmm(),
-            taps: TapRegistry::default(),
-        }
+        Self::with_vmm(default_vmm())
     }
 
     /// The `hci-vmm` binary next to the current executable, else the first
@@ -93,7 +126,27 @@ impl ProcessHypervisor {
         ProcessHypervisor {
             vmm: path.into(),
             taps: TapRegistry::default(),
+            #[cfg(feature = "qemu")]
+            qemu: None,
         }
+    }
+
+    /// Runs QEMU VMs instead, with `qemu`'s settings, each in its own
+    /// `hci-vmm` process (see the module documentation); TAPs registered
+    /// with `qemu` are handed over too (the registry is shared).
+    #[cfg(feature = "qemu")]
+    pub fn with_qemu(mut self, qemu: &crate::qemu::QemuHypervisor) -> Self {
+        self.qemu = Some(qemu.options().clone());
+        self.taps = qemu.taps().clone();
+        self
+    }
+
+    /// Whether this runs QEMU VMs.
+    pub fn runs_qemu(&self) -> bool {
+        #[cfg(feature = "qemu")]
+        return self.qemu.is_some();
+        #[cfg(not(feature = "qemu"))]
+        false
     }
 
     /// Hands over the queue descriptor of a TAP: a NIC whose `tap` is
@@ -114,6 +167,10 @@ impl ProcessHypervisor {
 
     /// The command line for `config` and the descriptors the process inherits.
     fn command_line(&self, config: &VmConfig) -> Result<(Vec<String>, Vec<RawFd>)> {
+        #[cfg(feature = "qemu")]
+        if let Some(qemu) = &self.qemu {
+            return self.qemu_command_line(config, qemu);
+        }
         let mut args = Self::args(config)?;
         let mut fds = Vec::new();
         for n in &config.nics {
@@ -245,6 +302,66 @@ impl ProcessHypervisor {
     }
 }
 
+#[cfg(feature = "qemu")]
+impl ProcessHypervisor {
+    /// Writes `config` for `hci-vmm --qemu-config` into its run directory;
+    /// the command line and the TAP descriptors the process inherits.
+    fn qemu_command_line(
+        &self,
+        config: &VmConfig,
+        qemu: &crate::qemu::QemuOptions,
+    ) -> Result<(Vec<String>, Vec<RawFd>)> {
+        if let Some(d) = config
+            .disks
+            .iter()
+            .find(|d| matches!(d.backend, DiskBackend::Device(_)))
+        {
+            return Err(Error::unsupported(
+                format!(
+                    "disk {}: an in-process device cannot be handed to a VMM process",
+                    d.name
+                ),
+                "the process hypervisor (give a volume, a replicated volume, a file or an NBD export)",
+            ));
+        }
+        let mut taps = Vec::new();
+        for n in &config.nics {
+            if let Some(fd) = self.taps.queue(&n.tap, &n.name)? {
+                taps.push(InheritedTap {
+                    ifname: n.tap.clone(),
+                    fd: fd.as_raw_fd(),
+                });
+            }
+        }
+        let fds = taps.iter().map(|t| t.fd).collect();
+        let file = config.run_dir.join(QEMU_CONFIG_FILE);
+        let spec = QemuProcessConfig {
+            config: config.clone(),
+            qemu: qemu.clone(),
+            taps,
+        };
+        let json = serde_json::to_vec_pretty(&spec)
+            .map_err(|e| Error::invalid("QEMU VM configuration", e.to_string()))?;
+        std::fs::create_dir_all(&config.run_dir)
+            .map_err(|e| Error::io(format!("create {}", config.run_dir.display()), e))?;
+        std::fs::write(&file, json)
+            .map_err(|e| Error::io(format!("write {}", file.display()), e))?;
+        let (socket, exit, _) = files(&config.run_dir);
+        let args = vec![
+            "--name".to_string(),
+            config.name.clone(),
+            "--qemu-config".into(),
+            file.display().to_string(),
+            "--api-socket".into(),
+            socket.display().to_string(),
+            "--exit-file".into(),
+            exit.display().to_string(),
+            "--wait-start".into(),
+        ];
+        Ok((args, fds))
+    }
+}
+
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
@@ -254,7 +371,11 @@ fn log_tail(path: &Path) -> String {
 #[async_trait]
 impl Hypervisor for ProcessHypervisor {
     fn kind(&self) -> HypervisorKind {
-        HypervisorKind::Kvm
+        if self.runs_qemu() {
+            HypervisorKind::Qemu
+        } else {
+            HypervisorKind::Kvm
+        }
     }
 
     async fn create(&self, config: VmConfig) -> Result<Box<dyn VmHandle>> {
@@ -266,7 +387,8 @@ impl Hypervisor for ProcessHypervisor {
     }
 
     fn as_restorer(&self) -> Option<&dyn RestoreVm> {
-        Some(self)
+        // QEMU VMs are not saved to files (`Snapshottable`).
+        (!self.runs_qemu()).then_some(self as &dyn RestoreVm)
     }
 
     fn as_migration_receiver(&self) -> Option<&dyn ReceiveMigration> {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
@@ -22,7 +23,7 @@ use crate::block::BlockDevice;
 use crate::error::Result;
 
 /// How the guest starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BootSource {
     /// Direct kernel boot: Linux bzImage or a PVH ELF (vmlinux, test guests).
     Kernel {
@@ -40,10 +41,12 @@ pub enum BootSource {
     },
 }
 
-/// Where a disk's data comes from.
-#[derive(Clone)]
+/// Where a disk's data comes from. Serializable (to hand a configuration to
+/// a VMM process) except [`DiskBackend::Device`], which lives in one process.
+#[derive(Clone, Serialize, Deserialize)]
 pub enum DiskBackend {
     /// An opened block device (local or replicated volume), served in-process.
+    #[serde(skip)]
     Device(Arc<dyn BlockDevice>),
     /// An NBD export (`nbd+unix:///export?socket=/path` or `nbd://host:port/export`).
     Nbd(String),
@@ -102,7 +105,7 @@ impl Debug for DiskBackend {
 }
 
 /// Bus a disk is attached to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum DiskBus {
     /// virtio-blk.
     #[default]
@@ -116,7 +119,7 @@ pub enum DiskBus {
 }
 
 /// One disk of a VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskConfig {
     /// Disk name (unique in the VM), e.g. `root`.
     pub name: String,
@@ -131,7 +134,7 @@ pub struct DiskConfig {
 }
 
 /// NIC device model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum NicModel {
     /// virtio-net.
     #[default]
@@ -141,7 +144,7 @@ pub enum NicModel {
 }
 
 /// One NIC of a VM, backed by a host TAP device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicConfig {
     /// NIC name (unique in the VM).
     pub name: String,
@@ -156,7 +159,7 @@ pub struct NicConfig {
 }
 
 /// A fully resolved VM configuration, ready for a hypervisor.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
     /// VM name (a DNS-1123 label).
     pub name: String,

@@ -36,8 +36,14 @@ use tokio::io::AsyncWriteExt;
 )]
 struct Args {
     /// Kernel: a PVH ELF (vmlinux, hci test guests) or a Linux bzImage.
-    #[arg(long, value_name = "FILE")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "qemu_config")]
+    kernel: Option<PathBuf>,
+    /// Run a QEMU VM instead of one on hci's KVM VMM: FILE holds its
+    /// configuration (JSON, written by `ProcessHypervisor::with_qemu`). This
+    /// process opens its volumes, serves them to QEMU over NBD and answers
+    /// the API socket; QEMU dies with it. The VM options above are ignored.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["restore", "kernel"])]
+    qemu_config: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
@@ -339,11 +345,23 @@ async fn pump_serial(
 }
 
 async fn run(args: Args) -> Result<ExitReason, String> {
+    if let Some(file) = &args.qemu_config {
+        #[cfg(feature = "qemu")]
+        return run_qemu(&args, file).await;
+        #[cfg(not(feature = "qemu"))]
+        return Err(format!(
+            "--qemu-config {}: this hci-vmm was built without the qemu feature",
+            file.display()
+        ));
+    }
+    let Some(kernel) = args.kernel.clone() else {
+        return Err("--kernel is required".into());
+    };
     if !KvmHypervisor::available() {
         return Err("KVM is not available: /dev/kvm is missing or not usable".into());
     }
-    if !args.kernel.is_file() {
-        return Err(format!("--kernel {}: no such file", args.kernel.display()));
+    if !kernel.is_file() {
+        return Err(format!("--kernel {}: no such file", kernel.display()));
     }
     let mut disks = Vec::new();
     for (i, d) in args.disk.iter().enumerate() {
@@ -380,7 +398,7 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         cpus: args.cpus,
         memory: args.memory,
         boot: BootSource::Kernel {
-            kernel: args.kernel.clone(),
+            kernel,
             initrd: args.initrd.clone(),
             cmdline: args.cmdline.clone(),
         },
@@ -492,6 +510,81 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         {
             eprintln!("hci-vmm: closing disk {}: {e}", disk.name());
         }
+    }
+    Ok(reason)
+}
+
+#[cfg(feature = "qemu")]
+/// Runs the QEMU VM described in `file` (`--qemu-config`) until it stops.
+/// No seccomp filter: this process spawns QEMU, which is itself the VMM.
+async fn run_qemu(args: &Args, file: &std::path::Path) -> Result<ExitReason, String> {
+    use hci_compute::process::QemuProcessConfig;
+    use hci_compute::qemu::QemuHypervisor;
+
+    let text = std::fs::read(file).map_err(|e| format!("--qemu-config {}: {e}", file.display()))?;
+    let spec: QemuProcessConfig = serde_json::from_slice(&text)
+        .map_err(|e| format!("--qemu-config {}: {e}", file.display()))?;
+    // Volumes are opened here with their control sockets (the daemon
+    // snapshots them through those) and closed cleanly when QEMU is gone.
+    let hv = QemuHypervisor::from_options(spec.qemu).with_volume_control_sockets(true);
+    for tap in &spec.taps {
+        let nic = spec.config.nics.iter().find(|n| n.tap == tap.ifname);
+        let fd = hci_compute::process::adopt_inherited_fd(tap.fd)
+            .map_err(|e| format!("TAP {}: {e}", tap.ifname))?;
+        hv.register_tap(&TapHandle {
+            ifname: tap.ifname.clone(),
+            mac: nic.map_or([0; 6], |n| n.mac),
+            mtu: nic.map_or(0, |n| n.mtu),
+            fds: vec![Arc::new(fd)],
+        });
+    }
+    let qemu_vm = if let Some(addr) = &args.incoming {
+        let token = std::env::var("HCI_MIGRATION_TOKEN").unwrap_or_default();
+        eprintln!("hci-vmm: waiting for a QEMU migration on {addr}");
+        let vm = hv
+            .prepare_incoming_with_token(spec.config, addr, &token)
+            .await
+            .map_err(|e| format!("--incoming {addr}: {e}"))?;
+        vm.finish_incoming()
+            .await
+            .map_err(|e| format!("--incoming {addr}: {e}"))?;
+        vm
+    } else {
+        hv.create_vm(spec.config).await.map_err(|e| e.to_string())?
+    };
+    let vm: Arc<dyn VmHandle> = Arc::new(qemu_vm.clone());
+    if let Some(path) = &args.api_socket {
+        let listener = vmm_api::bind(path).map_err(|e| e.to_string())?;
+        tokio::spawn(vmm_api::serve(vm.clone(), listener));
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    if args.incoming.is_none() && !args.wait_start {
+        vm.start().await.map_err(|e| e.to_string())?;
+    }
+    let reason = tokio::select! {
+        r = vm.wait() => r.map_err(|e| e.to_string())?,
+        _ = term.recv() => {
+            vm.kill().await.map_err(|e| e.to_string())?;
+            vm.wait().await.map_err(|e| e.to_string())?
+        }
+    };
+    vmm_api::wait_answers(std::time::Duration::from_secs(5)).await;
+    if let Some(path) = &args.exit_file
+        && let Err(e) = vmm_api::write_exit_file(path, &reason)
+    {
+        eprintln!("hci-vmm: cannot write {}: {e}", path.display());
+    }
+    if let Some(path) = &args.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    // The QEMU handle closes the volumes once its process is gone (unless a
+    // migration handed them over): let it finish before this process exits.
+    if !qemu_vm
+        .volumes_closed(std::time::Duration::from_secs(30))
+        .await
+    {
+        eprintln!("hci-vmm: the VM's volumes were not closed within 30 s");
     }
     Ok(reason)
 }

@@ -17,7 +17,7 @@ use hci_core::compute::{DiskBus, NicModel};
 use serde_json::{Value, json};
 
 /// CPU acceleration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Accel {
     /// Hardware virtualization through `/dev/kvm` (`-cpu host`).
     Kvm,

@@ -185,7 +185,7 @@ impl QemuHypervisor {
                 format!("{listen:?} is not HOST:PORT"),
             ));
         }
-        let mut extra = self.extra_args.clone();
+        let mut extra = self.options.extra_args.clone();
         extra.extend(["-incoming".to_string(), "defer".to_string()]);
         let vm = self.launch(config, extra, true).await?;
         // MIGRATION events tell finish_incoming at once when the stream is

@@ -126,11 +126,38 @@ pub fn detect_accel() -> Accel {
 /// ```
 #[derive(Debug, Clone)]
 pub struct QemuHypervisor {
-    binary: PathBuf,
-    accel: Option<Accel>,
-    extra_args: Vec<String>,
-    ovmf: Vec<(PathBuf, PathBuf)>,
+    options: QemuOptions,
     taps: TapRegistry,
+    volume_control: bool,
+}
+
+/// A [`QemuHypervisor`]'s settings, serializable: a VMM process running a
+/// QEMU VM ([`ProcessHypervisor::with_qemu`](crate::process::ProcessHypervisor::with_qemu))
+/// gets them from its parent.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QemuOptions {
+    /// The QEMU binary (a path, or a name looked up on `PATH`).
+    pub binary: PathBuf,
+    /// Forced acceleration; detected per VM when `None`.
+    pub accel: Option<Accel>,
+    /// Appended to every VM's command line.
+    pub extra_args: Vec<String>,
+    /// OVMF (code, variables) pairs looked for, in order.
+    pub ovmf: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Default for QemuOptions {
+    fn default() -> Self {
+        QemuOptions {
+            binary: DEFAULT_BINARY.into(),
+            accel: None,
+            extra_args: Vec::new(),
+            ovmf: OVMF_CANDIDATES
+                .iter()
+                .map(|(c, v)| (PathBuf::from(c), PathBuf::from(v)))
+                .collect(),
+        }
+    }
 }
 
 impl Default for QemuHypervisor {
@@ -142,40 +169,60 @@ impl Default for QemuHypervisor {
 impl QemuHypervisor {
     /// `qemu-system-x86_64` from `PATH`, acceleration detected per VM.
     pub fn new() -> Self {
+        Self::from_options(QemuOptions::default())
+    }
+
+    /// A hypervisor with these settings.
+    pub fn from_options(options: QemuOptions) -> Self {
         QemuHypervisor {
-            binary: DEFAULT_BINARY.into(),
-            accel: None,
-            extra_args: Vec::new(),
-            ovmf: OVMF_CANDIDATES
-                .iter()
-                .map(|(c, v)| (PathBuf::from(c), PathBuf::from(v)))
-                .collect(),
+            options,
             taps: TapRegistry::default(),
+            volume_control: false,
         }
+    }
+
+    /// Its settings.
+    pub fn options(&self) -> &QemuOptions {
+        &self.options
     }
 
     /// Uses the QEMU binary at `path` (or a name looked up on `PATH`).
     pub fn with_binary(mut self, path: impl Into<PathBuf>) -> Self {
-        self.binary = path.into();
+        self.options.binary = path.into();
         self
     }
 
     /// Forces an acceleration instead of detecting it ([`detect_accel`]).
     pub fn with_accel(mut self, accel: Accel) -> Self {
-        self.accel = Some(accel);
+        self.options.accel = Some(accel);
         self
     }
 
     /// Appends `args` to every VM's command line (expert use).
     pub fn with_extra_args(mut self, args: Vec<String>) -> Self {
-        self.extra_args = args;
+        self.options.extra_args = args;
         self
     }
 
     /// Looks for OVMF (UEFI) firmware as these (code, variables) pairs, in order.
     pub fn with_ovmf(mut self, candidates: Vec<(PathBuf, PathBuf)>) -> Self {
-        self.ovmf = candidates;
+        self.options.ovmf = candidates;
         self
+    }
+
+    /// Whether local volumes ([`DiskBackend::Volume`]) serve
+    /// `hci_storage::local::control` on their control socket while a VM has
+    /// them open, so other processes can snapshot, grow or back them up
+    /// (off by default; `hci-vmm` turns it on). They are then closed
+    /// cleanly when the VM's QEMU is gone.
+    pub fn with_volume_control_sockets(mut self, on: bool) -> Self {
+        self.volume_control = on;
+        self
+    }
+
+    /// The TAP registry (shared with clones of `self`).
+    pub fn taps(&self) -> &TapRegistry {
+        &self.taps
     }
 
     /// Hands over the queue descriptors of a TAP (e.g. from
@@ -192,34 +239,37 @@ impl QemuHypervisor {
 
     /// The acceleration VMs get.
     pub fn accel(&self) -> Accel {
-        self.accel.unwrap_or_else(detect_accel)
+        self.options.accel.unwrap_or_else(detect_accel)
     }
 
     /// The QEMU binary, resolved on `PATH`; a clear error when absent.
     pub fn resolve_binary(&self) -> Result<PathBuf> {
-        if self.binary.components().count() > 1 {
-            return if self.binary.is_file() {
-                Ok(self.binary.clone())
+        let binary = &self.options.binary;
+        if binary.components().count() > 1 {
+            return if binary.is_file() {
+                Ok(binary.clone())
             } else {
-                Err(missing_qemu(&self.binary.display().to_string()))
+                Err(missing_qemu(&binary.display().to_string()))
             };
         }
         let path = std::env::var_os("PATH").unwrap_or_default();
         std::env::split_paths(&path)
-            .map(|d| d.join(&self.binary))
+            .map(|d| d.join(binary))
             .find(|p| p.is_file())
-            .ok_or_else(|| missing_qemu(&self.binary.display().to_string()))
+            .ok_or_else(|| missing_qemu(&binary.display().to_string()))
     }
 
     fn find_ovmf(&self) -> Result<(PathBuf, PathBuf)> {
-        self.ovmf
+        self.options
+            .ovmf
             .iter()
             .find(|(c, v)| c.is_file() && v.is_file())
             .cloned()
             .ok_or_else(|| Error::Unavailable {
                 what: format!(
                     "UEFI firmware OVMF (none of {} exists: install the Debian package ovmf, or boot with BIOS)",
-                    self.ovmf
+                    self.options
+                        .ovmf
                         .iter()
                         .map(|(c, _)| c.display().to_string())
                         .collect::<Vec<_>>()
@@ -231,7 +281,8 @@ impl QemuHypervisor {
 
     /// Like [`Hypervisor::create`], returning the concrete handle.
     pub async fn create_vm(&self, config: VmConfig) -> Result<QemuVm> {
-        self.launch(config, self.extra_args.clone(), false).await
+        self.launch(config, self.options.extra_args.clone(), false)
+            .await
     }
 
     /// Opens replicated volumes, checks the config and starts QEMU with `extra`.
@@ -256,7 +307,7 @@ impl QemuHypervisor {
                 "the qemu hypervisor",
             ));
         }
-        let engines = replicated::open_all(&mut config, incoming).await?;
+        let engines = replicated::open_all(&mut config, incoming, self.volume_control).await?;
         let plan = match self.plan(&config) {
             Ok(p) => p,
             Err(e) => {

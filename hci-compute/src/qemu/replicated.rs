@@ -34,8 +34,15 @@ impl Engines {
 }
 
 /// Replaces every replicated disk of `config` by its [`HandoverDisk`]
-/// (opened, or only prepared for an incoming migration).
-pub(super) async fn open_all(config: &mut VmConfig, incoming: bool) -> Result<Engines> {
-    let disks = crate::handover::open_config_disks(config, incoming, false, false).await?;
+/// (opened, or only prepared for an incoming migration); with
+/// `volume_control`, local volumes too, serving their control sockets.
+pub(super) async fn open_all(
+    config: &mut VmConfig,
+    incoming: bool,
+    volume_control: bool,
+) -> Result<Engines> {
+    let disks =
+        crate::handover::open_config_disks(config, incoming, volume_control, volume_control)
+            .await?;
     Ok(Engines { disks })
 }

@@ -108,6 +108,8 @@ struct Inner {
     nic_taps: Vec<(String, String)>,
     /// Volumes this process owns for the VM (handed over in a migration).
     volumes: Vec<Arc<crate::handover::HandoverDisk>>,
+    /// Turns true once QEMU is gone and those volumes are closed.
+    closed: watch::Receiver<bool>,
 }
 
 /// Makes the child die with the thread that spawned it, and lets it
@@ -140,11 +142,13 @@ pub(super) async fn launch(
     extra: Vec<String>,
     engines: super::replicated::Engines,
 ) -> Result<QemuVm> {
-    match launch_inner(binary, plan, accel, extra, engines.disks.clone()).await {
+    let (closed_tx, closed) = watch::channel(false);
+    match launch_inner(binary, plan, accel, extra, engines.disks.clone(), closed).await {
         Ok((vm, watch)) => {
             tokio::spawn(async move {
                 watch_process(watch).await;
                 engines.close().await;
+                let _ = closed_tx.send(true);
             });
             Ok(vm)
         }
@@ -161,6 +165,7 @@ async fn launch_inner(
     accel: Accel,
     extra: Vec<String>,
     volumes: Vec<Arc<crate::handover::HandoverDisk>>,
+    closed: watch::Receiver<bool>,
 ) -> Result<(QemuVm, Watch)> {
     let Plan {
         mut spec,
@@ -324,6 +329,7 @@ async fn launch_inner(
             disks: spec.disks.iter().map(|d| d.name.clone()).collect(),
             nic_taps,
             volumes,
+            closed,
         }),
     };
     Ok((vm, watch))
@@ -465,6 +471,16 @@ impl QemuVm {
     /// The QEMU process id.
     pub fn pid(&self) -> Option<u32> {
         self.inner.pid
+    }
+
+    /// Waits (up to `timeout`) until QEMU is gone and the volumes this
+    /// process opened for it are closed; true if they are. A process
+    /// about to exit waits for this, so its replicas are marked clean.
+    pub async fn volumes_closed(&self, timeout: Duration) -> bool {
+        let mut closed = self.inner.closed.clone();
+        tokio::time::timeout(timeout, closed.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// The acceleration this VM runs with.
