@@ -3,7 +3,9 @@
 //! console works through `hcictl`, stop/start/delete and a crash of QEMU
 //! follow the run strategy, a daemon crash leaves no QEMU behind (the VM
 //! starts again with the next daemon), and bad inputs give a Failed VM
-//! with a clear message.
+//! with a clear message. With `--vm-mode process` a QEMU VM runs in its
+//! own `hci-vmm` process: it survives a daemon crash and is adopted, its
+//! volume snapshotted online through that process.
 
 mod common;
 
@@ -22,11 +24,18 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// VMs in the daemon (QEMU dies with it).
     fn start(extra: &[&str]) -> Daemon {
+        let mut args = vec!["--vm-mode".to_string(), "in-process".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::start_with(args)
+    }
+
+    fn start_with(extra: Vec<String>) -> Daemon {
         let mut d = Daemon {
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
         };
         d.spawn();
         d
@@ -48,7 +57,7 @@ impl Daemon {
             .arg(self.dir.path().join("data"))
             .arg("--listen")
             .arg(format!("unix:{}", self.socket().display()))
-            .args(["--node", "qemu-test", "--vm-mode", "in-process"])
+            .args(["--node", "qemu-test"])
             .args(["--stop-timeout", "2s"])
             .args(&self.extra)
             .env("RUST_LOG", "info")
@@ -119,6 +128,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        common::kill_vmms_under(self.dir.path());
         for pid in qemu_pids(self.dir.path()) {
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -327,4 +337,105 @@ spec:
     assert!(message.contains("unsupported machine type"), "{message}");
     let (ok, out) = d.hcictl(&["get", "vms"]);
     assert!(ok && out.contains("dies"), "{out}");
+}
+
+/// `--vm-mode process`: the QEMU VM runs in its own `hci-vmm` process, which
+/// owns its volume. A daemon crash leaves the guest running (the same QEMU
+/// process); the next daemon adopts it (event `Adopted`), its console and
+/// an online snapshot of its volume work through that process, and a stop
+/// hands the volume back so the VM starts again.
+#[test]
+fn a_qemu_vm_in_its_own_process_survives_a_daemon_crash_and_is_adopted() {
+    if !have_qemu() {
+        return;
+    }
+    let mut d = Daemon::start_with(common::process_mode());
+    d.apply(
+        r##"
+apiVersion: hci.dev/v1
+kind: Volume
+metadata: { name: qdisk }
+spec: { size: 16Mi }
+---
+apiVersion: hci.dev/v1
+kind: VirtualMachine
+metadata: { name: q2 }
+spec:
+  backend: qemu
+  memory: 64Mi
+  boot: { type: kernel, path: "guest:kbd" }
+  disks: [{ name: data, volume: qdisk }]
+"##,
+    );
+    d.wait_vm("q2", "ran", |v| {
+        phase(v) == "Running" && d.console("q2").contains("kbd ready")
+    });
+    let pids = qemu_pids(d.dir.path());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let vmm_pids = |dir: &Path| {
+        let needle = dir.join("data/run/q2").display().to_string();
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("hci-vmm") && c.contains(&needle)
+                })
+            })
+            .count()
+    };
+    assert_eq!(vmm_pids(d.dir.path()), 1, "one hci-vmm runs the QEMU VM");
+    let (_, events) = d.hcictl(&["events", "vm", "q2"]);
+    assert!(events.contains("in its own hci-vmm process"), "{events}");
+
+    // The daemon crashes: the guest keeps running in the same QEMU.
+    d.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(qemu_pids(d.dir.path()), pids, "QEMU outlives the daemon");
+    d.spawn();
+    d.wait_vm("q2", "adopted", |v| {
+        phase(v) == "Running" && v["status"]["message"] == "re-adopted after a daemon restart"
+    });
+    assert_eq!(
+        qemu_pids(d.dir.path()),
+        pids,
+        "the same QEMU, not a new one"
+    );
+    let (_, events) = d.hcictl(&["events", "vm", "q2"]);
+    assert!(events.contains("Adopted"), "{events}");
+    let (ok, out) = d.hcictl(&["vm", "console", "q2", "--until", "kbd ready"]);
+    assert!(ok && out.contains("kbd ready"), "{out}");
+
+    // The VM's process owns the volume: the daemon snapshots it through it.
+    let (ok, out) = d.hcictl(&["volume", "snapshot", "qdisk", "live"]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out) = d.hcictl(&["get", "snapshot", "live", "-o", "json"]);
+        if ok && out.contains("\"Ready\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "snapshot never ready: {out}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Stop: QEMU and its hci-vmm go, the volume is free again; start again.
+    let (ok, out) = d.hcictl(&["vm", "stop", "q2"]);
+    assert!(ok, "{out}");
+    d.wait_vm("q2", "stopped", |v| phase(v) == "Stopped");
+    wait_no_qemu(d.dir.path());
+    let (ok, out) = d.hcictl(&["vm", "start", "q2"]);
+    assert!(ok, "{out}");
+    d.wait_vm("q2", "ran again", |v| {
+        phase(v) == "Running" && qemu_pids(d.dir.path()).len() == 1
+    });
+    let (ok, out) = d.hcictl(&["delete", "vm", "q2"]);
+    assert!(ok, "{out}");
+    wait_no_qemu(d.dir.path());
 }

@@ -377,6 +377,12 @@ async fn main() -> anyhow::Result<()> {
             }
             rt.qemu = Arc::new(qemu);
         }
+        if let (true, Some(vmm)) = (vm_processes, &vmm) {
+            // QEMU VMs too: in an hci-vmm process each, adopted after a restart.
+            rt.qemu_processes = Some(Arc::new(
+                ProcessHypervisor::with_vmm(vmm).with_qemu(&rt.qemu),
+            ));
+        }
         // Cluster mode: bridges of one network on two nodes get their own MACs.
         let bridge_node = rt.cluster.is_some().then(|| name.clone());
         let networks = LinuxBridgeBackend::new(BackendOptions {

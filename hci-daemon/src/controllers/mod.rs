@@ -41,6 +41,7 @@ use std::time::Duration;
 use crate::events::EventRecorder;
 use async_trait::async_trait;
 use futures::StreamExt;
+use hci_compute::ProcessHypervisor;
 use hci_compute::TapRegistry;
 use hci_compute::qemu::QemuHypervisor;
 use hci_core::Result;
@@ -228,8 +229,13 @@ pub struct Runtime {
     /// The hypervisor VMs run on.
     pub hypervisor: Arc<dyn Hypervisor>,
     /// The hypervisor of VMs with `backend: qemu` (or `auto` needing it):
-    /// one QEMU process per VM, killed with the daemon.
+    /// one QEMU process per VM, killed with the daemon — unless
+    /// [`qemu_processes`](Self::qemu_processes) runs them.
     pub qemu: Arc<QemuHypervisor>,
+    /// QEMU VMs in their own `hci-vmm` processes (with [`qemu`](Self::qemu)'s
+    /// settings and TAP registry): they survive a daemon restart and are
+    /// adopted like the others. Set with [`vm_processes`](Self::vm_processes).
+    pub qemu_processes: Option<Arc<ProcessHypervisor>>,
     /// Runtime files of VMs (one directory each).
     pub run_dir: PathBuf,
     /// Where built-in test guests (`guest:NAME` kernels) are built.
@@ -275,6 +281,7 @@ impl Runtime {
             images,
             hypervisor,
             qemu: Arc::new(QemuHypervisor::new()),
+            qemu_processes: None,
             run_dir: data_dir.join("run"),
             guests_dir: data_dir.join("guests"),
             stop_timeout: Duration::from_secs(30),

@@ -106,7 +106,7 @@ struct Instance {
     /// (network, port) of each NIC, detached when the VM stops.
     ports: Vec<(String, String)>,
     nics: Vec<NicConfig>,
-    /// It runs on QEMU (dies with the daemon; never adopted).
+    /// It dies with the daemon (QEMU run by the daemon itself; never adopted).
     qemu: bool,
 }
 
@@ -700,9 +700,9 @@ impl VmController {
         by_spec: bool,
     ) -> Result<VmConfig> {
         let qemu = uses_qemu(vm);
-        // A VMM process opens volumes itself; QEMU gets them over NBD from
-        // this process.
-        let vmm_opens = self.rt.vm_processes && !qemu;
+        // A VMM process opens volumes itself (and serves them to its QEMU
+        // over NBD); a QEMU run by the daemon gets them from this process.
+        let vmm_opens = self.rt.vm_processes && (!qemu || self.rt.qemu_processes.is_some());
         let boot = match &vm.spec.boot {
             BootSpec::Kernel(k) => {
                 let initrd = match &k.initrd {
@@ -841,7 +841,10 @@ impl VmController {
     /// The hypervisor that runs `vm`.
     fn hypervisor_for(&self, vm: &VirtualMachine) -> Arc<dyn Hypervisor> {
         if uses_qemu(vm) {
-            self.rt.qemu.clone()
+            match &self.rt.qemu_processes {
+                Some(p) => p.clone(),
+                None => self.rt.qemu.clone(),
+            }
         } else {
             self.rt.hypervisor.clone()
         }
@@ -914,7 +917,7 @@ impl VmController {
             exited: Mutex::new(None),
             ports,
             nics: nic_configs,
-            qemu,
+            qemu: qemu && self.rt.qemu_processes.is_none(),
         });
         self.track(name, inst);
         let node = self.rt.node.name.clone();
@@ -937,7 +940,9 @@ impl VmController {
         })
         .await?;
         tracing::info!(vm = name, "VM started");
-        let how = if qemu {
+        let how = if qemu && self.rt.qemu_processes.is_some() {
+            "in QEMU, in its own hci-vmm process"
+        } else if qemu {
             "in its own QEMU process (it stops with the daemon)"
         } else if self.rt.vm_processes {
             "in its own hci-vmm process"
@@ -974,8 +979,8 @@ impl VmController {
     /// After a daemon restart: finds a VM the hypervisor still runs and
     /// takes it over. True if it did.
     async fn try_adopt(&self, vm: &VirtualMachine) -> Result<bool> {
-        // QEMU VMs die with the daemon that ran them: nothing to adopt.
-        if uses_qemu(vm) {
+        // QEMU VMs run by the daemon itself died with it: nothing to adopt.
+        if uses_qemu(vm) && self.rt.qemu_processes.is_none() {
             return Ok(false);
         }
         let Some(adopter) = self.rt.hypervisor.as_adopter() else {

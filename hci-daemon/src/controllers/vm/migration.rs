@@ -613,11 +613,16 @@ impl VmController {
         };
         let token = migration.token.clone();
         let hypervisor: Arc<dyn Hypervisor> = self.rt.hypervisor.clone();
-        let qemu_hv = self.rt.qemu.clone();
+        let qemu_hv: Arc<dyn Hypervisor> = match &self.rt.qemu_processes {
+            Some(p) => p.clone(),
+            None => self.rt.qemu.clone(),
+        };
         let listen_on = listen.clone();
         let receiving = async move {
             let receiver: &dyn ReceiveMigration = if qemu {
-                &*qemu_hv
+                qemu_hv.as_migration_receiver().ok_or_else(|| {
+                    Error::unsupported("receiving live migrations", "the qemu hypervisor")
+                })?
             } else {
                 hypervisor.as_migration_receiver().ok_or_else(|| {
                     Error::unsupported("receiving live migrations", "this node's hypervisor")
