@@ -433,14 +433,7 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     let volumes = kvm_vm.handover_disks().to_vec();
     // Fencing watchdogs over the replicated ones (token read now: no file
     // opens once seccomp is on).
-    let mut watches = Vec::new();
-    for disk in &volumes {
-        if let Some(w) = hci_compute::replicated::FenceWatch::new(disk.clone())
-            .map_err(|e| format!("disk {}: {e}", disk.name()))?
-        {
-            watches.push(w);
-        }
-    }
+    let watches = fence_watches(&volumes)?;
     let vm: Arc<dyn VmHandle> = Arc::new(kvm_vm);
     let serial = pump_serial(vm.clone(), &args.serial).await?;
     if let Some(path) = &args.api_socket {
@@ -455,25 +448,7 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     if booted && !args.wait_start {
         vm.start().await.map_err(|e| e.to_string())?;
     }
-    // Fencing watchdog: once another engine has taken over a volume of
-    // this VM (its node was lost and the VM moved), stop the guest rather
-    // than run on headless with a disk that refuses every write. Volumes
-    // handed over by a live migration are not watched any more.
-    let (fenced_tx, mut fenced_rx) = tokio::sync::mpsc::channel::<String>(1);
-    for watch in watches {
-        let tx = fenced_tx.clone();
-        tokio::spawn(async move {
-            let why = watch.fenced(FENCE_CHECK).await;
-            let _ = tx.send(why).await;
-        });
-    }
-    drop(fenced_tx);
-    let fenced = async move {
-        match fenced_rx.recv().await {
-            Some(why) => why,
-            None => std::future::pending().await,
-        }
-    };
+    let fenced = first_fenced(watches);
     let reason = tokio::select! {
         r = vm.wait() => r.map_err(|e| e.to_string())?,
         _ = term.recv() => {
@@ -553,6 +528,7 @@ async fn run_qemu(args: &Args, file: &std::path::Path) -> Result<ExitReason, Str
         hv.create_vm(spec.config).await.map_err(|e| e.to_string())?
     };
     let vm: Arc<dyn VmHandle> = Arc::new(qemu_vm.clone());
+    let fenced = first_fenced(fence_watches(qemu_vm.volumes())?);
     if let Some(path) = &args.api_socket {
         let listener = vmm_api::bind(path).map_err(|e| e.to_string())?;
         tokio::spawn(vmm_api::serve(vm.clone(), listener));
@@ -567,6 +543,12 @@ async fn run_qemu(args: &Args, file: &std::path::Path) -> Result<ExitReason, Str
         _ = term.recv() => {
             vm.kill().await.map_err(|e| e.to_string())?;
             vm.wait().await.map_err(|e| e.to_string())?
+        }
+        why = fenced => {
+            eprintln!("hci-vmm: fenced: {why}; stopping the guest");
+            vm.kill().await.map_err(|e| e.to_string())?;
+            let _ = vm.wait().await;
+            ExitReason::VmmError(format!("fenced: {why}"))
         }
     };
     vmm_api::wait_answers(std::time::Duration::from_secs(5)).await;
@@ -587,6 +569,46 @@ async fn run_qemu(args: &Args, file: &std::path::Path) -> Result<ExitReason, Str
         eprintln!("hci-vmm: the VM's volumes were not closed within 30 s");
     }
     Ok(reason)
+}
+
+/// Fencing watchdogs over the replicated volumes among `volumes`.
+fn fence_watches(
+    volumes: &[Arc<hci_compute::handover::HandoverDisk>],
+) -> Result<Vec<hci_compute::replicated::FenceWatch>, String> {
+    let mut watches = Vec::new();
+    for disk in volumes {
+        if let Some(w) = hci_compute::replicated::FenceWatch::new(disk.clone())
+            .map_err(|e| format!("disk {}: {e}", disk.name()))?
+        {
+            watches.push(w);
+        }
+    }
+    Ok(watches)
+}
+
+/// Resolves with the reason once any of `watches` finds its volume taken
+/// over by another engine (the VM's node was lost and the VM moved): the
+/// guest is then stopped rather than left running on headless with a disk
+/// that refuses every write. Volumes handed over by a live migration are
+/// not watched any more. Never resolves without watches.
+fn first_fenced(
+    watches: Vec<hci_compute::replicated::FenceWatch>,
+) -> impl std::future::Future<Output = String> {
+    let (fenced_tx, mut fenced_rx) = tokio::sync::mpsc::channel::<String>(1);
+    for watch in watches {
+        let tx = fenced_tx.clone();
+        tokio::spawn(async move {
+            let why = watch.fenced(FENCE_CHECK).await;
+            let _ = tx.send(why).await;
+        });
+    }
+    drop(fenced_tx);
+    async move {
+        match fenced_rx.recv().await {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// How often the fencing watchdog asks a VM's replicas whether another

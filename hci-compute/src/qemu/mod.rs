@@ -34,8 +34,9 @@
 //! QEMU processes die with the handle: dropping the last [`QemuVm`] clone
 //! kills it, and so does the death of the thread that spawned it
 //! (`PR_SET_PDEATHSIG`), so a crashed test or daemon never leaves a guest
-//! spinning. (Re-adopting VMs after a restart is the `hci-vmm` process
-//! backend's job today.)
+//! spinning. For VMs that outlive their caller and are adopted again, run
+//! this backend inside `hci-vmm` processes:
+//! [`ProcessHypervisor::with_qemu`](crate::process::ProcessHypervisor::with_qemu).
 
 pub mod cmdline;
 mod migrate;

@@ -24,10 +24,14 @@
 //! own VMM, in-process or one `hci-vmm` process per VM); `qemu` runs it in
 //! its own `qemu-system-x86_64` driven over QMP
 //! ([`QemuHypervisor`](hci_compute::qemu::QemuHypervisor)), with
-//! the VM's volumes served to QEMU over NBD from the daemon and a cloud-init
-//! seed built from `spec.cloudInit`; `auto` (the default) picks kvm for a
-//! direct kernel boot with virtio devices only, qemu otherwise. QEMU VMs die
-//! with the daemon (QEMU is killed when the daemon exits, even by `kill -9`):
+//! the VM's volumes served to QEMU over NBD and a cloud-init seed built from
+//! `spec.cloudInit`; `auto` (the default) picks kvm for a direct kernel boot
+//! with virtio devices only, qemu otherwise. With VMs in processes (the
+//! default where `hci-vmm` is installed) a QEMU VM runs under its own
+//! `hci-vmm` ([`ProcessHypervisor::with_qemu`](hci_compute::ProcessHypervisor::with_qemu)),
+//! which opens its volumes and serves them to QEMU: it survives a daemon
+//! restart and is adopted like a kvm VM. In-process mode, QEMU VMs die with
+//! the daemon (QEMU is killed when the daemon exits, even by `kill -9`):
 //! after a daemon restart they count as lost and start again as their run
 //! strategy says; no QEMU process is left behind.
 
