@@ -10,6 +10,9 @@ step() { printf '\n==> %s (%ds)\n' "$*" "$(( $(date +%s) - start ))" >&2; }
 
 step "install dependencies"
 scripts/install-deps.sh
+# A cold build of everything takes ~8 GB under target/: say what is free, so
+# a "No space left on device" later is understood at once.
+echo "free disk for target/: $(df -h --output=avail . | tail -1 | tr -d ' ')" >&2
 
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 

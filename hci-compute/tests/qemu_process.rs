@@ -200,3 +200,85 @@ async fn in_process_devices_are_refused() {
     let e = hypervisor().create(cfg).await.expect_err("refused");
     assert!(e.to_string().contains("in-process device"), "{e}");
 }
+
+/// The fencing watchdog covers QEMU VMs too: once a newer engine takes
+/// their replicated volume over, the VM's process stops the guest (exit
+/// reason "fenced") instead of leaving it on a disk that refuses writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_qemu_vm_is_stopped() {
+    use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
+    use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
+    use hci_storage::replica::ReplicaNode;
+    use hci_storage::replica::client::{RemoteNode, ServerAddr};
+    use hci_storage::replica::server::ReplicaServer;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = "qemu-fence";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).expect("token");
+    let mut addrs = Vec::new();
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let server =
+            ReplicaServer::new(dir.path().join(format!("replica{i}")), token).expect("server");
+        let (addr, task) = server.spawn("127.0.0.1:0").await.expect("listen");
+        addrs.push(addr.to_string());
+        servers.push(task);
+    }
+    let nodes: Vec<Arc<dyn ReplicaNode>> = addrs
+        .iter()
+        .map(|a| {
+            Arc::new(RemoteNode::new(ServerAddr::new(a.clone(), token))) as Arc<dyn ReplicaNode>
+        })
+        .collect();
+    let backend = ReplicatedVolumeBackend::new(nodes, EngineOptions::default()).expect("backend");
+    backend
+        .create("qfv", CreateVolume::new(4 << 20))
+        .await
+        .expect("create");
+    let mut cfg = unique(config("qfenced", guest(Guest::Spin), 1, "every=1000000"));
+    cfg.disks.push(hci_core::compute::DiskConfig {
+        name: "data".into(),
+        backend: hci_core::compute::DiskBackend::Replicated {
+            volume: "qfv".into(),
+            replicas: addrs.clone(),
+            token_file: token_file.clone(),
+            key_file: None,
+            control: None,
+        },
+        bus: hci_core::compute::DiskBus::Virtio,
+        read_only: false,
+        boot_order: None,
+    });
+    let run_dir = cfg.run_dir.clone();
+    let vm = hypervisor().create(cfg).await.expect("create");
+    vm.start().await.expect("start");
+    assert_eq!(vm.state().await.expect("state"), VmState::Running);
+
+    // Another engine takes the volume over (generation + 1).
+    let engine = backend
+        .open_engine("qfv", OpenVolume::default())
+        .await
+        .expect("open a newer engine");
+    // The API's `wait` answers as the guest is killed (Killed); the reason
+    // is in the exit file the process writes next, as with the KVM VMM.
+    tokio::time::timeout(Duration::from_secs(30), vm.wait())
+        .await
+        .expect("the fenced VM stops within 30 s")
+        .expect("wait");
+    until(
+        Duration::from_secs(20),
+        "no exit file says fenced",
+        async || {
+            std::fs::read_to_string(run_dir.join("exit.json")).is_ok_and(|e| e.contains("fenced"))
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(run_dir.join("vmm.log")).unwrap_or_default();
+    assert!(log.contains("fenced"), "{log}");
+    engine.close().await.expect("close");
+    for s in servers {
+        s.abort();
+    }
+}
