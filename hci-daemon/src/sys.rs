@@ -1,4 +1,4 @@
-//! The daemon's only direct libc call.
+//! The daemon's direct libc calls.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -55,5 +55,16 @@ impl Drop for RawTerminal {
     fn drop(&mut self) {
         // SAFETY: restores the settings read from the same descriptor.
         unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Sends SIGKILL to process `pid` (best effort: it may be gone already).
+pub(crate) fn kill_pid(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid)
+        && pid > 0
+    {
+        // SAFETY: kill has no memory-safety preconditions; a positive pid
+        // names one process, never a group.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }

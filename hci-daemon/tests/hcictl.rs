@@ -831,3 +831,161 @@ fn read_local(root: &Path, name: &str, offset: u64, len: usize) -> Vec<u8> {
         buf
     })
 }
+
+/// With VMs in their own processes the replica servers run in their own
+/// processes too: a daemon crash under a guest writing to a 2-replica
+/// volume (both replicas on this node) leaves the servers running, the
+/// next daemon keeps them (same pids, same addresses), and the guest's
+/// writes go on without an error and without a rebuild.
+#[test]
+fn replica_servers_outlive_a_daemon_crash_under_a_writing_guest() {
+    let vmm = Path::new(env!("CARGO_BIN_EXE_hci-daemon")).with_file_name("hci-vmm");
+    let server = vmm.with_file_name("hci-storage");
+    if !kvm() || !vmm.is_file() || !server.is_file() {
+        eprintln!(
+            "skipped: needs /dev/kvm and hci-vmm and hci-storage built (build the workspace)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Ends what the daemons started here, even when an assertion fails.
+    struct KillUnder(PathBuf);
+    impl Drop for KillUnder {
+        fn drop(&mut self) {
+            kill_vmms_under(&self.0);
+        }
+    }
+    let _cleanup = KillUnder(dir.path().to_path_buf());
+    let socket = dir.path().join("hci.sock");
+    let disks: Vec<PathBuf> = (1..=2)
+        .map(|i| dir.path().join(format!("disk{i}")))
+        .collect();
+    let spawn = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hci-daemon"));
+        cmd.arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .args(["--node", "repl-crash", "--vm-mode", "process", "--vmm"])
+            .arg(&vmm);
+        for d in &disks {
+            cmd.arg("--replica-disk").arg(d);
+        }
+        cmd.env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hci-daemon")
+    };
+    let wait_up = || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while hcictl(&socket, &["get", "nodes"]).status.code() != Some(0) {
+            assert!(Instant::now() < deadline, "hci-daemon did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let d = Daemon {
+        child: spawn(),
+        socket: socket.clone(),
+        _dir: tempfile::tempdir().expect("tempdir"),
+    };
+    wait_up();
+    let yaml = dir.path().join("repl.yaml");
+    std::fs::write(
+        &yaml,
+        "apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {name: rep}\nspec: {size: 16Mi, replicas: 2}\n---\n\
+         apiVersion: hci.dev/v1\nkind: VirtualMachine\nmetadata: {name: rvm}\n\
+         spec:\n  cpus: 1\n  memory: 64Mi\n  boot: {type: kernel, path: 'guest:blk', cmdline: 'stay=1 writes=1'}\n  \
+         disks: [{name: data, volume: rep}]\n",
+    )
+    .expect("write yaml");
+    ok(&hcictl(
+        &socket,
+        &["apply", "-f", yaml.to_str().expect("utf-8")],
+    ));
+    let console = dir.path().join("data/run/rvm/console.log");
+    let rounds = || -> u64 {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(
+            !text.contains("FAIL"),
+            "the guest saw a disk error:\n{text}"
+        );
+        text.lines()
+            .filter_map(|l| l.trim_start_matches('.').strip_prefix("writes "))
+            .filter_map(|n| n.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let wait_rounds = |above: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while rounds() <= above {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_rounds(0, "the guest never wrote");
+    let pids = || -> Vec<u32> {
+        disks
+            .iter()
+            .map(|d| {
+                std::fs::read_to_string(d.join("replica-server.pid"))
+                    .expect("a replica server pid file")
+                    .trim()
+                    .parse()
+                    .expect("a pid")
+            })
+            .collect()
+    };
+    let before = pids();
+    let addresses = || {
+        let node: Value = serde_json::from_str(&ok(&hcictl(
+            &socket,
+            &["get", "node", "repl-crash", "-o", "json"],
+        )))
+        .expect("json");
+        node["status"]["replicaServers"].clone()
+    };
+    let servers_before = addresses();
+
+    // The daemon crashes and stays down for a while; the guest writes on.
+    let mut d = d;
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    let at_crash = rounds();
+    wait_rounds(
+        at_crash,
+        "the guest stopped writing while the daemon was down",
+    );
+    for pid in &before {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "replica server {pid} died with the daemon"
+        );
+    }
+    d.child = spawn();
+    wait_up();
+    assert_eq!(pids(), before, "the next daemon keeps the running servers");
+    assert_eq!(addresses(), servers_before);
+    let after_restart = rounds();
+    wait_rounds(after_restart, "the guest stopped writing after the restart");
+    // Both replicas healthy, and none was rebuilt.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rep: Value = serde_json::from_str(&ok(&hcictl(
+            &socket,
+            &["get", "volume", "rep", "-o", "json"],
+        )))
+        .expect("json");
+        let healthy = rep["status"]["replicas"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|r| r["healthy"] == true).count());
+        if rep["status"]["phase"] == "Attached" && healthy == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas not healthy: {rep}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let events = ok(&hcictl(&socket, &["events", "volume", "rep"]));
+    assert!(!events.contains("Rebuil"), "{events}");
+    ok(&hcictl(&socket, &["delete", "vm", "rvm"]));
+}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -110,8 +111,28 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        # VM and replica server processes outlive their daemon by design.
+        _kill_processes_under(base)
         if netns is not None:
             subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def _kill_processes_under(base: Path) -> None:
+    """SIGKILLs the hci-vmm and replica server processes whose command
+    line mentions `base`."""
+    needle = str(base).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmd and (b"hci-vmm" in cmd or b"replica-server" in cmd):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 @pytest.fixture

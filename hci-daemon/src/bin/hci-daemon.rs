@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use hci_compute::{KvmHypervisor, ProcessHypervisor};
 use hci_daemon::api::{Api, TcpSecurity, serve_tcp, serve_unix};
-use hci_daemon::controllers::replicas::ReplicaPool;
+use hci_daemon::controllers::replicas::{ReplicaPool, ServerMode, find_server_binary};
 use hci_daemon::controllers::{ClusterOptions, Controllers, NodeInfo, Runtime};
 use hci_daemon::metrics::{MetricsSource, serve_metrics};
 use hci_daemon::resources::ResourceStore;
@@ -408,9 +408,27 @@ async fn main() -> anyhow::Result<()> {
         let host = args
             .address
             .map_or_else(|| "127.0.0.1".to_string(), |a| a.to_string());
-        let replicas = ReplicaPool::start(dir, &disks, &host, args.replica_token_file.as_deref())
-            .await
-            .context("failed to start the replica servers")?;
+        // With VMs in their own processes, replica servers get theirs too:
+        // engines in running VMs keep their replicas across a daemon restart.
+        let server_mode = match (vm_processes, find_server_binary()) {
+            (true, Some(binary)) => ServerMode::Process(binary),
+            (true, None) => {
+                tracing::warn!(
+                    "no hci-storage binary next to hci-daemon or on PATH: replica servers run inside the daemon, and a daemon restart fails the replicas of running VMs for its duration"
+                );
+                ServerMode::InProcess
+            }
+            (false, _) => ServerMode::InProcess,
+        };
+        let replicas = ReplicaPool::start(
+            dir,
+            &disks,
+            &host,
+            args.replica_token_file.as_deref(),
+            &server_mode,
+        )
+        .await
+        .context("failed to start the replica servers")?;
         rt.replicas = Some(Arc::new(replicas));
         let controllers = Controllers::start(rt)
             .await

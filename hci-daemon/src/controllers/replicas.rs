@@ -10,6 +10,15 @@
 //! mode 0600) that the VMM processes read; the nodes of a cluster must share
 //! it. The node publishes its servers in `status.replicaServers`.
 //!
+//! Where VMs run in their own processes, each server is an
+//! `hci-storage replica-server` process of its own too
+//! ([`ServerMode::Process`]): like the VMs, it outlives a daemon restart,
+//! so engines in running VMs never lose their replicas to one (with every
+//! replica on this node, that would fail the guest's I/O). The next daemon
+//! finds it again by the pid in `DISK/replica-server.pid` (checked against
+//! the process's command line) and its recorded address. A server stops
+//! by itself once its disk directory is gone.
+//!
 //! A replicated volume's replicas are placed on distinct nodes first, then
 //! on distinct disks of a node; the placement is kept in the volume's
 //! `status.replicas` and never moves by itself. The engine runs in whichever
@@ -24,9 +33,9 @@ use hci_core::model::{Node, ReplicaStatus, Resource, Volume};
 use hci_core::volume::{SnapshotInfo, VolumeBackend};
 use hci_core::{Error, Result};
 use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
+use hci_storage::replica::ReplicaNode;
 use hci_storage::replica::client::{RemoteNode, ServerAddr};
 use hci_storage::replica::server::ReplicaServer;
-use hci_storage::replica::{LocalNode, ReplicaNode};
 
 /// One disk of this node holding replicas, and the server in front of it.
 #[derive(Debug)]
@@ -35,8 +44,139 @@ pub struct ReplicaDisk {
     pub path: PathBuf,
     /// Its replica server (`HOST:PORT`).
     pub address: String,
-    /// Direct access to its replicas (to remove those of deleted volumes).
-    pub node: Arc<LocalNode>,
+    /// The server's process, when it runs in one ([`ServerMode::Process`]).
+    pub pid: Option<u32>,
+}
+
+/// Where the replica servers run.
+#[derive(Debug, Clone)]
+pub enum ServerMode {
+    /// Tasks of the daemon (they stop with it).
+    InProcess,
+    /// One `hci-storage replica-server` process per disk, started from this
+    /// binary (or found again after a daemon restart).
+    Process(PathBuf),
+}
+
+/// How long a new server process may take to listen.
+const SERVER_STARTUP: std::time::Duration = std::time::Duration::from_secs(10);
+/// The file naming a disk's server process.
+const PID_FILE: &str = "replica-server.pid";
+
+/// The `hci-storage` binary next to the current executable, else the first
+/// on `PATH`.
+pub fn find_server_binary() -> Option<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("hci-storage")));
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("hci-storage"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    beside.into_iter().chain(on_path).find(|p| p.is_file())
+}
+
+/// The pid in `disk`'s pid file if that process is still the replica
+/// server of `disk` (its command line says so).
+fn running_server(disk: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(disk.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let root = disk.as_os_str().as_encoded_bytes();
+    let serves_disk = args.windows(2).any(|w| w[0] == b"--root" && w[1] == root);
+    let is_server = args.iter().any(|a| *a == b"replica-server");
+    (serves_disk && is_server).then_some(pid)
+}
+
+/// A free TCP port on `host`.
+fn free_address(host: &str) -> Result<String> {
+    let l = std::net::TcpListener::bind((host, 0))
+        .map_err(|e| Error::io(format!("pick a free port on {host}"), e))?;
+    let addr = l
+        .local_addr()
+        .map_err(|e| Error::io("read a listener's address", e))?;
+    Ok(addr.to_string())
+}
+
+/// Whether something accepts TCP connections at `address`.
+async fn listening(address: &str) -> bool {
+    matches!(
+        tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            tokio::net::TcpStream::connect(address)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+/// Starts `binary replica-server` for `disk` on `address`, in its own
+/// process group (it outlives the daemon); waits until it listens.
+async fn spawn_server(
+    binary: &Path,
+    disk: &Path,
+    address: &str,
+    token_file: &Path,
+    log: &Path,
+) -> Result<u32> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| Error::io(format!("open {}", log.display()), e))?;
+    let mut child = tokio::process::Command::new(binary)
+        .arg("replica-server")
+        .arg("--listen")
+        .arg(address)
+        .arg("--root")
+        .arg(disk)
+        .arg("--token-file")
+        .arg(token_file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| Error::io(format!("start {} replica-server", binary.display()), e))?;
+    let pid = child.id().unwrap_or(0);
+    let deadline = std::time::Instant::now() + SERVER_STARTUP;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(3).collect();
+            return Err(Error::Unavailable {
+                what: format!("replica server for {} on {address}", disk.display()),
+                source: Some(format!("it exited ({status}): {}", tail.join(" | ")).into()),
+            });
+        }
+        if listening(address).await {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.start_kill();
+            return Err(Error::Unavailable {
+                what: format!("replica server for {} on {address}", disk.display()),
+                source: Some("not listening 10 s after it started".into()),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Reaped when it ends, while this daemon lives.
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    let pid_file = disk.join(PID_FILE);
+    std::fs::write(&pid_file, pid.to_string())
+        .map_err(|e| Error::io(format!("write {}", pid_file.display()), e))?;
+    Ok(pid)
 }
 
 /// This node's replica servers.
@@ -92,6 +232,7 @@ impl ReplicaPool {
         disks: &[PathBuf],
         host: &str,
         token_file: Option<&Path>,
+        mode: &ServerMode,
     ) -> Result<Self> {
         let token_file =
             token_file.map_or_else(|| data_dir.join("replica.token"), Path::to_path_buf);
@@ -105,30 +246,66 @@ impl ReplicaPool {
             Err(e) => return Err(Error::io(format!("read {}", record.display()), e)),
         };
         let mut started = Vec::new();
-        for path in disks {
+        for (i, path) in disks.iter().enumerate() {
             std::fs::create_dir_all(path)
                 .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
             let key = path.display().to_string();
-            let server = ReplicaServer::new(path, token.clone())?;
-            let node = Arc::clone(server.node());
-            let wanted = match known.get(&key) {
-                Some(a) if a.rsplit_once(':').is_some_and(|(h, _)| h == host) => a.clone(),
-                _ => format!("{host}:0"),
+            let recorded = known
+                .get(&key)
+                .filter(|a| a.rsplit_once(':').is_some_and(|(h, _)| h == host))
+                .cloned();
+            let (address, pid) = match mode {
+                ServerMode::InProcess => {
+                    let wanted = recorded.unwrap_or_else(|| format!("{host}:0"));
+                    let server = ReplicaServer::new(path, token.clone())?;
+                    let (addr, _task) =
+                        server
+                            .spawn(&wanted)
+                            .await
+                            .map_err(|e| Error::Unavailable {
+                                what: format!("replica server for {} on {wanted}", path.display()),
+                                source: Some(e.to_string().into()),
+                            })?;
+                    tracing::info!(disk = %path.display(), address = %addr, "replica server started");
+                    (addr.to_string(), None)
+                }
+                ServerMode::Process(binary) => {
+                    let log = data_dir.join(format!("replica-server-{i}.log"));
+                    match (running_server(path), recorded) {
+                        (Some(pid), Some(address)) if listening(&address).await => {
+                            tracing::info!(disk = %path.display(), %address, pid, "replica server still running: kept");
+                            (address, Some(pid))
+                        }
+                        (running, recorded) => {
+                            if let Some(pid) = running {
+                                // Alive but not where it was recorded: replace it.
+                                crate::sys::kill_pid(pid);
+                            }
+                            let first = recorded.map_or_else(|| free_address(host), Ok)?;
+                            let pid = match spawn_server(binary, path, &first, &token_file, &log)
+                                .await
+                            {
+                                Ok(pid) => (first, pid),
+                                // The recorded port may be taken now: any free one.
+                                Err(e) => {
+                                    tracing::warn!(disk = %path.display(), address = %first, error = %e, "replica server: trying another port");
+                                    let other = free_address(host)?;
+                                    let pid = spawn_server(binary, path, &other, &token_file, &log)
+                                        .await?;
+                                    (other, pid)
+                                }
+                            };
+                            tracing::info!(disk = %path.display(), address = %pid.0, pid = pid.1, "replica server process started");
+                            (pid.0, Some(pid.1))
+                        }
+                    }
+                }
             };
-            let (addr, _task) = server
-                .spawn(&wanted)
-                .await
-                .map_err(|e| Error::Unavailable {
-                    what: format!("replica server for {} on {wanted}", path.display()),
-                    source: Some(e.to_string().into()),
-                })?;
-            let address = addr.to_string();
-            tracing::info!(disk = %path.display(), %address, "replica server started");
             known.insert(key, address.clone());
             started.push(ReplicaDisk {
                 path: path.clone(),
                 address,
-                node,
+                pid,
             });
         }
         let json = serde_json::to_vec_pretty(&known)
@@ -171,11 +348,11 @@ impl ReplicaPool {
         ReplicatedVolumeBackend::new(nodes, EngineOptions::default())
     }
 
-    /// Removes this node's replicas of volume `name` (deleted).
+    /// Removes this node's replicas of volume `name` (deleted), through
+    /// their servers (which own them).
     pub async fn remove_local(&self, name: &str) {
         for disk in &self.disks {
-            disk.node.forget(name);
-            match disk.node.local().delete(name).await {
+            match self.node(&disk.address).backend().delete(name).await {
                 Ok(()) => {
                     tracing::info!(volume = name, disk = %disk.path.display(), "replica deleted")
                 }
@@ -189,15 +366,14 @@ impl ReplicaPool {
     /// (deleted, or in a cluster placed on other nodes).
     pub async fn sweep(&self, keep: &BTreeSet<String>) {
         for disk in &self.disks {
-            let local = disk.node.local();
-            let Ok(volumes) = local.list().await else {
+            let server = self.node(&disk.address);
+            let Ok(volumes) = server.backend().list().await else {
                 continue;
             };
             for v in volumes {
                 if !keep.contains(&v.name) {
                     tracing::info!(volume = v.name, disk = %disk.path.display(), "removing a replica whose volume is gone or placed elsewhere");
-                    disk.node.forget(&v.name);
-                    if let Err(e) = local.delete(&v.name).await {
+                    if let Err(e) = server.backend().delete(&v.name).await {
                         tracing::warn!(volume = v.name, error = %e, "cannot remove an orphaned replica");
                     }
                 }

@@ -84,11 +84,17 @@ impl Daemon {
         });
     }
 
-    /// Kills the daemon (SIGKILL); its `hci-vmm` processes live on.
+    /// Kills the daemon (SIGKILL) and its replica server processes, like a
+    /// node losing its daemon and its storage at once; its `hci-vmm`
+    /// processes live on (a node cut off from the others).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for pid in pids_of("replica-server", &self.dir.to_string_lossy()) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 
@@ -153,6 +159,11 @@ impl Drop for Daemon {
 
 /// Pids of the `hci-vmm` processes whose command line mentions `needle`.
 fn vmm_pids(needle: &str) -> Vec<i32> {
+    pids_of("hci-vmm", needle)
+}
+
+/// Pids of the processes whose command line mentions both `what` and `needle`.
+pub fn pids_of(what: &str, needle: &str) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -162,15 +173,18 @@ fn vmm_pids(needle: &str) -> Vec<i32> {
             let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
             let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
             let cmd = String::from_utf8_lossy(&cmd);
-            (cmd.contains("hci-vmm") && cmd.contains(needle)).then_some(pid)
+            (cmd.contains(what) && cmd.contains(needle)).then_some(pid)
         })
         .collect()
 }
 
-/// Kills the `hci-vmm` processes whose command line mentions `dir` (VMs in
-/// their own processes outlive their daemon by design).
+/// Kills the `hci-vmm` and replica server processes whose command line
+/// mentions `dir` (with VMs in their own processes, both outlive their
+/// daemon by design).
 pub fn kill_vmms_under(dir: &Path) {
-    for pid in vmm_pids(&dir.to_string_lossy()) {
+    let needle = dir.to_string_lossy();
+    let servers = pids_of("replica-server", &needle);
+    for pid in vmm_pids(&needle).into_iter().chain(servers) {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }

@@ -553,6 +553,13 @@ fn replicas(cmd: ReplicasCmd) -> Res<()> {
 
 /// The async runtime: a worker per CPU (`threads` 0), one thread (1: the data
 /// path needs no cross-thread wake-ups), or a pool of `threads` workers.
+/// Resolves once `dir` no longer exists (checked every two seconds).
+async fn gone(dir: &Path) {
+    while dir.is_dir() {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads == 0 {
         tokio::runtime::Builder::new_multi_thread()
@@ -618,7 +625,14 @@ fn run(cli: Cli) -> Res<()> {
                 let server = ReplicaServer::new(&root, token)?;
                 let (l, addr) = server.bind(&listen).await?;
                 println!("serving replicas under {} on {addr}", root.display());
-                server.serve(l).await?;
+                // A server outlives whoever started it (a daemon restarts
+                // under running engines): it ends when its disk is gone.
+                tokio::select! {
+                    r = server.serve(l) => r?,
+                    () = gone(&root) => {
+                        eprintln!("hci-storage: {} is gone: the replica server stops", root.display());
+                    }
+                }
                 Ok::<(), Box<dyn std::error::Error>>(())
             })?;
         }
