@@ -708,7 +708,15 @@ impl VmHandle for RemoteVm {
 
     async fn wait(&self) -> Result<ExitReason> {
         match self.client.call(&Request::Wait).await {
-            Ok(resp) => Ok(resp.exit.map_or_else(|| self.gone(), Into::into)),
+            // A VMM that stops its guest for a reason of its own (fenced)
+            // records it before the kill: that is the real exit.
+            Ok(resp) => Ok(match resp.exit.map(ExitReason::from) {
+                Some(ExitReason::Killed) => {
+                    read_exit_file(&self.exit_file).unwrap_or(ExitReason::Killed)
+                }
+                Some(r) => r,
+                None => self.gone(),
+            }),
             // The process went away (killed, or it exited while we waited):
             // its exit file says how, if it could write one.
             Err(Error::Unavailable { .. }) => {

@@ -261,20 +261,17 @@ async fn a_fenced_qemu_vm_is_stopped() {
         .open_engine("qfv", OpenVolume::default())
         .await
         .expect("open a newer engine");
-    // The API's `wait` answers as the guest is killed (Killed); the reason
-    // is in the exit file the process writes next, as with the KVM VMM.
-    tokio::time::timeout(Duration::from_secs(30), vm.wait())
+    // `wait` says why: the process records "fenced" before the kill.
+    let reason = tokio::time::timeout(Duration::from_secs(30), vm.wait())
         .await
         .expect("the fenced VM stops within 30 s")
         .expect("wait");
-    until(
-        Duration::from_secs(20),
-        "no exit file says fenced",
-        async || {
-            std::fs::read_to_string(run_dir.join("exit.json")).is_ok_and(|e| e.contains("fenced"))
-        },
-    )
-    .await;
+    assert!(
+        matches!(&reason, ExitReason::VmmError(why) if why.contains("fenced")),
+        "{reason:?}"
+    );
+    let exit = std::fs::read_to_string(run_dir.join("exit.json")).unwrap_or_default();
+    assert!(exit.contains("fenced"), "exit file: {exit}");
     let log = std::fs::read_to_string(run_dir.join("vmm.log")).unwrap_or_default();
     assert!(log.contains("fenced"), "{log}");
     engine.close().await.expect("close");

@@ -455,12 +455,7 @@ async fn run(args: Args) -> Result<ExitReason, String> {
             vm.kill().await.map_err(|e| e.to_string())?;
             vm.wait().await.map_err(|e| e.to_string())?
         }
-        why = fenced => {
-            eprintln!("hci-vmm: fenced: {why}; stopping the guest");
-            vm.kill().await.map_err(|e| e.to_string())?;
-            let _ = vm.wait().await;
-            ExitReason::VmmError(format!("fenced: {why}"))
-        }
+        why = fenced => stop_fenced(&*vm, &args.exit_file, &why).await?,
     };
     // A migrated VM stops as soon as it runs on the target: let the
     // migration's answer reach the caller first.
@@ -544,12 +539,7 @@ async fn run_qemu(args: &Args, file: &std::path::Path) -> Result<ExitReason, Str
             vm.kill().await.map_err(|e| e.to_string())?;
             vm.wait().await.map_err(|e| e.to_string())?
         }
-        why = fenced => {
-            eprintln!("hci-vmm: fenced: {why}; stopping the guest");
-            vm.kill().await.map_err(|e| e.to_string())?;
-            let _ = vm.wait().await;
-            ExitReason::VmmError(format!("fenced: {why}"))
-        }
+        why = fenced => stop_fenced(&*vm, &args.exit_file, &why).await?,
     };
     vmm_api::wait_answers(std::time::Duration::from_secs(5)).await;
     if let Some(path) = &args.exit_file
@@ -609,6 +599,23 @@ fn first_fenced(
             None => std::future::pending().await,
         }
     }
+}
+
+/// Stops a fenced VM: records why first (a caller waiting on the API sees
+/// that rather than a plain kill), then kills the guest.
+async fn stop_fenced(
+    vm: &dyn VmHandle,
+    exit_file: &Option<PathBuf>,
+    why: &str,
+) -> Result<ExitReason, String> {
+    eprintln!("hci-vmm: fenced: {why}; stopping the guest");
+    let reason = ExitReason::VmmError(format!("fenced: {why}"));
+    if let Some(path) = exit_file {
+        let _ = vmm_api::write_exit_file(path, &reason);
+    }
+    vm.kill().await.map_err(|e| e.to_string())?;
+    let _ = vm.wait().await;
+    Ok(reason)
 }
 
 /// How often the fencing watchdog asks a VM's replicas whether another
