@@ -5,7 +5,6 @@
 mod common;
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -481,51 +480,23 @@ impl Drop for KillOnDrop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_vmm_stops_its_guest() {
     use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
-    use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
-    use hci_storage::replica::ReplicaNode;
-    use hci_storage::replica::client::{RemoteNode, ServerAddr};
-    use hci_storage::replica::server::ReplicaServer;
 
     require_kvm();
     let dir = tempfile::tempdir().expect("temp dir");
-    let token = "fence-watch";
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token).expect("token");
-    let mut addrs = Vec::new();
-    let mut servers = Vec::new();
-    for i in 0..2 {
-        let server =
-            ReplicaServer::new(dir.path().join(format!("replica{i}")), token).expect("server");
-        let (addr, task) = server.spawn("127.0.0.1:0").await.expect("listen");
-        addrs.push(addr.to_string());
-        servers.push(task);
-    }
-    let nodes: Vec<Arc<dyn ReplicaNode>> = addrs
-        .iter()
-        .map(|a| {
-            Arc::new(RemoteNode::new(ServerAddr::new(a.clone(), token))) as Arc<dyn ReplicaNode>
-        })
-        .collect();
-    let backend = ReplicatedVolumeBackend::new(nodes, EngineOptions::default()).expect("backend");
+    let servers = ReplicaServers::start(dir.path(), 2, "fence-watch").await;
+    let backend = &servers.backend;
     backend
         .create("fv", CreateVolume::new(4 << 20))
         .await
         .expect("create");
 
     let mut cfg = unique(config("fenced", guest(Guest::Blk), 1, "stay=1 writes=1"));
-    cfg.disks.push(hci_core::compute::DiskConfig {
-        name: "data".into(),
-        backend: hci_core::compute::DiskBackend::Replicated {
-            volume: "fv".into(),
-            replicas: addrs.clone(),
-            token_file: token_file.clone(),
-            key_file: None,
-            control: None,
-        },
-        bus: hci_core::compute::DiskBus::Virtio,
-        read_only: false,
-        boot_order: None,
-    });
+    cfg.disks.push(replicated_disk(
+        "data",
+        "fv",
+        servers.addrs.clone(),
+        servers.token_file.clone(),
+    ));
     let run_dir = cfg.run_dir.clone();
     let mut args = ProcessHypervisor::args(&cfg).expect("command line");
     // Boot at once (ProcessHypervisor starts it over the API).
@@ -569,7 +540,4 @@ async fn a_fenced_vmm_stops_its_guest() {
     let exit = std::fs::read_to_string(run_dir.join("exit.json")).unwrap_or_default();
     assert!(exit.contains("fenced"), "exit file: {exit}");
     engine.close().await.expect("close");
-    for s in servers {
-        s.abort();
-    }
 }

@@ -289,35 +289,15 @@ async fn dropping_the_last_handle_kills_qemu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seabios_boots_a_replicated_volume_the_backend_opens_itself() {
     use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
-    use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
-    use hci_storage::replica::ReplicaNode;
-    use hci_storage::replica::client::{RemoteNode, ServerAddr};
-    use hci_storage::replica::server::ReplicaServer;
 
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("run-qemu")
         .join(format!("replicated-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
-    let token = "qemu-replicated";
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, token).expect("token");
-    let mut addrs = Vec::new();
-    let mut servers = Vec::new();
-    for i in 0..2 {
-        let server = ReplicaServer::new(dir.join(format!("replica{i}")), token).expect("server");
-        let (addr, task) = server.spawn("127.0.0.1:0").await.expect("listen");
-        addrs.push(addr.to_string());
-        servers.push(task);
-    }
+    let servers = ReplicaServers::start(&dir, 2, "qemu-replicated").await;
     // Put the boot sector on the volume with an engine of our own, then close it.
-    let nodes: Vec<Arc<dyn ReplicaNode>> = addrs
-        .iter()
-        .map(|a| {
-            Arc::new(RemoteNode::new(ServerAddr::new(a.clone(), token))) as Arc<dyn ReplicaNode>
-        })
-        .collect();
-    let backend = ReplicatedVolumeBackend::new(nodes, EngineOptions::default()).expect("backend");
+    let backend = &servers.backend;
     backend
         .create("boot", CreateVolume::new(1 << 20))
         .await
@@ -332,7 +312,6 @@ async fn seabios_boots_a_replicated_volume_the_backend_opens_itself() {
         .expect("write the boot sector");
     engine.close().await.expect("close");
     drop(engine);
-    drop(backend);
 
     boots_and_resets(firmware_config(
         "fw-replicated",
@@ -340,8 +319,8 @@ async fn seabios_boots_a_replicated_volume_the_backend_opens_itself() {
             name: "root".into(),
             backend: DiskBackend::Replicated {
                 volume: "boot".into(),
-                replicas: addrs,
-                token_file,
+                replicas: servers.addrs.clone(),
+                token_file: servers.token_file.clone(),
                 key_file: None,
                 control: None,
             },
@@ -351,7 +330,4 @@ async fn seabios_boots_a_replicated_volume_the_backend_opens_itself() {
         },
     ))
     .await;
-    for s in servers {
-        s.abort();
-    }
 }

@@ -207,50 +207,21 @@ async fn in_process_devices_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_qemu_vm_is_stopped() {
     use hci_core::volume::{CreateVolume, OpenVolume, VolumeBackend};
-    use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
-    use hci_storage::replica::ReplicaNode;
-    use hci_storage::replica::client::{RemoteNode, ServerAddr};
-    use hci_storage::replica::server::ReplicaServer;
-    use std::sync::Arc;
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let token = "qemu-fence";
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, token).expect("token");
-    let mut addrs = Vec::new();
-    let mut servers = Vec::new();
-    for i in 0..2 {
-        let server =
-            ReplicaServer::new(dir.path().join(format!("replica{i}")), token).expect("server");
-        let (addr, task) = server.spawn("127.0.0.1:0").await.expect("listen");
-        addrs.push(addr.to_string());
-        servers.push(task);
-    }
-    let nodes: Vec<Arc<dyn ReplicaNode>> = addrs
-        .iter()
-        .map(|a| {
-            Arc::new(RemoteNode::new(ServerAddr::new(a.clone(), token))) as Arc<dyn ReplicaNode>
-        })
-        .collect();
-    let backend = ReplicatedVolumeBackend::new(nodes, EngineOptions::default()).expect("backend");
+    let servers = ReplicaServers::start(dir.path(), 2, "qemu-fence").await;
+    let backend = &servers.backend;
     backend
         .create("qfv", CreateVolume::new(4 << 20))
         .await
         .expect("create");
     let mut cfg = unique(config("qfenced", guest(Guest::Spin), 1, "every=1000000"));
-    cfg.disks.push(hci_core::compute::DiskConfig {
-        name: "data".into(),
-        backend: hci_core::compute::DiskBackend::Replicated {
-            volume: "qfv".into(),
-            replicas: addrs.clone(),
-            token_file: token_file.clone(),
-            key_file: None,
-            control: None,
-        },
-        bus: hci_core::compute::DiskBus::Virtio,
-        read_only: false,
-        boot_order: None,
-    });
+    cfg.disks.push(replicated_disk(
+        "data",
+        "qfv",
+        servers.addrs.clone(),
+        servers.token_file.clone(),
+    ));
     let run_dir = cfg.run_dir.clone();
     let vm = hypervisor().create(cfg).await.expect("create");
     vm.start().await.expect("start");
@@ -275,7 +246,4 @@ async fn a_fenced_qemu_vm_is_stopped() {
     let log = std::fs::read_to_string(run_dir.join("vmm.log")).unwrap_or_default();
     assert!(log.contains("fenced"), "{log}");
     engine.close().await.expect("close");
-    for s in servers {
-        s.abort();
-    }
 }

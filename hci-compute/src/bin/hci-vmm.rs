@@ -449,14 +449,7 @@ async fn run(args: Args) -> Result<ExitReason, String> {
         vm.start().await.map_err(|e| e.to_string())?;
     }
     let fenced = first_fenced(watches);
-    let reason = tokio::select! {
-        r = vm.wait() => r.map_err(|e| e.to_string())?,
-        _ = term.recv() => {
-            vm.kill().await.map_err(|e| e.to_string())?;
-            vm.wait().await.map_err(|e| e.to_string())?
-        }
-        why = fenced => stop_fenced(&*vm, &args.exit_file, &why).await?,
-    };
+    let reason = until_stopped(&*vm, &mut term, fenced, &args.exit_file).await?;
     // A migrated VM stops as soon as it runs on the target: let the
     // migration's answer reach the caller first.
     vmm_api::wait_answers(std::time::Duration::from_secs(5)).await;
@@ -464,14 +457,7 @@ async fn run(args: Args) -> Result<ExitReason, String> {
     if let Some(pump) = serial {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pump).await;
     }
-    if let Some(path) = &args.exit_file
-        && let Err(e) = vmm_api::write_exit_file(path, &reason)
-    {
-        eprintln!("hci-vmm: cannot write {}: {e}", path.display());
-    }
-    if let Some(path) = &args.api_socket {
-        let _ = std::fs::remove_file(path);
-    }
+    record_exit(&args, &reason);
     // A clean close lets the next engine skip the crash reconcile; volumes
     // handed over in a migration belong to the target and are left alone.
     for disk in volumes {
@@ -533,23 +519,9 @@ async fn run_qemu(args: &Args, file: &std::path::Path) -> Result<ExitReason, Str
     if args.incoming.is_none() && !args.wait_start {
         vm.start().await.map_err(|e| e.to_string())?;
     }
-    let reason = tokio::select! {
-        r = vm.wait() => r.map_err(|e| e.to_string())?,
-        _ = term.recv() => {
-            vm.kill().await.map_err(|e| e.to_string())?;
-            vm.wait().await.map_err(|e| e.to_string())?
-        }
-        why = fenced => stop_fenced(&*vm, &args.exit_file, &why).await?,
-    };
+    let reason = until_stopped(&*vm, &mut term, fenced, &args.exit_file).await?;
     vmm_api::wait_answers(std::time::Duration::from_secs(5)).await;
-    if let Some(path) = &args.exit_file
-        && let Err(e) = vmm_api::write_exit_file(path, &reason)
-    {
-        eprintln!("hci-vmm: cannot write {}: {e}", path.display());
-    }
-    if let Some(path) = &args.api_socket {
-        let _ = std::fs::remove_file(path);
-    }
+    record_exit(args, &reason);
     // The QEMU handle closes the volumes once its process is gone (unless a
     // migration handed them over): let it finish before this process exits.
     if !qemu_vm
@@ -598,6 +570,36 @@ fn first_fenced(
             Some(why) => why,
             None => std::future::pending().await,
         }
+    }
+}
+
+/// Waits until the VM stops: by itself, killed on SIGTERM, or stopped by
+/// the fencing watchdog (`fenced`).
+async fn until_stopped(
+    vm: &dyn VmHandle,
+    term: &mut tokio::signal::unix::Signal,
+    fenced: impl std::future::Future<Output = String>,
+    exit_file: &Option<PathBuf>,
+) -> Result<ExitReason, String> {
+    Ok(tokio::select! {
+        r = vm.wait() => r.map_err(|e| e.to_string())?,
+        _ = term.recv() => {
+            vm.kill().await.map_err(|e| e.to_string())?;
+            vm.wait().await.map_err(|e| e.to_string())?
+        }
+        why = fenced => stop_fenced(vm, exit_file, &why).await?,
+    })
+}
+
+/// Writes how the VM ended to the exit file and removes the API socket.
+fn record_exit(args: &Args, reason: &ExitReason) {
+    if let Some(path) = &args.exit_file
+        && let Err(e) = vmm_api::write_exit_file(path, reason)
+    {
+        eprintln!("hci-vmm: cannot write {}: {e}", path.display());
+    }
+    if let Some(path) = &args.api_socket {
+        let _ = std::fs::remove_file(path);
     }
 }
 

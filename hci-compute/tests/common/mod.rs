@@ -176,3 +176,59 @@ pub fn cpio_entry(
         out.push(0);
     }
 }
+
+/// `n` replica servers on loopback with their replicas under `dir`, sharing
+/// `token` (also written to `dir/token`), and a backend over all of them.
+pub struct ReplicaServers {
+    /// Their `HOST:PORT` addresses.
+    pub addrs: Vec<String>,
+    /// The file holding the token.
+    pub token_file: PathBuf,
+    /// A backend with one replica on each.
+    pub backend: hci_storage::engine::ReplicatedVolumeBackend,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ReplicaServers {
+    /// Starts them.
+    pub async fn start(dir: &std::path::Path, n: usize, token: &str) -> ReplicaServers {
+        use hci_storage::engine::{EngineOptions, ReplicatedVolumeBackend};
+        use hci_storage::replica::ReplicaNode;
+        use hci_storage::replica::client::{RemoteNode, ServerAddr};
+        use hci_storage::replica::server::ReplicaServer;
+
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token).expect("token");
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let server =
+                ReplicaServer::new(dir.join(format!("replica{i}")), token).expect("server");
+            let (addr, task) = server.spawn("127.0.0.1:0").await.expect("listen");
+            addrs.push(addr.to_string());
+            tasks.push(task);
+        }
+        let nodes: Vec<Arc<dyn ReplicaNode>> = addrs
+            .iter()
+            .map(|a| {
+                Arc::new(RemoteNode::new(ServerAddr::new(a.clone(), token))) as Arc<dyn ReplicaNode>
+            })
+            .collect();
+        let backend =
+            ReplicatedVolumeBackend::new(nodes, EngineOptions::default()).expect("backend");
+        ReplicaServers {
+            addrs,
+            token_file,
+            backend,
+            tasks,
+        }
+    }
+}
+
+impl Drop for ReplicaServers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
