@@ -225,31 +225,12 @@ fn an_encrypted_volume_is_opened_with_its_key_file() {
 /// online through the volume's control socket, and gets it back after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attached_volume_is_snapshotted_online_through_its_owner() {
-    use hci_core::volume::{CreateVolume, VolumeBackend};
+    use hci_core::volume::VolumeBackend;
     require_kvm();
     let pool_dir = tempfile::tempdir().expect("tempdir");
-    let pool = hci_storage::local::LocalVolumeBackend::new(pool_dir.path()).expect("pool");
-    pool.create(
-        "root",
-        CreateVolume {
-            size: 16 << 20,
-            encryption_key: None,
-        },
-    )
-    .await
-    .expect("create");
-    pool.release("root").expect("release");
+    let (pool, disk) = released_volume(pool_dir.path(), "root", 16 << 20).await;
     let mut cfg = unique(config("online-snap", guest(Guest::Blk), 1, "stay=1"));
-    cfg.disks.push(hci_core::compute::DiskConfig {
-        name: "root".into(),
-        backend: hci_core::compute::DiskBackend::Volume {
-            path: pool_dir.path().join("root"),
-            key_file: None,
-        },
-        bus: hci_core::compute::DiskBus::Virtio,
-        read_only: false,
-        boot_order: None,
-    });
+    cfg.disks.push(disk);
     let run_dir = cfg.run_dir.clone();
     let vm = ProcessHypervisor::with_vmm(VMM)
         .create(cfg)

@@ -130,30 +130,11 @@ async fn qemu_vms_outlive_their_hypervisor_and_are_adopted() {
 /// back (the snapshot kept) once the VM is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_qemu_vms_volume_is_owned_by_its_process_and_snapshotted_online() {
-    use hci_core::volume::{CreateVolume, VolumeBackend};
+    use hci_core::volume::VolumeBackend;
     let pool_dir = tempfile::tempdir().expect("tempdir");
-    let pool = hci_storage::local::LocalVolumeBackend::new(pool_dir.path()).expect("pool");
-    pool.create(
-        "root",
-        CreateVolume {
-            size: 16 << 20,
-            encryption_key: None,
-        },
-    )
-    .await
-    .expect("create");
-    pool.release("root").expect("release");
+    let (pool, disk) = released_volume(pool_dir.path(), "root", 16 << 20).await;
     let mut cfg = unique(config("qvol", guest(Guest::Spin), 1, "every=1000000"));
-    cfg.disks.push(hci_core::compute::DiskConfig {
-        name: "root".into(),
-        backend: hci_core::compute::DiskBackend::Volume {
-            path: pool_dir.path().join("root"),
-            key_file: None,
-        },
-        bus: hci_core::compute::DiskBus::Virtio,
-        read_only: false,
-        boot_order: None,
-    });
+    cfg.disks.push(disk);
     let run_dir = cfg.run_dir.clone();
     let vm = hypervisor().create(cfg).await.expect("create");
     vm.start().await.expect("start");

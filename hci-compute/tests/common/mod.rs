@@ -232,3 +232,29 @@ impl Drop for ReplicaServers {
         }
     }
 }
+
+/// A pool in `dir` with a released `size`-byte volume `name`, and a virtio
+/// disk naming it by path (opened by whoever runs the VM).
+pub async fn released_volume(
+    dir: &std::path::Path,
+    name: &str,
+    size: u64,
+) -> (hci_storage::local::LocalVolumeBackend, DiskConfig) {
+    use hci_core::volume::{CreateVolume, VolumeBackend};
+    let pool = hci_storage::local::LocalVolumeBackend::new(dir).expect("pool");
+    pool.create(name, CreateVolume::new(size))
+        .await
+        .expect("create");
+    pool.release(name).expect("release");
+    let disk = DiskConfig {
+        name: name.into(),
+        backend: DiskBackend::Volume {
+            path: dir.join(name),
+            key_file: None,
+        },
+        bus: DiskBus::Virtio,
+        read_only: false,
+        boot_order: None,
+    };
+    (pool, disk)
+}
