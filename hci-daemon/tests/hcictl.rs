@@ -987,5 +987,61 @@ fn replica_servers_outlive_a_daemon_crash_under_a_writing_guest() {
     }
     let events = ok(&hcictl(&socket, &["events", "volume", "rep"]));
     assert!(!events.contains("Rebuil"), "{events}");
+
+    // A server process dies under the running daemon (a crash, or killed
+    // to upgrade it): the daemon starts it again on the same address, the
+    // engine takes its replica back, and the guest never sees an error
+    // (the other replica carried its writes meanwhile).
+    let engine = dir.path().join("data/run/rvm/rep.engine.sock");
+    let robustness = || -> String {
+        hci_storage::control::call(&engine, &hci_storage::control::ControlRequest::Status)
+            .ok()
+            .and_then(|r| r.status)
+            .map(|s| s.robustness)
+            .unwrap_or_default()
+    };
+    assert_eq!(robustness(), "healthy");
+    let victim = before[0];
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while robustness() == "healthy" {
+        assert!(
+            Instant::now() < deadline,
+            "the engine never noticed its replica server died"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids()[0] == victim {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never started the killed replica server again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(addresses(), servers_before, "same addresses");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rep: Value = serde_json::from_str(&ok(&hcictl(
+            &socket,
+            &["get", "volume", "rep", "-o", "json"],
+        )))
+        .expect("json");
+        let healthy = rep["status"]["replicas"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|r| r["healthy"] == true).count());
+        if healthy == 2 && robustness() == "healthy" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted server's replica never came back ({}): {rep}",
+            robustness()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let now = rounds();
+    wait_rounds(now, "the guest stopped writing after a replica server died");
     ok(&hcictl(&socket, &["delete", "vm", "rvm"]));
 }

@@ -429,7 +429,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .await
         .context("failed to start the replica servers")?;
-        rt.replicas = Some(Arc::new(replicas));
+        let replicas = Arc::new(replicas);
+        ReplicaPool::supervise(&replicas);
+        rt.replicas = Some(replicas);
         let controllers = Controllers::start(rt)
             .await
             .context("failed to start the controllers")?;

@@ -44,8 +44,6 @@ pub struct ReplicaDisk {
     pub path: PathBuf,
     /// Its replica server (`HOST:PORT`).
     pub address: String,
-    /// The server's process, when it runs in one ([`ServerMode::Process`]).
-    pub pid: Option<u32>,
 }
 
 /// Where the replica servers run.
@@ -60,6 +58,8 @@ pub enum ServerMode {
 
 /// How long a new server process may take to listen.
 const SERVER_STARTUP: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often [`ReplicaPool::supervise`] checks the server processes.
+const SUPERVISE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// The file naming a disk's server process.
 const PID_FILE: &str = "replica-server.pid";
 
@@ -185,6 +185,8 @@ pub struct ReplicaPool {
     token: Vec<u8>,
     token_file: PathBuf,
     disks: Vec<ReplicaDisk>,
+    mode: ServerMode,
+    data_dir: PathBuf,
 }
 
 /// Hex of 32 bytes from the kernel's random source.
@@ -254,7 +256,7 @@ impl ReplicaPool {
                 .get(&key)
                 .filter(|a| a.rsplit_once(':').is_some_and(|(h, _)| h == host))
                 .cloned();
-            let (address, pid) = match mode {
+            let address = match mode {
                 ServerMode::InProcess => {
                     let wanted = recorded.unwrap_or_else(|| format!("{host}:0"));
                     let server = ReplicaServer::new(path, token.clone())?;
@@ -267,14 +269,14 @@ impl ReplicaPool {
                                 source: Some(e.to_string().into()),
                             })?;
                     tracing::info!(disk = %path.display(), address = %addr, "replica server started");
-                    (addr.to_string(), None)
+                    addr.to_string()
                 }
                 ServerMode::Process(binary) => {
                     let log = data_dir.join(format!("replica-server-{i}.log"));
                     match (running_server(path), recorded) {
                         (Some(pid), Some(address)) if listening(&address).await => {
                             tracing::info!(disk = %path.display(), %address, pid, "replica server still running: kept");
-                            (address, Some(pid))
+                            address
                         }
                         (running, recorded) => {
                             if let Some(pid) = running {
@@ -282,8 +284,14 @@ impl ReplicaPool {
                                 crate::sys::kill_pid(pid);
                             }
                             let first = recorded.map_or_else(|| free_address(host), Ok)?;
-                            let pid = match spawn_server(binary, path, &first, &token_file, &log)
-                                .await
+                            let (address, pid) = match spawn_server(
+                                binary,
+                                path,
+                                &first,
+                                &token_file,
+                                &log,
+                            )
+                            .await
                             {
                                 Ok(pid) => (first, pid),
                                 // The recorded port may be taken now: any free one.
@@ -295,8 +303,8 @@ impl ReplicaPool {
                                     (other, pid)
                                 }
                             };
-                            tracing::info!(disk = %path.display(), address = %pid.0, pid = pid.1, "replica server process started");
-                            (pid.0, Some(pid.1))
+                            tracing::info!(disk = %path.display(), %address, pid, "replica server process started");
+                            address
                         }
                     }
                 }
@@ -305,7 +313,6 @@ impl ReplicaPool {
             started.push(ReplicaDisk {
                 path: path.clone(),
                 address,
-                pid,
             });
         }
         let json = serde_json::to_vec_pretty(&known)
@@ -316,7 +323,49 @@ impl ReplicaPool {
             token,
             token_file,
             disks: started,
+            mode: mode.clone(),
+            data_dir: data_dir.to_path_buf(),
         })
+    }
+
+    /// Keeps the server processes running ([`ServerMode::Process`]): one
+    /// that died (crashed, killed to upgrade it) is started again on the
+    /// same address within a second or two, for as long as `pool` lives
+    /// and its disk exists. Engines then add its replicas back.
+    pub fn supervise(pool: &Arc<ReplicaPool>) {
+        let ServerMode::Process(binary) = pool.mode.clone() else {
+            return;
+        };
+        let weak = Arc::downgrade(pool);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SUPERVISE_EVERY).await;
+                let Some(pool) = weak.upgrade() else {
+                    return;
+                };
+                for (i, disk) in pool.disks.iter().enumerate() {
+                    if !disk.path.is_dir() || running_server(&disk.path).is_some() {
+                        continue;
+                    }
+                    let log = pool.data_dir.join(format!("replica-server-{i}.log"));
+                    match spawn_server(&binary, &disk.path, &disk.address, &pool.token_file, &log)
+                        .await
+                    {
+                        Ok(pid) => tracing::warn!(
+                            disk = %disk.path.display(),
+                            address = %disk.address,
+                            pid,
+                            "replica server was gone: started again"
+                        ),
+                        Err(e) => tracing::warn!(
+                            disk = %disk.path.display(),
+                            error = %e,
+                            "replica server is gone and does not start again (retrying)"
+                        ),
+                    }
+                }
+            }
+        });
     }
 
     /// The servers' addresses, in disk order.
