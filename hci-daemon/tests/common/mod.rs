@@ -92,10 +92,12 @@ impl Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for pid in pids_of("replica-server", &self.dir.to_string_lossy()) {
+        let servers = pids_of("replica-server", &self.dir.to_string_lossy());
+        for &pid in &servers {
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        wait_gone(&servers);
     }
 
     /// What VM `vm`'s serial console printed on this node.
@@ -181,12 +183,39 @@ pub fn pids_of(what: &str, needle: &str) -> Vec<i32> {
 /// Kills the `hci-vmm` and replica server processes whose command line
 /// mentions `dir` (with VMs in their own processes, both outlive their
 /// daemon by design).
+/// Returns once they are gone (so their volume locks are free).
 pub fn kill_vmms_under(dir: &Path) {
     let needle = dir.to_string_lossy();
     let servers = pids_of("replica-server", &needle);
-    for pid in vmm_pids(&needle).into_iter().chain(servers) {
+    let pids: Vec<i32> = vmm_pids(&needle).into_iter().chain(servers).collect();
+    for &pid in &pids {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    wait_gone(&pids);
+}
+
+/// Waits (up to 10 s) until none of `pids` runs any more: reaped, or a
+/// zombie with no thread left. (A killed multi-threaded process shows its
+/// leader as a zombie while other threads still exit and still hold its
+/// files, and so its volume locks.)
+pub fn wait_gone(pids: &[i32]) {
+    let running = |pid: i32| {
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        });
+        match zombie {
+            Err(_) => false,
+            Ok(false) => true,
+            Ok(true) => std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|d| d.count() > 1)
+                .unwrap_or(false),
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| running(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
