@@ -473,6 +473,9 @@ async fn connection(vm: Arc<dyn VmHandle>, stream: UnixStream) -> std::io::Resul
                     Err(e) => return reply(&mut w, &Response::error(e)).await,
                 };
                 reply(&mut w, &Response::ok()).await?;
+                // The output ends with the VM: a VMM about to exit waits
+                // (`wait_answers`) until its last bytes reached the client.
+                let _answering = Answering::new();
                 let Console {
                     mut output,
                     mut input,
