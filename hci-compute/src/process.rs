@@ -80,6 +80,22 @@ pub struct InheritedTap {
 #[cfg(feature = "qemu")]
 pub const QEMU_CONFIG_FILE: &str = "qemu-vm.json";
 
+/// The program `name` next to the current executable, else the first on
+/// `PATH`; `None` if there is none.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)));
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    beside.into_iter().chain(on_path).find(|p| p.is_file())
+}
+
 /// The `hci-vmm` next to the current executable, else the one on `PATH`.
 fn default_vmm() -> PathBuf {
     ProcessHypervisor::find_vmm().unwrap_or_else(|| PathBuf::from("hci-vmm"))
@@ -108,17 +124,7 @@ impl ProcessHypervisor {
     /// The `hci-vmm` binary next to the current executable, else the first
     /// on `PATH`; `None` if there is none.
     pub fn find_vmm() -> Option<PathBuf> {
-        let beside = std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(|d| d.join("hci-vmm")));
-        let on_path = std::env::var_os("PATH")
-            .map(|p| {
-                std::env::split_paths(&p)
-                    .map(|d| d.join("hci-vmm"))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
-        beside.into_iter().chain(on_path).find(|p| p.is_file())
+        find_program("hci-vmm")
     }
 
     /// Uses the `hci-vmm` binary at `path`.

@@ -66,17 +66,7 @@ const PID_FILE: &str = "replica-server.pid";
 /// The `hci-storage` binary next to the current executable, else the first
 /// on `PATH`.
 pub fn find_server_binary() -> Option<PathBuf> {
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("hci-storage")));
-    let on_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("hci-storage"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    beside.into_iter().chain(on_path).find(|p| p.is_file())
+    hci_compute::process::find_program("hci-storage")
 }
 
 /// The pid in `disk`'s pid file if that process is still the replica
