@@ -44,9 +44,9 @@ use futures::StreamExt;
 use hci_compute::ProcessHypervisor;
 use hci_compute::TapRegistry;
 use hci_compute::qemu::QemuHypervisor;
-use hci_core::Result;
 use hci_core::compute::Hypervisor;
 use hci_core::model::Resource;
+use hci_core::{Error, Result};
 use hci_net::LinuxBridgeBackend;
 use hci_storage::local::LocalVolumeBackend;
 use tokio::sync::mpsc;
@@ -364,6 +364,19 @@ impl Controllers {
         while self.tasks.join_next().await.is_some() {}
         self.vms.kill_all().await;
     }
+}
+
+/// A free TCP address on IP `host` (for `what`, in errors): the kernel picks
+/// the port.
+pub(crate) fn free_address(host: &str, what: &str) -> Result<std::net::SocketAddr> {
+    let ip: std::net::IpAddr = host
+        .parse()
+        .map_err(|_| Error::invalid("node address", format!("{host:?} is not an IP address")))?;
+    let listener = std::net::TcpListener::bind((ip, 0))
+        .map_err(|e| Error::io(format!("bind a {what} port on {host}"), e))?;
+    listener
+        .local_addr()
+        .map_err(|e| Error::io(format!("read the {what} port"), e))
 }
 
 /// Turns a failed blocking task (a panic or a cancelled runtime) of

@@ -85,14 +85,33 @@ fn running_server(disk: &Path) -> Option<u32> {
     (serves_disk && is_server).then_some(pid)
 }
 
-/// A free TCP port on `host`.
-fn free_address(host: &str) -> Result<String> {
-    let l = std::net::TcpListener::bind((host, 0))
-        .map_err(|e| Error::io(format!("pick a free port on {host}"), e))?;
-    let addr = l
-        .local_addr()
-        .map_err(|e| Error::io("read a listener's address", e))?;
-    Ok(addr.to_string())
+/// Starts the server process of `disk` on its `recorded` address, else
+/// (none, or taken now) on any free port of `host`; its address.
+async fn start_server_process(
+    binary: &Path,
+    disk: &Path,
+    recorded: Option<String>,
+    host: &str,
+    token_file: &Path,
+    log: &Path,
+) -> Result<String> {
+    let first = recorded.map_or_else(|| free_server_address(host), Ok)?;
+    let (address, pid) = match spawn_server(binary, disk, &first, token_file, log).await {
+        Ok(pid) => (first, pid),
+        Err(e) => {
+            tracing::warn!(disk = %disk.display(), address = %first, error = %e, "replica server: trying another port");
+            let other = free_server_address(host)?;
+            let pid = spawn_server(binary, disk, &other, token_file, log).await?;
+            (other, pid)
+        }
+    };
+    tracing::info!(disk = %disk.display(), %address, pid, "replica server process started");
+    Ok(address)
+}
+
+/// A free `HOST:PORT` for a replica server on `host`.
+fn free_server_address(host: &str) -> Result<String> {
+    super::free_address(host, "replica server").map(|a| a.to_string())
 }
 
 /// Whether something accepts TCP connections at `address`.
@@ -273,28 +292,8 @@ impl ReplicaPool {
                                 // Alive but not where it was recorded: replace it.
                                 crate::sys::kill_pid(pid);
                             }
-                            let first = recorded.map_or_else(|| free_address(host), Ok)?;
-                            let (address, pid) = match spawn_server(
-                                binary,
-                                path,
-                                &first,
-                                &token_file,
-                                &log,
-                            )
-                            .await
-                            {
-                                Ok(pid) => (first, pid),
-                                // The recorded port may be taken now: any free one.
-                                Err(e) => {
-                                    tracing::warn!(disk = %path.display(), address = %first, error = %e, "replica server: trying another port");
-                                    let other = free_address(host)?;
-                                    let pid = spawn_server(binary, path, &other, &token_file, &log)
-                                        .await?;
-                                    (other, pid)
-                                }
-                            };
-                            tracing::info!(disk = %path.display(), %address, pid, "replica server process started");
-                            address
+                            start_server_process(binary, path, recorded, host, &token_file, &log)
+                                .await?
                         }
                     }
                 }

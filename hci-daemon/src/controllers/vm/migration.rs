@@ -605,7 +605,7 @@ impl VmController {
             .first()
             .cloned()
             .unwrap_or_else(|| "127.0.0.1".into());
-        let port = free_port(&host)?;
+        let port = super::super::free_address(&host, "migration")?.port();
         let listen = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -696,19 +696,6 @@ fn unreachable_reporter() -> Result<MigrationProgress> {
         message: "the migration progress reporter ended".into(),
         source: None,
     })
-}
-
-/// A TCP port free on `host` now (bound and released).
-fn free_port(host: &str) -> Result<u16> {
-    let ip: std::net::IpAddr = host
-        .parse()
-        .map_err(|_| Error::invalid("node address", format!("{host:?} is not an IP address")))?;
-    let listener = std::net::TcpListener::bind((ip, 0))
-        .map_err(|e| Error::io(format!("bind a migration port on {host}"), e))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| Error::io("read the migration port", e))
 }
 
 /// Whether `vm` has an unfinished migration from `node` (its source) that
