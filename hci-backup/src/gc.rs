@@ -108,7 +108,12 @@ impl LiveSet {
         for m in repo.target().list("backups/").await? {
             let id = m.key.trim_start_matches("backups/").to_string();
             if !self.manifests.contains_key(&id) {
-                let man: Manifest = repo.load_manifest(&id).await?;
+                let man: Manifest = match repo.load_manifest(&id).await {
+                    Ok(man) => man,
+                    // Deleted since the listing: its pieces are not live.
+                    Err(Error::NotFound { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
                 self.manifests
                     .insert(id.clone(), man.pieces.iter().map(|p| p.0).collect());
             }

@@ -950,7 +950,12 @@ impl Repository {
         let mut out = Vec::new();
         for m in self.target.list("backups/").await? {
             let id = m.key.trim_start_matches("backups/");
-            out.push(info_of(&self.load_manifest(id).await?.header));
+            match self.load_manifest(id).await {
+                Ok(manifest) => out.push(info_of(&manifest.header)),
+                // Deleted between the listing and the read: not a backup any more.
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
         Ok(out)

@@ -229,10 +229,12 @@ impl Repository {
     pub async fn list_vm_backups(&self) -> Result<Vec<VmManifest>> {
         let mut out = Vec::new();
         for o in self.target().list("vms/").await? {
-            out.push(
-                self.load_vm_backup(o.key.trim_start_matches("vms/"))
-                    .await?,
-            );
+            match self.load_vm_backup(o.key.trim_start_matches("vms/")).await {
+                Ok(m) => out.push(m),
+                // Deleted between the listing and the read.
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
         Ok(out)

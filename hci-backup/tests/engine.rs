@@ -719,6 +719,14 @@ async fn whole_vm_backup_restores_under_a_new_name() {
             .is_ok()
     );
 
+    // A listing taken before a deletion still lists what was deleted; the
+    // repository skips those entries instead of failing the whole list.
+    let stale = StaleListing::new(r.target.clone());
+    let stale_repo = Repository::open(stale.clone(), Some(&[2u8; 32]))
+        .await
+        .expect("open");
+    stale.freeze(&["backups/", "vms/"]).await;
+
     // Retention counts VM backups per VM, not their volume backups per volume.
     let pruned = r
         .repo
@@ -730,7 +738,11 @@ async fn whole_vm_backup_restores_under_a_new_name() {
         .expect("prune");
     assert_eq!(pruned, vec![m1.id.clone()]);
     assert_eq!(r.repo.list().await.expect("list").len(), 2);
-    r.repo
+    assert_eq!(stale.list("vms/").await.expect("list").len(), 2);
+    let vms = stale_repo.list_vm_backups().await.expect("stale vm list");
+    assert_eq!(vms.iter().map(|m| &m.id).collect::<Vec<_>>(), vec![&m2.id]);
+    assert_eq!(stale_repo.list().await.expect("stale list").len(), 2);
+    stale_repo
         .gc(GcOptions {
             grace: std::time::Duration::ZERO,
             ..Default::default()
@@ -741,5 +753,60 @@ async fn whole_vm_backup_restores_under_a_new_name() {
     for vb in &again.volumes {
         let rep = r.repo.verify(&vb.backup).await.expect("verify");
         assert!(rep.bad_chunks.is_empty(), "{rep:?}");
+    }
+}
+
+/// A target whose listings of some prefixes were taken at one moment and
+/// not refreshed: what a reader racing a deleter sees.
+#[derive(Debug)]
+struct StaleListing {
+    target: Arc<FsTarget>,
+    frozen:
+        tokio::sync::Mutex<std::collections::HashMap<String, Vec<hci_core::backup::ObjectMeta>>>,
+}
+
+impl StaleListing {
+    fn new(target: Arc<FsTarget>) -> Arc<Self> {
+        Arc::new(StaleListing {
+            target,
+            frozen: Default::default(),
+        })
+    }
+
+    async fn freeze(&self, prefixes: &[&str]) {
+        let mut frozen = self.frozen.lock().await;
+        for p in prefixes {
+            let list = self.target.list(p).await.expect("list");
+            frozen.insert(p.to_string(), list);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl BackupTarget for StaleListing {
+    async fn put_new(&self, key: &str, data: bytes::Bytes) -> hci_core::Result<()> {
+        self.target.put_new(key, data).await
+    }
+    async fn get(&self, key: &str) -> hci_core::Result<bytes::Bytes> {
+        self.target.get(key).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> hci_core::Result<bytes::Bytes> {
+        self.target.get_range(key, range).await
+    }
+    async fn head(&self, key: &str) -> hci_core::Result<hci_core::backup::ObjectMeta> {
+        self.target.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> hci_core::Result<Vec<hci_core::backup::ObjectMeta>> {
+        if let Some(list) = self.frozen.lock().await.get(prefix) {
+            return Ok(list.clone());
+        }
+        self.target.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> hci_core::Result<()> {
+        self.target.delete(key).await
     }
 }
