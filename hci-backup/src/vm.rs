@@ -144,10 +144,23 @@ fn vm_key(id: &str) -> Result<String> {
 impl Repository {
     /// Backs up every volume of a VM, then records the VM manifest (see
     /// the module docs). A failure removes the volume backups already made.
-    #[instrument(skip(self, volumes, request, job), fields(vm = %request.vm_name))]
     pub async fn backup_vm(
         &self,
         volumes: Arc<dyn VolumeBackend>,
+        request: VmBackupRequest,
+        job: &Job,
+    ) -> Result<VmManifest> {
+        self.backup_vm_from(&|_| Ok(volumes.clone()), request, job)
+            .await
+    }
+
+    /// [`Repository::backup_vm`] for volumes that live in different
+    /// backends (local and replicated, say): `backend_of` names the backend
+    /// holding each volume.
+    #[instrument(skip(self, backend_of, request, job), fields(vm = %request.vm_name))]
+    pub async fn backup_vm_from(
+        &self,
+        backend_of: &(dyn Fn(&str) -> Result<Arc<dyn VolumeBackend>> + Send + Sync),
         request: VmBackupRequest,
         job: &Job,
     ) -> Result<VmManifest> {
@@ -155,21 +168,25 @@ impl Repository {
         let mut done: Vec<VmVolumeBackup> = Vec::new();
         let mut added = 0;
         for v in &request.volumes {
-            let r = self
-                .backup_with(
-                    volumes.clone(),
-                    VolumeBackupRequest {
-                        volume: v.volume.clone(),
-                        snapshot: v.snapshot.clone(),
-                        base: v.base.clone(),
-                        metadata: vec![
-                            (VM_BACKUP_KEY.into(), id.clone()),
-                            ("vm".into(), request.vm_name.clone()),
-                        ],
-                    },
-                    job,
-                )
-                .await;
+            let r = match backend_of(&v.volume) {
+                Ok(backend) => {
+                    self.backup_with(
+                        backend,
+                        VolumeBackupRequest {
+                            volume: v.volume.clone(),
+                            snapshot: v.snapshot.clone(),
+                            base: v.base.clone(),
+                            metadata: vec![
+                                (VM_BACKUP_KEY.into(), id.clone()),
+                                ("vm".into(), request.vm_name.clone()),
+                            ],
+                        },
+                        job,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
             match r {
                 Ok(info) => {
                     added += info.added_bytes;

@@ -775,6 +775,57 @@ fn replicated_volumes_spread_over_disks_and_serve_a_vm_process() {
         &["backup", "create", "rb", "--volume", "rep", "--target", "t"],
     ));
     assert!(out.contains("completed"), "{out}");
+
+    // Clones copy a replicated source: a snapshot into a 2-replica volume,
+    // and the volume itself (in use: its engine takes the snapshot) into a
+    // local one.
+    ok(&hcictl(s, &["volume", "snapshot", "rep", "rep-s2"]));
+    let clones = d._dir.path().join("clones.yaml");
+    std::fs::write(
+        &clones,
+        "apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {name: rep-clone}\n\
+         spec: {size: 64Mi, replicas: 2, source: {type: snapshot, name: rep-s2}}\n---\n\
+         apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {name: rep-local}\n\
+         spec: {size: 64Mi, source: {type: volume, name: rep}}\n",
+    )
+    .expect("write yaml");
+    ok(&hcictl(
+        s,
+        &["apply", "-f", clones.to_str().expect("utf-8")],
+    ));
+    ok(&hcictl(
+        s,
+        &["wait", "volume", "rep-clone", "--timeout", "60"],
+    ));
+    ok(&hcictl(
+        s,
+        &["wait", "volume", "rep-local", "--timeout", "60"],
+    ));
+    let clone = get("volume", "rep-clone");
+    assert_eq!(
+        clone["status"]["replicas"].as_array().map(Vec::len),
+        Some(2),
+        "{clone}"
+    );
+    if process {
+        // A whole-VM backup of a VM on a replicated volume restores as a
+        // new VM whose disk is replicated the same way.
+        let out = ok(&hcictl(
+            s,
+            &["backup", "create", "vb", "--vm", "rvm", "--target", "t"],
+        ));
+        assert!(out.contains("completed"), "{out}");
+        let out = ok(&hcictl(s, &["backup", "restore", "vb", "--vm", "rvm2"]));
+        assert!(out.contains("volume/rvm2-rep restored"), "{out}");
+        let restored = get("volume", "rvm2-rep");
+        assert_eq!(restored["spec"]["replicas"], 3, "{restored}");
+        assert_eq!(
+            restored["status"]["replicas"].as_array().map(Vec::len),
+            Some(3),
+            "{restored}"
+        );
+        ok(&hcictl(s, &["delete", "vm", "rvm2"]));
+    }
     if process {
         // Stop writing, so the volume and its backup can be compared.
         ok(&hcictl(s, &["delete", "vm", "rvm"]));
@@ -812,6 +863,94 @@ fn replicated_volumes_spread_over_disks_and_serve_a_vm_process() {
         a == b,
         "the restored replicated volume differs from its source"
     );
+    let on_disks = |name: &str| -> Vec<Vec<u8>> {
+        disks
+            .iter()
+            .filter(|disk| disk.join(name).is_dir())
+            .map(|disk| read_local(disk, name, 0, 64 << 20))
+            .collect()
+    };
+    let clone = on_disks("rep-clone");
+    assert_eq!(clone.len(), 2, "rep-clone is not on two disks");
+    assert!(
+        clone.iter().all(|c| *c == a),
+        "a replica of the clone differs"
+    );
+    let local = read_pool_volume(&d._dir.path().join("data"), "rep-local", 0, 64 << 20);
+    assert!(
+        local == a,
+        "the local clone of the replicated volume differs"
+    );
+    if process {
+        let vm_restored = on_disks("rvm2-rep");
+        assert_eq!(vm_restored.len(), 3, "rvm2-rep is not on three disks");
+        assert!(
+            vm_restored.iter().all(|c| *c == a),
+            "the VM restore's replicated disk differs"
+        );
+    }
+
+    // A copy cut short by a daemon crash (its marker left, its replicas
+    // partly written) is started over by the next daemon.
+    let marker = d._dir.path().join("data/run/.filling/rep-clone");
+    std::fs::create_dir_all(marker.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&marker, b"").expect("marker");
+    for disk in disks.iter().filter(|disk| disk.join("rep-clone").is_dir()) {
+        write_local(disk, "rep-clone", 0, &vec![0u8; 1 << 20]);
+    }
+    assert!(on_disks("rep-clone").iter().all(|c| *c != a));
+    d.child = cmd.spawn().expect("spawn hci-daemon again");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !hcictl(&d.socket, &["get", "node", "repl-test"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "hci-daemon did not start again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Created a second time (events outlive a daemon restart).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ok(&hcictl(&d.socket, &["events", "volume", "rep-clone"]))
+        .matches("Created")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "rep-clone was not copied again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ok(&hcictl(
+        &d.socket,
+        &["wait", "volume", "rep-clone", "--timeout", "60"],
+    ));
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    kill_vmms_under(d._dir.path());
+    assert!(!marker.exists(), "the copy's marker is left");
+    let clone = on_disks("rep-clone");
+    assert_eq!(clone.len(), 2, "rep-clone is not on two disks");
+    assert!(
+        clone.iter().all(|c| *c == a),
+        "a clone copied again after a crash differs"
+    );
+}
+
+/// Writes `data` at `offset` of local volume `name` under `root`.
+fn write_local(root: &Path, name: &str, offset: u64, data: &[u8]) {
+    use hci_core::volume::{OpenVolume, VolumeBackend};
+    let pool = hci_storage::local::LocalVolumeBackend::new(root).expect("pool");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let dev = pool
+            .open(name, OpenVolume::default())
+            .await
+            .expect("open volume");
+        dev.write_at(data, offset, Default::default())
+            .await
+            .expect("write");
+        dev.flush().await.expect("flush");
+    })
 }
 
 /// Reads `len` bytes at `offset` of local volume `name` under `root`.

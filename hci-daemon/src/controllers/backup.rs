@@ -311,19 +311,6 @@ impl BackupController {
 
     /// The volumes a backup reads, with their specs.
     async fn source_volumes(&self, b: &Backup) -> Result<(Option<VirtualMachine>, Vec<Volume>)> {
-        let (vm, vols) = self.source_volumes_of(b).await?;
-        if vm.is_some()
-            && let Some(v) = vols.iter().find(|v| v.spec.replicas > 1)
-        {
-            return Err(Error::unsupported(
-                format!("whole-VM backups with replicated volume {:?}", v.name()),
-                "this daemon (back up the replicated volume on its own)",
-            ));
-        }
-        Ok((vm, vols))
-    }
-
-    async fn source_volumes_of(&self, b: &Backup) -> Result<(Option<VirtualMachine>, Vec<Volume>)> {
         match &b.spec.source {
             BackupSource::Volume { name } => Ok((None, vec![self.rt.resources.get(name).await?])),
             BackupSource::VirtualMachine { name } => {
@@ -522,11 +509,17 @@ async fn run_backup(
     progress: watch::Receiver<JobProgress>,
 ) -> Result<(String, Option<u64>, u64, bool)> {
     let snap = snapshot_name(b.name());
-    // One volume: wherever it lives. A whole VM: local volumes only
-    // (refused before a replicated one gets here).
-    let pool: Arc<dyn VolumeBackend> = match (&vm, volumes) {
-        (None, [v]) => super::replicas::backend_for(rt, v)?.0,
-        _ => rt.volumes.clone(),
+    // Each volume wherever it lives: the local pool or its replicas.
+    let mut backends: HashMap<String, Arc<dyn VolumeBackend>> = HashMap::new();
+    for v in volumes {
+        let (backend, _) = super::replicas::backend_for(rt, v)?;
+        backends.insert(v.name().to_string(), backend);
+    }
+    let backend_of = |name: &str| {
+        backends
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found("volume of the backup", name))
     };
     let prev_id = prev.and_then(|p| p.status_or_default().backup_id);
     let metadata = vec![(RESOURCE_KEY.to_string(), b.name().to_string())];
@@ -537,7 +530,7 @@ async fn run_backup(
                 .ok_or_else(|| Error::invalid("backup source", "no volume"))?;
             let info = repo
                 .backup_with(
-                    pool,
+                    backend_of(v.name())?,
                     VolumeBackupRequest {
                         volume: v.name().to_string(),
                         snapshot: snap,
@@ -573,7 +566,7 @@ async fn run_backup(
                     })
                     .collect(),
             };
-            let m = repo.backup_vm(pool, req, job).await?;
+            let m = repo.backup_vm_from(&backend_of, req, job).await?;
             Ok((m.id, None, m.added_bytes, true))
         }
     }

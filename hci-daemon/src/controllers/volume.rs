@@ -1,10 +1,13 @@
-//! The volume controller: creates each `Volume` in the node's storage pool
-//! (blank, or cloned from a snapshot, another volume or an imported image), grows it when its spec grows, reports size, allocation and
-//! health in its status, and deletes the pool volume once the resource is
-//! gone.
+//! The volume controller: creates each `Volume` (blank, cloned from a
+//! snapshot or another volume, from an imported image, or restored from a
+//! backup), grows it when its spec grows, reports size, allocation and
+//! health in its status, and deletes it once the resource is gone.
 //!
-//! Volumes with `replicas > 1` are created with one local replica until
-//! replicated volumes land; the status says so (condition `Replicated`).
+//! A volume with `replicas: 1` lives in the node's local pool, where clones
+//! of local volumes share their source's blocks (O(1)). `replicas > 1`
+//! volumes live on replica servers (see [`super::replicas`]); a clone whose
+//! source or destination is replicated is a copy of the source's allocated
+//! blocks, and a copy cut short (a daemon crash) is started over.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -13,9 +16,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hci_backup::job::{CancelToken, Job, JobProgress};
+use hci_core::block::BlockDevice;
 use hci_core::model::{
-    ByteSize, ConditionStatus, Image, ImagePhase, Node, ReplicaStatus, Resource, Snapshot, Volume,
-    VolumePhase, VolumeSource, set_condition,
+    ByteSize, ConditionStatus, Image, ImagePhase, Node, ReplicaStatus, Resource, Snapshot,
+    SnapshotPhase, Volume, VolumePhase, VolumeSource, set_condition,
 };
 use hci_core::volume::{CreateVolume, EncryptionKey, OpenVolume, VolumeBackend, VolumeInfo};
 use hci_core::{Error, Result};
@@ -351,6 +355,7 @@ impl VolumeController {
                 robustness.to_string(),
             )
         } else {
+            self.unfinished_fill(name, &*backend).await?;
             let info = match backend.info(name).await {
                 Ok(info) => info,
                 Err(Error::NotFound { .. }) => match self.create_replicated(vol, &backend).await {
@@ -606,8 +611,8 @@ impl VolumeController {
     ) -> Result<VolumeInfo> {
         let name = vol.name();
         let key = encryption_key(vol)?;
-        match &vol.spec.source {
-            VolumeSource::Blank => {}
+        let source = match &vol.spec.source {
+            VolumeSource::Blank => None,
             VolumeSource::Image { name: image } => {
                 let img: Image = self.rt.resources.get(image).await?;
                 if img.status_or_default().phase != ImagePhase::Ready {
@@ -616,55 +621,184 @@ impl VolumeController {
                         source: None,
                     });
                 }
-            }
-            other => {
-                return Err(Error::unsupported(
-                    format!("replicated volumes from a {}", source_kind(other)),
-                    "this daemon (replicated volumes start blank, from an image or from a backup)",
-                ));
-            }
-        }
-        let info = backend
-            .create(
-                name,
-                CreateVolume {
-                    size: vol.spec.size.0,
-                    encryption_key: key.clone(),
-                },
-            )
-            .await?;
-        if let VolumeSource::Image { name: image } = &vol.spec.source {
-            let filled = async {
-                let src = self
+                let dev = self
                     .rt
                     .images
                     .open_snapshot(image, super::image::BASE_SNAPSHOT, OpenVolume::default())
                     .await?;
-                let dst = backend
-                    .open_engine(
-                        name,
-                        OpenVolume {
-                            read_only: false,
-                            encryption_key: key,
-                        },
-                    )
-                    .await?;
-                let copied = copy_allocated(&*src, &*dst).await;
-                let flushed = match copied {
-                    Ok(()) => hci_core::block::BlockDevice::flush(&*dst).await,
-                    Err(e) => Err(e),
-                };
-                // Closed cleanly, the next engine skips the crash reconcile.
-                let closed = dst.close().await;
-                flushed.and(closed)
+                Some(CopySource {
+                    dev,
+                    temporary: None,
+                })
             }
+            VolumeSource::Snapshot { .. } | VolumeSource::Volume { .. } => {
+                self.clone_source(vol, false).await?
+            }
+            other => {
+                return Err(Error::unsupported(
+                    format!("replicated volumes from a {}", source_kind(other)),
+                    "this daemon",
+                ));
+            }
+        };
+        let size = source
+            .as_ref()
+            .map_or(vol.spec.size.0, |s| s.dev.size().max(vol.spec.size.0));
+        let created = backend
+            .create(
+                name,
+                CreateVolume {
+                    size,
+                    encryption_key: key.clone(),
+                },
+            )
             .await;
-            if let Err(e) = filled {
-                let _ = backend.delete(name).await;
+        let Some(source) = source else {
+            return created;
+        };
+        let info = match created {
+            Ok(info) => info,
+            Err(e) => {
+                source.release().await;
                 return Err(e);
             }
+        };
+        let filled = async {
+            let dst = backend
+                .open_engine(
+                    name,
+                    OpenVolume {
+                        read_only: false,
+                        encryption_key: key,
+                    },
+                )
+                .await?;
+            let copied = copy_into(&*source.dev, &*dst).await;
+            // Closed cleanly, the next engine skips the crash reconcile.
+            let closed = dst.close().await;
+            copied.and(closed)
+        };
+        let filled = self.filling(name, filled).await;
+        source.release().await;
+        if let Err(e) = filled {
+            let _ = backend.delete(name).await;
+            return Err(e);
         }
         Ok(info)
+    }
+
+    /// The data a clone of `vol` copies: a snapshot of its source volume,
+    /// opened from wherever that volume lives. With `replicated_only`,
+    /// `None` unless the source is a replicated volume (a local source
+    /// clones in the pool, sharing its blocks).
+    async fn clone_source(
+        &self,
+        vol: &Volume,
+        replicated_only: bool,
+    ) -> Result<Option<CopySource>> {
+        let (source, snapshot, temporary) = match &vol.spec.source {
+            VolumeSource::Snapshot { name: snap } => {
+                let s: Snapshot = self.rt.resources.get(snap).await?;
+                if s.status_or_default().phase != SnapshotPhase::Ready {
+                    return Err(Error::Unavailable {
+                        what: format!("snapshot {snap:?} (not taken yet)"),
+                        source: None,
+                    });
+                }
+                let source: Volume = self.rt.resources.get(&s.spec.volume).await?;
+                (source, snap.clone(), false)
+            }
+            VolumeSource::Volume { name: source } => {
+                let source: Volume = self.rt.resources.get(source).await?;
+                let tmp = format!(
+                    "{INTERNAL_SNAPSHOT}{}",
+                    vol.metadata.uid.map(|u| u.to_string()).unwrap_or_default()
+                );
+                (source, tmp, true)
+            }
+            _ => return Ok(None),
+        };
+        if replicated_only && source.spec.replicas <= 1 {
+            return Ok(None);
+        }
+        if matches!(
+            source.status_or_default().phase,
+            VolumePhase::Pending | VolumePhase::Creating
+        ) {
+            return Err(Error::Unavailable {
+                what: format!("volume {:?} (not created yet)", source.name()),
+                source: None,
+            });
+        }
+        let (backend, _) = replicas::backend_for(&self.rt, &source)?;
+        if temporary {
+            // Left by a copy cut short: taken again, of the content now.
+            match backend.delete_snapshot(source.name(), &snapshot).await {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            replicas::take_snapshot(&self.rt, &source, &snapshot).await?;
+        }
+        let opened = backend
+            .open_snapshot(
+                source.name(),
+                &snapshot,
+                OpenVolume {
+                    read_only: true,
+                    encryption_key: encryption_key(&source)?,
+                },
+            )
+            .await;
+        let temporary = temporary.then(|| (backend, source.name().to_string(), snapshot));
+        match opened {
+            Ok(dev) => Ok(Some(CopySource { dev, temporary })),
+            Err(e) => {
+                CopySource::remove_temporary(temporary).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `fill` (the copy into new volume `name`) under a marker that
+    /// survives a daemon crash, so a copy cut short is deleted and started
+    /// over rather than passing as complete (see [`Self::unfinished_fill`]).
+    async fn filling(&self, name: &str, fill: impl Future<Output = Result<()>>) -> Result<()> {
+        let marker = self.fill_marker(name);
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
+        std::fs::write(&marker, b"")
+            .map_err(|e| Error::io(format!("write {}", marker.display()), e))?;
+        let r = fill.await;
+        if r.is_ok() {
+            std::fs::remove_file(&marker)
+                .map_err(|e| Error::io(format!("remove {}", marker.display()), e))?;
+        }
+        r
+    }
+
+    fn fill_marker(&self, name: &str) -> PathBuf {
+        self.rt.run_dir.join(".filling").join(name)
+    }
+
+    /// Deletes volume `name` from `backend` if a copy into it was cut
+    /// short, so that it is created again.
+    async fn unfinished_fill(&self, name: &str, backend: &dyn VolumeBackend) -> Result<()> {
+        let marker = self.fill_marker(name);
+        if !marker.exists() {
+            return Ok(());
+        }
+        tracing::warn!(
+            volume = name,
+            "a copy into the volume did not finish: starting over"
+        );
+        match backend.delete(name).await {
+            Ok(()) | Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::remove_file(&marker)
+            .map_err(|e| Error::io(format!("remove {}", marker.display()), e))
     }
 
     /// Records a failed create: waiting for a source that is not ready
@@ -711,6 +845,44 @@ impl VolumeController {
         let name = vol.name();
         let pool = &self.rt.volumes;
         let key = encryption_key(vol)?;
+        if let Some(source) = self.clone_source(vol, true).await? {
+            // A replicated source: copied.
+            let size = source.dev.size().max(vol.spec.size.0);
+            let created = pool
+                .create(
+                    name,
+                    CreateVolume {
+                        size,
+                        encryption_key: key.clone(),
+                    },
+                )
+                .await;
+            let filled = match created {
+                Ok(_) => {
+                    let fill = async {
+                        let dst = pool
+                            .open(
+                                name,
+                                OpenVolume {
+                                    read_only: false,
+                                    encryption_key: key,
+                                },
+                            )
+                            .await?;
+                        copy_into(&*source.dev, &*dst).await
+                    };
+                    let filled = self.filling(name, fill).await;
+                    if filled.is_err() {
+                        let _ = pool.delete(name).await;
+                    }
+                    filled
+                }
+                Err(e) => Err(e),
+            };
+            source.release().await;
+            filled?;
+            return pool.info(name).await;
+        }
         match &vol.spec.source {
             VolumeSource::Blank => {
                 pool.create(
@@ -724,6 +896,12 @@ impl VolumeController {
             }
             VolumeSource::Snapshot { name: snap } => {
                 let snapshot: Snapshot = self.rt.resources.get(snap).await?;
+                if snapshot.status_or_default().phase != SnapshotPhase::Ready {
+                    return Err(Error::Unavailable {
+                        what: format!("snapshot {snap:?} (not taken yet)"),
+                        source: None,
+                    });
+                }
                 pool.clone_snapshot(&snapshot.spec.volume, snap, name).await
             }
             VolumeSource::Volume { name: source } => {
@@ -788,10 +966,36 @@ fn source_kind(s: &VolumeSource) -> &'static str {
 
 /// Copies the allocated extents of `src` to `dst` (same size or larger),
 /// a MiB at a time.
-async fn copy_allocated(
-    src: &dyn hci_core::block::BlockDevice,
-    dst: &dyn hci_core::block::BlockDevice,
-) -> Result<()> {
+/// A clone's source that is copied, not shared: an open snapshot, and the
+/// snapshot taken for the clone (removed once copied), if any.
+struct CopySource {
+    dev: Arc<dyn BlockDevice>,
+    temporary: Option<(Arc<dyn VolumeBackend>, String, String)>,
+}
+
+impl CopySource {
+    /// Closes the source and removes its temporary snapshot.
+    async fn release(self) {
+        drop(self.dev);
+        Self::remove_temporary(self.temporary).await;
+    }
+
+    async fn remove_temporary(temporary: Option<(Arc<dyn VolumeBackend>, String, String)>) {
+        if let Some((backend, volume, snap)) = temporary
+            && let Err(e) = backend.delete_snapshot(&volume, &snap).await
+        {
+            tracing::warn!(volume, snapshot = snap, error = %e, "cannot remove a clone's temporary snapshot");
+        }
+    }
+}
+
+/// Copies `src`'s allocated blocks into `dst` and flushes them.
+async fn copy_into(src: &dyn BlockDevice, dst: &dyn BlockDevice) -> Result<()> {
+    copy_allocated(src, dst).await?;
+    dst.flush().await
+}
+
+async fn copy_allocated(src: &dyn BlockDevice, dst: &dyn BlockDevice) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
     let size = src.size();
     let mut buf = vec![0u8; CHUNK as usize];
@@ -893,6 +1097,7 @@ impl Reconcile for VolumeController {
                 Err(e) => return Err(e),
             }
         } else {
+            self.unfinished_fill(name, &**pool).await?;
             match pool.info(name).await {
                 Ok(info) => info,
                 Err(Error::NotFound { .. }) => {
