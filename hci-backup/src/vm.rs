@@ -9,7 +9,6 @@
 //! [`Repository::delete`](hci_core::backup::BackupEngine::delete) treat as
 //! ordinary backups.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -97,24 +96,14 @@ pub struct VmRestorePlan {
 
 /// Name of the volume that restores `old` for the VM restored as `new_vm`.
 pub fn restored_volume_name(new_vm: &str, old: &str) -> String {
-    format!("{new_vm}-{old}")
+    hci_core::model::copied_volume_name(new_vm, old)
 }
 
 impl VmManifest {
     /// The VM and volumes a restore under `new_name` creates: volumes are
     /// named `<new_name>-<old volume>`, the VM's disks renamed to match.
     pub fn restore_plan(&self, new_name: &str) -> VmRestorePlan {
-        let rename: BTreeMap<&str, String> = self
-            .volumes
-            .iter()
-            .map(|v| (v.volume.as_str(), restored_volume_name(new_name, &v.volume)))
-            .collect();
-        let mut spec = self.vm.clone();
-        for d in &mut spec.disks {
-            if let Some(n) = rename.get(d.volume.as_str()) {
-                d.volume = n.clone();
-            }
-        }
+        let spec = self.vm.for_copy(new_name);
         let volumes = self
             .volumes
             .iter()

@@ -1184,3 +1184,117 @@ fn replica_servers_outlive_a_daemon_crash_under_a_writing_guest() {
     wait_rounds(now, "the guest stopped writing after a replica server died");
     ok(&hcictl(&socket, &["delete", "vm", "rvm"]));
 }
+
+/// A VM snapshot holds every volume of the VM at one instant, with its
+/// spec: taken of a stopped VM and of a running one (paused meanwhile,
+/// running again after), restored as new VMs whose volumes are clones of
+/// the snapshots, and deleted with the snapshots of its volumes.
+#[test]
+fn vm_snapshots_hold_every_volume_at_one_instant_and_restore_as_new_vms() {
+    if !kvm() {
+        eprintln!("skipped: /dev/kvm is not usable");
+        return;
+    }
+    let d = daemon();
+    let s = &d.socket;
+    let yaml = d._dir.path().join("vm.yaml");
+    std::fs::write(
+        &yaml,
+        "apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {name: root}\nspec: {size: 16Mi}\n---\n\
+         apiVersion: hci.dev/v1\nkind: Volume\nmetadata: {name: data}\nspec: {size: 8Mi}\n---\n\
+         apiVersion: hci.dev/v1\nkind: VirtualMachine\nmetadata: {name: snapvm}\n\
+         spec:\n  cpus: 1\n  memory: 64Mi\n  boot: {type: kernel, path: 'guest:blk', cmdline: stay=1}\n  \
+         disks: [{name: root, volume: root}, {name: data, volume: data}]\n  runStrategy: Halted\n",
+    )
+    .expect("write yaml");
+    ok(&hcictl(s, &["apply", "-f", yaml.to_str().expect("utf-8")]));
+    ok(&hcictl(s, &["wait", "volume", "root", "--timeout", "60"]));
+    ok(&hcictl(s, &["wait", "volume", "data", "--timeout", "60"]));
+    let get = |kind: &str, name: &str| -> Value {
+        serde_json::from_str(&ok(&hcictl(s, &["get", kind, name, "-o", "json"]))).expect("json")
+    };
+
+    // Of the stopped VM: before the guest ever wrote.
+    let out = ok(&hcictl(s, &["vm", "snapshot", "snapvm", "before"]));
+    assert!(out.contains("vmsnapshot/before ready: 2 volumes"), "{out}");
+    let before = get("vmsnapshot", "before");
+    assert_eq!(before["status"]["vm"]["runStrategy"], "Halted", "{before}");
+    let snaps = ok(&hcictl(s, &["get", "snapshots"]));
+    assert!(
+        snaps.contains("before-root") && snaps.contains("before-data"),
+        "{snaps}"
+    );
+
+    // Of the running VM, once the guest wrote its pattern to `root`.
+    ok(&hcictl(s, &["vm", "start", "snapvm"]));
+    let out = ok(&hcictl(
+        s,
+        &["vm", "console", "snapvm", "--until", "virtio-blk OK"],
+    ));
+    assert!(out.contains("virtio-blk OK"), "{out}");
+    let out = ok(&hcictl(s, &["vm", "snapshot", "snapvm", "after"]));
+    assert!(out.contains("vmsnapshot/after ready: 2 volumes"), "{out}");
+    let vm = get("vm", "snapvm");
+    assert_eq!(vm["status"]["phase"], "Running", "paused for good: {vm}");
+    let after = get("vmsnapshot", "after");
+    let volumes: Vec<&str> = after["status"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["snapshot"].as_str())
+        .collect();
+    assert_eq!(volumes, vec!["after-root", "after-data"], "{after}");
+    let events = ok(&hcictl(s, &["events", "vmsnapshot", "after"]));
+    assert!(events.contains("Taken"), "{events}");
+
+    // Restored as new VMs on clones of the snapshots.
+    let out = ok(&hcictl(s, &["vm", "restore", "before", "--as", "old"]));
+    assert!(out.contains("volume/old-root ready"), "{out}");
+    let old = get("vm", "old");
+    assert_eq!(old["spec"]["runStrategy"], "Halted", "{old}");
+    assert_eq!(old["spec"]["disks"][1]["volume"], "old-data", "{old}");
+    let out = ok(&hcictl(s, &["vm", "restore", "after", "--as", "new"]));
+    assert!(out.contains("volume/new-data ready"), "{out}");
+    // The restored running VM boots from its own copy.
+    let out = ok(&hcictl(
+        s,
+        &["vm", "console", "new", "--until", "virtio-blk OK"],
+    ));
+    assert!(out.contains("virtio-blk OK"), "{out}");
+
+    // Mistakes are explained.
+    let e = err(&hcictl(s, &["vm", "snapshot", "ghost", "x"]));
+    assert!(e.contains("ghost"), "{e}");
+    let e = err(&hcictl(s, &["vm", "restore", "after", "--as", "new"]));
+    assert!(e.contains("already exists"), "{e}");
+
+    // Deleting a VM snapshot deletes the snapshots of its volumes.
+    ok(&hcictl(s, &["delete", "vmsnapshot", "before"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ok(&hcictl(s, &["get", "snapshots"])).contains("before-") {
+        assert!(
+            Instant::now() < deadline,
+            "the volume snapshots outlived their VM snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // On disk (the daemon and its VMs gone): the first snapshot is from
+    // before the guest wrote, the second after.
+    ok(&hcictl(s, &["delete", "vm", "snapvm"]));
+    ok(&hcictl(s, &["delete", "vm", "new"]));
+    let mut d = d;
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+    kill_vmms_under(d._dir.path());
+    let data = d._dir.path().join("data");
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 31 + 7) as u8).collect();
+    assert_eq!(read_pool_volume(&data, "root", 4096, 4096), pattern);
+    assert_eq!(read_pool_volume(&data, "new-root", 4096, 4096), pattern);
+    assert!(
+        read_pool_volume(&data, "old-root", 4096, 4096)
+            .iter()
+            .all(|&b| b == 0),
+        "the snapshot of the stopped VM holds a later write"
+    );
+}

@@ -15,6 +15,7 @@ use hci_daemon::proto::node_service_client::NodeServiceClient;
 use hci_daemon::proto::schedule_service_client::ScheduleServiceClient;
 use hci_daemon::proto::snapshot_service_client::SnapshotServiceClient;
 use hci_daemon::proto::virtual_machine_service_client::VirtualMachineServiceClient;
+use hci_daemon::proto::virtual_machine_snapshot_service_client::VirtualMachineSnapshotServiceClient;
 use hci_daemon::proto::volume_service_client::VolumeServiceClient;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
@@ -64,6 +65,10 @@ macro_rules! with_client {
             }
             Kind::Node => {
                 let mut $c = NodeServiceClient::new($t);
+                $body
+            }
+            Kind::VmSnapshot => {
+                let mut $c = VirtualMachineSnapshotServiceClient::new($t);
                 $body
             }
         }
@@ -380,6 +385,17 @@ impl RawClient {
         };
         let mut c = BackupServiceClient::new(self.t());
         let r = wait(py, async move { c.restore_backup(req).await })?.py_err()?;
+        Ok(doc(r.into_inner()))
+    }
+
+    /// Restores VirtualMachineSnapshot `snapshot` as new VM `vm`.
+    fn restore_vm_snapshot(&self, py: Python<'_>, snapshot: &str, vm: &str) -> PyResult<Doc> {
+        let req = proto::RestoreVmSnapshotRequest {
+            snapshot: snapshot.to_string(),
+            vm: vm.to_string(),
+        };
+        let mut c = VirtualMachineSnapshotServiceClient::new(self.t());
+        let r = wait(py, async move { c.restore_vm_snapshot(req).await })?.py_err()?;
         Ok(doc(r.into_inner()))
     }
 

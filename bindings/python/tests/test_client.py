@@ -195,6 +195,43 @@ def test_whole_vm_backup_restores_as_a_new_vm(client: hci.Client, tmp_path: Path
         client.delete(kind, name)
 
 
+def test_vm_snapshot_restores_as_a_new_vm(client: hci.Client) -> None:
+    client.create(hci.Volume("vms-disk", {"size": "8Mi"}))
+    client.create(
+        hci.VirtualMachine(
+            "vms",
+            {
+                "cpus": 1,
+                "memory": "64Mi",
+                "boot": {"type": "kernel", "path": "guest:blk"},
+                "disks": [{"name": "data", "volume": "vms-disk"}],
+                "runStrategy": "Halted",
+            },
+        )
+    )
+    client.wait_for(hci.Volume, "vms-disk", lambda v: v.phase == "Detached", timeout=30)
+    snap = client.snapshot_vm("vms", "vms-s1")
+    assert isinstance(snap, hci.VirtualMachineSnapshot) and snap.vm == "vms"
+    snap = client.wait_for(
+        hci.VirtualMachineSnapshot, "vms-s1", lambda s: s.phase == "Ready", timeout=30
+    )
+    assert snap.volume_snapshots == {"vms-disk": "vms-s1-vms-disk"}
+    assert client.get(hci.Snapshot, "vms-s1-vms-disk").volume == "vms-disk"
+    vm = client.restore_vm_snapshot("vms-s1", "vms2")
+    assert [d["volume"] for d in vm.spec["disks"]] == ["vms2-vms-disk"], vm.spec
+    client.wait_for(hci.Volume, "vms2-vms-disk", lambda v: v.phase == "Detached", timeout=60)
+    with pytest.raises(hci.NotFound):
+        client.restore_vm_snapshot("no-such-snapshot", "vms3")
+    for kind, name in [
+        (hci.VirtualMachine, "vms2"),
+        (hci.Volume, "vms2-vms-disk"),
+        (hci.VirtualMachineSnapshot, "vms-s1"),
+        (hci.VirtualMachine, "vms"),
+        (hci.Volume, "vms-disk"),
+    ]:
+        client.delete(kind, name)
+
+
 @pytest.mark.skipif(not kvm_usable(), reason="needs a usable /dev/kvm")
 def test_vm_power_actions_and_console(client: hci.Client) -> None:
     client.create(hci.Volume("pw-disk", {"size": "16Mi"}))

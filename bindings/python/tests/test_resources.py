@@ -36,6 +36,7 @@ DOCS: dict[str, dict[str, Any]] = {
         },
     },
     "Snapshot": {"metadata": {"name": "s1"}, "spec": {"volume": "web-root"}},
+    "VirtualMachineSnapshot": {"metadata": {"name": "web-s1"}, "spec": {"vm": "web"}},
     "Backup": {
         "metadata": {"name": "b1"},
         "spec": {"source": {"kind": "volume", "name": "web-root"}, "target": "nfs"},

@@ -246,9 +246,8 @@ fn volume_source() -> impl Strategy<Value = VolumeSource> {
     ]
 }
 
-/// Volumes.
-pub fn volume() -> impl Strategy<Value = Volume> {
-    let spec = (
+fn volume_spec() -> impl Strategy<Value = VolumeSpec> {
+    (
         size(),
         1u8..8,
         option::of(name()),
@@ -261,7 +260,12 @@ pub fn volume() -> impl Strategy<Value = Volume> {
             storage_class,
             source,
             encryption: key.map(|key_file| VolumeEncryption { key_file }),
-        });
+        })
+}
+
+/// Volumes.
+pub fn volume() -> impl Strategy<Value = Volume> {
+    let spec = volume_spec();
     let replica = (
         name(),
         any::<bool>(),
@@ -357,6 +361,41 @@ pub fn snapshot() -> impl Strategy<Value = Snapshot> {
     (meta(), name(), option::of(status)).prop_map(|(metadata, volume, status)| Snapshot {
         metadata,
         spec: SnapshotSpec { volume },
+        status,
+    })
+}
+
+/// VM snapshots.
+pub fn vm_snapshot() -> impl Strategy<Value = VirtualMachineSnapshot> {
+    let volume =
+        (name(), name(), volume_spec()).prop_map(|(volume, snapshot, spec)| VmSnapshotVolume {
+            volume,
+            snapshot,
+            spec,
+        });
+    let status = (
+        0usize..3,
+        option::of(time()),
+        option::of(vm_spec()),
+        vec(volume, 0..3),
+        text(),
+    )
+        .prop_map(
+            |(p, taken_at, vm, volumes, message)| VirtualMachineSnapshotStatus {
+                phase: [
+                    SnapshotPhase::Pending,
+                    SnapshotPhase::Ready,
+                    SnapshotPhase::Failed,
+                ][p],
+                taken_at,
+                vm,
+                volumes,
+                message,
+            },
+        );
+    (meta(), name(), option::of(status)).prop_map(|(metadata, vm, status)| VirtualMachineSnapshot {
+        metadata,
+        spec: VirtualMachineSnapshotSpec { vm },
         status,
     })
 }
@@ -639,6 +678,7 @@ pub fn any_resource() -> impl Strategy<Value = AnyResource> {
         volume().prop_map(AnyResource::from),
         image().prop_map(AnyResource::from),
         snapshot().prop_map(AnyResource::from),
+        vm_snapshot().prop_map(AnyResource::from),
         network().prop_map(AnyResource::from),
         backup().prop_map(AnyResource::from),
         backup_target().prop_map(AnyResource::from),

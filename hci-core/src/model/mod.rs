@@ -13,6 +13,7 @@
 //! | [`Volume`] | size, replicas, storage class, source (blank, image, snapshot, volume, backup), encryption |
 //! | [`Image`] | URL, format, checksum |
 //! | [`Snapshot`] | the volume |
+//! | [`VirtualMachineSnapshot`] | the VM (every volume at one instant, with its spec) |
 //! | [`Network`] | management / bridge / VLAN / overlay; CIDR, gateway, DHCP range, uplink, MTU |
 //! | [`Backup`], [`BackupTarget`] | what to back up, and where (`s3://`, `file://`) |
 //! | [`Schedule`] | cron, snapshot or backup, retention |
@@ -102,6 +103,7 @@ mod schedule;
 mod snapshot;
 mod validation;
 mod vm;
+mod vmsnapshot;
 mod volume;
 
 #[cfg(any(test, feature = "testing"))]
@@ -129,6 +131,10 @@ pub use vm::{
     BootSpec, CloudInit, DiskBus, DiskSpec, EvictionStrategy, FirmwareBoot, FirmwareKind,
     HypervisorBackend, KernelBoot, MAX_CMDLINE, MigrationPhase, NicModel, NicSpec, RunStrategy,
     VirtualMachine, VmBuilder, VmMigration, VmSpec, VmStatus,
+};
+pub use vmsnapshot::{
+    VM_SNAPSHOT_ANNOTATION, VirtualMachineSnapshot, VirtualMachineSnapshotSpec,
+    VirtualMachineSnapshotStatus, VmSnapshotVolume, copied_volume_name, vm_snapshot_member,
 };
 pub use volume::{ReplicaStatus, Volume, VolumeEncryption, VolumeSource, VolumeSpec, VolumeStatus};
 
@@ -219,6 +225,7 @@ any_resource!(
     Volume,
     Image,
     Snapshot,
+    VirtualMachineSnapshot,
     Network,
     Backup,
     BackupTarget,

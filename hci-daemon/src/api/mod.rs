@@ -54,6 +54,7 @@ use crate::proto::node_service_server::NodeServiceServer;
 use crate::proto::schedule_service_server::ScheduleServiceServer;
 use crate::proto::snapshot_service_server::SnapshotServiceServer;
 use crate::proto::virtual_machine_service_server::VirtualMachineServiceServer;
+use crate::proto::virtual_machine_snapshot_service_server::VirtualMachineSnapshotServiceServer;
 use crate::proto::volume_service_server::VolumeServiceServer;
 use crate::resources::ResourceStore;
 
@@ -183,6 +184,9 @@ async fn build(
         .await;
     reporter.set_serving::<ScheduleServiceServer<Api>>().await;
     reporter.set_serving::<NodeServiceServer<Api>>().await;
+    reporter
+        .set_serving::<VirtualMachineSnapshotServiceServer<Api>>()
+        .await;
     reporter.set_serving::<EventServiceServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -207,6 +211,7 @@ async fn build(
         .add_service(BackupServiceServer::new(api.clone()))
         .add_service(BackupTargetServiceServer::new(api.clone()))
         .add_service(ScheduleServiceServer::new(api.clone()))
+        .add_service(VirtualMachineSnapshotServiceServer::new(api.clone()))
         .add_service(NodeServiceServer::new(api)))
 }
 

@@ -1,8 +1,9 @@
-//! The nine resource services: shared CRUD plus each kind's actions.
+//! The ten resource services: shared CRUD plus each kind's actions.
 
 use hci_core::model::{
     Backup, BackupSource, BackupTarget, ByteSize, Image, Network, Node, Resource, RunStrategy,
-    Schedule, Snapshot, SnapshotSpec, VirtualMachine, Volume, VolumeSource, VolumeSpec,
+    Schedule, Snapshot, SnapshotSpec, VirtualMachine, VirtualMachineSnapshot, Volume, VolumeSource,
+    VolumeSpec,
 };
 use hci_core::{Error, Result};
 use tonic::{Request, Response, Status, Streaming};
@@ -20,6 +21,7 @@ use crate::proto::node_service_server::NodeService;
 use crate::proto::schedule_service_server::ScheduleService;
 use crate::proto::snapshot_service_server::SnapshotService;
 use crate::proto::virtual_machine_service_server::VirtualMachineService;
+use crate::proto::virtual_machine_snapshot_service_server::VirtualMachineSnapshotService;
 use crate::proto::volume_service_server::VolumeService;
 
 /// Annotation holding a power action for the VM controller to carry out
@@ -279,6 +281,26 @@ resource_service!(NetworkService, Network {});
 resource_service!(BackupTargetService, BackupTarget {});
 resource_service!(ScheduleService, Schedule {});
 resource_service!(NodeService, Node {});
+
+resource_service!(VirtualMachineSnapshotService, VirtualMachineSnapshot {
+    async fn restore_vm_snapshot(
+        &self,
+        request: Request<proto::RestoreVmSnapshotRequest>,
+    ) -> Result<Response<proto::Resource>, Status> {
+        let req = request.into_inner();
+        if req.vm.is_empty() {
+            return Err(Error::invalid("vm", "is required: the name of the new VM")).or_status();
+        }
+        let snapshot: VirtualMachineSnapshot =
+            self.resources().get(&req.snapshot).await.or_status()?;
+        let (vm, volumes) = snapshot.restore_plan(&req.vm).or_status()?;
+        for v in volumes {
+            self.resources().create(v).await.or_status()?;
+        }
+        let vm = self.resources().create(vm).await.or_status()?;
+        Ok(Response::new(to_proto(&vm)?))
+    }
+});
 
 impl Api {
     /// The volume a restore of `backup` creates.

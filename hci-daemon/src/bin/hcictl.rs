@@ -177,6 +177,29 @@ enum VmCommand {
         #[arg(long, conflicts_with_all = ["to", "no_wait"])]
         cancel: bool,
     },
+    /// Snapshot every volume of a VM at one instant (the VM is paused
+    /// meanwhile), with its spec: a VirtualMachineSnapshot.
+    Snapshot {
+        /// The VM.
+        vm: String,
+        /// Name of the new VirtualMachineSnapshot.
+        name: String,
+        /// Return once requested instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Restore a VirtualMachineSnapshot as a new VM, its volumes cloned
+    /// from the snapshot's (named `<new VM>-<volume>`).
+    Restore {
+        /// The VirtualMachineSnapshot.
+        snapshot: String,
+        /// Name of the new VM.
+        #[arg(long = "as", value_name = "NEW_VM")]
+        new_vm: String,
+        /// Return once requested instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Attach to the serial console (Ctrl-] detaches).
     Console {
         /// The VM.
@@ -363,6 +386,14 @@ async fn run(args: Args) -> Result<(), CliError> {
             VmCommand::Migrate {
                 name, to, no_wait, ..
             } => cli::migrate::migrate(&c, &name, to.as_deref(), !no_wait).await?,
+            VmCommand::Snapshot { vm, name, no_wait } => {
+                cli::vm_snapshot(&c, &vm, &name, !no_wait).await?
+            }
+            VmCommand::Restore {
+                snapshot,
+                new_vm,
+                no_wait,
+            } => cli::vm_restore(&c, &snapshot, &new_vm, !no_wait).await?,
             VmCommand::Console { name, until } => {
                 cli::console(&c, &name, until.as_deref()).await?;
                 String::new()

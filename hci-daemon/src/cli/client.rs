@@ -20,6 +20,7 @@ use crate::proto::node_service_client::NodeServiceClient;
 use crate::proto::schedule_service_client::ScheduleServiceClient;
 use crate::proto::snapshot_service_client::SnapshotServiceClient;
 use crate::proto::virtual_machine_service_client::VirtualMachineServiceClient;
+use crate::proto::virtual_machine_snapshot_service_client::VirtualMachineSnapshotServiceClient;
 use crate::proto::volume_service_client::VolumeServiceClient;
 
 /// The daemon's default socket (`hci-daemon` with its default data directory).
@@ -46,11 +47,13 @@ pub enum Kind {
     Schedule,
     /// Node.
     Node,
+    /// VirtualMachineSnapshot.
+    VmSnapshot,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Vm,
         Kind::Volume,
         Kind::Image,
@@ -60,6 +63,7 @@ impl Kind {
         Kind::BackupTarget,
         Kind::Schedule,
         Kind::Node,
+        Kind::VmSnapshot,
     ];
 
     /// The model's kind name (`VirtualMachine`, `Volume`, …).
@@ -74,6 +78,7 @@ impl Kind {
             Kind::BackupTarget => "BackupTarget",
             Kind::Schedule => "Schedule",
             Kind::Node => "Node",
+            Kind::VmSnapshot => "VirtualMachineSnapshot",
         }
     }
 
@@ -89,6 +94,7 @@ impl Kind {
             Kind::BackupTarget => "backuptarget",
             Kind::Schedule => "schedule",
             Kind::Node => "node",
+            Kind::VmSnapshot => "vmsnapshot",
         }
     }
 
@@ -113,9 +119,15 @@ impl std::str::FromStr for Kind {
             "backuptarget" | "backuptargets" | "target" | "targets" => Kind::BackupTarget,
             "schedule" | "schedules" => Kind::Schedule,
             "node" | "nodes" | "no" => Kind::Node,
+            "vmsnapshot"
+            | "vmsnapshots"
+            | "vmsnap"
+            | "vmsnaps"
+            | "virtualmachinesnapshot"
+            | "virtualmachinesnapshots" => Kind::VmSnapshot,
             _ => {
                 return Err(format!(
-                    "unknown kind {s:?}: use one of vm, volume, image, network, snapshot, backup, backuptarget, schedule, node"
+                    "unknown kind {s:?}: use one of vm, volume, image, network, snapshot, vmsnapshot, backup, backuptarget, schedule, node"
                 ));
             }
         })
@@ -225,6 +237,10 @@ macro_rules! with_client {
             }
             Kind::Node => {
                 let mut $c = NodeServiceClient::new($self.channel.clone());
+                $body
+            }
+            Kind::VmSnapshot => {
+                let mut $c = VirtualMachineSnapshotServiceClient::new($self.channel.clone());
                 $body
             }
         }
@@ -438,6 +454,11 @@ impl Client {
     pub fn backups(&self) -> BackupServiceClient<Transport> {
         BackupServiceClient::new(self.channel.clone())
     }
+
+    /// The VM snapshot service.
+    pub fn vm_snapshots(&self) -> VirtualMachineSnapshotServiceClient<Transport> {
+        VirtualMachineSnapshotServiceClient::new(self.channel.clone())
+    }
 }
 
 /// The causes under an error, joined (TLS failures hide there).
@@ -465,6 +486,8 @@ mod tests {
             ("snap", Kind::Snapshot),
             ("backuptargets", Kind::BackupTarget),
             ("nodes", Kind::Node),
+            ("vmsnap", Kind::VmSnapshot),
+            ("VirtualMachineSnapshots", Kind::VmSnapshot),
         ] {
             assert_eq!(s.parse::<Kind>(), Ok(k), "{s}");
         }

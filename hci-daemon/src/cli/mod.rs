@@ -438,6 +438,69 @@ pub async fn snapshot(c: &Client, volume: &str, snapshot: &str) -> Result<String
     Ok(format!("snapshot/{snapshot} created\n"))
 }
 
+/// `hcictl vm snapshot VM NAME`: takes a VM snapshot (every volume of the
+/// VM at one instant, with its spec) and, with `wait`, follows it until
+/// it is taken.
+pub async fn vm_snapshot(c: &Client, vm: &str, name: &str, wait: bool) -> Result<String, CliError> {
+    let doc = serde_json::json!({
+        "apiVersion": hci_core::model::API_VERSION,
+        "kind": "VirtualMachineSnapshot",
+        "metadata": {"name": name},
+        "spec": {"vm": vm},
+    });
+    c.create(Kind::VmSnapshot, doc.to_string())
+        .await
+        .map_err(|s| explain(&format!("vm/{vm}"), &s))?;
+    let mut out = format!("vmsnapshot/{name} created\n");
+    if wait {
+        let d = wait::wait(c, Kind::VmSnapshot, name, None).await?;
+        let volumes = d
+            .pointer("/status/volumes")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        out.push_str(&format!("vmsnapshot/{name} ready: {volumes} volumes\n"));
+    }
+    Ok(out)
+}
+
+/// `hcictl vm restore SNAPSHOT --as NEW`: restores a VM snapshot as a new
+/// VM (its volumes cloned from the snapshot's) and, with `wait`, follows
+/// the new volumes until they are ready.
+pub async fn vm_restore(
+    c: &Client,
+    snapshot: &str,
+    new: &str,
+    wait: bool,
+) -> Result<String, CliError> {
+    let what = format!("vmsnapshot/{snapshot}");
+    let r = c
+        .vm_snapshots()
+        .restore_vm_snapshot(proto::RestoreVmSnapshotRequest {
+            snapshot: snapshot.into(),
+            vm: new.into(),
+        })
+        .await
+        .map_err(|s| explain(&what, &s))?
+        .into_inner();
+    let created = doc(&r)?;
+    let mut out = format!("vm/{new} created from {what}\n");
+    if wait {
+        let volumes: Vec<String> = created
+            .pointer("/spec/disks")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.pointer("/volume").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
+        for v in &volumes {
+            wait::wait(c, Kind::Volume, v, None).await?;
+            out.push_str(&format!("volume/{v} ready\n"));
+        }
+    }
+    Ok(out)
+}
+
 /// `hcictl volume clone VOLUME NEW`.
 pub async fn clone(c: &Client, volume: &str, new: &str) -> Result<String, CliError> {
     c.volumes()
@@ -819,7 +882,12 @@ pub async fn apply_wait(c: &Client, text: &str, origin: &str) -> Result<String, 
         };
         if matches!(
             kind,
-            Kind::Image | Kind::Volume | Kind::Backup | Kind::Snapshot | Kind::Vm
+            Kind::Image
+                | Kind::Volume
+                | Kind::Backup
+                | Kind::Snapshot
+                | Kind::VmSnapshot
+                | Kind::Vm
         ) {
             out.push_str(&wait(c, kind, r.name(), None).await?);
         }

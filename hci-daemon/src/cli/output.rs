@@ -84,6 +84,7 @@ fn columns(kind: Kind) -> &'static [(&'static str, &'static str)] {
             ("MEMORY", "/status/allocatable/memory"),
             ("ADDRESSES", "/spec/addresses"),
         ],
+        Kind::VmSnapshot => &[("VM", "/spec/vm"), ("TAKEN", "/status/takenAt")],
     }
 }
 

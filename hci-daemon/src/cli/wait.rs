@@ -84,10 +84,10 @@ pub fn assess(kind: Kind, doc: &Value) -> Progress {
         } else {
             message
         }),
-        (Kind::Image, "Ready") | (Kind::Backup, "Completed") | (Kind::Snapshot, "Ready") => {
-            Outcome::Done
-        }
-        (Kind::Image | Kind::Backup | Kind::Snapshot, _) => Outcome::Pending,
+        (Kind::Image, "Ready")
+        | (Kind::Backup, "Completed")
+        | (Kind::Snapshot | Kind::VmSnapshot, "Ready") => Outcome::Done,
+        (Kind::Image | Kind::Backup | Kind::Snapshot | Kind::VmSnapshot, _) => Outcome::Pending,
         (Kind::Vm, "Running") => Outcome::Done,
         (Kind::Vm, _) => Outcome::Pending,
         (Kind::Volume, "Detached" | "Attached") if ready.as_ref().is_some_and(|r| r.0) => {

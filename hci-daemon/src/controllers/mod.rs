@@ -31,6 +31,7 @@ pub mod schedule;
 pub mod scheduler;
 mod snapshot;
 mod vm;
+mod vmsnapshot;
 mod volume;
 
 use std::collections::{BTreeSet, HashMap};
@@ -309,7 +310,7 @@ pub struct Controllers {
 
 impl Controllers {
     /// Registers the node and starts the volume, snapshot, image, network,
-    /// VM, backup target, backup and schedule controllers.
+    /// VM, backup target, backup, schedule and VM snapshot controllers.
     pub async fn start(rt: Runtime) -> Result<Self> {
         node::register(&rt).await?;
         let mut tasks = JoinSet::new();
@@ -344,6 +345,12 @@ impl Controllers {
         let (kick, queue) = channel();
         let schedules = Arc::new(schedule::ScheduleController::new(rt.clone()));
         tasks.spawn(run(schedules, rt.resources.clone(), kick, queue));
+        let (kick, queue) = channel();
+        let vm_snapshots = Arc::new(vmsnapshot::VmSnapshotController::new(
+            rt.clone(),
+            vms.clone(),
+        ));
+        tasks.spawn(run(vm_snapshots, rt.resources.clone(), kick, queue));
         let rt = rt.clone();
         Ok(Controllers { tasks, vms, rt })
     }

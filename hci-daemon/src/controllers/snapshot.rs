@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hci_core::model::{ByteSize, Resource, Snapshot, SnapshotPhase, Volume};
+use hci_core::model::{
+    ByteSize, Resource, Snapshot, SnapshotPhase, VM_SNAPSHOT_ANNOTATION, Volume,
+};
 use hci_core::volume::VolumeBackend;
 use hci_core::{Error, Result};
 
@@ -98,6 +100,20 @@ impl Reconcile for SnapshotController {
                 })
                 .await?;
                 return Ok(None);
+            }
+            None if snap
+                .metadata
+                .annotations
+                .contains_key(VM_SNAPSHOT_ANNOTATION) =>
+            {
+                // A VM snapshot takes it, with the VM's other volumes.
+                let by = snap.metadata.annotations[VM_SNAPSHOT_ANNOTATION].clone();
+                let message = format!("taken with VirtualMachineSnapshot {by:?}");
+                set_status(&self.rt.resources, name, |s: &mut Snapshot| {
+                    s.status_mut().message = message.clone();
+                })
+                .await?;
+                return Ok(Some(Duration::from_secs(1)));
             }
             None => {
                 let taken = match &vol {

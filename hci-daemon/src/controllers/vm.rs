@@ -317,6 +317,40 @@ impl VmController {
         self.map().get(name).cloned()
     }
 
+    /// Runs `f` with VM `name` paused if it runs here, and resumes it after
+    /// (also when `f` fails): what happens to its volumes during `f` is one
+    /// instant for the guest. Refused while the VM migrates.
+    pub(crate) async fn while_paused<T>(
+        &self,
+        name: &str,
+        f: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        if self.is_migrating(name) {
+            return Err(Error::Unavailable {
+                what: format!("VM {name:?} (it is migrating)"),
+                source: None,
+            });
+        }
+        let inst = self.instance(name).filter(|i| i.alive());
+        let paused = match &inst {
+            Some(i) if matches!(i.handle.state().await, Ok(VmState::Running)) => {
+                i.handle.pause().await?;
+                Some(i)
+            }
+            _ => None,
+        };
+        let r = f.await;
+        if let Some(i) = paused
+            && let Err(e) = i.handle.resume().await
+        {
+            tracing::error!(vm = name, error = %e, "cannot resume the VM after pausing it");
+            if r.is_ok() {
+                return Err(e);
+            }
+        }
+        r
+    }
+
     /// How many VMs run on this node now.
     pub fn running_count(&self) -> usize {
         self.map().values().filter(|i| i.alive()).count()

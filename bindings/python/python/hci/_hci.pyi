@@ -532,5 +532,7 @@ class RawClient:
         self, backup: str, volume: str, size: int = 0, vm: str = ""
     ) -> tuple[str, int]:
         """Restores a backup into a new volume, or a VM backup as a new VM."""
+    def restore_vm_snapshot(self, snapshot: str, vm: str) -> tuple[str, int]:
+        """Restores a VirtualMachineSnapshot as a new VM."""
     def console(self, name: str) -> ConsoleStream:
         """Attaches to a VM's serial console."""

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from . import _hci
 from .client import Client
-from .resources import Resource, VirtualMachine
+from .resources import Resource, VirtualMachine, VirtualMachineSnapshot
 
 __all__ = ["AsyncClient", "backup", "restore", "verify"]
 
@@ -104,6 +104,14 @@ class AsyncClient:
     async def wait_for_migration(self, vm: str, timeout: float = 600.0) -> dict[str, Any]:
         """Waits until a VM's live migration ends; its record."""
         return await asyncio.to_thread(self.sync.wait_for_migration, vm, timeout)
+
+    async def snapshot_vm(self, vm: str, name: str) -> VirtualMachineSnapshot:
+        """Takes a VirtualMachineSnapshot of a VM."""
+        return await asyncio.to_thread(self.sync.snapshot_vm, vm, name)
+
+    async def restore_vm_snapshot(self, snapshot: str, vm: str) -> VirtualMachine:
+        """Restores a VirtualMachineSnapshot as a new VM."""
+        return await asyncio.to_thread(self.sync.restore_vm_snapshot, snapshot, vm)
 
 
 async def backup(

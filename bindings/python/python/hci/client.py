@@ -19,6 +19,7 @@ from .resources import (
     Resource,
     Snapshot,
     VirtualMachine,
+    VirtualMachineSnapshot,
     Volume,
 )
 
@@ -373,6 +374,18 @@ class Client:
         volumes are created as ``<vm>-<volume>`` and filled from the backup
         in the background (follow them with :meth:`wait_for`)."""
         return _load(VirtualMachine, self._raw.restore_backup(backup, "", 0, vm))
+
+    def snapshot_vm(self, vm: str, name: str) -> VirtualMachineSnapshot:
+        """Takes VirtualMachineSnapshot ``name`` of VM ``vm``: every volume at
+        one instant (the VM is paused meanwhile), with its spec. Returns at
+        once; wait for ``phase == "Ready"`` with :meth:`wait_for`."""
+        return self.create(VirtualMachineSnapshot(name, {"vm": vm}))
+
+    def restore_vm_snapshot(self, snapshot: str, vm: str) -> VirtualMachine:
+        """Restores VirtualMachineSnapshot ``snapshot`` as new VM ``vm``: its
+        volumes are cloned from the snapshot's as ``<vm>-<volume>`` (follow
+        them with :meth:`wait_for`)."""
+        return _load(VirtualMachine, self._raw.restore_vm_snapshot(snapshot, vm))
 
     def __repr__(self) -> str:
         return f"Client({self.server!r})"

@@ -380,6 +380,35 @@ class Snapshot(Resource):
         return s
 
 
+class VirtualMachineSnapshot(Resource):
+    """Every volume of a VM at one instant, with the VM's spec."""
+
+    kind = "VirtualMachineSnapshot"
+
+    @property
+    def vm(self) -> str:
+        """The snapshotted VM."""
+        return str(self.spec.get("vm", ""))
+
+    @property
+    def phase(self) -> str | None:
+        """Lifecycle phase (``Pending``, ``Ready``, ``Failed``), or None."""
+        p = self._status("phase")
+        return None if p is None else str(p)
+
+    @property
+    def volume_snapshots(self) -> dict[str, str]:
+        """The ``Snapshot`` of each of the VM's volumes, by volume."""
+        vols = self._status("volumes") or []
+        return {str(v["volume"]): str(v["snapshot"]) for v in vols}
+
+    def _summary(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"vm": self.vm}
+        if self.phase is not None:
+            s["phase"] = self.phase
+        return s
+
+
 class Backup(Resource):
     """A backup of a volume (or VM) on a backup target."""
 
@@ -440,6 +469,7 @@ KINDS: dict[str, type[Resource]] = {
         Image,
         Network,
         Snapshot,
+        VirtualMachineSnapshot,
         Backup,
         BackupTarget,
         Schedule,
