@@ -481,20 +481,7 @@ fn vms_in_their_own_processes_survive_a_daemon_crash() {
 /// Reads `len` bytes at `offset` of pool volume `name` in a data directory
 /// (with the daemon stopped: a running daemon holds its volumes' locks).
 fn read_pool_volume(data: &Path, name: &str, offset: u64, len: usize) -> Vec<u8> {
-    use hci_core::volume::{OpenVolume, VolumeBackend};
-    let pool = hci_storage::local::LocalVolumeBackend::new(data.join("volumes")).expect("pool");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let dev = pool
-            .open(name, OpenVolume::default())
-            .await
-            .expect("open pool volume");
-        let mut buf = vec![0u8; len];
-        dev.read_at(&mut buf, offset).await.expect("read");
-        buf
-    })
+    read_local(&data.join("volumes"), name, offset, len)
 }
 
 #[test]
@@ -934,8 +921,12 @@ fn replicated_volumes_spread_over_disks_and_serve_a_vm_process() {
     );
 }
 
-/// Writes `data` at `offset` of local volume `name` under `root`.
-fn write_local(root: &Path, name: &str, offset: u64, data: &[u8]) {
+/// Runs `f` on local volume `name` under `root`, opened in this process.
+fn with_local<T>(
+    root: &Path,
+    name: &str,
+    f: impl AsyncFnOnce(std::sync::Arc<dyn hci_core::block::BlockDevice>) -> T,
+) -> T {
     use hci_core::volume::{OpenVolume, VolumeBackend};
     let pool = hci_storage::local::LocalVolumeBackend::new(root).expect("pool");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -946,6 +937,13 @@ fn write_local(root: &Path, name: &str, offset: u64, data: &[u8]) {
             .open(name, OpenVolume::default())
             .await
             .expect("open volume");
+        f(dev).await
+    })
+}
+
+/// Writes `data` at `offset` of local volume `name` under `root`.
+fn write_local(root: &Path, name: &str, offset: u64, data: &[u8]) {
+    with_local(root, name, async |dev| {
         dev.write_at(data, offset, Default::default())
             .await
             .expect("write");
@@ -955,16 +953,7 @@ fn write_local(root: &Path, name: &str, offset: u64, data: &[u8]) {
 
 /// Reads `len` bytes at `offset` of local volume `name` under `root`.
 fn read_local(root: &Path, name: &str, offset: u64, len: usize) -> Vec<u8> {
-    use hci_core::volume::{OpenVolume, VolumeBackend};
-    let pool = hci_storage::local::LocalVolumeBackend::new(root).expect("pool");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let dev = pool
-            .open(name, OpenVolume::default())
-            .await
-            .expect("open volume");
+    with_local(root, name, async |dev| {
         let mut buf = vec![0u8; len];
         dev.read_at(&mut buf, offset).await.expect("read");
         buf
