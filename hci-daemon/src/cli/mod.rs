@@ -485,20 +485,23 @@ pub async fn vm_restore(
     let created = doc(&r)?;
     let mut out = format!("vm/{new} created from {what}\n");
     if wait {
-        let volumes: Vec<String> = created
-            .pointer("/spec/disks")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|d| d.pointer("/volume").and_then(Value::as_str))
-            .map(str::to_string)
-            .collect();
-        for v in &volumes {
+        for v in &disk_volumes(&created) {
             wait::wait(c, Kind::Volume, v, None).await?;
             out.push_str(&format!("volume/{v} ready\n"));
         }
     }
     Ok(out)
+}
+
+/// The volumes the disks of VM document `vm` use, in disk order.
+fn disk_volumes(vm: &Value) -> Vec<String> {
+    vm.pointer("/spec/disks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.pointer("/volume").and_then(Value::as_str))
+        .map(str::to_string)
+        .collect()
 }
 
 /// `hcictl volume clone VOLUME NEW`.
@@ -824,14 +827,7 @@ pub async fn backup_restore(
     // The volumes to follow: the one restored, or the VM's disks.
     let volumes: Vec<String> = match vm {
         None => vec![r.name.clone()],
-        Some(_) => created
-            .pointer("/spec/disks")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|d| d.pointer("/volume").and_then(Value::as_str))
-            .map(str::to_string)
-            .collect(),
+        Some(_) => disk_volumes(&created),
     };
     let mut out = match vm {
         Some(vm) => format!("vm/{vm} created from {what}\n"),
